@@ -1,0 +1,85 @@
+"""Zero-copy bridging between torch tensors, numpy arrays and Python scalars.
+
+Every algorithm in lowbit is written once, on numpy arrays. Torch tensors
+cross into numpy without a copy (CPU tensors share memory; bf16 is viewed
+through its 16-bit pattern) and results go back as the same kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+try:  # torch is a dependency, but keep precision importable without it
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+# numpy dtypes of the small floats that ml_dtypes adds; each converts to float32 exactly.
+SMALL_FLOAT_DTYPES = frozenset(
+    np.dtype(getattr(ml_dtypes, n))
+    for n in (
+        "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+        "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu",
+        "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn",
+    )
+    if hasattr(ml_dtypes, n)
+)
+
+
+def is_torch(x: Any) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def dtype_name(x: Any) -> str:
+    if is_torch(x):
+        return str(x.dtype).replace("torch.", "")
+    return str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)
+
+
+def torch_to_numpy(t: "torch.Tensor") -> np.ndarray:
+    """A numpy view of a tensor's values (bf16/fp8 viewed as ml_dtypes arrays)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    if t.dtype == torch.float8_e5m2:
+        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2)
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"unsupported dtype {t.dtype}: expected a real floating-point or integer tensor")
+    return t.numpy()
+
+
+def as_numpy(x: Any, name: str = "x") -> np.ndarray:
+    """Any supported input as a numpy array (no copy where possible)."""
+    if is_torch(x):
+        return torch_to_numpy(x)
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name}: unsupported dtype bool: expected real floating-point or integer values")
+    if isinstance(x, (int, float, np.generic, list, tuple)):
+        return np.asarray(x)
+    raise TypeError(f"{name}: expected a numpy array, torch tensor or Python number, got {type(x).__name__}")
+
+
+def like(result: np.ndarray, ref: Any) -> Any:
+    """Return ``result`` as the same kind as ``ref`` (tensor on ref's device, array, or scalar)."""
+    if is_torch(ref):
+        if result.dtype == ml_dtypes.bfloat16:
+            out = torch.from_numpy(np.ascontiguousarray(result).view(np.int16)).view(torch.bfloat16)
+        elif result.dtype in (np.uint16, np.uint32):
+            # torch's uint16/uint32 support is thin; keep the bit pattern in the signed type of the same width
+            out = torch.from_numpy(np.ascontiguousarray(result).view(np.int16 if result.dtype == np.uint16 else np.int32))
+            out = out.view(torch.uint16 if result.dtype == np.uint16 else torch.uint32)
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(result))
+        return out.to(ref.device) if ref.device.type != "cpu" else out
+    if isinstance(ref, np.ndarray):
+        return result
+    return result.item() if result.ndim == 0 else result

@@ -1,0 +1,481 @@
+"""Encode real numbers into the bit patterns of any :class:`FloatFormat` and back.
+
+One algorithm (:func:`_encode_exact`) rounds a value given as
+``(-1)**sign * M * 2**E`` (integer significand ``M``) to the nearest code of
+a format. Every input kind is decomposed into that form exactly, so float64
+and integer inputs are rounded in one step (no double rounding through
+float32). For float32 input two table/bit-twiddling fast paths exist; both
+are *derived from* the exact algorithm (the 8-bit table is filled by it) and
+are tested against it.
+
+Rounding modes
+    ``"nearest_even"`` (default): nearest representable value, ties to the
+    even significand. ``"toward_zero"``: truncate the magnitude.
+    ``"stochastic"``: round up with probability equal to the distance from the
+    lower neighbour over the gap; needs ``seed`` (int) or ``generator``
+    (``numpy.random.Generator``) and is reproducible with it.
+
+Overflow modes
+    ``"ieee"`` (default, as ml_dtypes): a magnitude that rounds beyond
+    ``max_finite`` becomes +-inf where the format has inf, NaN where it has
+    only NaN (fn, fnuz, fnu), and +-max_finite where it has neither (the
+    ``finite`` formats fp6/fp4). ``"saturate"`` (as torch for fp8_e4m3fn and
+    OCP's saturating conversion): finite overflow and +-inf clamp to
+    +-max_finite.
+
+NaN
+    NaN becomes the format's canonical quiet NaN, keeping its sign where the
+    format has a sign bit and a signed NaN (ieee, fn); fnuz and fnu have a
+    single NaN. Formats with no NaN (fp6/fp4) raise ValueError on NaN input.
+    Note torch picks other NaN patterns (0x7F for e5m2, 0xFFFF for bf16).
+
+Zero
+    fnuz formats have no -0: -0.0 and negative values that round to zero
+    encode as +0. fp8_e8m0fnu has no zero and no negatives: 0 and negative
+    inputs give NaN, positive values below its smallest value round to it
+    (as ml_dtypes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._bridge import SMALL_FLOAT_DTYPES, as_numpy, is_torch, like, torch
+from .formats import FloatFormat, FormatLike, get_format
+
+ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
+OVERFLOW_MODES = ("ieee", "saturate")
+
+_CHUNK = 1 << 16  # elements per block: keeps every temporary in L2 cache
+
+_FINITE, _INF, _NAN = 0, 1, 2
+
+
+# ---------------------------------------------------------------- validation
+def _check_modes(rounding: str, overflow: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+
+
+def _rng(rounding: str, seed: int | None, generator: np.random.Generator | None) -> np.random.Generator | None:
+    if rounding != "stochastic":
+        if seed is not None or generator is not None:
+            raise ValueError("seed/generator only apply to rounding='stochastic'")
+        return None
+    if generator is not None:
+        if not isinstance(generator, np.random.Generator):
+            raise TypeError("generator must be a numpy.random.Generator")
+        return generator
+    if seed is None:
+        raise ValueError("rounding='stochastic' needs seed=<int> or generator=<numpy.random.Generator> to be reproducible")
+    return np.random.default_rng(seed)
+
+
+def _real_array(x: Any, name: str = "x") -> np.ndarray:
+    """The input as a numpy array of a supported real dtype (raises TypeError otherwise)."""
+    a = as_numpy(x, name)
+    dt = a.dtype
+    if dt in SMALL_FLOAT_DTYPES or dt == np.float16:
+        return a.astype(np.float32)  # exact: every such value is a float32
+    if dt in (np.float32, np.float64) or dt.kind in "iu":
+        return a
+    raise TypeError(f"{name}: unsupported dtype {dt}: expected float16/bfloat16/float32/float64 or integer values")
+
+
+# --------------------------------------------------------- exact decomposition
+def _decompose(a: np.ndarray):
+    """Split values into (negative, M, E, kind) with |x| = M * 2**E exactly."""
+    if a.dtype == np.float32:
+        b = a.view(np.uint32)
+        neg = (b >> 31).astype(bool)
+        ef = ((b >> 23) & 0xFF).astype(np.int64)
+        frac = (b & 0x7FFFFF).astype(np.uint64)
+        M = np.where(ef == 0, frac, frac | np.uint64(1 << 23))
+        E = np.where(ef == 0, -149, ef - 150)
+        kind = np.where(ef == 0xFF, np.where(frac == 0, _INF, _NAN), _FINITE)
+    elif a.dtype == np.float64:
+        b = a.view(np.uint64)
+        neg = (b >> np.uint64(63)).astype(bool)
+        ef = ((b >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64)
+        frac = b & np.uint64((1 << 52) - 1)
+        M = np.where(ef == 0, frac, frac | np.uint64(1 << 52))
+        E = np.where(ef == 0, -1074, ef - 1075)
+        kind = np.where(ef == 0x7FF, np.where(frac == 0, _INF, _NAN), _FINITE)
+    elif a.dtype.kind == "u":
+        M = a.astype(np.uint64)
+        neg = np.zeros(a.shape, bool)
+        E = np.zeros(a.shape, np.int64)
+        kind = np.zeros(a.shape, np.int64)
+    else:  # signed integers: |int64 min| = 2**63 still fits uint64
+        s = a.astype(np.int64)
+        neg = s < 0
+        u = s.view(np.uint64)
+        M = np.where(neg, ~u + np.uint64(1), u)
+        E = np.zeros(a.shape, np.int64)
+        kind = np.zeros(a.shape, np.int64)
+    return neg, M, E, kind
+
+
+def _bit_length(M: np.ndarray) -> np.ndarray:
+    """Number of significant bits of each uint64 (0 for 0)."""
+    _, ex = np.frexp(M.astype(np.float64))  # may round up for M > 2**53: corrected below
+    bl = ex.astype(np.int64)
+    over = (bl > 0) & ((M >> np.clip(bl - 1, 0, 63).astype(np.uint64)) == 0)
+    return bl - over
+
+
+# ------------------------------------------------------------ the algorithm
+def _encode_exact(neg, M, E, kind, fmt: FloatFormat, rounding: str, overflow: str, rng) -> np.ndarray:
+    """Round |x| = M * 2**E to ``fmt`` and return codes as int64. The reference algorithm."""
+    m = fmt.mantissa_bits
+    emin = fmt.min_exponent
+    qmin = emin - m  # exponent of the smallest quantum (the subnormal spacing)
+    nonzero = M != 0
+    e = np.where(nonzero, E + _bit_length(M) - 1, emin)  # floor(log2 |x|)
+    qexp = np.maximum(e, emin) - m  # exponent of the quantum at |x|
+    shift = qexp - E
+    left = shift <= 0
+    s = np.clip(shift, 1, 63).astype(np.uint64)
+    r_left = M << np.clip(-shift, 0, 63).astype(np.uint64)  # exact: < 2**(m+1) where used
+    r = M >> s
+    rem = M & ((np.uint64(1) << s) - np.uint64(1))
+    if rounding == "nearest_even":
+        half = np.uint64(1) << (s - np.uint64(1))
+        up = (rem > half) | ((rem == half) & ((r & np.uint64(1)) == 1))
+    elif rounding == "toward_zero":
+        up = np.zeros(M.shape, bool)
+    else:  # stochastic: P(up) = rem / 2**shift, computed with the true shift
+        up = rng.random(M.shape) < np.ldexp(rem.astype(np.float64), -np.maximum(shift, 1))
+    r = np.where(left, r_left, r + up).astype(np.int64)
+    code = r + ((qexp - qmin) << m)
+    if fmt.specials == "fnu":  # field 0 is a normal value 2**emin: no subnormals, no zero
+        code = np.maximum(code - 1, 0)
+    maxc = fmt.max_finite_code
+    over = (code > maxc) & (kind == _FINITE)
+    if fmt.specials == "finite" or overflow == "saturate":
+        over_code = maxc
+    elif fmt.has_inf:
+        over_code = fmt.inf_code
+    else:
+        over_code = fmt.nan_code
+    code = np.where(over, over_code, code)
+    inf_code = maxc if (overflow == "saturate" or fmt.specials == "finite") else (
+        fmt.inf_code if fmt.has_inf else fmt.nan_code)
+    code = np.where(kind == _INF, inf_code, code)
+    if fmt.nan_code is not None:
+        code = np.where(kind == _NAN, fmt.nan_code, code)
+    elif np.any(kind == _NAN):
+        raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
+    if fmt.specials == "fnu":  # zero and negative inputs have no encoding
+        code = np.where((~nonzero & (kind == _FINITE)) | neg, fmt.nan_code, code)
+    elif fmt.specials == "fnuz":  # one zero, one NaN: neither carries a sign
+        code = np.where(neg & (code != 0) & (code != fmt.nan_code), code | fmt.sign_mask, code)
+    else:
+        code = np.where(neg, code | fmt.sign_mask, code)
+    return code
+
+
+# ------------------------------------------------------- float32 fast paths
+_TABLES: dict[tuple, np.ndarray] = {}
+
+
+def _byte_table(fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
+    """Encode table for float32 -> <=8-bit formats with <= 6 mantissa bits.
+
+    Index ``(sign << 16) | (2 * (bits >> 16 & 0x7FFF) + sticky)``: for such a
+    format the rounding bit sits at or above bit 16 of the float32 pattern, so
+    the top 16 bits plus "any lower bit set" decide the result. The table is
+    filled by the exact algorithm from one representative per index.
+    """
+    key = (fmt, rounding, overflow)
+    t = _TABLES.get(key)
+    if t is None:
+        i = np.arange(1 << 17, dtype=np.uint32)
+        rep = ((i >> 16) << 31) | (((i & 0xFFFF) >> 1) << 16) | (i & 1)
+        neg, M, E, kind = _decompose(rep.view(np.float32))
+        kind = kind.copy()
+        if fmt.nan_code is None:  # mark NaN with an impossible code; checked after lookup
+            nan = kind == _NAN
+            kind[nan] = _FINITE
+        codes = _encode_exact(neg, M, E, kind, fmt, rounding, overflow, None)
+        if fmt.nan_code is None:
+            codes[nan] = 0xFF
+        t = codes.astype(np.uint8)
+        _TABLES[key] = t
+    return t
+
+
+def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
+    table = _byte_table(fmt, rounding, overflow)
+    b = a.reshape(-1).view(np.uint32)
+    out = np.empty(b.shape, np.uint8)
+    for i in range(0, b.size, _CHUNK):
+        c = b[i:i + _CHUNK]
+        mag = c & np.uint32(0x7FFFFFFF)
+        idx = (mag >> 16) + ((mag + np.uint32(0xFFFF)) >> 16) + ((c >> 15) & np.uint32(0x10000))
+        np.take(table, idx, out=out[i:i + _CHUNK])
+    if fmt.nan_code is None and out.size and np.any(out == 0xFF):
+        raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
+    return out.reshape(a.shape)
+
+
+def _encode_f32_wide(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
+    """float32 -> formats with 7..22 mantissa bits, by integer rounding of the pattern.
+
+    Inside the target's normal range, rounding the float32 pattern at bit
+    ``23 - m`` and re-biasing the exponent is exact (a carry moves into the
+    exponent as it should). Blocks holding anything else (zero, subnormal
+    results, overflow, inf, NaN) fall back to the exact algorithm for just
+    those elements.
+    """
+    m = fmt.mantissa_bits
+    sh = 23 - m
+    rebias = (127 - fmt.bias) << m
+    half_m1 = (1 << (sh - 1)) - 1
+    lo = int(np.float32(fmt.min_normal).view(np.uint32))  # smallest regular magnitude pattern
+    hi = int(np.float32(fmt.max_finite).view(np.uint32))  # largest; above it may overflow
+    span = np.uint32(hi - lo)
+    sign_shift = np.uint32(32 - fmt.bits)
+    b = a.reshape(-1).view(np.uint32)
+    out = np.empty(b.shape, fmt.storage_dtype)
+    for i in range(0, b.size, _CHUNK):
+        c = b[i:i + _CHUNK]
+        mag = c & np.uint32(0x7FFFFFFF)
+        if rounding == "nearest_even":
+            r = (mag + np.uint32(half_m1) + ((mag >> np.uint32(sh)) & np.uint32(1))) >> np.uint32(sh)
+        else:
+            r = mag >> np.uint32(sh)
+        r -= np.uint32(rebias)
+        r |= (c >> sign_shift) & np.uint32(fmt.sign_mask)
+        irregular = (mag - np.uint32(lo)) > span  # unsigned wrap: below lo or above hi
+        if irregular.any():
+            j = np.flatnonzero(irregular)
+            r[j] = _encode_exact(*_decompose(a.reshape(-1)[i + j]), fmt, rounding, overflow, None)
+        out[i:i + _CHUNK] = r
+    return out.reshape(a.shape)
+
+
+# --------------------------------------------------------------- public API
+def encode(
+    x: Any,
+    fmt: FormatLike,
+    *,
+    rounding: str = "nearest_even",
+    overflow: str = "ieee",
+    seed: int | None = None,
+    generator: np.random.Generator | None = None,
+) -> Any:
+    """Round ``x`` to ``fmt`` and return its bit patterns.
+
+    ``x``: numpy array, torch tensor or Python number, of float16, bfloat16,
+    float32, float64 or integer dtype, each rounded exactly in one step.
+    Returns unsigned codes of ``fmt.storage_dtype`` (uint8 / uint16 / uint32;
+    sub-byte formats use one uint8 per code), same shape, same kind as ``x``
+    (a Python int for a scalar). Rounding, overflow, NaN and zero rules: see
+    the module docstring.
+    """
+    fmt = get_format(fmt)
+    _check_modes(rounding, overflow)
+    rng = _rng(rounding, seed, generator)
+    a = _real_array(x)
+    if a.dtype == np.float32 and rounding != "stochastic":
+        a = np.ascontiguousarray(a)
+        if fmt.bits == 32 and overflow == "ieee":  # identity; NaN payloads are kept
+            codes = a.view(np.uint32).copy()
+        elif fmt.bits <= 8 and fmt.mantissa_bits <= 6:
+            codes = _encode_f32_byte(a, fmt, rounding, overflow)
+        elif fmt.mantissa_bits >= 7 and fmt.has_subnormals and fmt.max_exponent <= 127:
+            codes = _encode_f32_wide(a, fmt, rounding, overflow)
+        else:
+            codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
+    else:
+        codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
+    return like(codes, x)
+
+
+_DECODE_TABLES: dict[FloatFormat, np.ndarray] = {}
+
+
+def _decode_exact(codes: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """Vectorized exact decode to float64 (every value of a <=32-bit format fits)."""
+    c = codes.astype(np.int64)
+    m = fmt.mantissa_bits
+    neg = (c & fmt.sign_mask) != 0
+    mag = c & ~fmt.sign_mask if fmt.signed else c
+    fe, mant = mag >> m, mag & ((1 << m) - 1)
+    if fmt.specials == "fnu":
+        v = np.ldexp(1.0, fe - fmt.bias)
+    else:
+        sig = np.where(fe == 0, mant, mant + (1 << m)).astype(np.float64)
+        v = np.ldexp(sig, np.maximum(fe, 1) - fmt.bias - m)
+    v = np.where(neg, -v, v)
+    if fmt.has_inf:
+        top = fe == (1 << fmt.exponent_bits) - 1
+        v = np.where(top, np.where(mant == 0, np.where(neg, -np.inf, np.inf), np.nan), v)
+        v = np.where(top & (mant != 0) & neg, -np.nan, v)
+    elif fmt.specials == "fnuz":
+        v = np.where(c == fmt.nan_code, np.nan, v)
+    elif fmt.nan_code is not None:  # fn, fnu
+        v = np.where(mag == fmt.nan_code, np.where(neg, -np.nan, np.nan), v)
+    return v
+
+
+def _decode_table(fmt: FloatFormat) -> np.ndarray:
+    t = _DECODE_TABLES.get(fmt)
+    if t is None:
+        t = _decode_exact(np.arange(fmt.num_codes), fmt).astype(np.float32)
+        _DECODE_TABLES[fmt] = t
+    return t
+
+
+def decode(bits: Any, fmt: FormatLike) -> Any:
+    """Values of bit patterns ``bits`` in ``fmt``, as float32 (exact for every format).
+
+    ``bits``: integer array/tensor/int of codes (only the low ``fmt.bits``
+    bits may be set; anything wider is a ValueError naming the bad code).
+    NaN codes decode to NaN with the code's sign. Same kind as the input.
+    """
+    fmt = get_format(fmt)
+    b = as_numpy(bits, "bits")
+    if b.dtype.kind not in "iu":
+        raise TypeError(f"bits: expected integer codes, got dtype {b.dtype}")
+    if fmt.bits == 32:
+        out = np.ascontiguousarray(b).astype(np.uint32, copy=False).view(np.float32).copy()
+        return like(out, bits)
+    if b.size:
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= fmt.num_codes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"bits: code {bad} is not a {fmt.bits}-bit pattern of {fmt.name}")
+    if fmt.bits <= 16:
+        table = _decode_table(fmt)
+        flat = np.ascontiguousarray(b).reshape(-1)
+        if fmt.bits == 16 and fmt.exponent_bits == 8:  # bf16-like: the code is the top half of a float32
+            out = (flat.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = np.empty(flat.shape, np.float32)
+            idx = flat if flat.dtype.itemsize <= 2 else flat.astype(np.intp)
+            for i in range(0, flat.size, _CHUNK):
+                np.take(table, idx[i:i + _CHUNK], out=out[i:i + _CHUNK])
+        return like(out.reshape(b.shape), bits)
+    return like(_decode_exact(b, fmt).astype(np.float32), bits)
+
+
+def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng) -> np.ndarray:
+    if a.dtype == np.float32 and rounding != "stochastic":
+        codes = encode(a, fmt, rounding=rounding, overflow=overflow)
+    else:
+        codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
+    return decode(codes, fmt)
+
+
+if torch is not None:
+
+    class _RoundSTE(torch.autograd.Function):
+        """Rounding in the forward pass, identity gradient (straight-through) backward."""
+
+        @staticmethod
+        def forward(ctx, x, fmt, rounding, overflow, rng):  # noqa: D401
+            a = _real_array(x)
+            v = _round_values(a, fmt, rounding, overflow, rng)
+            return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None, None, None, None
+
+
+def round_to(
+    x: Any,
+    fmt: FormatLike,
+    *,
+    rounding: str = "nearest_even",
+    overflow: str = "ieee",
+    seed: int | None = None,
+    generator: np.random.Generator | None = None,
+) -> Any:
+    """``decode(encode(x))``: ``x`` as stored in ``fmt``, in ``x``'s own type and dtype.
+
+    Floating inputs keep their dtype (the stored value is cast back, which is
+    exact whenever the format's values fit that dtype, e.g. fp8 into fp16);
+    integer inputs return float64 (numpy/scalar) or float32 (torch). On
+    torch tensors the result is differentiable with a straight-through
+    gradient (d round_to / dx = 1), for simulating low precision in training.
+    """
+    fmt = get_format(fmt)
+    _check_modes(rounding, overflow)
+    rng = _rng(rounding, seed, generator)
+    if is_torch(x):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x: unsupported dtype {x.dtype}: expected real floating-point or integer values")
+        if not x.is_floating_point():  # integers: round exactly, return float32 (bf16/fp8 values fit)
+            v = _round_values(_real_array(x), fmt, rounding, overflow, rng)
+            return torch.from_numpy(np.asarray(v)).to(x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RoundSTE.apply(x, fmt, rounding, overflow, rng)
+        return _RoundSTE.forward(None, x, fmt, rounding, overflow, rng)
+    a = _real_array(x)
+    v = np.asarray(_round_values(a, fmt, rounding, overflow, rng))
+    src = as_numpy(x).dtype
+    out_dtype = src if (src.kind == "f" or src in SMALL_FLOAT_DTYPES) else np.dtype(np.float64)
+    return like(v.astype(out_dtype), x)
+
+
+def fields(x: Any, fmt: FormatLike) -> tuple[Any, Any, Any]:
+    """(sign, biased exponent, mantissa) fields of ``x`` rounded to ``fmt``, as integer arrays.
+
+    The sign is 0 for unsigned formats.
+    """
+    fmt = get_format(fmt)
+    c = as_numpy(encode(x, fmt)).astype(np.int64)
+    m = fmt.mantissa_bits
+    sign = (c & fmt.sign_mask) != 0 if fmt.signed else np.zeros_like(c, dtype=bool)
+    mag = c & ~fmt.sign_mask if fmt.signed else c
+    return sign.astype(np.int64), mag >> m, mag & ((1 << m) - 1)
+
+
+def describe(value: float, fmt: FormatLike, **modes: Any) -> str:
+    """Human-readable breakdown of one number stored in ``fmt``.
+
+    Example: ``describe(3.14125, "fp16")`` ->
+    ``'0 10000 1001001000 = +1.5703125 x 2^1 = 3.140625 (error -0.000625)'``;
+    the error is stored minus given value, computed exactly.
+    """
+    from fractions import Fraction
+
+    fmt = get_format(fmt)
+    if isinstance(value, (np.ndarray,)) and value.ndim == 0:
+        value = value.item()
+    if is_torch(value):
+        value = value.item()
+    code = int(as_numpy(encode(np.asarray(value), fmt, **modes)))
+    m, e = fmt.mantissa_bits, fmt.exponent_bits
+    mag = code & ~fmt.sign_mask if fmt.signed else code
+    fe, mant = mag >> m, mag & ((1 << m) - 1)
+    parts = ([str(int(bool(code & fmt.sign_mask)))] if fmt.signed else []) + [format(fe, f"0{e}b")]
+    if m:
+        parts.append(format(mant, f"0{m}b"))
+    pattern = " ".join(parts)
+    v = fmt.exact_value(code)
+    if isinstance(v, float):  # inf or nan
+        return f"{pattern} = {v}"
+    neg = v < 0
+    if v == 0:
+        return f"{pattern} = {'-' if neg or (code & fmt.sign_mask) else '+'}0 (error {_fmt_err(-Fraction(value))})"
+    if fmt.specials == "fnu":
+        sig, ex = Fraction(1), fe - fmt.bias
+    elif fe == 0:
+        sig, ex = Fraction(mant, 1 << m), 1 - fmt.bias
+    else:
+        sig, ex = 1 + Fraction(mant, 1 << m), fe - fmt.bias
+    err = v - Fraction(value)
+    return f"{pattern} = {'-' if neg else '+'}{float(sig)!r} x 2^{ex} = {float(v)!r} (error {_fmt_err(err)})"
+
+
+def _fmt_err(err) -> str:
+    f = float(err)
+    return "0" if err == 0 else f"{f:+.6g}"
