@@ -288,7 +288,7 @@ def encode(
             codes = a.view(np.uint32).copy()
         elif fmt.bits <= 8 and fmt.mantissa_bits <= 6:
             codes = _encode_f32_byte(a, fmt, rounding, overflow)
-        elif fmt.mantissa_bits >= 7 and fmt.has_subnormals and fmt.max_exponent <= 127:
+        elif 7 <= fmt.mantissa_bits <= 22 and fmt.has_subnormals:
             codes = _encode_f32_wide(a, fmt, rounding, overflow)
         else:
             codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
