@@ -38,7 +38,9 @@ Zero
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,7 +50,7 @@ from .formats import FloatFormat, FormatLike, get_format
 ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
 OVERFLOW_MODES = ("ieee", "saturate")
 
-_CHUNK = 1 << 16  # elements per block: keeps every temporary in L2 cache
+_CHUNK = 1 << 17  # elements per block: every temporary stays in L2 cache, calls stay few
 
 _FINITE, _INF, _NAN = 0, 1, 2
 
@@ -180,6 +182,26 @@ def _encode_exact(neg, M, E, kind, fmt: FloatFormat, rounding: str, overflow: st
 
 
 # ------------------------------------------------------- float32 fast paths
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_MIN = 1 << 20  # below this many elements threads cost more than they save
+
+
+def _parallel(part: Callable[[int, int], None], n: int) -> None:
+    """Run ``part(lo, hi)`` over [0, n) split across the cores (numpy releases the GIL in its loops)."""
+    global _POOL
+    workers = min(os.cpu_count() or 1, 8)
+    if n < _PARALLEL_MIN or workers == 1:
+        part(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowbit-codec")
+    step = -(-n // workers)
+    step = -(-step // _CHUNK) * _CHUNK
+    futures = [_POOL.submit(part, lo, min(lo + step, n)) for lo in range(0, n, step)]
+    for f in futures:
+        f.result()
+
+
 _TABLES: dict[tuple, np.ndarray] = {}
 
 
@@ -198,8 +220,8 @@ def _byte_table(fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
         rep = ((i >> 16) << 31) | (((i & 0xFFFF) >> 1) << 16) | (i & 1)
         neg, M, E, kind = _decompose(rep.view(np.float32))
         kind = kind.copy()
+        nan = kind == _NAN
         if fmt.nan_code is None:  # mark NaN with an impossible code; checked after lookup
-            nan = kind == _NAN
             kind[nan] = _FINITE
         codes = _encode_exact(neg, M, E, kind, fmt, rounding, overflow, None)
         if fmt.nan_code is None:
@@ -213,13 +235,63 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     table = _byte_table(fmt, rounding, overflow)
     b = a.reshape(-1).view(np.uint32)
     out = np.empty(b.shape, np.uint8)
-    for i in range(0, b.size, _CHUNK):
-        c = b[i:i + _CHUNK]
-        mag = c & np.uint32(0x7FFFFFFF)
-        idx = (mag >> 16) + ((mag + np.uint32(0xFFFF)) >> 16) + ((c >> 15) & np.uint32(0x10000))
-        np.take(table, idx, out=out[i:i + _CHUNK])
+
+    def part(lo: int, hi: int) -> None:
+        mag = np.empty(_CHUNK, np.uint32)
+        idx = np.empty(_CHUNK, np.intp)
+        tmp = np.empty(_CHUNK, np.intp)
+        for i in range(lo, hi, _CHUNK):
+            c = b[i:min(i + _CHUNK, hi)]
+            k = c.size
+            m_, x_, t_ = mag[:k], idx[:k], tmp[:k]
+            np.bitwise_and(c, 0x7FFFFFFF, out=m_)
+            np.right_shift(m_, 16, out=x_, casting="unsafe")
+            np.add(m_, 0xFFFF, out=m_)
+            np.right_shift(m_, 16, out=t_, casting="unsafe")
+            np.add(x_, t_, out=x_)
+            np.right_shift(c, 15, out=t_, casting="unsafe")
+            np.bitwise_and(t_, 0x10000, out=t_)
+            np.add(x_, t_, out=x_)
+            np.take(table, x_, out=out[i:i + k])
+
+    _parallel(part, b.size)
     if fmt.nan_code is None and out.size and np.any(out == 0xFF):
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
+    return out.reshape(a.shape)
+
+
+def _encode_f32_top(a: np.ndarray, fmt: FloatFormat, rounding: str) -> np.ndarray:
+    """float32 -> formats that are the top bits of float32 (bf16: 8 exponent bits, bias 127, ieee).
+
+    Rounding the pattern at bit ``23 - m`` is the whole algorithm: subnormals
+    line up and overflow carries into the inf pattern. Only NaN needs care
+    (a signalling NaN would round into inf), so NaN elements take the exact path.
+    """
+    sh = 23 - fmt.mantissa_bits
+    b = a.reshape(-1).view(np.uint32)
+    flat = a.reshape(-1)
+    out = np.empty(b.shape, fmt.storage_dtype)
+
+    def part(lo: int, hi: int) -> None:
+        tmp = np.empty(_CHUNK, np.uint32)
+        for i in range(lo, hi, _CHUNK):
+            c = b[i:min(i + _CHUNK, hi)]
+            k = c.size
+            t = tmp[:k]
+            if rounding == "nearest_even":
+                np.right_shift(c, sh, out=t)
+                np.bitwise_and(t, 1, out=t)
+                np.add(t, (1 << (sh - 1)) - 1, out=t)
+                np.add(t, c, out=t)
+            else:
+                t[...] = c
+            np.right_shift(t, sh, out=out[i:i + k], casting="unsafe")
+            f = flat[i:i + k]
+            if np.isnan(f).any():
+                j = np.flatnonzero(np.isnan(f))
+                out[i + j] = _encode_exact(*_decompose(f[j]), fmt, rounding, "ieee", None)
+
+    _parallel(part, b.size)
     return out.reshape(a.shape)
 
 
@@ -229,33 +301,57 @@ def _encode_f32_wide(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     Inside the target's normal range, rounding the float32 pattern at bit
     ``23 - m`` and re-biasing the exponent is exact (a carry moves into the
     exponent as it should). Blocks holding anything else (zero, subnormal
-    results, overflow, inf, NaN) fall back to the exact algorithm for just
-    those elements.
+    results, overflow, inf, NaN) are fixed up: subnormal results by scaling
+    by a power of two (exact) and rounding as floats (``rint`` is ties-to-even),
+    the rest by the exact algorithm on just those elements.
     """
     m = fmt.mantissa_bits
     sh = 23 - m
     rebias = (127 - fmt.bias) << m
     half_m1 = (1 << (sh - 1)) - 1
-    lo = int(np.float32(fmt.min_normal).view(np.uint32))  # smallest regular magnitude pattern
-    hi = int(np.float32(fmt.max_finite).view(np.uint32))  # largest; above it may overflow
-    span = np.uint32(hi - lo)
-    sign_shift = np.uint32(32 - fmt.bits)
+    lo_bits = int(np.float32(fmt.min_normal).view(np.uint32))  # smallest regular magnitude pattern
+    hi_bits = int(np.float32(fmt.max_finite).view(np.uint32))  # largest; above it may overflow
+    sub_scale = 2.0 ** (m - fmt.min_exponent)
+    sign_shift = 32 - fmt.bits
     b = a.reshape(-1).view(np.uint32)
+    flat = a.reshape(-1)
     out = np.empty(b.shape, fmt.storage_dtype)
-    for i in range(0, b.size, _CHUNK):
-        c = b[i:i + _CHUNK]
-        mag = c & np.uint32(0x7FFFFFFF)
-        if rounding == "nearest_even":
-            r = (mag + np.uint32(half_m1) + ((mag >> np.uint32(sh)) & np.uint32(1))) >> np.uint32(sh)
-        else:
-            r = mag >> np.uint32(sh)
-        r -= np.uint32(rebias)
-        r |= (c >> sign_shift) & np.uint32(fmt.sign_mask)
-        irregular = (mag - np.uint32(lo)) > span  # unsigned wrap: below lo or above hi
-        if irregular.any():
-            j = np.flatnonzero(irregular)
-            r[j] = _encode_exact(*_decompose(a.reshape(-1)[i + j]), fmt, rounding, overflow, None)
-        out[i:i + _CHUNK] = r
+
+    def part(lo: int, hi: int) -> None:
+        mag = np.empty(_CHUNK, np.uint32)
+        r = np.empty(_CHUNK, np.uint32)
+        t = np.empty(_CHUNK, np.uint32)
+        for i in range(lo, hi, _CHUNK):
+            c = b[i:min(i + _CHUNK, hi)]
+            k = c.size
+            m_, r_, t_ = mag[:k], r[:k], t[:k]
+            np.bitwise_and(c, 0x7FFFFFFF, out=m_)
+            if rounding == "nearest_even":
+                np.right_shift(m_, sh, out=r_)
+                np.bitwise_and(r_, 1, out=r_)
+                np.add(r_, half_m1, out=r_)
+                np.add(r_, m_, out=r_)
+                np.right_shift(r_, sh, out=r_)
+            else:
+                np.right_shift(m_, sh, out=r_)
+            np.subtract(r_, rebias, out=r_)
+            np.right_shift(c, sign_shift, out=t_)
+            np.bitwise_and(t_, fmt.sign_mask, out=t_)
+            np.bitwise_or(r_, t_, out=r_)
+            small = m_ < lo_bits  # zero and subnormal results: scale up exactly, round as floats
+            if small.any():
+                fa = np.abs(flat[i:i + k]).astype(np.float64)  # float64: bf16's 2**133 overflows float32
+                fa *= sub_scale
+                sub = (np.rint(fa) if rounding == "nearest_even" else np.trunc(fa)).astype(np.uint32)
+                np.bitwise_or(sub, t_, out=sub)
+                np.copyto(r_, sub, where=small)
+            big = m_ > hi_bits  # overflow, inf, NaN
+            if big.any():
+                j = np.flatnonzero(big)
+                r_[j] = _encode_exact(*_decompose(flat[i + j]), fmt, rounding, overflow, None)
+            out[i:i + k] = r_
+
+    _parallel(part, b.size)
     return out.reshape(a.shape)
 
 
@@ -288,6 +384,9 @@ def encode(
             codes = a.view(np.uint32).copy()
         elif fmt.bits <= 8 and fmt.mantissa_bits <= 6:
             codes = _encode_f32_byte(a, fmt, rounding, overflow)
+        elif fmt.exponent_bits == 8 and fmt.bias == 127 and fmt.specials == "ieee" and overflow == "ieee" \
+                and fmt.mantissa_bits < 23:
+            codes = _encode_f32_top(a, fmt, rounding)
         elif 7 <= fmt.mantissa_bits <= 22 and fmt.has_subnormals:
             codes = _encode_f32_wide(a, fmt, rounding, overflow)
         else:
@@ -327,7 +426,8 @@ def _decode_exact(codes: np.ndarray, fmt: FloatFormat) -> np.ndarray:
 def _decode_table(fmt: FloatFormat) -> np.ndarray:
     t = _DECODE_TABLES.get(fmt)
     if t is None:
-        t = _decode_exact(np.arange(fmt.num_codes), fmt).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # special codes compute inf/nan on purpose
+            t = _decode_exact(np.arange(fmt.num_codes), fmt).astype(np.float32)
         _DECODE_TABLES[fmt] = t
     return t
 
@@ -352,17 +452,30 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
             bad = lo if lo < 0 else hi
             raise ValueError(f"bits: code {bad} is not a {fmt.bits}-bit pattern of {fmt.name}")
     if fmt.bits <= 16:
-        table = _decode_table(fmt)
         flat = np.ascontiguousarray(b).reshape(-1)
-        if fmt.bits == 16 and fmt.exponent_bits == 8:  # bf16-like: the code is the top half of a float32
-            out = (flat.astype(np.uint32) << 16).view(np.float32)
+        out = np.empty(flat.shape, np.float32)
+        if fmt.exponent_bits == 8 and fmt.bias == 127 and fmt.specials == "ieee":
+            # bf16-like: the code is the top of a float32 pattern
+            o32 = out.view(np.uint32)
+            sh = 32 - fmt.bits
+
+            def part(lo: int, hi: int) -> None:
+                for i in range(lo, hi, _CHUNK):
+                    j = min(i + _CHUNK, hi)
+                    np.left_shift(flat[i:j], sh, out=o32[i:j], dtype=np.uint32, casting="unsafe")
         else:
-            out = np.empty(flat.shape, np.float32)
-            idx = flat if flat.dtype.itemsize <= 2 else flat.astype(np.intp)
-            for i in range(0, flat.size, _CHUNK):
-                np.take(table, idx[i:i + _CHUNK], out=out[i:i + _CHUNK])
+            table = _decode_table(fmt)
+            src = flat if flat.dtype.itemsize <= 2 and flat.dtype.kind == "u" else flat.astype(np.intp)
+
+            def part(lo: int, hi: int) -> None:
+                for i in range(lo, hi, _CHUNK):
+                    np.take(table, src[i:min(i + _CHUNK, hi)], out=out[i:min(i + _CHUNK, hi)])
+
+        _parallel(part, flat.size)
         return like(out.reshape(b.shape), bits)
-    return like(_decode_exact(b, fmt).astype(np.float32), bits)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _decode_exact(b, fmt).astype(np.float32)
+    return like(out, bits)
 
 
 def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng) -> np.ndarray:

@@ -43,7 +43,8 @@ def oracle_round(x: Fraction, fmt: FloatFormat) -> float:
             hi = values[i]
         else:  # beyond max_finite: the next value would be max + ulp
             hi = lo + Fraction(2) ** (fmt.max_exponent - fmt.mantissa_bits)
-        lo_odd = (lo_code & 1) if fmt.mantissa_bits > 0 else 1
+        # parity of the significand: with no mantissa bits every nonzero value's is the implicit 1
+        lo_odd = (lo_code & 1) if fmt.mantissa_bits > 0 else int(lo != 0)
         if ax - lo < hi - ax or (ax - lo == hi - ax and not lo_odd):
             res = lo
         else:

@@ -1,0 +1,1 @@
+"""lowbit.bench: command-line programs (quantize, codecs) and the bundled real model."""

