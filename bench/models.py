@@ -49,3 +49,34 @@ def sentence_model(model_dir: str | os.PathLike | None = None):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(model_dir or minilm_dir()), device="cpu")
+
+
+def sentences() -> list[str]:
+    """The project's fixed set of 200 varied English sentences for embedding evaluation."""
+    p = Path(__file__).with_name("data") / "sentences.txt"
+    lines = [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+    return lines
+
+
+def embed(model, texts: list[str] | None = None, batch_size: int = 64):
+    """Normalised sentence embeddings (torch, float32) of ``texts`` (default: the fixed set)."""
+    import torch
+
+    with torch.no_grad():
+        return model.encode(texts or sentences(), batch_size=batch_size, convert_to_tensor=True,
+                            normalize_embeddings=True, show_progress_bar=False)
+
+
+def embedding_cosine(reference, other) -> dict:
+    """Mean and minimum per-sentence cosine similarity between two embedding matrices."""
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(reference.float(), other.float(), dim=-1)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "sentences": int(cos.numel())}
+
+
+def feature_batches(model, texts: list[str] | None = None, batch_size: int = 32) -> list[dict]:
+    """Tokenized inputs of ``model`` for ``texts``, as a list of feature dicts (for calibration)."""
+    texts = texts or sentences()
+    tok = getattr(model, "preprocess", None) or model.tokenize
+    return [tok(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]

@@ -1,0 +1,20 @@
+"""lowbit.quant: integer quantization built on one QuantSpec and one quantize/dequantize.
+
+Spec: :class:`QuantSpec` with :class:`PerTensor`, :class:`PerChannel`, :class:`PerGroup`.
+Params: :func:`calibrate` -> :class:`QParams`.
+Ops: :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`.
+Quantizers: :class:`StaticQuantizer`, :class:`DynamicQuantizer`.
+Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`.
+Models: :func:`ptq` with ``backend="native"`` or ``"torch.ao"``.
+"""
+
+from .calibrate import METHODS, calibrate, qparams_from_range
+from .dynamic import DynamicQuantizer, Quantized
+from .quantize import QParams, dequantize, fake_quantize, quantize
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .static import StaticQuantizer
+
+__all__ = [
+    "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
+    "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
+]

@@ -1,0 +1,1 @@
+"""Other libraries that carry out a lowbit quantization request."""

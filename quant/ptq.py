@@ -1,0 +1,190 @@
+"""Post-training quantization of a whole model, with lowbit's own quantizers or torch.ao."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from precision.metrics import error_metrics
+from precision.report import Report, TensorReport, nbytes
+
+from .calibrate import calibrate
+from .modules import TOKEN_SPEC, QuantizedLinear
+from .quantize import dequantize, quantize
+from .spec import PerChannel, QuantSpec
+from .static import StaticQuantizer
+
+BACKENDS = ("native", "torch.ao")
+
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one batch: a dict is passed as one argument (sentence-transformers
+    features), a tuple/list is unpacked, anything else is passed as is."""
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):  # sentence-transformers adds outputs to its feature dict: keep ours clean
+        return model(copy.copy(batch))
+    return model(batch)
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor to compare from a model's output (a dict's ``sentence_embedding`` or first tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if "sentence_embedding" in out:
+            return out["sentence_embedding"]
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def output_error(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any]) -> dict[str, float]:
+    """Error of the quantized model's outputs against the float model's on ``data``."""
+    ref, got = [], []
+    for b in data:
+        r = model_output(run_model(float_model, b)).float()
+        ref.append(r.reshape(-1, r.shape[-1]))
+        got.append(model_output(run_model(qmodel, b)).float().reshape(ref[-1].shape))
+    r, g = torch.cat(ref), torch.cat(got)
+    m = error_metrics(r, g)
+    rowcos = torch.nn.functional.cosine_similarity(r, g, dim=-1)
+    return {"output_sqnr_db": m.sqnr_db, "output_rel_error": m.rel_error, "output_max_abs_error": m.max_abs_error,
+            "output_mean_cosine": float(rowcos.mean()), "output_min_cosine": float(rowcos.min())}
+
+
+def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
+        weights: QuantSpec = QuantSpec(granularity=PerChannel(0)), activations: QuantSpec | None = None,
+        backend: str = "native", activation_mode: str = "static", weight_method: str = "minmax",
+        activation_method: str = "minmax", eval_data: Iterable[Any] | None = None,
+        smooth: float | None = None, **method_options: Any) -> tuple[nn.Module, Report]:
+    """Quantize every ``nn.Linear`` of ``model`` (a copy; the input model is untouched).
+
+    ``weights``: the weight scheme (default int8 symmetric per output channel).
+    ``activations``: None for weight-only (W8), or the activation scheme (W8A8)
+    for each layer's input viewed as (tokens, features):
+    ``activation_mode="static"`` calibrates one frozen range per layer input on
+    ``calibration_data`` (an iterable of model inputs); ``"dynamic"`` computes
+    the range of each input when called. ``quant.modules.TOKEN_SPEC`` (int8
+    symmetric per token) runs on the int8 kernel ``torch._int_mm``.
+    ``backend``: ``"native"`` (lowbit) or ``"torch.ao"`` (quantize_dynamic, or
+    prepare/calibrate/convert for static activations).
+
+    ``smooth``: SmoothQuant's migration strength alpha in [0, 1] (e.g. 0.5), for
+    quantized activations: per input channel j, ``s_j = max|x_j|**alpha /
+    max|W[:, j]|**(1 - alpha)`` (from ``calibration_data``) scales the weight
+    column up and the activation down, so activation outliers cost less.
+
+    Returns ``(quantized model, Report)``: one row per layer (weight error,
+    bytes before and after: codes + scales + zero points + the float bias
+    kept) and, on ``eval_data`` (default: the calibration data), the output
+    error against the float model in ``report.meta``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if activation_mode not in ("static", "dynamic"):
+        raise ValueError(f"activation_mode must be 'static' or 'dynamic', got {activation_mode!r}")
+    if not isinstance(weights, QuantSpec) or (activations is not None and not isinstance(activations, QuantSpec)):
+        raise TypeError("weights and activations must be QuantSpec values (activations may be None)")
+    if not linear_layers(model):
+        raise ValueError("ptq: the model has no nn.Linear layers to quantize")
+    calib = list(calibration_data) if calibration_data is not None else []
+    if activations is not None and activation_mode == "static" and not calib:
+        raise ValueError("ptq: static activations need calibration_data (an iterable of model inputs)")
+    if smooth is not None:
+        if activations is None or backend != "native":
+            raise ValueError("ptq: smooth= applies to quantized activations with backend='native'")
+        if not 0 <= smooth <= 1:
+            raise ValueError(f"ptq: smooth (SmoothQuant alpha) must be in [0, 1], got {smooth}")
+        if not calib:
+            raise ValueError("ptq: smooth= needs calibration_data to measure activation ranges")
+    t0 = time.perf_counter()
+    model.eval()
+    if backend == "native":
+        qmodel, report = _native(model, calib, weights, activations, activation_mode, weight_method,
+                                 activation_method, smooth, method_options)
+    else:
+        from .backends.torch_ao import quantize_torch_ao
+
+        qmodel, report = quantize_torch_ao(model, calib, weights, activations, activation_mode)
+    report.meta["quantize_time_s"] = time.perf_counter() - t0
+    report.meta["backend"] = backend
+    evald = list(eval_data) if eval_data is not None else calib
+    if evald:
+        report.meta.update(output_error(model, qmodel, evald))
+    return qmodel, report
+
+
+def _collect_inputs(model: nn.Module, layers, calib, fn) -> None:
+    """Run ``calib`` through ``model`` calling ``fn(name, input as (tokens, features))`` for each layer."""
+    def hook(n):
+        def observe(mod, args):
+            fn(n, args[0].detach().reshape(-1, args[0].shape[-1]))
+        return observe
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+    try:
+        for b in calib:
+            run_model(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def _native(model, calib, weights, activations, activation_mode, weight_method, activation_method, smooth, opts):
+    qmodel = copy.deepcopy(model)
+    layers = linear_layers(qmodel)
+    smooth_s: dict[str, np.ndarray] = {}
+    if smooth is not None:
+        amax: dict[str, torch.Tensor] = {}
+        _collect_inputs(qmodel, layers, calib, lambda n, x: amax.__setitem__(
+            n, torch.maximum(amax[n], x.abs().amax(0)) if n in amax else x.abs().amax(0)))
+        for n, m in layers:
+            wmax = m.weight.detach().abs().amax(0).clamp_min(1e-8)
+            s = (amax[n].clamp_min(1e-8) ** smooth / wmax ** (1 - smooth)).clamp(1e-4, 1e4)
+            smooth_s[n] = s.float().numpy()
+    act_qp: dict[str, Any] = {}
+    if activations is not None and activation_mode == "static":
+        observers = {n: StaticQuantizer(activations, activation_method) for n, _ in layers}
+        _collect_inputs(qmodel, layers, calib, lambda n, x: observers[n].observe(
+            x / torch.from_numpy(smooth_s[n]) if n in smooth_s else x))
+        act_qp = {n: o.freeze() for n, o in observers.items()}
+    rep = Report(title=f"ptq native: weights {weights.describe()}"
+                       + (f", activations {activations.describe()} {activation_mode}" if activations else "")
+                       + (f", SmoothQuant alpha={smooth}" if smooth is not None else ""))
+    for n, m in layers:
+        w = m.weight.detach().float().cpu().numpy()
+        ws = w * smooth_s[n][None, :] if n in smooth_s else w
+        qp = calibrate(ws, weights, weight_method, name=n + ".weight", **opts)
+        codes = np.asarray(quantize(ws, qp, name=n + ".weight"))
+        mode = None if activations is None else activation_mode
+        inv = (1.0 / smooth_s[n]).astype(np.float32) if n in smooth_s else None
+        q = QuantizedLinear(codes, qp, m.bias, mode, act_qp.get(n), activations or TOKEN_SPEC, inv)
+        _set(qmodel, n, q)
+        before = nbytes(m.weight) + (nbytes(m.bias) if m.bias is not None else 0)
+        deq = np.asarray(dequantize(codes, qp))
+        if n in smooth_s:  # the weight the layer effectively applies to the unscaled input
+            deq = deq / smooth_s[n][None, :]
+        rep.add(TensorReport.measure(n, w, deq, method=weights.describe(), bytes_before=before,
+                                     bytes_after=q.stored_bytes, details={"kernel": q.kernel}))
+    return qmodel, rep

@@ -1,0 +1,239 @@
+"""QParams and the one implementation of quantize / dequantize / fake_quantize.
+
+Rounding: ``q = clamp(rint(x * inv_scale) + zero_point, qmin, qmax)`` with
+``inv_scale = 1 / scale`` in the compute dtype (float32, or float64 for
+float64 input) and ``rint`` rounding half to even. This is torch's
+``fake_quantize_per_{tensor,channel}_affine`` bit for bit, and torch's
+``quantize_per_tensor`` / ``quantize_per_channel`` for every symmetric
+signed scheme (zero point 0). With a nonzero zero point torch's own
+functions disagree with each other at exact ties (``quantize_per_tensor``
+rounds ``fma(x, inv_scale, zp)``, ``quantize_per_channel`` rounds
+``x * inv_scale + zp``); lowbit rounds ``x * inv_scale`` first, so a zero
+point never changes which way a tie goes.
+
+NaN or inf in the input is a ValueError that names the tensor and counts the
+bad values (torch's observers silently turn one NaN into an all-NaN tensor).
+numpy arrays and torch tensors go through the same numpy code (zero-copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from precision._bridge import as_numpy, is_torch, like, torch
+
+from .spec import PerTensor, QuantSpec
+
+_TINY = np.finfo(np.float32).tiny
+
+
+def compute_dtype(a: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64) if a.dtype == np.float64 else np.dtype(np.float32)
+
+
+def real_input(x: Any, name: str) -> np.ndarray:
+    """The input as a float32/float64 numpy array; TypeError for complex/bool/object."""
+    a = as_numpy(x, name)
+    if a.dtype.kind == "b" or a.dtype.kind in "cOSUM":
+        raise TypeError(f"{name}: unsupported dtype {a.dtype}: expected real floating-point or integer values")
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64 if a.dtype.kind in "iu" and a.dtype.itemsize > 2 else np.float32)
+    return a
+
+
+def check_finite(a: np.ndarray, name: str) -> None:
+    if a.size and not np.isfinite(a).all():
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; quantization needs finite values "
+                         "(fix or mask them first)")
+
+
+def blocked(a: np.ndarray, block: tuple[int, ...]) -> np.ndarray:
+    """View ``a`` as (n0, b0, n1, b1, ...) where b is the block shape."""
+    shp: list[int] = []
+    for s, b in zip(a.shape, block):
+        shp += [s // b if b else 0, b]
+    return a.reshape(shp)
+
+
+def params_view(p: np.ndarray) -> np.ndarray:
+    """Reshape per-block params (n0, n1, ...) to (n0, 1, n1, 1, ...) to broadcast against ``blocked``."""
+    shp: list[int] = []
+    for s in p.shape:
+        shp += [s, 1]
+    return p.reshape(shp)
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Scale and zero point per block of ``spec``, for tensors of shape ``shape``.
+
+    ``scale``: float32 array of shape ``spec.params_shape(shape)`` (ones on the
+    reduced axes, so per-tensor and per-channel params broadcast against the
+    tensor; per-group params have one entry per group). Always finite,
+    positive and at least the smallest normal float32.
+    ``zero_point``: int32 array of the same shape, within [qmin, qmax].
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    spec: QuantSpec
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        scale = np.asarray(self.scale, dtype=np.float32)
+        zp = np.asarray(self.zero_point)
+        if zp.dtype.kind == "f":
+            if not np.all(np.isfinite(zp)) or np.any(zp != np.round(zp)):
+                raise ValueError("QParams: zero_point must hold integers")
+        zp = zp.astype(np.int32)
+        want = self.spec.params_shape(self.shape)
+        if scale.size == 1 and int(np.prod(want)) == 1:
+            scale, zp = scale.reshape(want), np.broadcast_to(zp, want).copy()
+        if scale.shape != want:
+            raise ValueError(f"QParams: scale has shape {scale.shape}, but {self.spec.describe()} on a tensor of "
+                             f"shape {tuple(self.shape)} needs {want}")
+        zp = np.broadcast_to(zp, want).astype(np.int32)
+        if not np.all(np.isfinite(scale)) or np.any(scale < _TINY):
+            raise ValueError("QParams: every scale must be finite and at least the smallest normal float32 "
+                             f"({_TINY:.3g}); got min {np.nanmin(scale) if scale.size else 'n/a'}")
+        if zp.size and (zp.min() < self.spec.qmin or zp.max() > self.spec.qmax):
+            raise ValueError(f"QParams: zero_point must lie in [{self.spec.qmin}, {self.spec.qmax}] for "
+                             f"{self.spec.describe()}; got [{zp.min()}, {zp.max()}]")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "zero_point", zp)
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return self.spec.block_shape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for the params: float32 scales, plus int32 zero points unless symmetric."""
+        return int(self.scale.nbytes + (0 if self.spec.symmetric else self.zero_point.nbytes))
+
+    def for_shape(self, shape: tuple[int, ...], name: str = "x") -> "QParams":
+        """These params applied to a tensor of another shape with the same params shape (e.g. a new batch)."""
+        shape = tuple(int(s) for s in shape)
+        if shape == self.shape:
+            return self
+        if self.scale.size == 1 and isinstance(self.spec.granularity, PerTensor):
+            return QParams(self.scale.reshape(-1), self.zero_point.reshape(-1), self.spec, shape)
+        if self.spec.params_shape(shape, name) != self.scale.shape:
+            raise ValueError(f"{name}: shape {shape} does not match the calibrated shape {self.shape} "
+                             f"for {self.spec.describe()}")
+        return QParams(self.scale, self.zero_point, self.spec, shape)
+
+    def expanded_scale(self) -> np.ndarray:
+        """The scale repeated to the full tensor shape."""
+        return np.broadcast_to(params_view(self.scale), blocked(np.empty(self.shape, np.bool_), self.block).shape
+                               ).reshape(self.shape)
+
+
+def round_scaled(x: Any, inv_scale: Any) -> Any:
+    """``rint(x * inv_scale)``, ties to even, for numpy arrays or torch tensors alike.
+
+    The one rounding step of every quantizer in lowbit; the torch branch
+    exists so that int8 inference kernels can quantize activations without
+    leaving torch, with results identical to the numpy branch (same float ops).
+    """
+    if is_torch(x):
+        return torch.round(x * inv_scale)
+    return np.rint(x * inv_scale)
+
+
+def _codes(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """(codes as int32 in the blocked layout, mask of in-range elements) for finite ``a``."""
+    ct = compute_dtype(a)
+    inv = params_view((np.asarray(1.0, ct) / qp.scale.astype(ct)).astype(ct))
+    zp = params_view(qp.zero_point)
+    v = round_scaled(blocked(a.astype(ct, copy=False), qp.block), inv)
+    lo, hi = qp.spec.qmin - zp, qp.spec.qmax - zp
+    inside = (v >= lo) & (v <= hi)
+    q = np.clip(v, lo, hi).astype(np.int32) + zp
+    return q, inside
+
+
+def quantize_with_count(x: Any, qparams: QParams, name: str = "x") -> tuple[np.ndarray, int]:
+    """(integer codes as a numpy array of ``spec.code_dtype``, number of clipped elements)."""
+    a = real_input(x, name)
+    check_finite(a, name)
+    qp = qparams.for_shape(a.shape, name)
+    q, inside = _codes(a, qp)
+    return q.reshape(a.shape).astype(qp.spec.code_dtype), int(inside.size - np.count_nonzero(inside))
+
+
+def quantize(x: Any, qparams: QParams, *, name: str = "x") -> Any:
+    """Integer codes of ``x`` (int8 for signed specs, uint8 for unsigned), same shape and kind as ``x``.
+
+    ``q = clamp(rint(x / scale) + zero_point, qmin, qmax)`` with half-to-even
+    ties (see the module docstring for the exact float arithmetic).
+    """
+    codes, _ = quantize_with_count(x, qparams, name)
+    return like(codes, x)
+
+
+def dequantize(codes: Any, qparams: QParams, *, name: str = "codes") -> Any:
+    """``(codes - zero_point) * scale`` as float32, same shape and kind as ``codes``."""
+    c = as_numpy(codes, name)
+    if c.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer codes, got dtype {c.dtype}")
+    qp = qparams.for_shape(c.shape, name)
+    if c.size and (c.min() < qp.spec.qmin or c.max() > qp.spec.qmax):
+        raise ValueError(f"{name}: codes outside [{qp.spec.qmin}, {qp.spec.qmax}] for {qp.spec.describe()}")
+    d = (blocked(c.astype(np.int32), qp.block) - params_view(qp.zero_point)).astype(np.float32)
+    out = (d * params_view(qp.scale)).reshape(c.shape)
+    return like(out, codes)
+
+
+def fake_quantize_array(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantize(quantize(a)) in ``a``'s compute dtype, in-range mask), both in ``a``'s shape."""
+    q, inside = _codes(a, qp)
+    ct = compute_dtype(a)
+    out = (q - params_view(qp.zero_point)).astype(ct) * params_view(qp.scale).astype(ct)
+    return out.reshape(a.shape), inside.reshape(a.shape)
+
+
+if torch is not None:
+
+    class _FakeQuantSTE(torch.autograd.Function):
+        """Fake quantization forward; straight-through gradient, 1 inside the clip range and 0 outside."""
+
+        @staticmethod
+        def forward(ctx, x, qp, name):
+            a = real_input(x, name)
+            check_finite(a, name)
+            out, inside = fake_quantize_array(a, qp.for_shape(a.shape, name))
+            ctx.save_for_backward(torch.from_numpy(inside).to(x.device))
+            return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (inside,) = ctx.saved_tensors
+            return grad * inside.to(grad.dtype), None, None
+
+
+def fake_quantize(x: Any, qparams: QParams, *, name: str = "x") -> Any:
+    """``dequantize(quantize(x))`` in ``x``'s dtype; on torch tensors differentiable with the
+    straight-through estimator (gradient 1 where ``x`` is inside the clip range, 0 outside),
+    equal to ``torch.fake_quantize_per_{tensor,channel}_affine`` forward and backward."""
+    if is_torch(x):
+        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: fake_quantize needs a floating-point tensor, got {x.dtype}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FakeQuantSTE.apply(x, qparams, name)
+        return _FakeQuantSTE.forward(_NoCtx(), x, qparams, name)
+    a = real_input(x, name)
+    check_finite(a, name)
+    out, _ = fake_quantize_array(a, qparams.for_shape(a.shape, name))
+    src = as_numpy(x, name)
+    return like(out.astype(src.dtype if src.dtype.kind == "f" else out.dtype), x)
+
+
+class _NoCtx:
+    def save_for_backward(self, *a):
+        pass
