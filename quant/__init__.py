@@ -13,8 +13,12 @@ from .dynamic import DynamicQuantizer, Quantized
 from .quantize import QParams, dequantize, fake_quantize, quantize
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .static import StaticQuantizer
+from .qat import FakeQuantize, convert, prepare_qat
+from .ptq import ptq
+from .modules import QuantizedLinear
 
 __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
     "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
+    "FakeQuantize", "prepare_qat", "convert", "ptq", "QuantizedLinear",
 ]

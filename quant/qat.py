@@ -222,6 +222,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def fn(child):
         if isinstance(child, (QATLinear, QATConv2d)):
             w = child.weight.detach()
+            with torch.no_grad():  # the range a forward pass would use for the current weight
+                child.weight_fake_quant(w)
             qp = child.weight_fake_quant.qparams(tuple(w.shape))
             codes = np.asarray(quantize(w.cpu().numpy(), qp))
             act = child.input_fake_quant.qparams() if child.input_fake_quant is not None else None

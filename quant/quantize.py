@@ -99,7 +99,7 @@ class QParams:
         zp = np.broadcast_to(zp, want).astype(np.int32)
         if not np.all(np.isfinite(scale)) or np.any(scale < _TINY):
             raise ValueError("QParams: every scale must be finite and at least the smallest normal float32 "
-                             f"({_TINY:.3g}); got min {np.nanmin(scale) if scale.size else 'n/a'}")
+                             f"({_TINY:.3g}); got min {scale.min() if scale.size else 'n/a'}")
         if zp.size and (zp.min() < self.spec.qmin or zp.max() > self.spec.qmax):
             raise ValueError(f"QParams: zero_point must lie in [{self.spec.qmin}, {self.spec.qmax}] for "
                              f"{self.spec.describe()}; got [{zp.min()}, {zp.max()}]")

@@ -1,0 +1,168 @@
+"""QuantSpec validation and quantize/dequantize/fake_quantize against torch's own ops."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from quant import PerChannel, PerGroup, PerTensor, QParams, QuantSpec, calibrate, dequantize, fake_quantize, quantize
+from quant.quantize import quantize_with_count
+
+warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bits=1), "bits"), (dict(bits=9), "bits"), (dict(bits=8.0), "bits"),
+    (dict(signed=False, narrow_range=True), "narrow_range"),
+    (dict(granularity=PerGroup(0)), "PerGroup"),
+])
+def test_bad_specs_are_value_errors_that_say_how_to_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**kw)
+
+
+def test_every_granularity_reduces_to_one_block_shape():
+    assert QuantSpec().block_shape((4, 6)) == (4, 6)
+    assert QuantSpec(granularity=PerChannel(0)).block_shape((4, 6)) == (1, 6)
+    assert QuantSpec(granularity=PerChannel(-1)).block_shape((4, 6)) == (4, 1)
+    assert QuantSpec(granularity=PerGroup(3)).block_shape((4, 6)) == (1, 3)
+    assert QuantSpec(granularity=PerGroup(3)).params_shape((4, 6)) == (4, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantSpec(granularity=PerGroup(4)).block_shape((4, 6), "w")
+    with pytest.raises(ValueError, match="out of range"):
+        QuantSpec(granularity=PerChannel(2)).block_shape((4, 6))
+    s = QuantSpec(bits=4, signed=False, symmetric=False, granularity=PerGroup(32))
+    assert QuantSpec.from_dict(s.to_dict()) == s
+
+
+def test_code_ranges():
+    assert (QuantSpec().qmin, QuantSpec().qmax) == (-128, 127)
+    assert (QuantSpec(narrow_range=True).qmin, QuantSpec(narrow_range=True).qmax) == (-127, 127)
+    assert (QuantSpec(bits=4, signed=False).qmin, QuantSpec(bits=4, signed=False).qmax) == (0, 15)
+
+
+def test_qparams_reject_bad_scales_and_zero_points():
+    spec = QuantSpec(symmetric=False)
+    for bad in (0.0, np.nan, np.inf, 1e-40, -1.0):
+        with pytest.raises(ValueError, match="scale"):
+            QParams(np.array([bad]), np.array([0]), spec, (3,))
+    with pytest.raises(ValueError, match="zero_point"):
+        QParams(np.array([0.1]), np.array([200]), spec, (3,))
+
+
+def adversarial(scale: float, n: int = 300) -> np.ndarray:
+    """Exact ties (k + 1/2) * scale and their float32 neighbours, plus random values."""
+    s = np.float32(scale)
+    t = (np.arange(-n, n) / 2.0 * s).astype(np.float32)
+    r = np.random.default_rng(0).standard_normal(2000).astype(np.float32) * s * 60
+    return np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, -np.float32(np.inf)), r])
+
+
+@pytest.mark.parametrize("scale", [0.1, 1 / 3, 0.0123, 7.0])
+def test_codes_equal_torch_quantize_per_tensor_and_per_channel_on_ties(scale):
+    x = adversarial(scale)
+    spec = QuantSpec()
+    qp = QParams(np.array([scale]), np.array([0]), spec, x.shape)
+    ref = torch.quantize_per_tensor(torch.from_numpy(x), float(np.float32(scale)), 0, torch.qint8).int_repr().numpy()
+    np.testing.assert_array_equal(quantize(x, qp), ref)
+    x2 = x.reshape(-1, 2)
+    cspec = QuantSpec(granularity=PerChannel(0))
+    sc = np.full((x2.shape[0], 1), scale, np.float32)
+    qpc = QParams(sc, np.zeros_like(sc, dtype=np.int32), cspec, x2.shape)
+    refc = torch.quantize_per_channel(torch.from_numpy(x2), torch.from_numpy(sc.ravel()).double(),
+                                      torch.zeros(x2.shape[0], dtype=torch.long), 0, torch.qint8).int_repr().numpy()
+    np.testing.assert_array_equal(quantize(x2, qpc), refc)
+    t = quantize(torch.from_numpy(x2), qpc)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.int8
+
+
+@pytest.mark.parametrize("zp", [0, 3, -5])
+@pytest.mark.parametrize("scale", [0.1, 1 / 3, 0.0123])
+def test_fake_quantize_forward_and_backward_equal_torch(scale, zp):
+    x = torch.from_numpy(adversarial(scale) * 1.3).requires_grad_()
+    spec = QuantSpec(symmetric=False)
+    qp = QParams(np.array([scale]), np.array([zp]), spec, tuple(x.shape))
+    y = fake_quantize(x, qp)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.fake_quantize_per_tensor_affine(x_ref, float(np.float32(scale)), zp, -128, 127)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert (x.grad == 0).any() and (x.grad != 0).any()  # both sides of the clip range were exercised
+    # per channel
+    x2 = x.detach().reshape(-1, 4).t().contiguous().requires_grad_()
+    cspec = QuantSpec(symmetric=False, granularity=PerChannel(0))
+    sc = np.array([scale, scale * 2, scale / 3, scale * 5], np.float32).reshape(4, 1)
+    zps = np.array([zp, 0, 1, -1], np.int32).reshape(4, 1)
+    qpc = QParams(sc, zps, cspec, tuple(x2.shape))
+    yc = fake_quantize(x2, qpc)
+    x2r = x2.detach().clone().requires_grad_()
+    ycr = torch.fake_quantize_per_channel_affine(x2r, torch.from_numpy(sc.ravel()), torch.from_numpy(zps.ravel()),
+                                                 0, -128, 127)
+    assert torch.equal(yc, ycr)
+    gc = torch.randn_like(yc)
+    yc.backward(gc)
+    ycr.backward(gc)
+    assert torch.equal(x2.grad, x2r.grad)
+
+
+def test_numpy_and_torch_give_identical_results():
+    w = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
+    for g in (PerTensor(), PerChannel(0), PerGroup(64)):
+        qp = calibrate(w, QuantSpec(bits=4, granularity=g))
+        np.testing.assert_array_equal(quantize(torch.from_numpy(w), qp).numpy(), quantize(w, qp))
+        np.testing.assert_array_equal(fake_quantize(torch.from_numpy(w), qp).numpy(), fake_quantize(w, qp))
+
+
+def test_transposed_non_contiguous_input_gives_identical_result():
+    w = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    wt = w.T  # non-contiguous view
+    qp = calibrate(np.ascontiguousarray(wt), QuantSpec(granularity=PerChannel(0)))
+    np.testing.assert_array_equal(quantize(wt, qp), quantize(np.ascontiguousarray(wt), qp))
+
+
+def test_round_trip_noise_is_delta_squared_over_12():
+    """Uniform data quantized on a grid of step scale has MSE scale**2 / 12."""
+    x = np.random.default_rng(3).uniform(-1, 1, 2_000_000).astype(np.float32)
+    qp = calibrate(x, QuantSpec())
+    err = dequantize(quantize(x, qp), qp) - x
+    assert np.mean(err.astype(np.float64) ** 2) == pytest.approx(float(qp.scale.ravel()[0]) ** 2 / 12, rel=0.01)
+
+
+def test_nan_and_inf_are_errors_naming_the_tensor():
+    qp = calibrate(np.ones(4), QuantSpec())
+    with pytest.raises(ValueError, match=r"layer1.weight: 1 of 4 values are NaN or inf"):
+        quantize(np.array([1.0, np.nan, 0, 0]), qp, name="layer1.weight")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        calibrate([np.ones(3), np.array([np.inf, 0, 0])], QuantSpec())
+    with pytest.raises(ValueError, match="empty"):
+        calibrate([], QuantSpec())
+
+
+def test_constant_and_zero_tensors_get_defined_scales_and_reconstruct():
+    for spec in (QuantSpec(), QuantSpec(symmetric=False), QuantSpec(signed=False)):
+        for c in (0.0, 0.37, -5.0):
+            x = np.full((3, 5), c, np.float32)
+            qp = calibrate(x, spec)
+            assert np.all(np.isfinite(qp.scale)) and np.all(qp.scale > 0)
+            np.testing.assert_allclose(dequantize(quantize(x, qp), qp), x, rtol=1e-6, atol=0)
+    x = np.zeros((4, 8), np.float32)
+    x[1] = np.linspace(-1, 1, 8)
+    qp = calibrate(x, QuantSpec(granularity=PerChannel(0)))
+    assert (dequantize(quantize(x, qp), qp)[[0, 2, 3]] == 0).all()
+
+
+def test_clipped_values_are_counted():
+    qp = calibrate(np.linspace(-1, 1, 100), QuantSpec())
+    codes, clipped = quantize_with_count(np.array([0.5, 3.0, -7.0]), qp)
+    assert clipped == 2 and codes.tolist() == [64, 127, -128]
+
+
+def test_int_float64_and_scalar_inputs():
+    qp = calibrate(np.array([-4.0, 4.0]), QuantSpec())
+    assert quantize(np.array([1, 2, 3]), qp).dtype == np.int8
+    assert quantize(2.0, QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), qp.spec, ())) == 64
+    np.testing.assert_array_equal(quantize(np.array([1.0, 2.0]), qp), quantize(np.array([1.0, 2.0], np.float32), qp))
