@@ -1,0 +1,104 @@
+"""python -m bench.ptq: post-training quantization of the real MiniLM, native against torch.ao.
+
+For each configuration, in one run: time to quantize, latency of encoding the
+project's 200 sentences, latency of one encoder forward pass at batch 32 x 128
+tokens against float32, the mean sentence-embedding cosine to float32 on the
+100 sentences not used for calibration, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+from quant import PerChannel, PerGroup, QuantSpec, ptq
+
+CONFIGS = {
+    "native W8 per-channel (weight-only)": dict(),
+    "native W8A8 per-token dynamic + SmoothQuant 0.5": dict(
+        activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.5),
+    "native W8A8 per-token dynamic": dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic"),
+    "native W8A8 static per-tensor": dict(activations=QuantSpec()),
+    "native W4 group-128 mse (weight-only)": dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)),
+                                                  weight_method="mse"),
+    "torch.ao dynamic (default, per-tensor)": dict(backend="torch.ao", weights=QuantSpec()),
+    "torch.ao dynamic per-channel": dict(backend="torch.ao"),
+    "torch.ao static (x86)": dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
+}
+
+
+def best(fn, repeat: int) -> float:
+    fn()
+    t = float("inf")
+    for _ in range(repeat):
+        s = time.perf_counter()
+        fn()
+        t = min(t, time.perf_counter() - s)
+    return t
+
+
+def best_pair(f_ref, f_new, repeat: int) -> tuple[float, float]:
+    """Best times of two functions measured alternately, so machine noise hits both alike."""
+    f_ref(), f_new()
+    a = b = float("inf")
+    for _ in range(repeat):
+        s = time.perf_counter()
+        f_ref()
+        a = min(a, time.perf_counter() - s)
+        s = time.perf_counter()
+        f_new()
+        b = min(b, time.perf_counter() - s)
+    return a, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ptq", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per latency, best kept (default 5)")
+    p.add_argument("--only", nargs="*", help="substring filter on configuration names")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    from bench.models import embed, embedding_cosine, feature_batches, sentence_model, sentences
+
+    model = sentence_model()
+    s = sentences()
+    calib = feature_batches(model, s[::2])
+    held = s[1::2]
+    ref = embed(model, held)
+    feats = model.tokenizer(s[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+
+    def forward(m):
+        with torch.no_grad():
+            return m(dict(feats))
+
+    t_fwd = best(lambda: forward(model), a.repeat)
+    t_enc = best(lambda: embed(model, s), max(1, a.repeat // 2))
+    print(f"MiniLM on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"float32: forward 32x128 {t_fwd * 1e3:.1f} ms, encode 200 sentences {t_enc * 1e3:.0f} ms")
+    head = (f"{'configuration':<48} {'quantize s':>10} {'cosine':>8} {'fwd ms':>8} {'fwd x':>6} "
+            f"{'encode ms':>9} {'enc x':>6} {'weights MiB':>11} kernel")
+    print(head + "\n" + "-" * len(head))
+    for name, kw in CONFIGS.items():
+        if a.only and not any(o in name for o in a.only):
+            continue
+        t0 = time.perf_counter()
+        q, rep = ptq(model, calib, **kw)
+        tq = time.perf_counter() - t0
+        cos = embedding_cosine(ref, embed(q, held))["mean_cosine"]
+        t_fwd, tf = best_pair(lambda: forward(model), lambda: forward(q), a.repeat)
+        t_enc, te = best_pair(lambda: embed(model, s), lambda: embed(q, s), max(1, a.repeat // 2))
+        kernel = rep.tensors[0].details.get("kernel", "torch.ao quantized::linear")
+        print(f"{name:<48} {tq:10.2f} {cos:8.5f} {tf * 1e3:8.1f} {t_fwd / tf:6.2f} {te * 1e3:9.0f} {t_enc / te:6.2f} "
+              f"{rep.totals['bytes_after'] / 2**20:11.2f} {kernel}")
+    print("cosine: mean over the 100 sentences not used for calibration; x: speed-up over float32 "
+          "measured alternately with it (best of runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
