@@ -1,0 +1,220 @@
+"""Pruning and low rank applied to a whole nn.Module.
+
+``prune_model`` masks weights in place of a copy (unstructured, global, N:M),
+or really shrinks layers (structured FFN widths and attention heads of a
+BERT-style transformer: the dependent layers shrink with them, so the pruned
+model runs and is smaller). ``factorize_model`` replaces Linear layers by
+two Linears through rank r. Both return ``(model, Report)`` and never modify
+the model they are given.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from precision.report import Report, nbytes
+
+from .lowrank import low_rank
+from .prune import global_magnitude_prune, magnitude_prune, nm_prune, slice_norms
+from ._common import amount_to_count, smallest_k
+from .storage import Structured
+
+PRUNE_METHODS = ("magnitude", "global", "nm", "ffn", "heads")
+
+
+def _linears(model: nn.Module, include: str | None, exclude: str | None) -> list[tuple[str, nn.Linear]]:
+    out = []
+    for n, m in model.named_modules():
+        if type(m) is nn.Linear and (include is None or re.search(include, n)) and not (exclude and re.search(exclude, n)):
+            out.append((n, m))
+    return out
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _attach_output_error(rep: Report, model, new, eval_data) -> None:
+    if eval_data is not None:
+        from quant.ptq import output_error  # the one output comparison in lowbit
+
+        rep.meta.update(output_error(model, new, list(eval_data)))
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, sparsity: float, *, method: str = "magnitude", n: int = 2, m: int = 4,
+                norm: int = 2, include: str | None = None, exclude: str | None = None,
+                eval_data: Iterable[Any] | None = None) -> tuple[nn.Module, Report]:
+    """Prune a copy of ``model``.
+
+    ``method``:
+      * ``"magnitude"``: each selected Linear weight to ``sparsity`` by |w|;
+      * ``"global"``: one |w| threshold across all selected Linear weights;
+      * ``"nm"``: N:M (``n``:``m``, 2:4 by default) along the input dimension (``sparsity`` ignored);
+      * ``"ffn"``: the intermediate width of every BERT-style FFN
+        (``*.intermediate.dense`` -> ``*.output.dense``) by the ``norm`` of
+        each hidden unit's input row: both Linears shrink;
+      * ``"heads"``: whole attention heads, ranked by the norm of their
+        query/key/value rows, removed with the model's own ``prune_heads``.
+    ``include``/``exclude``: regular expressions on module names.
+    Bytes in the report are those of the storage formats in ``compress.storage``.
+    """
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    new = copy.deepcopy(model)
+    rep = Report(title=f"prune_model {method}" + ("" if method == "nm" else f" {sparsity:.0%}"))
+    if method in ("magnitude", "nm", "global"):
+        layers = _linears(new, include, exclude)
+        if not layers:
+            raise ValueError("prune_model: no nn.Linear layers matched")
+        if method == "global":
+            res = global_magnitude_prune({nm_: l.weight.detach() for nm_, l in layers}, sparsity)
+            for nm_, l in layers:
+                l.weight.copy_(res.results[nm_].weight)
+            rep.extend(res.report)
+        else:
+            for nm_, l in layers:
+                r = (magnitude_prune(l.weight.detach(), sparsity, name=nm_) if method == "magnitude"
+                     else nm_prune(l.weight.detach(), n, m, name=nm_))
+                l.weight.copy_(r.weight)
+                rep.extend(r.report)
+    elif method == "ffn":
+        _prune_ffn(new, sparsity, norm, rep)
+    else:
+        _prune_heads(new, sparsity, norm, rep)
+    _attach_output_error(rep, model, new, eval_data)
+    return new, rep
+
+
+def _shrink_linear(lin: nn.Linear, kept: torch.Tensor, axis: int) -> nn.Linear:
+    w = lin.weight.index_select(axis, kept)
+    out_f, in_f = w.shape
+    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if lin.bias is not None:
+        new.bias.copy_(lin.bias if axis == 1 else lin.bias.index_select(0, kept))
+    return new
+
+
+def _prune_ffn(model: nn.Module, amount: float, norm: int, rep: Report) -> None:
+    pairs = []
+    for name, mod in model.named_modules():
+        if name.endswith("intermediate.dense") and isinstance(mod, nn.Linear):
+            out_name = name[: -len("intermediate.dense")] + "output.dense"
+            try:
+                out_mod = model.get_submodule(out_name)
+            except AttributeError:
+                continue
+            pairs.append((name, mod, out_name, out_mod))
+    if not pairs:
+        raise ValueError("prune_model(method='ffn') found no '*.intermediate.dense' -> '*.output.dense' pairs "
+                         "(BERT-style FFN); use method='magnitude' or compress.structured_prune on your layers")
+    for name, inter, out_name, outl in pairs:
+        w_in, w_out = inter.weight.detach().numpy(), outl.weight.detach().numpy()
+        scores = slice_norms(w_in, 0, norm)
+        k = amount_to_count(scores.size, amount, None, "amount")
+        kept = np.flatnonzero(~smallest_k(scores, k))
+        kept_t = torch.from_numpy(kept)
+        for nm_, lin, axis, w in ((name, inter, 0, w_in), (out_name, outl, 1, w_out)):
+            st = Structured.from_kept(w, kept, axis)
+            bias_b = nbytes(lin.bias) if lin.bias is not None else 0
+            rep.add(_row(nm_, w, st, f"ffn structured L{norm} {k / scores.size:.0%}", bias_b,
+                         (len(kept) if axis == 0 else lin.out_features) * 4 if lin.bias is not None else 0))
+        _set(model, name, _shrink_linear(inter, kept_t, 0))
+        _set(model, out_name, _shrink_linear(outl, kept_t, 1))
+
+
+def _row(name, w, st, method, bias_before, bias_after):
+    from precision.report import TensorReport
+
+    return TensorReport.measure(name, w, st.dense(), method=method, bytes_before=w.nbytes + bias_before,
+                                bytes_after=st.nbytes + bias_after)
+
+
+def _prune_heads(model: nn.Module, amount: float, norm: int, rep: Report) -> None:
+    """Remove whole heads from BERT-style attention blocks: a module with ``self.query/key/value``
+    Linears and ``num_attention_heads`` / ``attention_head_size``, whose ``output.dense`` reads them."""
+    found = False
+    for name, mod in list(model.named_modules()):
+        sa = getattr(mod, "self", None)
+        if not (isinstance(sa, nn.Module) and all(isinstance(getattr(sa, p, None), nn.Linear)
+                                                  for p in ("query", "key", "value"))
+                and hasattr(sa, "num_attention_heads") and hasattr(sa, "attention_head_size")
+                and isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)):
+            continue
+        found = True
+        nh, hd = sa.num_attention_heads, sa.attention_head_size
+        ws = [getattr(sa, p).weight.detach().numpy() for p in ("query", "key", "value")]
+        scores = sum(slice_norms(w, 0, norm).reshape(nh, hd).sum(1) for w in ws)
+        k = amount_to_count(nh, amount, None, "amount")
+        if k >= nh:
+            raise ValueError(f"{name}: pruning all {nh} heads would remove the attention block")
+        kept = np.flatnonzero(~np.repeat(smallest_k(scores, k), hd))
+        kept_t = torch.from_numpy(kept)
+        for p, w in zip(("query", "key", "value"), ws):
+            lin = getattr(sa, p)
+            rep.add(_row(f"{name}.self.{p}", w, Structured.from_kept(w, kept, 0), f"heads {k}/{nh}",
+                         nbytes(lin.bias) if lin.bias is not None else 0, len(kept) * 4 if lin.bias is not None else 0))
+            setattr(sa, p, _shrink_linear(lin, kept_t, 0))
+        od = mod.output.dense
+        wo = od.weight.detach().numpy()
+        bb = nbytes(od.bias) if od.bias is not None else 0
+        rep.add(_row(f"{name}.output.dense", wo, Structured.from_kept(wo, kept, 1), f"heads {k}/{nh}", bb, bb))
+        mod.output.dense = _shrink_linear(od, kept_t, 1)
+        sa.num_attention_heads = nh - k
+        if hasattr(sa, "all_head_size"):
+            sa.all_head_size = (nh - k) * hd
+    if not found:
+        raise ValueError("prune_model(method='heads') found no BERT-style attention blocks (self.query/key/value "
+                         "with num_attention_heads); use structured_prune(..., group=head_dim) on your layers")
+
+
+class LowRankLinear(nn.Sequential):
+    """Two Linears (in -> r without bias, r -> out with the original bias) replacing one."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+        r = B.shape[0]
+        first = nn.Linear(B.shape[1], r, bias=False, dtype=B.dtype)
+        second = nn.Linear(r, A.shape[0], bias=bias is not None, dtype=A.dtype)
+        with torch.no_grad():
+            first.weight.copy_(B)
+            second.weight.copy_(A)
+            if bias is not None:
+                second.bias.copy_(bias)
+        super().__init__(first, second)
+
+
+@torch.no_grad()
+def factorize_model(model: nn.Module, *, rank: int | None = None, ratio: float | None = None,
+                    energy: float | None = None, method: str = "exact", force: bool = False,
+                    include: str | None = None, exclude: str | None = None,
+                    eval_data: Iterable[Any] | None = None) -> tuple[nn.Module, Report]:
+    """Replace each selected nn.Linear by ``LowRankLinear`` (in -> r -> out) from ``low_rank``.
+
+    Layers where the factorization saves no memory are left dense unless
+    ``force`` (the report says so). With ``eval_data`` the report's meta holds
+    the output error against the original model.
+    """
+    new = copy.deepcopy(model)
+    layers = _linears(new, include, exclude)
+    if not layers:
+        raise ValueError("factorize_model: no nn.Linear layers matched")
+    rep = Report(title=f"factorize_model {method}")
+    for name, lin in layers:
+        lr = low_rank(lin.weight.detach(), rank, ratio=ratio, energy=energy, method=method, force=force, name=name)
+        row = lr.report.tensors[0]
+        if lin.bias is not None:
+            row.bytes_before += nbytes(lin.bias)
+            row.bytes_after += nbytes(lin.bias)
+        rep.add(row)
+        if lr.applied:
+            _set(new, name, LowRankLinear(lr.A, lr.B, lin.bias))
+    _attach_output_error(rep, model, new, eval_data)
+    return new, rep
