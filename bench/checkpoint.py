@@ -1,0 +1,367 @@
+"""Safe, streaming checkpoint reading and writing.
+
+Reading: a ``.safetensors`` file, a sharded checkpoint (``*.safetensors.index.json``
+and its shards), a directory holding either (or a PyTorch state dict), or a
+PyTorch ``.pt``/``.pth``/``.bin`` state dict loaded with
+``torch.load(..., weights_only=True)`` only. Tensors are read one at a time.
+
+Writing: a safetensors file is produced tensor by tensor: data goes to a
+temporary file in the target directory, the header is written in front of it
+at the end, the result is flushed, fsynced and renamed into place, so a
+failure leaves no partial output and never touches the input.
+
+Every error is a ``CheckpointError`` whose message names the file (and the
+tensor where there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+
+# safetensors dtype names <-> numpy dtypes
+ST_TO_NP = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or written; the message names the file and tensor."""
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _tensor_to_numpy(t, where: str) -> np.ndarray:
+    from precision._bridge import torch_to_numpy
+
+    try:
+        return np.ascontiguousarray(torch_to_numpy(t))
+    except TypeError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+class SafetensorsFile:
+    """One safetensors file, parsed and validated by lowbit itself (header, offsets, dtypes),
+    read tensor by tensor through a memory map."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (only {len(head)} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(MAX_HEADER, size - 8):
+                    raise CheckpointError(f"{self.path}: header length {n} is larger than the file ({size} bytes)")
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, e in header.items():
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
+                raise CheckpointError(f"{where}: entry must have dtype, shape and data_offsets")
+            dt = ST_TO_NP.get(e["dtype"]) if isinstance(e["dtype"], str) else None
+            if dt is None:
+                raise CheckpointError(f"{where}: unsupported dtype {e['dtype']!r}")
+            shape, off = e["shape"], e["data_offsets"]
+            if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                        for s in shape)):
+                raise CheckpointError(f"{where}: bad shape {shape!r}")
+            if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
+                                                                      for o in off) or not 0 <= off[0] <= off[1]):
+                raise CheckpointError(f"{where}: bad data_offsets {off!r}")
+            if off[1] > data_len:
+                raise CheckpointError(f"{where}: data_offsets {off} run past the end of the file "
+                                      f"({data_len} data bytes; truncated?)")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if off[1] - off[0] != nbytes:
+                raise CheckpointError(f"{where}: {off[1] - off[0]} bytes stored for shape {shape} of {e['dtype']} "
+                                      f"({nbytes} expected)")
+            self.entries[name] = (dt, tuple(shape), off[0], off[1])
+            spans.append((off[0], off[1], name))
+        spans.sort()
+        end = 0
+        for b, e_, name in spans:
+            if b < end:
+                raise CheckpointError(f"{self.path}: tensor {name!r} overlaps another tensor's bytes")
+            end = max(end, e_)
+        if end != data_len:
+            raise CheckpointError(f"{self.path}: {data_len - end} bytes after the last tensor (trailing junk "
+                                  "or a truncated header)")
+        self._map = None
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        dt, shape, _, _ = self.entries[name]
+        return dt, shape
+
+    def read(self, name: str) -> np.ndarray:
+        dt, shape, b, e = self.entries[name]
+        if e == b:
+            return np.zeros(shape, dt)
+        try:
+            if self._map is None:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            raw = self._map[self.data_start + b:self.data_start + e]
+            return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read ({err})") from None
+
+    def close(self) -> None:
+        self._map = None
+
+
+class Checkpoint:
+    """A read-only view of a checkpoint: ``names()``, ``info(name)`` and ``read(name)`` (numpy)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.files: list[Path] = []
+        self.metadata: dict[str, str] = {}
+        self._where: dict[str, Any] = {}
+        self._pickle: dict[str, Any] | None = None
+        p = self.path
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+        if p.is_dir():
+            p = self._from_dir(p)
+        name = p.name
+        if name.endswith(".index.json"):
+            self._open_index(p)
+        elif name.endswith(".safetensors"):
+            self._add_safetensors(p)
+        elif p.suffix in (".pt", ".pth", ".bin"):
+            self._open_pickle(p)
+        else:
+            raise CheckpointError(f"{p}: unknown checkpoint kind; expected .safetensors, "
+                                  "*.safetensors.index.json, .pt, .pth or .bin")
+
+    @staticmethod
+    def _from_dir(d: Path) -> Path:
+        for cand in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin", "model.pt", "model.pth"):
+            if (d / cand).is_file():
+                if cand == "pytorch_model.bin.index.json":
+                    raise CheckpointError(f"{d / cand}: sharded pickle checkpoints are not supported; "
+                                          "convert them to safetensors")
+                return d / cand
+        found = sorted(d.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise CheckpointError(f"{d}: no checkpoint found (looked for model.safetensors[.index.json], "
+                              "pytorch_model.bin, model.pt)")
+
+    def _add_safetensors(self, p: Path) -> SafetensorsFile:
+        f = SafetensorsFile(p)
+        self.files.append(p)
+        self.metadata.update(f.metadata)
+        for n in f.names():
+            if n in self._where:
+                raise CheckpointError(f"{p}: tensor {n!r} is also in {self._where[n].path}")
+            self._where[n] = f
+        return f
+
+    def _open_index(self, p: Path) -> None:
+        try:
+            idx = json.loads(p.read_text(encoding="utf-8"))
+            wm = idx["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{p}: not a valid shard index with a 'weight_map' ({type(e).__name__})") from None
+        shards: dict[str, SafetensorsFile] = {}
+        for tensor, shard in wm.items():
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{p}: tensor {tensor!r} names a bad shard file {shard!r}")
+            sp = p.parent / shard
+            if shard not in shards:
+                if not sp.is_file():
+                    raise CheckpointError(f"{p}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
+                f = SafetensorsFile(sp)
+                shards[shard] = f
+                self.files.append(sp)
+                self.metadata.update(f.metadata)
+            if tensor not in shards[shard].entries:
+                raise CheckpointError(f"{sp}: tensor {tensor!r} listed in {p.name} is missing from the shard")
+            self._where[tensor] = shards[shard]
+        for shard, f in shards.items():
+            extra = set(f.names()) - set(wm)
+            if extra:
+                raise CheckpointError(f"{p.parent / shard}: tensor {sorted(extra)[0]!r} is not listed in {p.name}")
+
+    def _open_pickle(self, p: Path) -> None:
+        torch = _torch()
+        try:
+            # weights_only=True: a checkpoint from a stranger can fail, never run code
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "refused/unreadable"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{p}: refused or unreadable PyTorch checkpoint (weights_only=True): {first}") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise CheckpointError(f"{p}: expected a state dict mapping names to tensors")
+        self.files.append(p)
+        self._pickle = sd
+        for n in sd:
+            self._where[n] = None
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        if self._pickle is not None:
+            t = self._pickle[name]
+            return _tensor_to_numpy(t[:0] if t.dim() else t, f"{self.path}: tensor {name!r}").dtype, tuple(t.shape)
+        return self._where[name].info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if self._pickle is not None:
+            t = self._pickle[name]
+            return _tensor_to_numpy(t.contiguous(), f"{self.files[0]}: tensor {name!r}").copy()
+        return self._where[name].read(name)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for n in self.names():
+            yield n, self.read(n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, atomically (temp file + fsync + rename)."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: list[Path] = ()) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path}: the output path is a directory")
+        for i in inputs:
+            if self.path.exists() and i.exists() and os.path.samefile(self.path, i) or self.path.resolve() == Path(i).resolve():
+                raise CheckpointError(f"{self.path}: the output would overwrite the input checkpoint")
+        if self.path.exists() and not force:
+            raise CheckpointError(f"{self.path}: already exists (use --force to replace it)")
+        d = self.path.parent if str(self.path.parent) else Path(".")
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: output directory does not exist")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data.tmp", dir=d)
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
+        self._data_path = Path(tmp)
+        self._data = os.fdopen(fd, "wb")
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+        self._closed = False
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self._header:
+            raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
+        a = np.ascontiguousarray(array)
+        dt = NP_TO_ST.get(a.dtype)
+        if dt is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+        b = a.tobytes()
+        try:
+            self._data.write(b)
+        except OSError as e:
+            self.abort()
+            raise CheckpointError(f"{self.path}: writing tensor {name!r} failed: {e.strerror or e}") from None
+        self._header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [self._offset, self._offset + len(b)]}
+        self._offset += len(b)
+
+    def commit(self, metadata: dict[str, str] | None = None) -> Path:
+        header = dict(self._header)
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors does
+        final_tmp = None
+        try:
+            self._data.flush()
+            self._data.close()
+            fd, final_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
+            with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                shutil.copyfileobj(data, out, 1 << 22)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(final_tmp, self.path)
+            final_tmp = None
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: writing the output failed: {e.strerror or e}") from None
+        finally:
+            if final_tmp is not None:
+                Path(final_tmp).unlink(missing_ok=True)
+            self._data_path.unlink(missing_ok=True)
+            self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        if not self._closed:
+            try:
+                self._data.close()
+            finally:
+                self._data_path.unlink(missing_ok=True)
+                self._closed = True
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d if str(d) else ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
