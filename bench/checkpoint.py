@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
+from precision._bridge import contiguous
+
 # safetensors dtype names <-> numpy dtypes
 ST_TO_NP = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -52,8 +54,10 @@ def _torch():
 def _tensor_to_numpy(t, where: str) -> np.ndarray:
     from precision._bridge import torch_to_numpy
 
+    if t.dtype == _torch().bool:  # masks pass through as they are
+        return contiguous(t.detach().cpu().numpy())
     try:
-        return np.ascontiguousarray(torch_to_numpy(t))
+        return contiguous(torch_to_numpy(t))
     except TypeError as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -295,7 +299,7 @@ class SafetensorsWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self._header:
             raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
-        a = np.ascontiguousarray(array)
+        a = contiguous(array)
         dt = NP_TO_ST.get(a.dtype)
         if dt is None:
             raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")

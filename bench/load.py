@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from precision._bridge import contiguous
+
 from .checkpoint import Checkpoint, CheckpointError
 
 
@@ -49,4 +51,4 @@ def load(path: str | os.PathLike, *, as_numpy: bool = False) -> dict[str, Any]:
     from precision._bridge import like
     import torch
 
-    return {k: like(np.ascontiguousarray(v), torch.empty(0)) for k, v in out.items()}
+    return {k: like(contiguous(v), torch.empty(0)) for k, v in out.items()}

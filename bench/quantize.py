@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from precision._bridge import contiguous
+
 from precision import ROUNDING_MODES, OVERFLOW_MODES, known_formats
 from precision.report import KeptTensor, Report
 
@@ -258,7 +260,7 @@ def evaluate(model_dir: Path | None, ckpt: Checkpoint, approx: dict[str, np.ndar
         keys = [k for k in sd if k == name or k.endswith("." + name)]
         if len(keys) != 1:
             raise CheckpointError(f"--eval: tensor {name!r} matches {len(keys)} model parameters")
-        new[keys[0]] = torch.from_numpy(np.ascontiguousarray(v.astype(np.float32))).to(sd[keys[0]].dtype)
+        new[keys[0]] = torch.from_numpy(contiguous(v.astype(np.float32))).to(sd[keys[0]].dtype)
     ref_model.load_state_dict(new, strict=False)
     res = embedding_cosine(ref, embed(ref_model))
     return {"eval_mean_cosine": res["mean_cosine"], "eval_min_cosine": res["min_cosine"],

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from precision._bridge import contiguous
+
 from precision._bridge import as_numpy, like
 from precision.report import Report, TensorReport
 
@@ -112,7 +114,7 @@ def low_rank(w: Any, rank: int | None = None, *, ratio: float | None = None, ene
     dt = a.dtype if a.dtype in (np.float32, np.float64) else np.dtype(np.float32)
     A = (u[:, :r] * s[:r]).astype(dt)
     B = vt[:r].astype(dt)
-    st = Factors(np.ascontiguousarray(A), np.ascontiguousarray(B))
+    st = Factors(contiguous(A), contiguous(B))
     applied = force or r < break_even_rank(m, n)
     rep = Report(title=f"low rank {method}")
     src_bytes = as_numpy(w).nbytes

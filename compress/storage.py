@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from precision._bridge import contiguous
+
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:
     return np.packbits(mask.reshape(-1).astype(bool))
@@ -46,7 +48,7 @@ class Bitmask:
         keep = w.reshape(-1) != 0
         sparse_bytes = -(-w.size // 8) + int(keep.sum()) * w.itemsize
         if sparse_bytes >= w.nbytes:
-            return cls(tuple(w.shape), np.ascontiguousarray(w).copy(), None)
+            return cls(tuple(w.shape), contiguous(w).copy(), None)
         return cls(tuple(w.shape), w.reshape(-1)[keep].copy(), pack_bits(keep))
 
     @property

@@ -29,6 +29,11 @@ SMALL_FLOAT_DTYPES = frozenset(
 )
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous array with the same shape (np.ascontiguousarray turns 0-d into 1-d)."""
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -72,13 +77,13 @@ def like(result: np.ndarray, ref: Any) -> Any:
     """Return ``result`` as the same kind as ``ref`` (tensor on ref's device, array, or scalar)."""
     if is_torch(ref):
         if result.dtype == ml_dtypes.bfloat16:
-            out = torch.from_numpy(np.ascontiguousarray(result).view(np.int16)).view(torch.bfloat16)
+            out = torch.from_numpy(contiguous(result).view(np.int16)).view(torch.bfloat16)
         elif result.dtype in (np.uint16, np.uint32):
             # torch's uint16/uint32 support is thin; keep the bit pattern in the signed type of the same width
-            out = torch.from_numpy(np.ascontiguousarray(result).view(np.int16 if result.dtype == np.uint16 else np.int32))
+            out = torch.from_numpy(contiguous(result).view(np.int16 if result.dtype == np.uint16 else np.int32))
             out = out.view(torch.uint16 if result.dtype == np.uint16 else torch.uint32)
         else:
-            out = torch.from_numpy(np.ascontiguousarray(result))
+            out = torch.from_numpy(contiguous(result))
         return out.to(ref.device) if ref.device.type != "cpu" else out
     if isinstance(ref, np.ndarray):
         return result

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._bridge import SMALL_FLOAT_DTYPES, as_numpy, is_torch, like, torch
+from ._bridge import contiguous, SMALL_FLOAT_DTYPES, as_numpy, is_torch, like, torch
 from .formats import FloatFormat, FormatLike, get_format
 
 ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
@@ -379,7 +379,7 @@ def encode(
     rng = _rng(rounding, seed, generator)
     a = _real_array(x)
     if a.dtype == np.float32 and rounding != "stochastic":
-        a = np.ascontiguousarray(a)
+        a = contiguous(a)
         if fmt.bits == 32 and overflow == "ieee":  # identity; NaN payloads are kept
             codes = a.view(np.uint32).copy()
         elif fmt.bits <= 8 and fmt.mantissa_bits <= 6:
@@ -444,7 +444,7 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
     if b.dtype.kind not in "iu":
         raise TypeError(f"bits: expected integer codes, got dtype {b.dtype}")
     if fmt.bits == 32:
-        out = np.ascontiguousarray(b).astype(np.uint32, copy=False).view(np.float32).copy()
+        out = contiguous(b).astype(np.uint32, copy=False).view(np.float32).copy()
         return like(out, bits)
     if b.size:
         lo, hi = int(b.min()), int(b.max())
@@ -452,7 +452,7 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
             bad = lo if lo < 0 else hi
             raise ValueError(f"bits: code {bad} is not a {fmt.bits}-bit pattern of {fmt.name}")
     if fmt.bits <= 16:
-        flat = np.ascontiguousarray(b).reshape(-1)
+        flat = contiguous(b).reshape(-1)
         out = np.empty(flat.shape, np.float32)
         if fmt.exponent_bits == 8 and fmt.bias == 127 and fmt.specials == "ieee":
             # bf16-like: the code is the top of a float32 pattern

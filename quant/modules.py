@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from precision._bridge import contiguous
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,7 @@ class QuantizedLinear(nn.Module):
         # SmoothQuant: the stored weight was multiplied by s per input channel, so inputs are divided by it
         self.register_buffer("input_scale", None if input_scale is None else
                              torch.from_numpy(np.asarray(input_scale, np.float32).reshape(-1).copy()))
-        self.register_buffer("weight_codes", torch.from_numpy(np.ascontiguousarray(codes)))
+        self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)

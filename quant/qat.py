@@ -6,6 +6,8 @@ import copy
 import math
 
 import numpy as np
+
+from precision._bridge import contiguous
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,7 +203,7 @@ class QuantizedConv2d(nn.Module):
         super().__init__()
         self.qparams, self.act_qparams = qparams, act_qparams
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("weight_codes", torch.from_numpy(np.ascontiguousarray(codes)))
+        self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
