@@ -9,7 +9,7 @@ import numpy as np
 from precision._bridge import as_numpy
 
 
-def weight_array(w: Any, name: str, *, min_ndim: int = 1) -> np.ndarray:
+def weight_array(w: Any, name: str, *, min_ndim: int = 1, check: bool = True) -> np.ndarray:
     """The weight as a numpy array (bf16/fp16 widened to float32); clear errors for bad input."""
     a = as_numpy(w, name)
     if a.dtype.kind not in "fV" and not (a.dtype.kind in "iu"):
@@ -18,10 +18,19 @@ def weight_array(w: Any, name: str, *, min_ndim: int = 1) -> np.ndarray:
         a = a.astype(np.float32)
     if a.ndim < min_ndim:
         raise ValueError(f"{name}: needs at least {min_ndim} dimension(s), got shape {a.shape}")
-    if a.size and not np.isfinite(a).all():
+    if check:
+        require_finite(a, name)
+    return a
+
+
+def require_finite(a: np.ndarray, name: str, magnitude: np.ndarray | None = None) -> None:
+    """ValueError naming the tensor if it holds NaN or inf (one reduction when |a| is at hand)."""
+    if not a.size:
+        return
+    ok = np.isfinite(np.max(magnitude)) if magnitude is not None else np.isfinite(a).all()
+    if not ok:
         bad = int(np.count_nonzero(~np.isfinite(a)))
         raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; pruning and low rank need finite weights")
-    return a
 
 
 def out_dtype_like(src: Any, arr: np.ndarray) -> np.ndarray:
@@ -50,24 +59,49 @@ def amount_to_count(n: int, sparsity: float | None, count: int | None, what: str
     return int(round(float(sparsity) * n))
 
 
+def kth_smallest(flat: np.ndarray, k: int) -> tuple[float, np.ndarray | None]:
+    """The k-th smallest value (1-based) of a 1-D array, by selection, and (for large arrays)
+    the sorted positions of every element equal to it (None: not computed).
+
+    Large arrays first bracket the answer with quantiles of a fixed-seed
+    sample, count what lies below the bracket and select only inside it
+    (about 1% of the data), falling back to a full ``np.partition`` if the
+    bracket misses. Exact either way.
+    """
+    n = flat.size
+    if n > (1 << 20):
+        rng = np.random.default_rng(0)
+        sample = np.sort(flat[rng.integers(0, n, 1 << 16)])
+        q = k / n
+        lo = sample[max(0, int((q - 0.005) * sample.size) - 1)]
+        hi = sample[min(sample.size - 1, int((q + 0.005) * sample.size) + 1)]
+        below = int(np.count_nonzero(flat < lo))
+        where = np.flatnonzero((flat >= lo) & (flat <= hi))
+        if below < k <= below + where.size:
+            inside = flat[where]
+            thr = np.partition(inside, k - below - 1)[k - below - 1]
+            return float(thr), where[inside == thr]
+    return float(np.partition(flat, k - 1)[k - 1]), None
+
+
 def smallest_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the ``k`` smallest scores; ties broken by position (lower index first).
 
-    A selection (np.partition) finds the k-th value in O(n); only the tied
-    values at the threshold are ordered by index.
+    A selection finds the k-th value in O(n) (see ``kth_smallest``); only the
+    values tied at the threshold are ordered by index.
     """
     n = scores.size
     flat = scores.reshape(-1)
-    out = np.zeros(n, bool)
     if k <= 0:
-        return out.reshape(scores.shape)
+        return np.zeros(scores.shape, bool)
     if k >= n:
         return np.ones(scores.shape, bool)
-    thr = np.partition(flat, k - 1)[k - 1]
-    below = flat < thr
-    out |= below
-    need = k - int(below.sum())
+    thr, ties = kth_smallest(flat, k)
+    thr = flat.dtype.type(thr)
+    out = flat < thr
+    need = k - int(np.count_nonzero(out))
     if need > 0:
-        ties = np.flatnonzero(flat == thr)[:need]
-        out[ties] = True
+        if ties is None:
+            ties = np.flatnonzero(flat == thr)
+        out[ties[:need]] = True
     return out.reshape(scores.shape)

@@ -11,32 +11,54 @@ element (or slice) with the lower flat index is pruned first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from functools import cached_property
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from precision._bridge import as_numpy, like
 from precision.report import Report, TensorReport
 
-from ._common import amount_to_count, out_dtype_like, smallest_k, weight_array
+from ._common import amount_to_count, out_dtype_like, require_finite, smallest_k, weight_array
 from .storage import NM, Bitmask, Structured
 
 
-@dataclass
 class PruneResult:
     """``weight`` (pruned, or smaller for structured), ``mask`` (kept = True, unstructured and N:M)
-    or ``kept`` (indices along ``axis``, structured), the ``storage`` object and the ``report``."""
+    or ``kept`` (indices along ``axis``, structured), the ``storage`` object and the ``report``.
 
-    weight: Any
-    report: Report
-    storage: Any
-    mask: Any = None
-    kept: Any = None
-    axis: int | None = None
+    ``storage`` and ``report`` are computed on first access, so a caller that
+    only needs the mask does not pay for the error metrics.
+    """
+
+    def __init__(self, weight: Any, *, make_storage: Callable[[], Any], make_report: Callable[[Any], Report],
+                 mask: Any = None, kept: Any = None, axis: int | None = None) -> None:
+        self.weight, self.mask, self.kept, self.axis = weight, mask, kept, axis
+        self._make_storage, self._make_report = make_storage, make_report
+
+    @cached_property
+    def storage(self) -> Any:
+        return self._make_storage()
+
+    @cached_property
+    def report(self) -> Report:
+        return self._make_report(self.storage)
 
 
 def _report_row(name, ref, approx, method, storage, src_nbytes) -> TensorReport:
     return TensorReport.measure(name, ref, approx, method=method, bytes_after=storage.nbytes, bytes_before=src_nbytes)
+
+
+def _single(title: str, name: str, ref: np.ndarray, method: str, src_nbytes: int) -> Callable[[Any], Report]:
+    """A deferred one-row report. ``ref`` is snapshotted now if it is a view of the caller's
+    tensor, so later in-place changes to that tensor cannot alter the measured error."""
+    ref = ref.copy() if ref.base is not None or not ref.flags.owndata else ref
+
+    def make(storage) -> Report:
+        rep = Report(title=title)
+        rep.add(_report_row(name, ref, storage.dense(), method, storage, src_nbytes))
+        return rep
+    return make
 
 
 def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None = None, name: str = "w") -> PruneResult:
@@ -48,14 +70,16 @@ def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None 
     ``torch.nn.utils.prune.l1_unstructured`` on inputs without ties.
     Memory: bitmask + kept values (or dense, when smaller).
     """
-    a = weight_array(w, name)
+    a = weight_array(w, name, check=False)
     k = amount_to_count(a.size, sparsity, count)
-    prune = smallest_k(np.abs(a), k)
-    pruned = np.where(prune, 0, a).astype(a.dtype)
-    st = Bitmask.from_dense(pruned)
-    rep = Report(title=f"magnitude pruning {k}/{a.size}")
-    rep.add(_report_row(name, a, st.dense(), f"magnitude {k / max(a.size, 1):.0%}", st, as_numpy(w).nbytes))
-    return PruneResult(like(out_dtype_like(w, pruned), w), rep, st, mask=like(~prune, w))
+    mag = np.abs(a)
+    require_finite(a, name, mag)
+    prune = smallest_k(mag, k)
+    pruned = np.where(prune, a.dtype.type(0), a)
+    return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(~prune, w),
+                       make_storage=lambda: Bitmask.from_dense(pruned),
+                       make_report=_single(f"magnitude pruning {k}/{a.size}", name, a,
+                                           f"magnitude {k / max(a.size, 1):.0%}", as_numpy(w).nbytes))
 
 
 @dataclass
@@ -85,13 +109,14 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
     for n, a in arrays.items():
         p = prune[off:off + a.size].reshape(a.shape)
         off += a.size
-        pruned = np.where(p, 0, a).astype(a.dtype)
-        st = Bitmask.from_dense(pruned)
-        rep.add(_report_row(n, a, st.dense(), f"global magnitude {k / max(flat.size, 1):.0%}", st,
-                            as_numpy(tensors[n]).nbytes))
+        pruned = np.where(p, a.dtype.type(0), a)
         src = tensors[n]
-        out[n] = PruneResult(like(out_dtype_like(src, pruned), src), Report(tensors=[rep.tensors[-1]]), st,
-                             mask=like(~p, src))
+        r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(~p, src),
+                        make_storage=lambda pruned=pruned: Bitmask.from_dense(pruned),
+                        make_report=_single(f"global magnitude pruning", n, a,
+                                            f"global magnitude {k / max(flat.size, 1):.0%}", as_numpy(src).nbytes))
+        rep.add(r.report.tensors[0])
+        out[n] = r
     return PruneSet(out, rep, thr, {n: r.weight for n, r in out.items()}, {n: r.mask for n, r in out.items()})
 
 
@@ -129,11 +154,11 @@ def structured_prune(w: Any, amount: float | None = None, *, axis: int = 0, norm
     keep = np.repeat(~drop_g, group)
     kept = np.flatnonzero(keep)
     st = Structured.from_kept(a, kept, axis)
-    rep = Report(title=f"structured pruning along axis {axis}")
-    rep.add(_report_row(name, a, st.dense(), f"structured L{norm} axis {axis} {k / max(gscore.size, 1):.0%}", st,
-                        as_numpy(w).nbytes))
     smaller = out_dtype_like(w, st.values)
-    return PruneResult(like(smaller, w), rep, st, kept=like(kept.astype(np.int64), w), axis=axis)
+    return PruneResult(like(smaller, w), kept=like(kept.astype(np.int64), w), axis=axis, make_storage=lambda: st,
+                       make_report=_single(f"structured pruning along axis {axis}", name, a,
+                                           f"structured L{norm} axis {axis} {k / max(gscore.size, 1):.0%}",
+                                           as_numpy(w).nbytes))
 
 
 def nm_prune(w: Any, n: int = 2, m: int = 4, *, name: str = "w") -> PruneResult:
@@ -152,9 +177,9 @@ def nm_prune(w: Any, n: int = 2, m: int = 4, *, name: str = "w") -> PruneResult:
     order = np.argsort(-g, axis=1, kind="stable")
     pos = np.sort(order[:, :n], axis=1)
     st = NM.from_dense(a, n, m, pos)
-    dense = st.dense()
-    rep = Report(title=f"{n}:{m} pruning")
-    rep.add(_report_row(name, a, dense, f"{n}:{m}", st, as_numpy(w).nbytes))
     mask = np.zeros(g.shape, bool)
     np.put_along_axis(mask, pos, True, axis=1)
-    return PruneResult(like(out_dtype_like(w, dense), w), rep, st, mask=like(mask.reshape(a.shape), w))
+    mask = mask.reshape(a.shape)
+    dense = np.where(mask, a, a.dtype.type(0))
+    return PruneResult(like(out_dtype_like(w, dense), w), mask=like(mask, w), make_storage=lambda: st,
+                       make_report=_single(f"{n}:{m} pruning", name, a, f"{n}:{m}", as_numpy(w).nbytes))

@@ -1,0 +1,174 @@
+"""python -m bench.compress: pruning and low rank on the real MiniLM, against the peers.
+
+Part 1 (quality): for each method, the fraction of Linear-weight bytes kept
+(in the storage format that ``compress`` writes), the mean relative weight
+error and the mean sentence-embedding cosine to float32 over the project's 200
+sentences; peers: ``torch.nn.utils.prune`` (no memory saved) and int8
+per-channel for scale. Saves a PNG of cosine and error against memory kept
+(matplotlib, optional extra ``lowbit[plot]``).
+
+Part 2 (speed, one 4096 x 4096 float32 weight): lowbit magnitude pruning
+against ``torch.nn.utils.prune.l1_unstructured`` (masks checked identical),
+structured against ``ln_structured``, and exact against randomized low rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.utils.prune as tprune
+
+from compress import factorize_model, low_rank, magnitude_prune, prune_model, structured_prune
+
+
+def quality(plot: str | None) -> list[dict]:
+    from bench.models import embed, embedding_cosine, sentence_model, sentences
+    from quant import ptq
+
+    model = sentence_model()
+    s = sentences()
+    ref = embed(model, s)
+    cases = [("magnitude 25%", lambda: prune_model(model, 0.25)), ("magnitude 50%", lambda: prune_model(model, 0.5)),
+             ("magnitude 75%", lambda: prune_model(model, 0.75)),
+             ("global magnitude 50%", lambda: prune_model(model, 0.5, method="global")),
+             ("2:4", lambda: prune_model(model, 0.5, method="nm")),
+             ("FFN structured 25%", lambda: prune_model(model, 0.25, method="ffn")),
+             ("FFN structured 50%", lambda: prune_model(model, 0.5, method="ffn")),
+             ("heads 25%", lambda: prune_model(model, 0.25, method="heads")),
+             ("low rank 75% params", lambda: factorize_model(model, ratio=0.75)),
+             ("low rank 50% params", lambda: factorize_model(model, ratio=0.5)),
+             ("low rank 25% params", lambda: factorize_model(model, ratio=0.25)),
+             ("int8 per-channel (quant)", lambda: ptq(model, None))]
+    rows = []
+    print(f"{'method':<34} {'memory kept':>11} {'weight rel err':>14} {'cosine':>8}")
+    for name, f in cases:
+        q, rep = f()
+        t = rep.totals
+        row = dict(method=name, kept=t["bytes_after"] / t["bytes_before"], rel=t["mean_rel_error"],
+                   cos=embedding_cosine(ref, embed(q, s))["mean_cosine"])
+        rows.append(row)
+        print(f"{name:<34} {row['kept']:11.3f} {row['rel']:14.3f} {row['cos']:8.4f}")
+    # the peer: torch.nn.utils.prune keeps the dense weight and adds weight_orig + weight_mask
+    for peer, glob in (("torch.nn.utils.prune 50% (per layer)", False), ("torch.nn.utils.prune 50% (global)", True)):
+        m = copy.deepcopy(model)
+        lins = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
+        before = sum(mod.weight.numel() * 4 for mod in lins)
+        if glob:
+            tprune.global_unstructured([(mod, "weight") for mod in lins], tprune.L1Unstructured, amount=0.5)
+        else:
+            for mod in lins:
+                tprune.l1_unstructured(mod, "weight", 0.5)
+        held = sum(mod.weight_orig.numel() * 4 + mod.weight_mask.numel() * 4 for mod in lins)
+        rel = float(np.mean([float((mod.weight - mod.weight_orig).norm() / mod.weight_orig.norm()) for mod in lins]))
+        row = dict(method=peer, kept=held / before, rel=rel, cos=embedding_cosine(ref, embed(m, s))["mean_cosine"])
+        rows.append(row)
+        print(f"{peer:<34} {row['kept']:11.3f} {row['rel']:14.3f} {row['cos']:8.4f}  (weight_orig + mask before "
+              "prune.remove; dense 1.000 after)")
+    print("memory kept: bytes stored / dense float32 bytes of the compressed Linear weights; "
+          "cosine: mean over 200 sentences")
+    if plot:
+        save_plot(rows, plot)
+    return rows
+
+
+def save_plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lowbit[plot]'): no plot written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for r in rows:
+        fam = r["method"].split()[0]
+        for ax, key in zip(axes, ("cos", "rel")):
+            ax.scatter(r["kept"], r[key], s=40)
+            ax.annotate(r["method"], (r["kept"], r[key]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        del fam
+    axes[0].set(xlabel="memory kept (fraction of dense float32)", ylabel="sentence-embedding cosine to float32",
+                title="MiniLM: quality vs memory")
+    axes[1].set(xlabel="memory kept (fraction of dense float32)", ylabel="mean relative weight error",
+                title="MiniLM: weight error vs memory")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def best(fn, repeat: int) -> float:
+    fn()
+    t = float("inf")
+    for _ in range(repeat):
+        s = time.perf_counter()
+        fn()
+        t = min(t, time.perf_counter() - s)
+    return t
+
+
+def speed(n: int, repeat: int, rank: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(n, n)
+    a = w.numpy()
+
+    def torch_l1():
+        lin = torch.nn.Linear(1, 1)
+        lin.weight = torch.nn.Parameter(w.clone())
+        tprune.l1_unstructured(lin, "weight", 0.5)
+        return lin.weight_mask
+
+    def torch_ln():
+        lin = torch.nn.Linear(1, 1)
+        lin.weight = torch.nn.Parameter(w.clone())
+        tprune.ln_structured(lin, "weight", 0.5, n=2, dim=0)
+        return lin.weight_mask
+
+    same = torch.equal(magnitude_prune(w, 0.5).mask, torch_l1().bool())
+    t_ours, t_torch = best(lambda: magnitude_prune(a, 0.5), repeat), best(torch_l1, repeat)
+    print(f"{n}x{n} float32: magnitude 50%   lowbit {t_ours * 1e3:8.1f} ms   torch l1_unstructured "
+          f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical masks: {same}")
+    kept_t = torch_ln().any(dim=1).nonzero().ravel()
+    same_s = torch.equal(structured_prune(w, 0.5).kept, kept_t)
+    t_ours, t_torch = best(lambda: structured_prune(a, 0.5), repeat), best(torch_ln, repeat)
+    print(f"{n}x{n} float32: structured 50% lowbit {t_ours * 1e3:8.1f} ms   torch ln_structured   "
+          f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical rows: {same_s}")
+    t0 = time.perf_counter()
+    ex = low_rank(a, rank, method="exact")
+    t_ex = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rn = low_rank(a, rank, method="randomized")
+    t_rn = time.perf_counter() - t0
+    e_ex, e_rn = ex.report.tensors[0].rel_error, rn.report.tensors[0].rel_error
+    print(f"{n}x{n} float32: low rank r={rank}  exact {t_ex:6.2f} s (rel err {e_ex:.4f})   randomized {t_rn:6.2f} s "
+          f"(rel err {e_rn:.4f}, {100 * (e_rn / e_ex - 1):.2f}% above optimum)   speed-up {t_ex / t_rn:5.1f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot", default="compress_tradeoff.png", help="PNG path ('' for none)")
+    p.add_argument("--size", type=int, default=4096, help="matrix size for the speed part (default 4096)")
+    p.add_argument("--rank", type=int, default=512, help="rank for the low-rank speed comparison")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    if not a.skip_quality:
+        quality(a.plot or None)
+    if not a.skip_speed:
+        speed(a.size, a.repeat, a.rank)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
