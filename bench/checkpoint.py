@@ -125,7 +125,6 @@ class SafetensorsFile:
         if end != data_len:
             raise CheckpointError(f"{self.path}: {data_len - end} bytes after the last tensor (trailing junk "
                                   "or a truncated header)")
-        self._map = None
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -138,16 +137,20 @@ class SafetensorsFile:
         dt, shape, b, e = self.entries[name]
         if e == b:
             return np.zeros(shape, dt)
+        # read into a fresh array (no memory map: mapped pages would stay in the RSS of a long run)
+        out = np.empty(e - b, np.uint8)
         try:
-            if self._map is None:
-                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-            raw = self._map[self.data_start + b:self.data_start + e]
-            return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read ({err})") from None
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + b)
+                got = f.readinto(memoryview(out))
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read ({err.strerror or err})") from None
+        if got != e - b:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: file ended after {got} of {e - b} bytes")
+        return out.view(dt).reshape(shape)
 
     def close(self) -> None:
-        self._map = None
+        pass
 
 
 class Checkpoint:
