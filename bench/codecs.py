@@ -10,7 +10,6 @@ machine's memory-copy bandwidth as the limit (bytes read + written).
 from __future__ import annotations
 
 import argparse
-import time
 
 import ml_dtypes
 import numpy as np
@@ -18,19 +17,11 @@ import torch
 
 from precision import decode, encode, get_format
 
+from .timing import best_time
+
 PEERS = {"fp16": (np.float16, torch.float16), "bf16": (ml_dtypes.bfloat16, torch.bfloat16),
          "fp8_e4m3fn": (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
          "fp8_e5m2": (ml_dtypes.float8_e5m2, torch.float8_e5m2)}
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()  # warm-up (builds tables, faults pages)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def memcpy_gbps(x: np.ndarray, repeat: int) -> float:

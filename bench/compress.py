@@ -26,6 +26,8 @@ import torch.nn.utils.prune as tprune
 
 from compress import factorize_model, low_rank, magnitude_prune, prune_model, structured_prune
 
+from .timing import best_time
+
 
 def quality(plot: str | None) -> list[dict]:
     from bench.models import embed, embedding_cosine, sentence_model, sentences
@@ -104,16 +106,6 @@ def save_plot(rows: list[dict], path: str) -> None:
     print(f"plot written to {path}")
 
 
-def best(fn, repeat: int) -> float:
-    fn()
-    t = float("inf")
-    for _ in range(repeat):
-        s = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - s)
-    return t
-
-
 def speed(n: int, repeat: int, rank: int) -> None:
     torch.manual_seed(0)
     w = torch.randn(n, n)
@@ -132,12 +124,12 @@ def speed(n: int, repeat: int, rank: int) -> None:
         return lin.weight_mask
 
     same = torch.equal(magnitude_prune(w, 0.5).mask, torch_l1().bool())
-    t_ours, t_torch = best(lambda: magnitude_prune(a, 0.5), repeat), best(torch_l1, repeat)
+    t_ours, t_torch = best_time(lambda: magnitude_prune(a, 0.5), repeat), best_time(torch_l1, repeat)
     print(f"{n}x{n} float32: magnitude 50%   lowbit {t_ours * 1e3:8.1f} ms   torch l1_unstructured "
           f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical masks: {same}")
     kept_t = torch_ln().any(dim=1).nonzero().ravel()
     same_s = torch.equal(structured_prune(w, 0.5).kept, kept_t)
-    t_ours, t_torch = best(lambda: structured_prune(a, 0.5), repeat), best(torch_ln, repeat)
+    t_ours, t_torch = best_time(lambda: structured_prune(a, 0.5), repeat), best_time(torch_ln, repeat)
     print(f"{n}x{n} float32: structured 50% lowbit {t_ours * 1e3:8.1f} ms   torch ln_structured   "
           f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical rows: {same_s}")
     t0 = time.perf_counter()

@@ -17,6 +17,8 @@ import torch
 
 from quant import PerChannel, PerGroup, QuantSpec, ptq
 
+from .timing import best_pair, best_time
+
 CONFIGS = {
     "native W8 per-channel (weight-only)": dict(),
     "native W8A8 per-token dynamic + SmoothQuant 0.5": dict(
@@ -29,30 +31,6 @@ CONFIGS = {
     "torch.ao dynamic per-channel": dict(backend="torch.ao"),
     "torch.ao static (x86)": dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
 }
-
-
-def best(fn, repeat: int) -> float:
-    fn()
-    t = float("inf")
-    for _ in range(repeat):
-        s = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - s)
-    return t
-
-
-def best_pair(f_ref, f_new, repeat: int) -> tuple[float, float]:
-    """Best times of two functions measured alternately, so machine noise hits both alike."""
-    f_ref(), f_new()
-    a = b = float("inf")
-    for _ in range(repeat):
-        s = time.perf_counter()
-        f_ref()
-        a = min(a, time.perf_counter() - s)
-        s = time.perf_counter()
-        f_new()
-        b = min(b, time.perf_counter() - s)
-    return a, b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             return m(dict(feats))
 
-    t_fwd = best(lambda: forward(model), a.repeat)
-    t_enc = best(lambda: embed(model, s), max(1, a.repeat // 2))
+    t_fwd = best_time(lambda: forward(model), a.repeat)
+    t_enc = best_time(lambda: embed(model, s), max(1, a.repeat // 2))
     print(f"MiniLM on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"float32: forward 32x128 {t_fwd * 1e3:.1f} ms, encode 200 sentences {t_enc * 1e3:.0f} ms")
     head = (f"{'configuration':<48} {'quantize s':>10} {'cosine':>8} {'fwd ms':>8} {'fwd x':>6} "

@@ -113,7 +113,7 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
         src = tensors[n]
         r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(~p, src),
                         make_storage=lambda pruned=pruned: Bitmask.from_dense(pruned),
-                        make_report=_single(f"global magnitude pruning", n, a,
+                        make_report=_single("global magnitude pruning", n, a,
                                             f"global magnitude {k / max(flat.size, 1):.0%}", as_numpy(src).nbytes))
         rep.add(r.report.tensors[0])
         out[n] = r

@@ -202,6 +202,15 @@ def _parallel(part: Callable[[int, int], None], n: int) -> None:
         f.result()
 
 
+def _chunks(b: np.ndarray, lo: int, hi: int, *scratch_dtypes):
+    """Yield (start, b[start:start+chunk], scratch arrays of the chunk's length) over [lo, hi).
+    Scratch is allocated once per call, so the loop allocates nothing."""
+    scratch = [np.empty(_CHUNK, d) for d in scratch_dtypes]
+    for i in range(lo, hi, _CHUNK):
+        c = b[i:min(i + _CHUNK, hi)]
+        yield i, c, [x[:c.size] for x in scratch]
+
+
 _TABLES: dict[tuple, np.ndarray] = {}
 
 
@@ -237,13 +246,8 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     out = np.empty(b.shape, np.uint8)
 
     def part(lo: int, hi: int) -> None:
-        mag = np.empty(_CHUNK, np.uint32)
-        idx = np.empty(_CHUNK, np.intp)
-        tmp = np.empty(_CHUNK, np.intp)
-        for i in range(lo, hi, _CHUNK):
-            c = b[i:min(i + _CHUNK, hi)]
+        for i, c, (m_, x_, t_) in _chunks(b, lo, hi, np.uint32, np.intp, np.intp):
             k = c.size
-            m_, x_, t_ = mag[:k], idx[:k], tmp[:k]
             np.bitwise_and(c, 0x7FFFFFFF, out=m_)
             np.right_shift(m_, 16, out=x_, casting="unsafe")
             np.add(m_, 0xFFFF, out=m_)
@@ -273,11 +277,8 @@ def _encode_f32_top(a: np.ndarray, fmt: FloatFormat, rounding: str) -> np.ndarra
     out = np.empty(b.shape, fmt.storage_dtype)
 
     def part(lo: int, hi: int) -> None:
-        tmp = np.empty(_CHUNK, np.uint32)
-        for i in range(lo, hi, _CHUNK):
-            c = b[i:min(i + _CHUNK, hi)]
+        for i, c, (t,) in _chunks(b, lo, hi, np.uint32):
             k = c.size
-            t = tmp[:k]
             if rounding == "nearest_even":
                 np.right_shift(c, sh, out=t)
                 np.bitwise_and(t, 1, out=t)
@@ -318,13 +319,8 @@ def _encode_f32_wide(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     out = np.empty(b.shape, fmt.storage_dtype)
 
     def part(lo: int, hi: int) -> None:
-        mag = np.empty(_CHUNK, np.uint32)
-        r = np.empty(_CHUNK, np.uint32)
-        t = np.empty(_CHUNK, np.uint32)
-        for i in range(lo, hi, _CHUNK):
-            c = b[i:min(i + _CHUNK, hi)]
+        for i, c, (m_, r_, t_) in _chunks(b, lo, hi, np.uint32, np.uint32, np.uint32):
             k = c.size
-            m_, r_, t_ = mag[:k], r[:k], t[:k]
             np.bitwise_and(c, 0x7FFFFFFF, out=m_)
             if rounding == "nearest_even":
                 np.right_shift(m_, sh, out=r_)

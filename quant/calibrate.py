@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from precision._bridge import as_numpy, is_torch
+from precision._bridge import is_torch
 
 from .quantize import QParams, blocked, check_finite, fake_quantize_array, real_input
 from .spec import QuantSpec

@@ -132,16 +132,21 @@ class FakeQuantize(nn.Module):
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
 
 
+def _adopt(q: nn.Module, m: nn.Module, weights: QuantSpec, activations: QuantSpec | None, fq: dict) -> nn.Module:
+    """Give the QAT module ``q`` the float module's parameters and its fake-quantizers."""
+    q.weight, q.bias = m.weight, m.bias
+    q.weight_fake_quant = FakeQuantize(weights, **fq)
+    q.input_fake_quant = FakeQuantize(activations, observer="moving_average") if activations else None
+    return q
+
+
 class QATLinear(nn.Linear):
     """nn.Linear that fake-quantizes its weight and (optionally) its input activations."""
 
     @classmethod
     def from_float(cls, m: nn.Linear, weights: QuantSpec, activations: QuantSpec | None, **fq) -> "QATLinear":
         q = cls(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-        q.weight, q.bias = m.weight, m.bias
-        q.weight_fake_quant = FakeQuantize(weights, **fq)
-        q.input_fake_quant = FakeQuantize(activations, observer="moving_average") if activations else None
-        return q
+        return _adopt(q, m, weights, activations, fq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fake_quant is not None:
@@ -157,10 +162,7 @@ class QATConv2d(nn.Conv2d):
     def from_float(cls, m: nn.Conv2d, weights: QuantSpec, activations: QuantSpec | None, **fq) -> "QATConv2d":
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                 m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-        q.weight, q.bias = m.weight, m.bias
-        q.weight_fake_quant = FakeQuantize(weights, **fq)
-        q.input_fake_quant = FakeQuantize(activations, observer="moving_average") if activations else None
-        return q
+        return _adopt(q, m, weights, activations, fq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fake_quant is not None:

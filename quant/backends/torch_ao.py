@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import save_file
 
 import bench
-from bench.checkpoint import Checkpoint, CheckpointError
+from bench.checkpoint import Checkpoint
 from bench.quantize import main
 
 RNG = np.random.default_rng(0)

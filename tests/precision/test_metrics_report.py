@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from precision import Report, TensorReport, cast, cast_report, error_metrics, round_to
+from precision import Report, cast, cast_report, error_metrics, round_to
 
 
 def test_metrics_match_closed_forms():

@@ -49,22 +49,22 @@ def formats_and_points():
     return st.sampled_from(SIGNED).map(get_format).flatmap(lambda f: st.tuples(st.just(f), hard_point(f)))
 
 
-@SETTINGS
-@given(formats_and_points())
-def test_nearest_even_is_the_correctly_rounded_value(fp):
-    fmt, x = fp
+def assert_correctly_rounded(fmt, x):
     got = float(round_to(np.float64(x), fmt))
     want = oracle_round(Fraction(x), fmt)
     assert got == want or (np.isnan(got) and np.isnan(want))
+
+
+@SETTINGS
+@given(formats_and_points())
+def test_nearest_even_is_the_correctly_rounded_value(fp):
+    assert_correctly_rounded(*fp)
 
 
 @SETTINGS
 @given(random_formats().flatmap(lambda f: st.tuples(st.just(f), hard_point(f))))
 def test_any_user_format_rounds_correctly(fp):
-    fmt, x = fp
-    got = float(round_to(np.float64(x), fmt))
-    want = oracle_round(Fraction(x), fmt)
-    assert got == want or (np.isnan(got) and np.isnan(want))
+    assert_correctly_rounded(*fp)
 
 
 @SETTINGS

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from precision.metrics import sqnr_db
-from quant import PerChannel, PerGroup, PerTensor, QuantSpec, StaticQuantizer, calibrate, dequantize, fake_quantize, quantize
+from quant import PerChannel, PerGroup, PerTensor, QuantSpec, StaticQuantizer, calibrate, fake_quantize
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 ao = torch.ao.quantization
