@@ -29,3 +29,17 @@ def best_pair(f_ref: Callable[[], object], f_new: Callable[[], object], repeat: 
         f_new()
         b = min(b, time.perf_counter() - t)
     return a, b
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best time of each function, measured round-robin (all warmed up first), so that a noisy
+    machine slows every contender alike instead of whichever happened to run during the noise."""
+    for f in fns.values():
+        f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(max(1, repeat)):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
