@@ -62,6 +62,19 @@ def _tensor_to_numpy(t, where: str) -> np.ndarray:
         raise CheckpointError(f"{where}: {e}") from None
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _Duplicate(k)
+        d[k] = v
+    return d
+
+
 class SafetensorsFile:
     """One safetensors file, parsed and validated by lowbit itself (header, offsets, dtypes),
     read tensor by tensor through a memory map."""
@@ -81,9 +94,11 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except _Duplicate as e:
+            raise CheckpointError(f"{self.path}: tensor {e.args[0]!r} appears twice in the header") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{self.path}: header is not valid JSON ({type(e).__name__})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -110,7 +125,9 @@ class SafetensorsFile:
             if off[1] > data_len:
                 raise CheckpointError(f"{where}: data_offsets {off} run past the end of the file "
                                       f"({data_len} data bytes; truncated?)")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            nbytes = dt.itemsize
+            for d in shape:  # Python ints: no silent int64 overflow on hostile shapes
+                nbytes *= d
             if off[1] - off[0] != nbytes:
                 raise CheckpointError(f"{where}: {off[1] - off[0]} bytes stored for shape {shape} of {e['dtype']} "
                                       f"({nbytes} expected)")
