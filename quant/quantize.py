@@ -146,16 +146,27 @@ def round_scaled(x: Any, inv_scale: Any) -> Any:
     return np.rint(x * inv_scale)
 
 
-def _codes(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
-    """(codes as int32 in the blocked layout, mask of in-range elements) for finite ``a``."""
+def _rounded(a: np.ndarray, qp: QParams, want_mask: bool):
+    """``clamp(rint(x * inv_scale), qmin - zp, qmax - zp)`` in the blocked layout (a float array
+    holding integers, zero point not yet added) and either the in-range mask or the clipped count."""
     ct = compute_dtype(a)
     inv = params_view((np.asarray(1.0, ct) / qp.scale.astype(ct)).astype(ct))
-    zp = params_view(qp.zero_point)
-    v = round_scaled(blocked(a.astype(ct, copy=False), qp.block), inv)
-    lo, hi = qp.spec.qmin - zp, qp.spec.qmax - zp
-    inside = (v >= lo) & (v <= hi)
-    q = np.clip(v, lo, hi).astype(np.int32) + zp
-    return q, inside
+    v = np.asarray(round_scaled(blocked(a.astype(ct, copy=False), qp.block), inv))  # 0-d stays an array
+    z = qp.zero_point
+    if z.size == 1 or (z == z.flat[0]).all():  # one zero point: scalar bounds, the fast case
+        lo, hi = ct.type(qp.spec.qmin - int(z.flat[0])), ct.type(qp.spec.qmax - int(z.flat[0]))
+    else:
+        zp = params_view(z).astype(ct)
+        lo, hi = ct.type(qp.spec.qmin) - zp, ct.type(qp.spec.qmax) - zp
+    if want_mask:
+        clip = (v >= lo) & (v <= hi)
+    elif v.size and (v.min() < np.min(lo) or v.max() > np.max(hi)):
+        clip = int(np.count_nonzero(v < lo) + np.count_nonzero(v > hi))
+    else:
+        clip = 0
+    np.maximum(v, lo, out=v)
+    np.minimum(v, hi, out=v)
+    return v, clip
 
 
 def quantize_with_count(x: Any, qparams: QParams, name: str = "x") -> tuple[np.ndarray, int]:
@@ -163,8 +174,10 @@ def quantize_with_count(x: Any, qparams: QParams, name: str = "x") -> tuple[np.n
     a = real_input(x, name)
     check_finite(a, name)
     qp = qparams.for_shape(a.shape, name)
-    q, inside = _codes(a, qp)
-    return q.reshape(a.shape).astype(qp.spec.code_dtype), int(inside.size - np.count_nonzero(inside))
+    v, clipped = _rounded(a, qp, want_mask=False)
+    if qp.zero_point.any():
+        v += params_view(qp.zero_point).astype(v.dtype)
+    return v.reshape(a.shape).astype(qp.spec.code_dtype), clipped
 
 
 def quantize(x: Any, qparams: QParams, *, name: str = "x") -> Any:
@@ -192,10 +205,9 @@ def dequantize(codes: Any, qparams: QParams, *, name: str = "codes") -> Any:
 
 def fake_quantize_array(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
     """(dequantize(quantize(a)) in ``a``'s compute dtype, in-range mask), both in ``a``'s shape."""
-    q, inside = _codes(a, qp)
-    ct = compute_dtype(a)
-    out = (q - params_view(qp.zero_point)).astype(ct) * params_view(qp.scale).astype(ct)
-    return out.reshape(a.shape), inside.reshape(a.shape)
+    v, inside = _rounded(a, qp, want_mask=True)
+    v *= params_view(qp.scale).astype(v.dtype)  # (q - zp) * scale: v holds q - zp exactly
+    return v.reshape(a.shape), inside.reshape(a.shape)
 
 
 if torch is not None:
