@@ -440,7 +440,8 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
     if fmt.bits == 32:
         out = contiguous(b).astype(np.uint32, copy=False).view(np.float32).copy()
         return like(out, bits)
-    if b.size:
+    # unsigned codes no wider than the format cannot be out of range: skip two passes over the data
+    if b.size and not (b.dtype.kind == "u" and b.dtype.itemsize * 8 <= fmt.bits):
         lo, hi = int(b.min()), int(b.max())
         if lo < 0 or hi >= fmt.num_codes:
             bad = lo if lo < 0 else hi
