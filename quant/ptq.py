@@ -72,6 +72,41 @@ def output_error(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any])
             "output_mean_cosine": float(rowcos.mean()), "output_min_cosine": float(rowcos.min())}
 
 
+@torch.no_grad()
+def layer_output_errors(float_model: nn.Module, qmodel: nn.Module, names: list[str],
+                        data: Iterable[Any]) -> dict[str, dict[str, float]]:
+    """Per layer: the error of each quantized layer's output (inside the quantized model)
+    against the same layer's output in the float model, accumulated over ``data``."""
+    sums = {n: [0.0, 0.0] for n in names}
+    caught: dict[str, torch.Tensor] = {}
+
+    def grab(n):
+        def hook(mod, args, out):
+            caught[n] = out.detach().float()
+        return hook
+
+    for b in data:
+        outs = []
+        for m in (float_model, qmodel):
+            caught.clear()
+            hs = [m.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+            try:
+                run_model(m, b)
+            finally:
+                for h in hs:
+                    h.remove()
+            outs.append(dict(caught))
+        for n in names:
+            if n in outs[0] and n in outs[1] and outs[0][n].shape == outs[1][n].shape:
+                r, q = outs[0][n].double(), outs[1][n].double()
+                sums[n][0] += float((r * r).sum())
+                sums[n][1] += float(((q - r) ** 2).sum())
+    from precision.metrics import sqnr_from_powers
+
+    return {n: {"output_sqnr_db": sqnr_from_powers(sx, se), "output_rel_error": (se / sx) ** 0.5 if sx else 0.0}
+            for n, (sx, se) in sums.items()}
+
+
 def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
         weights: QuantSpec = QuantSpec(granularity=PerChannel(0)), activations: QuantSpec | None = None,
         backend: str = "native", activation_mode: str = "static", weight_method: str = "minmax",
@@ -96,8 +131,10 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
 
     Returns ``(quantized model, Report)``: one row per layer (weight error,
     bytes before and after: codes + scales + zero points + the float bias
-    kept) and, on ``eval_data`` (default: the calibration data), the output
-    error against the float model in ``report.meta``.
+    kept; with ``eval_data`` (default: the calibration data) also the layer's
+    output SQNR and relative error inside the quantized model, in the row's
+    ``details``) and the model's output error against the float model in
+    ``report.meta``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -131,6 +168,9 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
     evald = list(eval_data) if eval_data is not None else calib
     if evald:
         report.meta.update(output_error(model, qmodel, evald))
+        per_layer = layer_output_errors(model, qmodel, [r.name for r in report.tensors], evald)
+        for r in report.tensors:
+            r.details.update(per_layer.get(r.name, {}))
     return qmodel, report
 
 

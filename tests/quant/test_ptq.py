@@ -34,6 +34,7 @@ def test_both_backends_return_a_quantized_model_and_the_same_report_type(toy, kw
     assert isinstance(rep, Report) and len(rep.tensors) == 2
     assert all(r.bytes_after < r.bytes_before for r in rep.tensors)
     assert rep.meta["output_mean_cosine"] > 0.99
+    assert all(r.details["output_sqnr_db"] > 15 for r in rep.tensors)  # per-layer output error on held-out data
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # input model untouched
     assert q(data[0]).shape == (40, 16)
 
