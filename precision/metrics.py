@@ -11,6 +11,8 @@ Definitions (x: reference, y: approximation, e = y - x):
 * ``sqnr_db``: 10 log10(sum x**2 / sum e**2); ``inf`` for an exact result
 * ``max_abs_error``: max |e|
 * ``cosine``: <x, y> / (||x|| ||y||) over the flattened tensors (1 when both are 0)
+* ``zeroed``: how many nonzero x became exactly 0 in y (a quantizer whose range one
+  huge outlier stretched flattens everything else to 0 while SQNR still looks fine)
 
 Non-finite values: elements where y is not finite but x is are counted in
 ``nonfinite`` and make the metrics NaN/inf as arithmetic dictates; nothing
@@ -40,6 +42,7 @@ class ErrorMetrics:
     max_abs_error: float
     cosine: float
     nonfinite: int
+    zeroed: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -59,7 +62,7 @@ def error_metrics(reference: Any, approx: Any) -> ErrorMetrics:
         raise ValueError(f"reference has {x.size} elements but approx has {y.size}")
     sxx = syy = sxy = see = 0.0
     mx = 0.0
-    nonfinite = 0
+    nonfinite = zeroed = 0
     with np.errstate(invalid="ignore", over="ignore"):
         for i in range(0, x.size, _BLOCK):
             a = x[i:i + _BLOCK].astype(np.float64)
@@ -72,6 +75,7 @@ def error_metrics(reference: Any, approx: Any) -> ErrorMetrics:
             if e.size:
                 mx = max(mx, float(np.max(np.abs(e))))
             nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
+            zeroed += int(np.count_nonzero((b == 0) & (a != 0)))
     n = max(x.size, 1)
     return ErrorMetrics(
         mse=see / n,
@@ -80,6 +84,7 @@ def error_metrics(reference: Any, approx: Any) -> ErrorMetrics:
         max_abs_error=mx,
         cosine=_cos(sxy, sxx, syy),
         nonfinite=nonfinite,
+        zeroed=zeroed,
     )
 
 

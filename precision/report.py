@@ -13,14 +13,16 @@ JSON schema (``Report.to_json``), version ``lowbit.report/1``::
                     "bytes_before": int, "bytes_after": int,
                     "mse": float, "rel_error": float, "sqnr_db": float,
                     "max_abs_error": float, "cosine": float,
-                    "clipped": int, "nonfinite": int, "details": {str: any}} ],
+                    "clipped": int, "nonfinite": int,
+                    "zeroed": int,          # nonzero inputs that came back exactly 0
+                    "details": {str: any}} ],
       "kept":    [ {"name": str, "shape": [int], "dtype": str, "bytes": int, "reason": str} ],
       "totals":  {"tensors": int, "kept": int,
                   "bytes_before": int, "bytes_after": int,          # compressed tensors only
                   "checkpoint_bytes_before": int, "checkpoint_bytes_after": int,  # incl. kept
                   "percent_saved": float, "ratio": float,
                   "mean_sqnr_db": float, "worst_sqnr_db": float,
-                  "mean_rel_error": float, "clipped": int, "nonfinite": int},
+                  "mean_rel_error": float, "clipped": int, "nonfinite": int, "zeroed": int},
       "meta":    {str: any}      # wall_time_s, method options, evaluation results
     }
 
@@ -65,6 +67,7 @@ class TensorReport:
     cosine: float
     clipped: int = 0
     nonfinite: int = 0
+    zeroed: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -78,6 +81,7 @@ class TensorReport:
             bytes_before=nbytes(reference) if bytes_before is None else int(bytes_before),
             bytes_after=int(bytes_after), mse=m.mse, rel_error=m.rel_error, sqnr_db=m.sqnr_db,
             max_abs_error=m.max_abs_error, cosine=m.cosine, clipped=int(clipped), nonfinite=m.nonfinite,
+            zeroed=m.zeroed,
             details=dict(details or {}),
         )
 
@@ -144,6 +148,7 @@ class Report:
             "mean_rel_error": sum(rel) / len(rel) if rel else 0.0,
             "clipped": sum(r.clipped for r in self.tensors),
             "nonfinite": sum(r.nonfinite for r in self.tensors),
+            "zeroed": sum(r.zeroed for r in self.tensors),
         }
 
     # ---------------------------------------------------------- renderers
@@ -187,6 +192,8 @@ class Report:
         ]
         if t["clipped"] or t["nonfinite"]:
             lines.append(f"clipped values: {t['clipped']}  non-finite outputs: {t['nonfinite']}")
+        if t["zeroed"]:
+            lines.append(f"nonzero values stored as 0: {t['zeroed']} (pruned, or flattened by a wide range)")
         for k, v in self.meta.items():
             if isinstance(v, (int, float, str)):
                 lines.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")

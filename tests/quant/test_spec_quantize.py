@@ -166,3 +166,18 @@ def test_int_float64_and_scalar_inputs():
     assert quantize(np.array([1, 2, 3]), qp).dtype == np.int8
     assert quantize(2.0, QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), qp.spec, ())) == 64
     np.testing.assert_array_equal(quantize(np.array([1.0, 2.0]), qp), quantize(np.array([1.0, 2.0], np.float32), qp))
+
+
+def test_one_huge_outlier_is_reported_not_silently_collapsing_the_rest():
+    """minmax on a tensor with one 1e30: every other value quantizes to 0. SQNR alone hides it
+    (the outlier dominates the signal); the report's `zeroed` count does not."""
+    from precision.report import TensorReport
+
+    x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
+    x[7] = 1e30
+    qp = calibrate(x, QuantSpec())
+    row = TensorReport.measure("x", x, dequantize(quantize(x, qp), qp), method="int8", bytes_after=1004)
+    assert row.sqnr_db > 40 and row.zeroed == 999
+    good = calibrate(x, QuantSpec(), "percentile", percentile=99.0)
+    row2 = TensorReport.measure("x", x, dequantize(quantize(x, good), good), method="int8", bytes_after=1004)
+    assert row2.zeroed < 100
