@@ -299,7 +299,9 @@ class SafetensorsWriter:
         if self.path.is_dir():
             raise CheckpointError(f"{self.path}: the output path is a directory")
         for i in inputs:
-            if self.path.exists() and i.exists() and os.path.samefile(self.path, i) or self.path.resolve() == Path(i).resolve():
+            same = self.path.resolve() == Path(i).resolve() or (
+                self.path.exists() and Path(i).exists() and os.path.samefile(self.path, i))
+            if same:
                 raise CheckpointError(f"{self.path}: the output would overwrite the input checkpoint")
         if self.path.exists() and not force:
             raise CheckpointError(f"{self.path}: already exists (use --force to replace it)")

@@ -140,3 +140,20 @@ def test_read_only_output_directory_is_named(tmp_path):
             SafetensorsWriter(d / "o.safetensors")
     finally:
         d.chmod(0o700)
+
+
+def test_two_concurrent_writers_leave_one_complete_valid_file(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "m.safetensors"
+    save_file({f"w{i}": np.random.default_rng(i).standard_normal((64, 256)).astype(np.float32) for i in range(8)},
+              str(src))
+    out = tmp_path / "q.safetensors"
+    cmds = [[sys.executable, "-m", "bench.quantize", str(src), "--method", m, "--out", str(out), "--force", "--quiet"]
+            for m in ("int8", "bf16")]
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    back = bench.load(out, as_numpy=True)  # checksums verified: one run's complete output
+    assert sorted(back) == [f"w{i}" for i in range(8)]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
