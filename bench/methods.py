@@ -78,7 +78,7 @@ def _values_encode(x: np.ndarray, step: Step | None, src_dtype: np.dtype, name: 
     The part named ``"dense"`` (if any) has x's shape and may be sparsified by the structure step."""
     if step is None:
         stored = x.astype(src_dtype)
-        return {"dense": stored}, {"kind": "none"}, stored.astype(np.float32)
+        return {"dense": stored}, {"kind": "none"}, stored.astype(np.float32, copy=False)
     o = step.options
     if step.kind == "float":
         c = cast(x, o["format"], scaling=o.get("scaling", "none"), axis=0, rounding=o.get("rounding", "nearest_even"),
@@ -86,7 +86,7 @@ def _values_encode(x: np.ndarray, step: Step | None, src_dtype: np.dtype, name: 
         parts = {"dense": c.codes}
         if c.scale is not None:
             parts["scale"] = c.scale
-        return parts, {"kind": "float", "format": o["format"], "scaling": c.scaling}, c.values().astype(np.float32)
+        return parts, {"kind": "float", "format": o["format"], "scaling": c.scaling}, c.values().astype(np.float32, copy=False)
     spec = QuantSpec.from_dict(o["spec"])
     opts = {k: o[k] for k in ("percentile",) if k in o}
     qp = calibrate(x, spec, o.get("method", "minmax"), name=name, **opts)
@@ -146,7 +146,7 @@ def _code_dtype(vs: dict, src_dtype: np.dtype) -> np.dtype:
 def compress_tensor(name: str, a: np.ndarray, chain: list[Step]) -> Compressed:
     """Apply ``chain`` to one floating-point tensor ``a`` (numpy, any float dtype)."""
     src = a.dtype
-    x = a.astype(np.float32)
+    x = a.astype(np.float32, copy=False)  # no copy for float32 sources: peak memory per tensor
     structure = next((s for s in chain if s.kind in ("prune", "svd")), None)
     values = next((s for s in chain if s.kind in ("float", "int")), None)
     parts: dict[str, np.ndarray] = {}
@@ -218,7 +218,7 @@ def compress_tensor(name: str, a: np.ndarray, chain: list[Step]) -> Compressed:
             recons.append(rf)
         recon = (recons[0].astype(np.float64) @ recons[1].astype(np.float64)).astype(np.float32)
         scheme.update(structure={"kind": "svd", "rank": lr.rank}, factors=fs)
-    approx = recon.astype(src)
+    approx = recon.astype(src, copy=False)
     scheme["sha256"] = parts_digest(parts)
     row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]) or "copy",
                                bytes_after=sum(p.nbytes for p in parts.values()))
@@ -300,7 +300,7 @@ def restore(name: str, scheme: dict, parts: dict[str, np.ndarray]) -> np.ndarray
         recon = (facs[0].astype(np.float64) @ facs[1].astype(np.float64)).astype(np.float32)
     else:
         raise ValueError(f"{name}: unknown structure {st['kind']!r}")
-    return recon.astype(src)
+    return recon.astype(src, copy=False)
 
 
 def int_step(bits: int = 8, granularity: str = "channel", group_size: int = 128, affine: bool = False,

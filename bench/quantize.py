@@ -22,6 +22,8 @@ import os
 import re
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report as JSON (.json) or Markdown (.md); may repeat")
     g.add_argument("--eval", action="store_true", help="sentence-embedding cosine of the compressed model against "
                    "the original on the project's sentence set (MiniLM or a sentence-transformers directory)")
+    g.add_argument("--workers", type=int, default=1, help="compress this many tensors in parallel threads "
+                   "(output order and bytes are the same; default 1)")
     g.add_argument("--rows", type=int, default=40, help="tensor rows shown on the terminal (default 40)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -165,6 +169,26 @@ def _progress(total: int, quiet: bool):
     return tqdm(total=total, unit="tensor", file=sys.stderr, leave=False)
 
 
+def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespace, path: Path):
+    """Read one tensor and compress it if selected: (array, Compressed or None, reason kept)."""
+    arr = ckpt.read(name)
+    selected = (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16") and arr.ndim >= a.min_ndim \
+        and arr.size > 0 and (a.include is None or re.search(a.include, name)) \
+        and not (a.exclude and re.search(a.exclude, name))
+    if selected:
+        if not np.all(np.isfinite(arr.astype(np.float32))):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf; exclude it with --exclude")
+        try:
+            return arr, compress_tensor(name, arr, chain), None
+        except NotApplied as e:
+            return arr, None, str(e)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+    reason = ("not floating point" if arr.dtype.kind not in "fV" else
+              f"{arr.ndim}-D" if arr.ndim < a.min_ndim else "empty" if arr.size == 0 else "excluded")
+    return arr, None, reason
+
+
 def run(a: argparse.Namespace) -> Report:
     """Carry out one CLI invocation (parsed arguments) and return the report."""
     for pat in (a.include, a.exclude):
@@ -174,6 +198,8 @@ def run(a: argparse.Namespace) -> Report:
             except re.error as e:
                 raise UsageError(f"bad regular expression {pat!r}: {e}") from None
     chain = parse_chain(a)
+    if a.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {a.workers}")
     if a.checkpoint is None:
         from .models import minilm_checkpoint
 
@@ -187,39 +213,45 @@ def run(a: argparse.Namespace) -> Report:
     schemes: dict[str, Any] = {}
     approx: dict[str, np.ndarray] = {}
     bar = _progress(len(ckpt.names()), a.quiet)
+
+    def handle(name: str, arr: np.ndarray, c: Any, reason: str | None) -> None:
+        if c is not None:
+            report.add(c.row)
+            schemes[name] = c.scheme
+            if writer:
+                for part, v in c.parts.items():
+                    writer.add(f"{name}::{part}", v)
+            if a.eval:
+                approx[name] = c.approx
+        else:
+            report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason))
+            if writer:
+                writer.add(name, arr)
+        if bar:
+            bar.update(1)
+
     try:
-        for name in ckpt.names():
-            arr = ckpt.read(name)
-            selected = (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16") and arr.ndim >= a.min_ndim \
-                and arr.size > 0 and (a.include is None or re.search(a.include, name)) \
-                and not (a.exclude and re.search(a.exclude, name))
-            reason = None
-            if selected:
-                if not np.all(np.isfinite(arr.astype(np.float32))):
-                    raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf; exclude it with --exclude")
-                try:
-                    c = compress_tensor(name, arr, chain)
-                except NotApplied as e:
-                    reason = str(e)
-                except ValueError as e:
-                    raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-                else:
-                    report.add(c.row)
-                    schemes[name] = c.scheme
-                    if writer:
-                        for part, v in c.parts.items():
-                            writer.add(f"{name}::{part}", v)
-                    if a.eval:
-                        approx[name] = c.approx
-            if not selected or reason:
-                if reason is None:
-                    reason = ("not floating point" if arr.dtype.kind not in "fV" else
-                              f"{arr.ndim}-D" if arr.ndim < a.min_ndim else "empty" if arr.size == 0 else "excluded")
-                report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason))
-                if writer:
-                    writer.add(name, arr)
-            if bar:
-                bar.update(1)
+        names = ckpt.names()
+        if a.workers == 1:
+            for name in names:
+                handle(name, *_process(ckpt, name, chain, a, path))
+        else:
+            # tensors are compressed on a.workers threads (numpy releases the GIL) and written in order;
+            # at most workers + 1 tensors are in flight, so memory stays bounded by the largest ones
+            with ThreadPoolExecutor(max_workers=a.workers, thread_name_prefix="lowbit-tensor") as pool:
+                pending: deque = deque()
+                it = iter(names)
+                for name in it:
+                    pending.append((name, pool.submit(_process, ckpt, name, chain, a, path)))
+                    if len(pending) >= a.workers + 1:
+                        break
+                while pending:
+                    name, fut = pending.popleft()
+                    res = fut.result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(_process, ckpt, nxt, chain, a, path)))
+                    handle(name, *res)
         meta = {"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
                                       "kept": [k.name for k in report.kept]})}
         if writer:

@@ -198,9 +198,11 @@ def dequantize(codes: Any, qparams: QParams, *, name: str = "codes") -> Any:
     qp = qparams.for_shape(c.shape, name)
     if c.size and (c.min() < qp.spec.qmin or c.max() > qp.spec.qmax):
         raise ValueError(f"{name}: codes outside [{qp.spec.qmin}, {qp.spec.qmax}] for {qp.spec.describe()}")
-    d = (blocked(c.astype(np.int32), qp.block) - params_view(qp.zero_point)).astype(np.float32)
-    out = (d * params_view(qp.scale)).reshape(c.shape)
-    return like(out, codes)
+    d = blocked(c.astype(np.float32), qp.block)  # one float32 temporary; codes and zero points are exact in it
+    if qp.zero_point.any():
+        d -= params_view(qp.zero_point).astype(np.float32)
+    d *= params_view(qp.scale)
+    return like(d.reshape(c.shape), codes)
 
 
 def fake_quantize_array(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:

@@ -203,3 +203,12 @@ def test_acceptance_command_and_eval_on_minilm(tmp_path):
     assert meta["eval_mean_cosine"] > 0.999
     d = bench.load(out)
     assert isinstance(d["encoder.layer.0.output.dense.weight"], torch.Tensor) and len(d) == 104
+
+
+def test_workers_give_the_same_bytes_as_one_worker(tmp_path):
+    src = write_single(tmp_path)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main([str(src), "--method", "prune,int8", "--out", str(a), "--quiet"]) == 0
+    assert main([str(src), "--method", "prune,int8", "--out", str(b), "--quiet", "--workers", "3"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert main([str(src), "--workers", "0", "--quiet"]) == 2

@@ -1,0 +1,94 @@
+"""python -m bench.scale: bench.quantize on synthetic sharded checkpoints of any size, in bounded memory.
+
+For each size (GiB) a sharded safetensors checkpoint of float32 tensors is made
+in a temporary directory (removed afterwards; nothing is committed), then
+``python -m bench.quantize <index> --method int8 --out ...`` runs in a fresh
+process. Printed per run: wall time, throughput of checkpoint processed in
+GB/s against the file read speed measured on the same shards in the same run,
+peak RSS, and the bound ``2 x largest tensor + 600 MB`` it must stay under.
+
+Examples:
+  python -m bench.scale                      # 4 GiB, 1 worker
+  python -m bench.scale --sizes 1 4 8 --workers 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import SafetensorsWriter
+from .e2e import measure, read_speed
+
+COLS = 4096
+
+
+def make_checkpoint(d: Path, gib: float, tensor_mib: int, shard_gib: float = 1.0) -> tuple[Path, int]:
+    """Write a sharded checkpoint of about ``gib`` GiB; return (index path, largest tensor bytes)."""
+    rows = max(1, tensor_mib * 2**20 // (4 * COLS))
+    per = rows * COLS * 4
+    n = max(1, int(gib * 2**30 // per))
+    per_shard = max(1, int(shard_gib * 2**30 // per))
+    base = np.random.default_rng(0).standard_normal((rows, COLS)).astype(np.float32)
+    weight_map: dict[str, str] = {}
+    shards = -(-n // per_shard)
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        with SafetensorsWriter(d / fname) as w:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                name = f"layers.{i}.weight"
+                w.add(name, base * np.float32(1 + 0.001 * i))
+                w.add(f"layers.{i}.bias", base[0, :64].copy())
+                weight_map[name] = weight_map[f"layers.{i}.bias"] = fname
+            w.commit()
+    idx = d / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return idx, per
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=float, nargs="+", default=[4.0], help="checkpoint sizes in GiB (default 4)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to run (default 1)")
+    p.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor (default 64 MiB)")
+    p.add_argument("--dir", default=None, help="where to make the temporary checkpoints (default: system temp)")
+    a = p.parse_args(argv)
+    print(f"{'size GiB':>8} {'workers':>7} {'wall s':>7} {'GB/s':>6} {'read GB/s':>9} {'% of read':>9} "
+          f"{'peak RSS MiB':>12} {'bound MiB':>9} {'within':>6}")
+    for gib in a.sizes:
+        d = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=a.dir))
+        try:
+            idx, largest = make_checkpoint(d, gib, a.tensor_mib)
+            shards = sorted(d.glob("*.safetensors"))
+            size = sum(s.stat().st_size for s in shards)
+            t0 = time.perf_counter()
+            for s in shards:
+                read_speed(s, repeat=1)
+            read_gbps = size / (time.perf_counter() - t0) / 1e9
+            for w in a.workers:
+                out, rep = d / "q.safetensors", d / "r.json"
+                wall, rss = measure([sys.executable, "-m", "bench.quantize", str(idx), "--method", "int8", "--out",
+                                     str(out), "--force", "--report", str(rep), "--quiet", "--workers", str(w)])
+                t_in = json.loads(rep.read_text())["meta"]["wall_time_s"]
+                bound = 2 * largest + 600 * 2**20
+                gbps = size / t_in / 1e9
+                print(f"{size / 2**30:8.2f} {w:7d} {wall:7.1f} {gbps:6.3f} {read_gbps:9.2f} {100 * gbps / read_gbps:8.1f}% "
+                      f"{rss / 2**20:12.0f} {bound / 2**20:9.0f} {'yes' if rss < bound else 'NO':>6}", flush=True)
+                out.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    print("GB/s: checkpoint bytes over bench.quantize's own processing time (after imports); read GB/s: reading the "
+          "same shards once, right after writing them (page cache warm)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
