@@ -176,7 +176,7 @@ def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespa
         and arr.size > 0 and (a.include is None or re.search(a.include, name)) \
         and not (a.exclude and re.search(a.exclude, name))
     if selected:
-        if not np.all(np.isfinite(arr.astype(np.float32))):
+        if not np.isfinite(arr.astype(np.float32, copy=False)).all():
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf; exclude it with --exclude")
         try:
             return arr, compress_tensor(name, arr, chain), None
