@@ -177,7 +177,8 @@ def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespa
         and not (a.exclude and re.search(a.exclude, name))
     if selected:
         if not np.isfinite(arr.astype(np.float32, copy=False)).all():
-            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf; exclude it with --exclude")
+            # nothing is lost: a tensor that cannot be quantized is carried through bit-exact and reported
+            return arr, None, "holds NaN or inf (kept as is)"
         try:
             return arr, compress_tensor(name, arr, chain), None
         except NotApplied as e:

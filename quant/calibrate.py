@@ -19,10 +19,12 @@ iterable of batches. Methods:
     per tensor only (activations).
 
 Scales follow torch.ao: symmetric ``amax / ((qmax - qmin) / 2)``, affine
-``(max - min) / (qmax - qmin)``, both at least float32 eps; the range always
-includes 0. One deliberate difference: a *constant* nonzero block gets
-``scale = |c| / qmax`` (symmetric) so that it reconstructs to within one
-float32 rounding, where torch's scale clips it.
+``(max - min) / (qmax - qmin)``, both at least float32 eps (torch's floor: a
+block whose range is below ~1.5e-5 gets scale eps); the range always includes
+0. One deliberate difference: a *constant* nonzero block gets
+``scale = |c| / qmax`` (symmetric, floored at the smallest normal float32) so
+that it reconstructs to within one float32 rounding, where torch's scale
+clips it.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, shape: t
             if const.any():
                 end = np.where(lo > 0, np.float32(qmax - spec.symmetric_zero_point),
                                np.float32(spec.symmetric_zero_point - qmin))
-                scale = np.where(const, np.abs(lo) / end, scale)
-            scale = np.maximum(scale, np.float32(_EPS)).astype(np.float32)  # a no-op unless constant
+                # floor at the smallest normal float32, not torch's eps: tiny constants stay exact
+                const_scale = np.maximum(np.abs(lo) / end, np.finfo(np.float32).tiny)
+                scale = np.where(const, const_scale, scale)
+            scale = scale.astype(np.float32)
             zp = np.full(pshape, spec.symmetric_zero_point, np.int32)
         else:
             scale = np.maximum((hi_p - lo_n) / np.float32(qmax - qmin), np.float32(_EPS)).astype(np.float32)

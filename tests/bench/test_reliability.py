@@ -1,0 +1,90 @@
+"""Reliability catalog for checkpoints and quantizers: every bad input gets a defined answer, nothing is lost."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import bench
+from bench.checkpoint import Checkpoint
+from bench.quantize import main
+from quant import PerChannel, QuantSpec, calibrate, dequantize, quantize
+
+
+def test_nan_int_bool_0d_empty_tensors_pass_through_bit_exact(tmp_path):
+    nanw = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    nanw[3, 3] = np.nan
+    nanw[0, 1] = -np.inf
+    t = {"nan_weight": nanw, "ids": np.arange(6, dtype=np.int64).reshape(2, 3), "flags": np.array([[True, False]]),
+         "scalar": np.array(-0.0, np.float32), "empty": np.zeros((0, 3), np.float32),
+         "w": np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)}
+    save_file(t, str(tmp_path / "m.safetensors"))
+    out, rep = tmp_path / "q.safetensors", tmp_path / "r.json"
+    assert main([str(tmp_path / "m.safetensors"), "--out", str(out), "--report", str(rep), "--quiet"]) == 0
+    kept = {k["name"]: k["reason"] for k in json.loads(rep.read_text())["kept"]}
+    assert kept["nan_weight"].startswith("holds NaN or inf")
+    back = bench.load(out, as_numpy=True)
+    for n in ("nan_weight", "ids", "flags", "scalar", "empty"):
+        assert back[n].dtype == t[n].dtype and back[n].shape == t[n].shape and back[n].tobytes() == t[n].tobytes()
+
+
+def test_tied_tensors_in_a_pickle_are_read_as_two_names(tmp_path):
+    w = torch.randn(8, 8)
+    torch.save({"enc.weight": w, "dec.weight": w}, tmp_path / "tied.pt")  # shared storage
+    out = tmp_path / "q.safetensors"
+    assert main([str(tmp_path / "tied.pt"), "--out", str(out), "--quiet"]) == 0
+    back = bench.load(out)
+    assert torch.equal(back["enc.weight"], back["dec.weight"])
+
+
+def test_quantizers_on_empty_fp16_int_and_tiny_inputs():
+    qp = calibrate(np.linspace(-1, 1, 8), QuantSpec())
+    assert quantize(np.zeros(0, np.float32), qp).shape == (0,)
+    # scales of ~8e-6 would be fp16 subnormals: they are computed and kept in float32
+    small = (np.random.default_rng(2).uniform(-1, 1, (4, 64)) * 1e-3).astype(np.float16)
+    q = calibrate(small, QuantSpec(granularity=PerChannel(0)))
+    assert q.scale.dtype == np.float32 and np.all(q.scale < np.finfo(np.float16).tiny)
+    err = np.abs(dequantize(quantize(small, q), q) - small.astype(np.float32))
+    assert np.all(err <= q.scale * 0.5001)  # half a step (the top code clips by exactly half a step)
+    tiny = np.full((4, 4), 1e-6, np.float16)  # constant rows reconstruct (torch's eps floor would not)
+    qt = calibrate(tiny, QuantSpec(granularity=PerChannel(0)))
+    np.testing.assert_allclose(dequantize(quantize(tiny, qt), qt), tiny.astype(np.float32), rtol=1e-6)
+    ints = calibrate(np.array([[-300, 5], [7, 1000]], np.int64), QuantSpec(granularity=PerChannel(0)))
+    assert ints.scale.shape == (2, 1)
+
+
+def test_scale_benchmark_small_run_stays_within_its_memory_bound(capsys):
+    """A small version of `python -m bench.scale` (the multi-GiB runs are `slow`)."""
+    from bench.scale import main as scale_main
+
+    assert scale_main(["--sizes", "0.05", "--tensor-mib", "4", "--workers", "1", "2"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(r[-1] == "yes" for r in rows)
+
+
+@pytest.mark.slow
+def test_scale_benchmark_1_4_8_gib():
+    from bench.scale import main as scale_main
+
+    assert scale_main(["--sizes", "1", "4", "8", "--workers", "1", "2"]) == 0
+
+
+def test_input_checkpoint_is_never_opened_for_writing(tmp_path, monkeypatch):
+    save_file({"w": np.ones((4, 4), np.float32)}, str(tmp_path / "m.safetensors"))
+    src = str(tmp_path / "m.safetensors")
+    import builtins
+
+    real_open = builtins.open
+
+    def guarded(file, mode="r", *a, **k):
+        if str(file) == src and any(c in mode for c in "wa+"):
+            raise AssertionError("input opened for writing")
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    assert main([src, "--out", str(tmp_path / "q.safetensors"), "--quiet"]) == 0
+    assert Checkpoint(src).read("w").sum() == 16
+    assert sys.modules["bench.checkpoint"] is not None
