@@ -19,6 +19,7 @@ import numpy as np
 from compress import low_rank, magnitude_prune, nm_prune, structured_prune
 from compress.storage import pack_bits, unpack_bits
 from precision import cast, decode, get_format
+from precision.metrics import MetricsAccumulator
 from precision.report import TensorReport
 from quant import PerChannel, PerGroup, PerTensor, QParams, QuantSpec, calibrate, dequantize, quantize
 
@@ -131,7 +132,7 @@ def _dense_part_load(stored: np.ndarray, info: dict, n: int, dtype: np.dtype) ->
 class Compressed:
     parts: dict[str, np.ndarray]   # part name -> array to store
     scheme: dict[str, Any]
-    approx: np.ndarray             # what load() will return (source dtype)
+    approx: np.ndarray | None      # what load() will return (source dtype); None if not kept
     row: TensorReport
 
 
@@ -143,9 +144,64 @@ def _code_dtype(vs: dict, src_dtype: np.dtype) -> np.dtype:
     return QuantSpec.from_dict(vs["spec"]).code_dtype
 
 
-def compress_tensor(name: str, a: np.ndarray, chain: list[Step]) -> Compressed:
-    """Apply ``chain`` to one floating-point tensor ``a`` (numpy, any float dtype)."""
+ROW_BLOCK_BYTES = 32 << 20  # float32 bytes of one row block when rows can be quantized independently
+
+
+def _rows_independent(a: np.ndarray, chain: list[Step]) -> bool:
+    """True for a plain integer step whose scales never span rows (per output channel, or groups
+    along the last axis) on a 2-D tensor large enough for blocking to matter."""
+    if len(chain) != 1 or chain[0].kind != "int" or a.ndim != 2 or a.size * 4 <= ROW_BLOCK_BYTES:
+        return False
+    g = QuantSpec.from_dict(chain[0].options["spec"]).granularity
+    return (isinstance(g, PerChannel) and g.axis in (0, -2)) or (isinstance(g, PerGroup) and g.axis in (1, -1))
+
+
+def _compress_int_by_rows(name: str, a: np.ndarray, step: Step, scheme: dict, keep_approx: bool) -> Compressed:
+    """The integer step on blocks of rows: the same codes and scales as the whole-tensor path
+    (rows are independent), with memory near the source tensor plus its codes."""
+    o = step.options
+    spec = QuantSpec.from_dict(o["spec"])
+    opts = {k: o[k] for k in ("percentile",) if k in o}
     src = a.dtype
+    rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
+    codes = np.empty(a.shape, spec.code_dtype)
+    pshape = spec.params_shape(a.shape, name)
+    scale = np.empty(pshape, np.float32)
+    zp = np.empty(pshape, np.int32)
+    acc = MetricsAccumulator()
+    approx = np.empty(a.shape, src) if keep_approx else None
+    for r0 in range(0, a.shape[0], rows_per):
+        r1 = min(r0 + rows_per, a.shape[0])
+        xb = a[r0:r1].astype(np.float32, copy=False)
+        qp = calibrate(xb, spec, o.get("method", "minmax"), name=name, **opts)
+        cb = np.asarray(quantize(xb, qp, name=name))
+        codes[r0:r1], scale[r0:r1], zp[r0:r1] = cb, qp.scale, qp.zero_point
+        deq = np.asarray(dequantize(cb, qp), np.float32).astype(src, copy=False)
+        acc.add(a[r0:r1], deq)
+        if approx is not None:
+            approx[r0:r1] = deq
+    vs = {"kind": "int", "spec": spec.to_dict()}
+    stored, pinfo = _dense_part_store(codes, vs)
+    parts = {"values": stored, "scale": scale}
+    if not spec.symmetric:
+        parts["zero_point"] = zp
+    scheme.update(structure={"kind": "none"}, values=vs, values_part=pinfo, values_count=int(codes.size))
+    scheme["sha256"] = parts_digest(parts)
+    row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(scheme["chain"]),
+                                    bytes_after=sum(p.nbytes for p in parts.values()))
+    return Compressed(parts, scheme, approx, row)
+
+
+def compress_tensor(name: str, a: np.ndarray, chain: list[Step], *, keep_approx: bool = True) -> Compressed:
+    """Apply ``chain`` to one floating-point tensor ``a`` (numpy, any float dtype).
+
+    ``keep_approx=False`` lets large per-row integer schemes run block by block without
+    materialising the dequantized tensor (``Compressed.approx`` is then None)."""
+    src = a.dtype
+    if _rows_independent(a, chain):
+        return _compress_int_by_rows(name, a, chain[0], {"version": SCHEME_VERSION, "shape": list(a.shape),
+                                                         "dtype": NP_TO_ST[src],
+                                                         "chain": [s.describe() for s in chain]}, keep_approx)
     x = a.astype(np.float32, copy=False)  # no copy for float32 sources: peak memory per tensor
     structure = next((s for s in chain if s.kind in ("prune", "svd")), None)
     values = next((s for s in chain if s.kind in ("float", "int")), None)

@@ -180,7 +180,7 @@ def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespa
             # nothing is lost: a tensor that cannot be quantized is carried through bit-exact and reported
             return arr, None, "holds NaN or inf (kept as is)"
         try:
-            return arr, compress_tensor(name, arr, chain), None
+            return arr, compress_tensor(name, arr, chain, keep_approx=a.eval), None
         except NotApplied as e:
             return arr, None, str(e)
         except ValueError as e:

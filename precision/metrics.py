@@ -55,37 +55,50 @@ def _flat64(a: Any, name: str) -> np.ndarray:
     return arr.reshape(-1)
 
 
+class MetricsAccumulator:
+    """Error metrics over a tensor given piece by piece (e.g. row blocks), in float64.
+    ``add(ref_piece, approx_piece)`` any number of times, then ``result()``."""
+
+    def __init__(self) -> None:
+        self.sxx = self.syy = self.sxy = self.see = self.mx = 0.0
+        self.n = self.nonfinite = self.zeroed = 0
+
+    def add(self, reference: Any, approx: Any) -> "MetricsAccumulator":
+        x, y = _flat64(reference, "reference"), _flat64(approx, "approx")
+        if x.shape != y.shape:
+            raise ValueError(f"reference has {x.size} elements but approx has {y.size}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            for i in range(0, x.size, _BLOCK):
+                a = x[i:i + _BLOCK].astype(np.float64)
+                b = y[i:i + _BLOCK].astype(np.float64)
+                e = b - a
+                self.sxx += float(np.dot(a, a))
+                self.syy += float(np.dot(b, b))
+                self.sxy += float(np.dot(a, b))
+                self.see += float(np.dot(e, e))
+                if e.size:
+                    self.mx = max(self.mx, float(np.max(np.abs(e))))
+                self.nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
+                self.zeroed += int(np.count_nonzero((b == 0) & (a != 0)))
+        self.n += x.size
+        return self
+
+    def result(self) -> ErrorMetrics:
+        see = self.see
+        return ErrorMetrics(
+            mse=see / max(self.n, 1),
+            rel_error=_ratio(math.sqrt(see) if see == see else see, math.sqrt(self.sxx)),
+            sqnr_db=sqnr_from_powers(self.sxx, see),
+            max_abs_error=self.mx,
+            cosine=_cos(self.sxy, self.sxx, self.syy),
+            nonfinite=self.nonfinite,
+            zeroed=self.zeroed,
+        )
+
+
 def error_metrics(reference: Any, approx: Any) -> ErrorMetrics:
     """Compute every metric in one blocked float64 pass."""
-    x, y = _flat64(reference, "reference"), _flat64(approx, "approx")
-    if x.shape != y.shape:
-        raise ValueError(f"reference has {x.size} elements but approx has {y.size}")
-    sxx = syy = sxy = see = 0.0
-    mx = 0.0
-    nonfinite = zeroed = 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        for i in range(0, x.size, _BLOCK):
-            a = x[i:i + _BLOCK].astype(np.float64)
-            b = y[i:i + _BLOCK].astype(np.float64)
-            e = b - a
-            sxx += float(np.dot(a, a))
-            syy += float(np.dot(b, b))
-            sxy += float(np.dot(a, b))
-            see += float(np.dot(e, e))
-            if e.size:
-                mx = max(mx, float(np.max(np.abs(e))))
-            nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
-            zeroed += int(np.count_nonzero((b == 0) & (a != 0)))
-    n = max(x.size, 1)
-    return ErrorMetrics(
-        mse=see / n,
-        rel_error=_ratio(math.sqrt(see) if see == see else see, math.sqrt(sxx)),
-        sqnr_db=sqnr_from_powers(sxx, see),
-        max_abs_error=mx,
-        cosine=_cos(sxy, sxx, syy),
-        nonfinite=nonfinite,
-        zeroed=zeroed,
-    )
+    return MetricsAccumulator().add(reference, approx).result()
 
 
 def _ratio(num: float, den: float) -> float:

@@ -74,15 +74,21 @@ class TensorReport:
     def measure(cls, name: str, reference: Any, approx: Any, *, method: str, bytes_after: int,
                 bytes_before: int | None = None, clipped: int = 0, details: dict | None = None) -> "TensorReport":
         """Measure ``approx`` against ``reference`` (numpy or torch) and build the row."""
-        m: ErrorMetrics = error_metrics(reference, approx)
+        return cls.from_metrics(name, reference, error_metrics(reference, approx), method=method,
+                                bytes_after=bytes_after, bytes_before=bytes_before, clipped=clipped, details=details)
+
+    @classmethod
+    def from_metrics(cls, name: str, reference: Any, m: ErrorMetrics, *, method: str, bytes_after: int,
+                     bytes_before: int | None = None, clipped: int = 0, details: dict | None = None) -> "TensorReport":
+        """The row for ``reference`` (for its name, shape, dtype, bytes) with metrics measured elsewhere
+        (e.g. accumulated block by block)."""
         dtype = str(reference.dtype).replace("torch.", "")
         return cls(
             name=name, shape=tuple(int(s) for s in reference.shape), dtype=dtype, method=method,
             bytes_before=nbytes(reference) if bytes_before is None else int(bytes_before),
             bytes_after=int(bytes_after), mse=m.mse, rel_error=m.rel_error, sqnr_db=m.sqnr_db,
             max_abs_error=m.max_abs_error, cosine=m.cosine, clipped=int(clipped), nonfinite=m.nonfinite,
-            zeroed=m.zeroed,
-            details=dict(details or {}),
+            zeroed=m.zeroed, details=dict(details or {}),
         )
 
     @property

@@ -88,3 +88,23 @@ def test_input_checkpoint_is_never_opened_for_writing(tmp_path, monkeypatch):
     assert main([src, "--out", str(tmp_path / "q.safetensors"), "--quiet"]) == 0
     assert Checkpoint(src).read("w").sum() == 16
     assert sys.modules["bench.checkpoint"] is not None
+
+
+@pytest.mark.parametrize("step_kw", [dict(), dict(affine=True), dict(granularity="group", group_size=32, bits=4),
+                                     dict(method="mse"), dict(method="percentile", percentile=99.0)])
+def test_row_blocked_integer_path_equals_the_whole_tensor_path(monkeypatch, step_kw):
+    """Large tensors are quantized in row blocks to bound memory; codes, scales and the report match."""
+    import bench.methods as M
+
+    w = np.random.default_rng(3).standard_normal((96, 128)).astype(np.float32)
+    step = M.int_step(**step_kw)
+    whole = M.compress_tensor("w", w, [step])
+    monkeypatch.setattr(M, "ROW_BLOCK_BYTES", 128 * 4 * 10)  # blocks of 10 rows
+    assert M._rows_independent(w, [step])
+    blocked = M.compress_tensor("w", w, [step])
+    assert whole.scheme == blocked.scheme
+    for k in whole.parts:
+        assert np.array_equal(whole.parts[k], blocked.parts[k])
+    assert np.array_equal(whole.approx, blocked.approx)
+    assert blocked.row.mse == pytest.approx(whole.row.mse, rel=1e-12)
+    assert M.compress_tensor("w", w, [step], keep_approx=False).approx is None
