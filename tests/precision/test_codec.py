@@ -185,6 +185,8 @@ def test_encode_every_float32_pattern_equals_ml_dtypes(name):
     for start in range(0, 1 << 32, step):
         x = np.arange(start, start + step, dtype=np.uint64).astype(np.uint32).view(np.float32)
         x = x[~np.isnan(x)]
+        if name == "fp8_e8m0fnu":  # ml_dtypes misrounds float32 subnormals here (see the hard-set test)
+            x = x[np.abs(x) >= np.float32(2.0**-126)]
         np.testing.assert_array_equal(encode(x, name), ml_codes(x, name))
 
 
