@@ -185,8 +185,12 @@ def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespa
             return arr, None, str(e)
         except ValueError as e:
             raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-    reason = ("not floating point" if arr.dtype.kind not in "fV" else
-              f"{arr.ndim}-D" if arr.ndim < a.min_ndim else "empty" if arr.size == 0 else "excluded")
+    if arr.dtype.kind not in "fV":
+        reason = "not floating point"
+    elif arr.dtype.kind == "V" and arr.dtype.name != "bfloat16":
+        reason = f"already {arr.dtype.name}"
+    else:
+        reason = f"{arr.ndim}-D" if arr.ndim < a.min_ndim else "empty" if arr.size == 0 else "excluded"
     return arr, None, reason
 
 

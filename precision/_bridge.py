@@ -29,6 +29,12 @@ SMALL_FLOAT_DTYPES = frozenset(
 )
 
 
+_TORCH_FP8 = {} if torch is None else {
+    np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn,
+    np.dtype(ml_dtypes.float8_e5m2): torch.float8_e5m2,
+}
+
+
 def contiguous(a: np.ndarray) -> np.ndarray:
     """C-contiguous array with the same shape (np.ascontiguousarray turns 0-d into 1-d)."""
     return a if a.flags.c_contiguous else a.copy(order="C")
@@ -82,6 +88,10 @@ def like(result: np.ndarray, ref: Any) -> Any:
             # torch's uint16/uint32 support is thin; keep the bit pattern in the signed type of the same width
             out = torch.from_numpy(contiguous(result).view(np.int16 if result.dtype == np.uint16 else np.int32))
             out = out.view(torch.uint16 if result.dtype == np.uint16 else torch.uint32)
+        elif result.dtype in _TORCH_FP8:
+            out = torch.from_numpy(contiguous(result).view(np.uint8)).view(_TORCH_FP8[result.dtype])
+        elif result.dtype in SMALL_FLOAT_DTYPES:  # a small float torch has no dtype for: widen exactly
+            out = torch.from_numpy(result.astype(np.float32))
         else:
             out = torch.from_numpy(contiguous(result))
         return out.to(ref.device) if ref.device.type != "cpu" else out

@@ -108,3 +108,21 @@ def test_row_blocked_integer_path_equals_the_whole_tensor_path(monkeypatch, step
     assert np.array_equal(whole.approx, blocked.approx)
     assert blocked.row.mse == pytest.approx(whole.row.mse, rel=1e-12)
     assert M.compress_tensor("w", w, [step], keep_approx=False).approx is None
+
+
+def test_fp8_and_bf16_tensors_pass_through_and_load_as_torch(tmp_path):
+    from safetensors.torch import save_file as save_pt
+
+    t = {"f8": torch.randn(4, 4).to(torch.float8_e4m3fn), "b16": torch.randn(4, 4).to(torch.bfloat16),
+         "w": torch.randn(16, 16)}
+    save_pt(t, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "q.safetensors"
+    assert main([str(tmp_path / "m.safetensors"), "--out", str(out), "--exclude", "f8", "--quiet"]) == 0
+    back = bench.load(out)
+    assert back["f8"].dtype == torch.float8_e4m3fn
+    assert torch.equal(back["f8"].view(torch.uint8), t["f8"].view(torch.uint8))
+    assert back["b16"].dtype == torch.bfloat16
+    rep = tmp_path / "r.json"
+    assert main([str(tmp_path / "m.safetensors"), "--report", str(rep), "--quiet"]) == 0
+    kept = {k["name"]: k["reason"] for k in json.loads(rep.read_text())["kept"]}
+    assert kept["f8"] == "already float8_e4m3fn"
