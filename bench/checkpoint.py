@@ -166,9 +166,6 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file ended after {got} of {e - b} bytes")
         return out.view(dt).reshape(shape)
 
-    def close(self) -> None:
-        pass
-
 
 class Checkpoint:
     """A read-only view of a checkpoint: ``names()``, ``info(name)`` and ``read(name)`` (numpy)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from compress import low_rank, magnitude_prune, nm_prune, structured_prune
-from compress.storage import pack_bits, unpack_bits
+from compress.storage import NM, pack_bits, unpack_bits
 from precision import cast, decode, get_format
 from precision.metrics import MetricsAccumulator
 from precision.report import TensorReport
@@ -260,7 +260,7 @@ def compress_tensor(name: str, a: np.ndarray, chain: list[Step], *, keep_approx:
         lr = low_rank(x, o.get("rank"), ratio=o.get("ratio"), energy=o.get("energy"), method=o.get("method", "exact"),
                       force=o.get("force", False), name=name)
         if not lr.applied:
-            raise _NotApplied(lr.report.tensors[0].method)
+            raise NotApplied(lr.report.tensors[0].method)
         recons = []
         fs: dict[str, Any] = {}
         for f in ("A", "B"):
@@ -281,11 +281,9 @@ def compress_tensor(name: str, a: np.ndarray, chain: list[Step], *, keep_approx:
     return Compressed(parts, scheme, approx, row)
 
 
-class _NotApplied(Exception):
+class NotApplied(Exception):
     """The method would not save memory for this tensor (e.g. SVD above the break-even rank)."""
 
-
-NotApplied = _NotApplied
 
 
 def parts_digest(parts: dict[str, np.ndarray]) -> str:
@@ -320,11 +318,7 @@ def restore(name: str, scheme: dict, parts: dict[str, np.ndarray]) -> np.ndarray
             if st["kind"] == "magnitude":
                 keep = unpack_bits(parts["mask"], n).reshape(shape)
             else:
-                pos = parts["positions"]
-                from compress.storage import NM
-
-                probe = NM(shape, st["n"], st["m"], np.ones((n // st["m"], st["n"]), np.float32), pos)
-                keep = probe.dense() != 0
+                keep = NM.kept_mask(parts["positions"], shape, st["n"], st["m"])
             dense = np.zeros(n, vals.dtype)
             dense[keep.reshape(-1)] = vals
             dense = dense.reshape(shape)

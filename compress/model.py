@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from precision.report import Report, nbytes
+from precision.report import Report, TensorReport, nbytes
 
 from .lowrank import low_rank
 from .prune import global_magnitude_prune, magnitude_prune, nm_prune, slice_norms
@@ -132,8 +132,6 @@ def _prune_ffn(model: nn.Module, amount: float, norm: int, rep: Report) -> None:
 
 
 def _row(name, w, st, method, bias_before, bias_after):
-    from precision.report import TensorReport
-
     return TensorReport.measure(name, w, st.dense(), method=method, bytes_before=w.nbytes + bias_before,
                                 bytes_after=st.nbytes + bias_after)
 

@@ -99,13 +99,25 @@ class NM:
     def nbytes(self) -> int:
         return int(self.values.nbytes + self.positions.nbytes)
 
+    @classmethod
+    def unpack_positions(cls, packed: np.ndarray, groups: int, n: int, m: int) -> np.ndarray:
+        """(groups, n) in-group indices from their packed bits."""
+        b = cls.bits_per_position(m)
+        bits = np.unpackbits(packed, count=groups * n * b).reshape(groups * n, b).astype(np.int64)
+        return (bits << np.arange(b)).sum(axis=1).reshape(groups, n)
+
+    @classmethod
+    def kept_mask(cls, packed: np.ndarray, shape: tuple[int, ...], n: int, m: int) -> np.ndarray:
+        """Boolean mask (True = kept) of a tensor of ``shape`` from its packed positions."""
+        groups = int(np.prod(shape)) // m
+        mask = np.zeros((groups, m), bool)
+        np.put_along_axis(mask, cls.unpack_positions(packed, groups, n, m), True, axis=1)
+        return mask.reshape(shape)
+
     def dense(self) -> np.ndarray:
-        b = self.bits_per_position(self.m)
-        k = self.values.size
-        bits = np.unpackbits(self.positions, count=k * b).reshape(k, b).astype(np.int64)
-        pos = (bits << np.arange(b)).sum(axis=1).reshape(self.values.shape)
-        out = np.zeros((self.values.shape[0], self.m), self.values.dtype)
-        np.put_along_axis(out, pos, self.values, axis=1)
+        groups = self.values.shape[0]
+        out = np.zeros((groups, self.m), self.values.dtype)
+        np.put_along_axis(out, self.unpack_positions(self.positions, groups, self.n, self.m), self.values, axis=1)
         return out.reshape(self.shape)
 
     def tensors(self) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._bridge import as_numpy, like
+from ._bridge import as_numpy
 from .codec import _real_array, decode, encode
 from .formats import FloatFormat, FormatLike, get_format
 from .report import Report, TensorReport
@@ -86,8 +86,3 @@ def cast_report(tensors: Any, fmt: FormatLike, *, scaling: str = "none", axis: i
         rep.add(TensorReport.measure(n, ref, c.values(), method=fmt.name + ("" if scaling == "none" else f"/{scaling}"),
                                      bytes_after=c.nbytes))
     return rep
-
-
-def round_to_scaled(x: Any, fmt: FormatLike, **kw: Any) -> Any:
-    """``cast(x, ...).values()`` in the input's own kind."""
-    return like(cast(x, fmt, **kw).values().astype(as_numpy(x).dtype if as_numpy(x).dtype.kind == "f" else np.float32), x)

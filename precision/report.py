@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from .metrics import ErrorMetrics, error_metrics
 
@@ -256,11 +256,3 @@ def _jsonable(o: Any) -> Any:
 
 def _unjson(d: dict) -> dict:
     return {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in d.items()}
-
-
-def merge(reports: Iterable[Report], title: str = "lowbit report") -> Report:
-    """Concatenate several reports into one."""
-    out = Report(title=title)
-    for r in reports:
-        out.extend(r)
-    return out

@@ -29,6 +29,7 @@ clips it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 from precision._bridge import is_torch
 
 from .quantize import QParams, blocked, check_finite, fake_quantize_array, real_input
-from .spec import QuantSpec
+from .spec import PerChannel, QuantSpec
 
 METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 _EPS = np.finfo(np.float32).eps
@@ -158,8 +159,7 @@ def _entropy_threshold(absx: np.ndarray, bits: int, bins: int = 2048) -> float:
 def _mse_search(x2d: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, grid: int):
     """Per-block clipping ratio in (0, 1] that minimises the fake-quant MSE (coarse grid, then fine)."""
     nb = x2d.shape[0]
-    flat_spec = QuantSpec(spec.bits, spec.signed, spec.symmetric, spec.narrow_range,
-                          granularity=_per_row())
+    flat_spec = replace(spec, granularity=PerChannel(axis=0))  # one block per row of x2d
     best_err = np.full(nb, np.inf)
     best_a = np.ones(nb)
 
@@ -178,12 +178,6 @@ def _mse_search(x2d: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
     centre = best_a.copy()
     try_ratios([np.clip(centre + d, 0.01, 1.0) for d in np.linspace(-step, step, 11)])
     return best_a
-
-
-def _per_row():
-    from .spec import PerChannel
-
-    return PerChannel(axis=0)
 
 
 def calibrate(data: Any, spec: QuantSpec, method: str = "minmax", *, momentum: float = 0.01,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import symmetric_scale
+from .calibrate import calibrate, symmetric_scale
 from .quantize import QParams, dequantize, fake_quantize, round_scaled
 from .spec import PerChannel, PerTensor, QuantSpec
 
@@ -115,8 +115,6 @@ class QuantizedLinear(nn.Module):
             x = fake_quantize(x2, self.act_qparams.for_shape(x2.shape), name="activation").reshape(x.shape)
         elif self.activations == "dynamic":
             x2 = x.reshape(-1, x.shape[-1])
-            from .calibrate import calibrate
-
             x = fake_quantize(x2, calibrate(x2, self.act_spec), name="activation").reshape(x.shape)
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from precision.metrics import error_metrics
+from precision.metrics import MetricsAccumulator, error_metrics
 from precision.report import Report, TensorReport, nbytes
 
 from .calibrate import calibrate
@@ -58,26 +58,12 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def output_error(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any]) -> dict[str, float]:
-    """Error of the quantized model's outputs against the float model's on ``data``."""
-    ref, got = [], []
-    for b in data:
-        r = model_output(run_model(float_model, b)).float()
-        ref.append(r.reshape(-1, r.shape[-1]))
-        got.append(model_output(run_model(qmodel, b)).float().reshape(ref[-1].shape))
-    r, g = torch.cat(ref), torch.cat(got)
-    m = error_metrics(r, g)
-    rowcos = torch.nn.functional.cosine_similarity(r, g, dim=-1)
-    return {"output_sqnr_db": m.sqnr_db, "output_rel_error": m.rel_error, "output_max_abs_error": m.max_abs_error,
-            "output_mean_cosine": float(rowcos.mean()), "output_min_cosine": float(rowcos.min())}
-
-
-@torch.no_grad()
-def layer_output_errors(float_model: nn.Module, qmodel: nn.Module, names: list[str],
-                        data: Iterable[Any]) -> dict[str, dict[str, float]]:
-    """Per layer: the error of each quantized layer's output (inside the quantized model)
-    against the same layer's output in the float model, accumulated over ``data``."""
-    sums = {n: [0.0, 0.0] for n in names}
+def compare_outputs(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any],
+                    layer_names: Iterable[str] = ()) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """One pass over ``data`` through both models: the error of the quantized model's output, and of
+    each named layer's output inside it, against the float model (metrics accumulated in float64)."""
+    names = list(layer_names)
+    per_layer = {n: MetricsAccumulator() for n in names}
     caught: dict[str, torch.Tensor] = {}
 
     def grab(n):
@@ -85,26 +71,37 @@ def layer_output_errors(float_model: nn.Module, qmodel: nn.Module, names: list[s
             caught[n] = out.detach().float()
         return hook
 
-    for b in data:
-        outs = []
-        for m in (float_model, qmodel):
-            caught.clear()
-            hs = [m.get_submodule(n).register_forward_hook(grab(n)) for n in names]
-            try:
-                run_model(m, b)
-            finally:
-                for h in hs:
-                    h.remove()
-            outs.append(dict(caught))
-        for n in names:
-            if n in outs[0] and n in outs[1] and outs[0][n].shape == outs[1][n].shape:
-                r, q = outs[0][n].double(), outs[1][n].double()
-                sums[n][0] += float((r * r).sum())
-                sums[n][1] += float(((q - r) ** 2).sum())
-    from precision.metrics import sqnr_from_powers
+    def run(m, b):
+        caught.clear()
+        hs = [m.get_submodule(n).register_forward_hook(grab(n)) for n in names]
+        try:
+            out = model_output(run_model(m, b)).float()
+        finally:
+            for h in hs:
+                h.remove()
+        return out, dict(caught)
 
-    return {n: {"output_sqnr_db": sqnr_from_powers(sx, se), "output_rel_error": (se / sx) ** 0.5 if sx else 0.0}
-            for n, (sx, se) in sums.items()}
+    ref, got = [], []
+    for b in data:
+        (r, r_layers), (q, q_layers) = run(float_model, b), run(qmodel, b)
+        ref.append(r.reshape(-1, r.shape[-1]))
+        got.append(q.reshape(ref[-1].shape))
+        for n in names:
+            if n in r_layers and n in q_layers and r_layers[n].shape == q_layers[n].shape:
+                per_layer[n].add(r_layers[n], q_layers[n])
+    r, g = torch.cat(ref), torch.cat(got)
+    m = error_metrics(r, g)
+    rowcos = torch.nn.functional.cosine_similarity(r, g, dim=-1)
+    model = {"output_sqnr_db": m.sqnr_db, "output_rel_error": m.rel_error, "output_max_abs_error": m.max_abs_error,
+             "output_mean_cosine": float(rowcos.mean()), "output_min_cosine": float(rowcos.min())}
+    layers = {n: {"output_sqnr_db": acc.result().sqnr_db, "output_rel_error": acc.result().rel_error}
+              for n, acc in per_layer.items() if acc.n}
+    return model, layers
+
+
+def output_error(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any]) -> dict[str, float]:
+    """Error of the quantized model's outputs against the float model's on ``data``."""
+    return compare_outputs(float_model, qmodel, data)[0]
 
 
 def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
@@ -167,8 +164,8 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
     report.meta["backend"] = backend
     evald = list(eval_data) if eval_data is not None else calib
     if evald:
-        report.meta.update(output_error(model, qmodel, evald))
-        per_layer = layer_output_errors(model, qmodel, [r.name for r in report.tensors], evald)
+        whole, per_layer = compare_outputs(model, qmodel, evald, [r.name for r in report.tensors])
+        report.meta.update(whole)
         for r in report.tensors:
             r.details.update(per_layer.get(r.name, {}))
     return qmodel, report

@@ -14,7 +14,8 @@ from torch import nn
 
 from .calibrate import blocks_2d, qparams_from_range
 from .modules import QuantizedLinear
-from .quantize import QParams, blocked, check_finite, fake_quantize, fake_quantize_array, params_view, quantize, real_input
+from .quantize import (QParams, blocked, check_finite, dequantize, fake_quantize, fake_quantize_array, params_view,
+                       quantize, real_input)
 from .spec import PerChannel, QuantSpec
 
 
@@ -209,8 +210,6 @@ class QuantizedConv2d(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .quantize import dequantize
-
         if self.act_qparams is not None:
             x = fake_quantize(x.detach(), self.act_qparams.for_shape(tuple(x.shape)))
         w = dequantize(self.weight_codes, self.qparams)
