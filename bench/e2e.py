@@ -13,6 +13,7 @@ tensor (and against a bare ``python -c 'import torch, numpy'`` baseline).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         runs = {k: min((measure(c) for _ in range(a.repeat)), key=lambda r: r[0])
                 for k, c in (("lowbit", ours_cmd), ("torch.ao", ao_cmd), ("baseline", base_cmd))}
         out_size = Path(f"{d}/q.safetensors").stat().st_size
-        import json
-
         t_inproc = json.loads(Path(f"{d}/r.json").read_text())["meta"]["wall_time_s"]
         ao_size = Path(f"{d}/ao.pt").stat().st_size
     (t_ours, rss_ours), (t_ao, rss_ao), (t_base, rss_base) = runs["lowbit"], runs["torch.ao"], runs["baseline"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from precision._bridge import contiguous
 
-from precision import ROUNDING_MODES, OVERFLOW_MODES, known_formats
+from precision import OVERFLOW_MODES, ROUNDING_MODES, get_format, known_formats
 from precision.report import KeptTensor, Report
 
 from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter
@@ -105,8 +105,6 @@ def parse_chain(a: argparse.Namespace) -> list[Step]:
     chain = []
     for m in [t.strip() for t in a.method.split(",") if t.strip()]:
         if m in known_formats() or m in FLOAT_METHODS:
-            from precision import get_format
-
             small = get_format(m).bits <= 8
             scaling = a.scaling or ("channel" if small else "none")
             o = {"format": m, "scaling": scaling, "rounding": a.rounding, "overflow": a.overflow}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from precision.outputs import output_error
 from precision.report import Report, TensorReport, nbytes
 
 from .lowrank import low_rank
@@ -43,8 +44,6 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _attach_output_error(rep: Report, model, new, eval_data) -> None:
     if eval_data is not None:
-        from quant.ptq import output_error  # the one output comparison in lowbit
-
         rep.meta.update(output_error(model, new, list(eval_data)))
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from precision.metrics import MetricsAccumulator, error_metrics
+from precision.outputs import compare_outputs, model_output, output_error, run_model  # noqa: F401 (re-exported)
 from precision.report import Report, TensorReport, nbytes
 
 from .calibrate import calibrate
@@ -23,31 +22,6 @@ from .static import StaticQuantizer
 BACKENDS = ("native", "torch.ao")
 
 
-def run_model(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on one batch: a dict is passed as one argument (sentence-transformers
-    features), a tuple/list is unpacked, anything else is passed as is."""
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, Mapping):  # sentence-transformers adds outputs to its feature dict: keep ours clean
-        return model(copy.copy(batch))
-    return model(batch)
-
-
-def model_output(out: Any) -> torch.Tensor:
-    """The tensor to compare from a model's output (a dict's ``sentence_embedding`` or first tensor)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        if "sentence_embedding" in out:
-            return out["sentence_embedding"]
-        for v in out.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
-
-
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
 
@@ -55,53 +29,6 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-@torch.no_grad()
-def compare_outputs(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any],
-                    layer_names: Iterable[str] = ()) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """One pass over ``data`` through both models: the error of the quantized model's output, and of
-    each named layer's output inside it, against the float model (metrics accumulated in float64)."""
-    names = list(layer_names)
-    per_layer = {n: MetricsAccumulator() for n in names}
-    caught: dict[str, torch.Tensor] = {}
-
-    def grab(n):
-        def hook(mod, args, out):
-            caught[n] = out.detach().float()
-        return hook
-
-    def run(m, b):
-        caught.clear()
-        hs = [m.get_submodule(n).register_forward_hook(grab(n)) for n in names]
-        try:
-            out = model_output(run_model(m, b)).float()
-        finally:
-            for h in hs:
-                h.remove()
-        return out, dict(caught)
-
-    ref, got = [], []
-    for b in data:
-        (r, r_layers), (q, q_layers) = run(float_model, b), run(qmodel, b)
-        ref.append(r.reshape(-1, r.shape[-1]))
-        got.append(q.reshape(ref[-1].shape))
-        for n in names:
-            if n in r_layers and n in q_layers and r_layers[n].shape == q_layers[n].shape:
-                per_layer[n].add(r_layers[n], q_layers[n])
-    r, g = torch.cat(ref), torch.cat(got)
-    m = error_metrics(r, g)
-    rowcos = torch.nn.functional.cosine_similarity(r, g, dim=-1)
-    model = {"output_sqnr_db": m.sqnr_db, "output_rel_error": m.rel_error, "output_max_abs_error": m.max_abs_error,
-             "output_mean_cosine": float(rowcos.mean()), "output_min_cosine": float(rowcos.min())}
-    layers = {n: {"output_sqnr_db": acc.result().sqnr_db, "output_rel_error": acc.result().rel_error}
-              for n, acc in per_layer.items() if acc.n}
-    return model, layers
-
-
-def output_error(float_model: nn.Module, qmodel: nn.Module, data: Iterable[Any]) -> dict[str, float]:
-    """Error of the quantized model's outputs against the float model's on ``data``."""
-    return compare_outputs(float_model, qmodel, data)[0]
 
 
 def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
