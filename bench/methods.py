@@ -157,35 +157,26 @@ def _rows_independent(a: np.ndarray, chain: list[Step]) -> bool:
 
 
 def _compress_int_by_rows(name: str, a: np.ndarray, step: Step, scheme: dict, keep_approx: bool) -> Compressed:
-    """The integer step on blocks of rows: the same codes and scales as the whole-tensor path
+    """``_values_encode`` on blocks of rows: the same codes and scales as the whole-tensor path
     (rows are independent), with memory near the source tensor plus its codes."""
-    o = step.options
-    spec = QuantSpec.from_dict(o["spec"])
-    opts = {k: o[k] for k in ("percentile",) if k in o}
     src = a.dtype
     rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
-    codes = np.empty(a.shape, spec.code_dtype)
-    pshape = spec.params_shape(a.shape, name)
-    scale = np.empty(pshape, np.float32)
-    zp = np.empty(pshape, np.int32)
+    blocks: dict[str, list[np.ndarray]] = {}
     acc = MetricsAccumulator()
     approx = np.empty(a.shape, src) if keep_approx else None
     for r0 in range(0, a.shape[0], rows_per):
         r1 = min(r0 + rows_per, a.shape[0])
-        xb = a[r0:r1].astype(np.float32, copy=False)
-        qp = calibrate(xb, spec, o.get("method", "minmax"), name=name, **opts)
-        cb = np.asarray(quantize(xb, qp, name=name))
-        codes[r0:r1], scale[r0:r1], zp[r0:r1] = cb, qp.scale, qp.zero_point
-        deq = np.asarray(dequantize(cb, qp), np.float32).astype(src, copy=False)
+        bparts, vs, recon = _values_encode(a[r0:r1].astype(np.float32, copy=False), step, src, name)
+        for k, v in bparts.items():
+            blocks.setdefault(k, []).append(v)
+        deq = recon.astype(src, copy=False)
         acc.add(a[r0:r1], deq)
         if approx is not None:
             approx[r0:r1] = deq
-    vs = {"kind": "int", "spec": spec.to_dict()}
-    stored, pinfo = _dense_part_store(codes, vs)
-    parts = {"values": stored, "scale": scale}
-    if not spec.symmetric:
-        parts["zero_point"] = zp
-    scheme.update(structure={"kind": "none"}, values=vs, values_part=pinfo, values_count=int(codes.size))
+    joined = {k: np.concatenate(v) for k, v in blocks.items()}
+    stored, pinfo = _dense_part_store(joined.pop("dense"), vs)
+    parts = {"values": stored, **joined}
+    scheme.update(structure={"kind": "none"}, values=vs, values_part=pinfo, values_count=int(a.size))
     scheme["sha256"] = parts_digest(parts)
     row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(scheme["chain"]),
                                     bytes_after=sum(p.nbytes for p in parts.values()))
