@@ -74,9 +74,9 @@ def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None 
     k = amount_to_count(a.size, sparsity, count)
     mag = np.abs(a)
     require_finite(a, name, mag)
-    prune = smallest_k(mag, k)
-    pruned = np.where(prune, a.dtype.type(0), a)
-    return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(~prune, w),
+    keep = ~smallest_k(mag, k)
+    pruned = a * keep  # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); 4x np.where
+    return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(keep, w),
                        make_storage=lambda: Bitmask.from_dense(pruned),
                        make_report=_single(f"magnitude pruning {k}/{a.size}", name, a,
                                            f"magnitude {k / max(a.size, 1):.0%}", as_numpy(w).nbytes))
@@ -109,9 +109,10 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
     for n, a in arrays.items():
         p = prune[off:off + a.size].reshape(a.shape)
         off += a.size
-        pruned = np.where(p, a.dtype.type(0), a)
+        keep = ~p
+        pruned = a * keep
         src = tensors[n]
-        r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(~p, src),
+        r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(keep, src),
                         make_storage=lambda pruned=pruned: Bitmask.from_dense(pruned),
                         make_report=_single("global magnitude pruning", n, a,
                                             f"global magnitude {k / max(flat.size, 1):.0%}", as_numpy(src).nbytes))
