@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from precision import FloatFormat, decode, describe, encode, fields, get_format, round_to
-from precision.codec import _decompose, _encode_exact
+from precision import codec
+from precision.codec import _PARALLEL_MIN, _decode_torch as torch_decode, _encode_f32_torch as torch_kernel, _decompose, _encode_exact, _torch_kernel_rounds_correctly
 
 from ._oracle import oracle_round
 from .test_formats import ML
@@ -176,6 +177,47 @@ def test_float32_fast_paths_equal_the_exact_algorithm(name, rounding):
         fast = encode(x, fmt, rounding=rounding, overflow=overflow)
         exact = _encode_exact(*_decompose(x), fmt, rounding, overflow, None).astype(fmt.storage_dtype)
         np.testing.assert_array_equal(fast, exact)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"])
+def test_large_arrays_take_the_threaded_and_torch_kernels_and_still_equal_the_exact_algorithm(name, monkeypatch):
+    # above _PARALLEL_MIN encode switches to threads (fp8) or torch's conversion kernel (fp16, bf16);
+    # NaN with both signs and with payloads sits inside the array, where the kernels' rule differs
+    fmt = get_format(name)
+    bits = np.random.default_rng(8).integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([bits.view(np.float32), hard_float32_set(fmt),
+                        np.array([0x7F800001, 0xFFC00000, 0x7FFFFFFF], np.uint32).view(np.float32)])
+    exact = _encode_exact(*_decompose(x), fmt, "nearest_even", "ieee", None).astype(fmt.storage_dtype)
+    reps = -(-_PARALLEL_MIN // x.size) + 1
+    big = np.tile(x, reps)
+    calls = []
+    monkeypatch.setattr(codec, "_encode_f32_torch", lambda *a: calls.append(1) or torch_kernel(*a))
+    np.testing.assert_array_equal(encode(big, fmt), np.tile(exact, reps))
+    assert len(calls) == (name in ("fp16", "bf16"))
+    big.flags.writeable = False  # torch cannot wrap a read-only array: the numpy path takes it
+    np.testing.assert_array_equal(encode(big, fmt), np.tile(exact, reps))
+    np.testing.assert_array_equal(encode(torch.from_numpy(np.tile(x, reps)), fmt).numpy(), np.tile(exact, reps))
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_large_decode_equals_the_small_decode_bit_for_bit_nan_included(name, monkeypatch):
+    fmt = get_format(name)
+    codes = np.arange(1 << 16, dtype=np.uint16)
+    small = decode(codes, fmt).view(np.uint32)
+    reps = _PARALLEL_MIN // codes.size + 1
+    calls = []
+    monkeypatch.setattr(codec, "_decode_torch", lambda *a: calls.append(1) or torch_decode(*a))
+    big = np.concatenate([np.tile(codes, reps), codes[-7:]])  # an odd tail: torch's scalar loop runs too
+    got = decode(big, fmt).view(np.uint32)
+    assert len(calls) == (name == "fp16")  # fp16 through torch's kernel, bf16 a shift in numpy threads
+    np.testing.assert_array_equal(got, np.concatenate([np.tile(small, reps), small[-7:]]))
+
+
+def test_torch_kernel_probe_rejects_a_kernel_that_rounds_differently():
+    assert _torch_kernel_rounds_correctly(get_format("bf16"), torch.bfloat16)
+    assert _torch_kernel_rounds_correctly(get_format("fp16"), torch.float16)
+    # a kernel that produces other codes for the same values (here: the other 16-bit format) is refused
+    assert not _torch_kernel_rounds_correctly(get_format("bf16"), torch.float16)
 
 
 @pytest.mark.slow
