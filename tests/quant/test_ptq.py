@@ -107,3 +107,20 @@ def test_minilm_sentence_embeddings_stay_close(minilm, case):
     print(f"MiniLM {case}: mean cosine {cos:.5f} over {len(held_out)} held-out sentences, "
           f"weights {rep.totals['mean_sqnr_db']:.2f} dB, {rep.totals['ratio']:.2f}x smaller")
     assert cos > floor
+
+
+def test_int8_kernel_quantizes_tokens_bit_for_bit_as_quant_quantize(toy):
+    # the kernel's in-place torch arithmetic must give the codes and scales of the numpy reference,
+    # with and without a SmoothQuant input scale; rows of exact ties (k + 0.5 steps) included
+    m, data = toy
+    from quant import quantize
+    from quant.modules import TOKEN_SPEC
+    for smooth in (None, 0.5):
+        q, _ = ptq(m, data, activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=smooth)
+        lin = q[0]
+        x = torch.cat([data[1], (torch.arange(32.0) - 15.5).repeat(3, 1) * torch.tensor([[1.0], [0.25], [3.0]])])
+        xq, sx = lin._quantize_tokens(x)
+        xs = (x * lin.input_scale if lin.input_scale is not None else x).numpy()
+        qp = calibrate(xs, TOKEN_SPEC)
+        np.testing.assert_array_equal(xq.numpy(), np.asarray(quantize(xs, qp)))
+        np.testing.assert_array_equal(sx.numpy(), qp.scale)
