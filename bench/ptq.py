@@ -22,8 +22,9 @@ from .timing import best_pair, best_time
 CONFIGS = {
     "native W8 per-channel (weight-only)": dict(),
     "native W8A8 per-token dynamic + SmoothQuant 0.6": dict(
-        activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
-    "native W8A8 per-token dynamic": dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic"),
+        activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
+    "native W8A8 per-token dynamic": dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)),
+                                          activation_mode="dynamic"),
     "native W8A8 static per-tensor": dict(activations=QuantSpec()),
     "native W4 group-128 mse (weight-only)": dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)),
                                                   weight_method="mse"),

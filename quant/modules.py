@@ -17,7 +17,15 @@ from .quantize import QParams, dequantize, fake_quantize, round_scaled
 from .spec import PerChannel, PerTensor, QuantSpec
 
 # per-token activations for the int8 kernel: symmetric int8, one scale per row
-TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(axis=0))
+# (codes in [-127, 127]: scale amax / 127, so no code can round past the range and the kernel skips
+# the clamp pass; the full range [-128, 127] also runs on the kernel, with the clamp: amax / 127.5, and
+# +amax rounds to 128)
+TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, granularity=PerChannel(axis=0))
+
+
+def _is_token_spec(spec: QuantSpec) -> bool:
+    """int8 symmetric, one scale per token (row): what the int8 kernel quantizes activations with."""
+    return spec.bits == 8 and spec.signed and spec.symmetric and spec.granularity == PerChannel(axis=0)
 
 
 class _Scratch(threading.local):
@@ -72,7 +80,8 @@ class QuantizedLinear(nn.Module):
       * ``"dynamic"``: inputs (first multiplied by ``input_scale`` when the
         weight was smoothed, see ``ptq(smooth=...)``), viewed as (tokens, features), are quantized with
         ``act_spec`` on each call. With int8 symmetric per-token activations
-        (the default ``TOKEN_SPEC``) and int8 symmetric per-tensor/per-channel
+        (the default ``TOKEN_SPEC``, codes in [-127, 127], or the full range)
+        and int8 symmetric per-tensor/per-channel
         weights this runs on the int8 kernel ``torch._int_mm`` (int32
         accumulation), then rescales; otherwise it fake-quantizes in float.
     """
@@ -99,7 +108,7 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         spec = qparams.spec
         self.int_kernel = (
-            activations == "dynamic" and act_spec == TOKEN_SPEC and _has_int_mm() and spec.bits == 8 and spec.signed and spec.symmetric
+            activations == "dynamic" and _is_token_spec(act_spec) and _has_int_mm() and spec.bits == 8 and spec.signed and spec.symmetric
             and isinstance(spec.granularity, (PerTensor, PerChannel))
             and (isinstance(spec.granularity, PerTensor) or spec.granularity.axis % 2 == 0)
             and self.in_features % 8 == 0 and self.out_features % 8 == 0
@@ -146,13 +155,14 @@ class QuantizedLinear(nn.Module):
         t = scratch.take(torch.float32, x2.shape)
         src = torch.mul(x2, self.input_scale, out=t) if self.input_scale is not None else x2
         amax = torch.maximum(src.amax(dim=1, keepdim=True), src.amin(dim=1, keepdim=True).neg_())
-        sx = symmetric_scale(amax, TOKEN_SPEC)
+        spec = self.act_spec
+        sx = symmetric_scale(amax, spec)
         if src is t:
             round_scaled(t, 1.0 / sx, in_place=True)
         else:
             torch.mul(x2, 1.0 / sx, out=t).round_()
         xq = scratch.take(torch.int8, x2.shape)
-        xq.copy_(t.clamp_(TOKEN_SPEC.qmin, TOKEN_SPEC.qmax))
+        xq.copy_(t if spec.narrow_range else t.clamp_(spec.qmin, spec.qmax))
         scratch.last = None if version is None else (weakref.ref(x), version, self.input_scale, xq, sx)
         return xq, sx
 

@@ -22,7 +22,7 @@ def toy():
 
 @pytest.mark.parametrize("kw", [
     dict(), dict(activations=QuantSpec()), dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic"),
-    dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
+    dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
     dict(weights=QuantSpec(bits=4, granularity=PerGroup(16)), weight_method="mse"),
     dict(backend="torch.ao"), dict(backend="torch.ao", weights=QuantSpec()),
     dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
@@ -88,7 +88,7 @@ def minilm():
 MINILM_CASES = {
     "native W8 per-channel": (dict(), 0.999),
     "native W8A8 per-token dynamic, SmoothQuant 0.6": (
-        dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6), 0.999),
+        dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6), 0.999),
     "native W4 group-128 mse": (dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)), weight_method="mse"), 0.941),
     "native W8A8 static per-tensor": (dict(activations=QuantSpec()), 0.95),
     "torch.ao dynamic (default per-tensor)": (dict(backend="torch.ao", weights=QuantSpec()), 0.9),
@@ -114,14 +114,15 @@ def test_int8_kernel_quantizes_tokens_bit_for_bit_as_quant_quantize(toy):
     # with and without a SmoothQuant input scale; rows of exact ties (k + 0.5 steps) included
     m, data = toy
     from quant import quantize
-    from quant.modules import TOKEN_SPEC
-    for smooth in (None, 0.5):
-        q, _ = ptq(m, data, activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=smooth)
+    for smooth, narrow in ((None, False), (0.6, False), (None, True), (0.6, True)):
+        spec = QuantSpec(narrow_range=narrow, granularity=PerChannel(0))
+        q, _ = ptq(m, data, activations=spec, activation_mode="dynamic", smooth=smooth)
         lin = q[0]
+        assert lin.int_kernel
         x = torch.cat([data[1], (torch.arange(32.0) - 15.5).repeat(3, 1) * torch.tensor([[1.0], [0.25], [3.0]])])
         xq, sx = (t.clone() for t in lin._quantize_tokens(x))
         xs = (x * lin.input_scale if lin.input_scale is not None else x).numpy()
-        qp = calibrate(xs, TOKEN_SPEC)
+        qp = calibrate(xs, spec)
         np.testing.assert_array_equal(xq.numpy(), np.asarray(quantize(xs, qp)))
         np.testing.assert_array_equal(sx.numpy(), qp.scale)
 
@@ -141,7 +142,7 @@ def test_layers_fed_one_tensor_share_a_smoothing_vector_and_quantize_it_once(mon
     import quant.modules as qm
     torch.manual_seed(1)
     m, data = _QKV(), [torch.randn(40, 32) * torch.linspace(0.1, 8, 32) for _ in range(3)]
-    q, _ = ptq(m, data, activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    q, _ = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
     assert torch.equal(q.q.input_scale, q.k.input_scale) and torch.equal(q.q.input_scale, q.v.input_scale)
     assert not torch.equal(q.q.input_scale, q.o.input_scale)
     calls = []
@@ -163,7 +164,7 @@ def test_layers_fed_one_tensor_share_a_smoothing_vector_and_quantize_it_once(mon
 def test_an_input_changed_in_place_between_layers_is_quantized_again():
     torch.manual_seed(2)
     m, data = _QKV(), [torch.randn(40, 32) for _ in range(2)]
-    q, _ = ptq(m, data, activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    q, _ = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
     x = data[1].clone()
     with torch.no_grad():
         q.q(x)
