@@ -154,6 +154,7 @@ def test_layers_fed_one_tensor_share_a_smoothing_vector_and_quantize_it_once(mon
     assert len(calls) == 2  # once for q/k/v, once for o
     # every layer alone (no reuse possible) gives the very same output
     qm.release_scratch()
+    assert not qm._SCRATCH.buffers and qm._SCRATCH.last is None
     with torch.no_grad():
         alone = q.o(q.q(x.clone()) + q.k(x.clone()) * q.v(x.clone()))
         assert torch.equal(shared, alone)
