@@ -124,9 +124,13 @@ def _shared_inputs(model: nn.Module, layers, batch) -> list[list[str]]:
     attention block), found by running ``batch`` once. Weak references: a tensor freed and replaced
     by another at the same address is not mistaken for it."""
     groups: list[tuple[weakref.ref, list[str]]] = []
+    seen: set[str] = set()
 
     def hook(n):
         def pre(mod, args):
+            if not args or n in seen:  # a layer called twice stays in the group of its first call
+                return
+            seen.add(n)
             for ref, names in groups:
                 if ref() is args[0]:
                     names.append(n)
@@ -157,7 +161,8 @@ def _native(model, calib, weights, activations, activation_mode, weight_method, 
         mods = dict(layers)
         for group in _shared_inputs(qmodel, layers, calib[0]):
             wmax = torch.stack([mods[n].weight.detach().abs().amax(0) for n in group]).amax(0).clamp_min(1e-8)
-            s = (amax[group[0]].clamp_min(1e-8) ** smooth / wmax ** (1 - smooth)).clamp(1e-4, 1e4)
+            xmax = torch.stack([amax[n] for n in group]).amax(0).clamp_min(1e-8)
+            s = (xmax ** smooth / wmax ** (1 - smooth)).clamp(1e-4, 1e4)
             for n in group:
                 smooth_s[n] = s.float().numpy()
     act_qp: dict[str, Any] = {}

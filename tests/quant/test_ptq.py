@@ -171,3 +171,21 @@ def test_an_input_changed_in_place_between_layers_is_quantized_again():
         q.q(x)
         x.mul_(3.0)
         torch.testing.assert_close(q.k(x), q.k(x.clone()), rtol=0, atol=0)
+
+
+def test_a_layer_called_twice_keeps_one_smoothing_vector_and_the_model_runs():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    torch.manual_seed(3)
+    m, data = Twice(), [torch.randn(24, 16) for _ in range(3)]
+    q, rep = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic",
+                 smooth=0.6)
+    assert rep.meta["output_mean_cosine"] > 0.99
+    with torch.no_grad():
+        torch.testing.assert_close(q(data[0]), m(data[0]), rtol=0.1, atol=0.1)
