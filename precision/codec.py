@@ -552,7 +552,7 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
     if fmt.bits <= 16:
         flat = contiguous(b).reshape(-1)
         if flat.size >= _PARALLEL_MIN and flat.dtype == np.uint16 and flat.flags.writeable \
-                and fmt.exponent_bits != 8 and (tdt := _torch_twin(fmt)) is not None:
+                and (tdt := _torch_twin(fmt)) is torch.float16:
             return like(_decode_torch(flat, fmt, tdt).reshape(b.shape), bits)
         out = np.empty(flat.shape, np.float32)
         if fmt.exponent_bits == 8 and fmt.bias == 127 and fmt.specials == "ieee":

@@ -157,10 +157,7 @@ class QuantizedLinear(nn.Module):
         amax = torch.maximum(src.amax(dim=1, keepdim=True), src.amin(dim=1, keepdim=True).neg_())
         spec = self.act_spec
         sx = symmetric_scale(amax, spec)
-        if src is t:
-            round_scaled(t, 1.0 / sx, in_place=True)
-        else:
-            torch.mul(x2, 1.0 / sx, out=t).round_()
+        round_scaled(src, 1.0 / sx, out=t)
         xq = scratch.take(torch.int8, x2.shape)
         xq.copy_(t if spec.narrow_range else t.clamp_(spec.qmin, spec.qmax))
         scratch.last = None if version is None else (weakref.ref(x), version, self.input_scale, xq, sx)

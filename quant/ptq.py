@@ -103,20 +103,26 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
     return qmodel, report
 
 
-def _collect_inputs(model: nn.Module, layers, calib, fn) -> None:
-    """Run ``calib`` through ``model`` calling ``fn(name, input as (tokens, features))`` for each layer."""
+def _on_inputs(model: nn.Module, layers, batches, fn) -> None:
+    """Run ``batches`` through ``model`` calling ``fn(name, args)`` before each layer's forward
+    (whatever ``fn`` returns is dropped: a pre-hook's return value would replace the layer's input)."""
     def hook(n):
-        def observe(mod, args):
-            fn(n, args[0].detach().reshape(-1, args[0].shape[-1]))
-        return observe
+        def pre(mod, args) -> None:
+            fn(n, args)
+        return pre
 
     hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
     try:
-        for b in calib:
+        for b in batches:
             run_model(model, b)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _collect_inputs(model: nn.Module, layers, calib, fn) -> None:
+    """Run ``calib`` through ``model`` calling ``fn(name, input as (tokens, features))`` for each layer."""
+    _on_inputs(model, layers, calib, lambda n, args: fn(n, args[0].detach().reshape(-1, args[0].shape[-1])))
 
 
 def _shared_inputs(model: nn.Module, layers, batch) -> list[list[str]]:
@@ -126,24 +132,17 @@ def _shared_inputs(model: nn.Module, layers, batch) -> list[list[str]]:
     groups: list[tuple[weakref.ref, list[str]]] = []
     seen: set[str] = set()
 
-    def hook(n):
-        def pre(mod, args):
-            if not args or n in seen:  # a layer called twice stays in the group of its first call
+    def pre(n, args):
+        if not args or n in seen:  # a layer called twice stays in the group of its first call
+            return
+        seen.add(n)
+        for ref, names in groups:
+            if ref() is args[0]:
+                names.append(n)
                 return
-            seen.add(n)
-            for ref, names in groups:
-                if ref() is args[0]:
-                    names.append(n)
-                    return
-            groups.append((weakref.ref(args[0]), [n]))
-        return pre
+        groups.append((weakref.ref(args[0]), [n]))
 
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
-    try:
-        run_model(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    _on_inputs(model, layers, [batch], pre)
     return [names for _, names in groups]
 
 

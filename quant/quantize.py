@@ -134,16 +134,16 @@ class QParams:
                                ).reshape(self.shape)
 
 
-def round_scaled(x: Any, inv_scale: Any, *, in_place: bool = False) -> Any:
+def round_scaled(x: Any, inv_scale: Any, *, out: Any = None) -> Any:
     """``rint(x * inv_scale)``, ties to even, for numpy arrays or torch tensors alike.
 
     The one rounding step of every quantizer in lowbit; the torch branch
     exists so that int8 inference kernels can quantize activations without
     leaving torch, with results identical to the numpy branch (same float ops).
-    ``in_place=True`` (torch only) overwrites ``x``, a temporary of the caller's.
+    ``out`` (torch only): a float tensor to write the result into (may be ``x``).
     """
     if is_torch(x):
-        return (x.mul_(inv_scale) if in_place else torch.mul(x, inv_scale)).round_()
+        return torch.mul(x, inv_scale, out=out).round_()
     return np.rint(x * inv_scale)
 
 
