@@ -87,16 +87,7 @@ def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, shape: t
     with np.errstate(over="ignore"):
         if spec.symmetric:
             amax = np.maximum(-lo_n, hi_p)
-            scale = symmetric_scale(amax, spec)
-            # a constant nonzero block maps exactly onto the end code of its sign
-            const = (lo == hi) & (lo != 0)
-            if const.any():
-                end = np.where(lo > 0, np.float32(qmax - spec.symmetric_zero_point),
-                               np.float32(spec.symmetric_zero_point - qmin))
-                # floor at the smallest normal float32, not torch's eps: tiny constants stay exact
-                const_scale = np.maximum(np.abs(lo) / end, np.finfo(np.float32).tiny)
-                scale = np.where(const, const_scale, scale)
-            scale = scale.astype(np.float32)
+            scale = constant_block_scale(lo, hi, symmetric_scale(amax, spec), spec).astype(np.float32)
             zp = np.full(pshape, spec.symmetric_zero_point, np.int32)
         else:
             scale = np.maximum((hi_p - lo_n) / np.float32(qmax - qmin), np.float32(_EPS)).astype(np.float32)
@@ -112,6 +103,26 @@ def symmetric_scale(amax: Any, spec: QuantSpec) -> Any:
     if is_torch(amax):
         return (amax / half_range).clamp_min(float(_EPS))
     return np.maximum(amax / np.float32(half_range), np.float32(_EPS)).astype(np.float32)
+
+
+def constant_block_scale(lo: Any, hi: Any, scale: Any, spec: QuantSpec) -> Any:
+    """``scale``, except where a block's values are all one nonzero ``c`` (``lo == hi != 0``): there
+    the symmetric scale that maps ``c`` exactly onto the end code of its sign, floored at the
+    smallest normal float32 rather than torch's eps so that tiny constants stay exact. Numpy or torch."""
+    zp = spec.symmetric_zero_point
+    pos, neg = float(spec.qmax - zp), float(zp - spec.qmin)
+    tiny = float(np.finfo(np.float32).tiny)
+    if is_torch(lo):
+        const = (lo == hi) & (lo != 0)
+        if not bool(const.any()):
+            return scale
+        end = (lo > 0).to(lo.dtype) * (pos - neg) + neg  # exact: small integers
+        return (lo.abs() / end).clamp_min(tiny).where(const, scale)
+    const = (lo == hi) & (lo != 0)
+    if not const.any():
+        return scale
+    end = np.where(lo > 0, np.float32(pos), np.float32(neg))
+    return np.where(const, np.maximum(np.abs(lo) / end, np.float32(tiny)), scale)
 
 
 def _stats(batches: list[np.ndarray], spec: QuantSpec, name: str):

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import calibrate, symmetric_scale
+from . import _native
+from .calibrate import _EPS, calibrate, constant_block_scale, symmetric_scale
 from .quantize import QParams, dequantize, fake_quantize, round_scaled
 from .spec import PerChannel, PerTensor, QuantSpec
 
@@ -32,9 +33,9 @@ class _Scratch(threading.local):
     """Per-thread scratch for the int8 kernel's activation quantization, reused by every layer.
 
     A fresh CPU tensor of activation size costs more in page faults than the
-    arithmetic done in it, so the float temporary and the int8 codes live in
-    buffers that grow to the largest activation a thread has seen (for MiniLM
-    at 32 x 128 tokens: 25 MB + 6 MB) and stay; :func:`release_scratch`
+    arithmetic done in it, so the int8 codes (and, on the torch fallback, the
+    float temporary) live in buffers that grow to the largest activation a
+    thread has seen (for MiniLM at 32 x 128 tokens: 6 MB, + 25 MB) and stay; :func:`release_scratch`
     frees the calling thread's. ``last`` remembers whose codes the buffer
     holds, so layers that share an input and a SmoothQuant scale (Q, K and V)
     quantize it once.
@@ -122,7 +123,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def kernel(self) -> str:
-        return "torch._int_mm (int8 x int8 -> int32)" if self.int_kernel else "dequantize + float32 matmul"
+        if not self.int_kernel:
+            return "dequantize + float32 matmul"
+        return f"torch._int_mm (int8 x int8 -> int32), quantize/rescale: {_native.status()}"
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.weight_codes, self.qparams)
@@ -140,10 +143,11 @@ class QuantizedLinear(nn.Module):
 
     def _quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token symmetric int8 codes (tokens, features) and scales (tokens, 1) of ``x`` after the
-        SmoothQuant input scale: the arithmetic of ``quant.quantize`` (tested bit for bit), in as few
-        passes over the activation as eager torch allows: in place in per-thread scratch (see
-        :class:`_Scratch`), with ``|x|``'s row max from ``amax`` and ``amin`` instead of ``abs(x)``.
-        The codes live in the scratch buffer: use them before the next quantization in this thread."""
+        SmoothQuant input scale: the arithmetic of ``quant.quantize`` (tested bit for bit), in one
+        fused C pass (:mod:`quant._native`) or, where that is unavailable or a row is not finite, in as
+        few torch passes as eager torch allows: in place in per-thread scratch (see :class:`_Scratch`),
+        with ``|x|``'s row max from ``amax`` and ``amin`` instead of ``abs(x)``. The codes live in the
+        scratch buffer: use them before the next quantization in this thread."""
         x2 = x.reshape(-1, x.shape[-1]).float()
         scratch = _SCRATCH
         # an in-place change of x bumps its version; inference tensors have none, so they are not reused
@@ -152,14 +156,17 @@ class QuantizedLinear(nn.Module):
         if last is not None and version is not None and last[0]() is x and last[1] == version \
                 and _same_scale(last[2], self.input_scale):
             return last[3], last[4]
-        t = scratch.take(torch.float32, x2.shape)
-        src = torch.mul(x2, self.input_scale, out=t) if self.input_scale is not None else x2
-        amax = torch.maximum(src.amax(dim=1, keepdim=True), src.amin(dim=1, keepdim=True).neg_())
         spec = self.act_spec
-        sx = symmetric_scale(amax, spec)
-        round_scaled(src, 1.0 / sx, out=t)
         xq = scratch.take(torch.int8, x2.shape)
-        xq.copy_(t if spec.narrow_range else t.clamp_(spec.qmin, spec.qmax))
+        sx = torch.empty(x2.shape[0], 1)
+        if not _native.quantize_tokens(x2, self.input_scale, (spec.qmax - spec.qmin) / 2, float(_EPS),
+                                       spec.qmin, spec.qmax, xq, sx):
+            t = scratch.take(torch.float32, x2.shape)
+            src = torch.mul(x2, self.input_scale, out=t) if self.input_scale is not None else x2
+            hi, lo = src.amax(dim=1, keepdim=True), src.amin(dim=1, keepdim=True)
+            sx = constant_block_scale(lo, hi, symmetric_scale(torch.maximum(hi, -lo), spec), spec)
+            round_scaled(src, 1.0 / sx, out=t)
+            xq.copy_(t if spec.narrow_range else t.clamp_(spec.qmin, spec.qmax))
         scratch.last = None if version is None else (weakref.ref(x), version, self.input_scale, xq, sx)
         return xq, sx
 
@@ -170,15 +177,17 @@ class QuantizedLinear(nn.Module):
         if rows <= 16:  # _int_mm wants more than 16 rows
             xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
         acc = torch._int_mm(xq, self._wt)[:rows]
-        # epilogue in place in the accumulator's memory, in same-dtype passes (a mixed int32 * float op
-        # is several times slower than a conversion plus a float op): float(acc) * row scale * col scale + bias
+        y = _native.rescale(acc, sx, self._ws, self.bias)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # the same epilogue in torch, in place in the accumulator's memory, in same-dtype passes (a mixed
+        # int32 * float op is several times slower than a conversion plus a float op); not addcmul, whose
+        # fused multiply-add rounds differently from the C pass
         y = acc.view(torch.float32)
         y.copy_(acc)
-        y.mul_(sx)
+        y.mul_(sx).mul_(self._ws)
         if self.bias is not None:
-            torch.addcmul(self.bias, y, self._ws, out=y)
-        else:
-            y.mul_(self._ws)
+            y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,122 @@
+/* Fused passes around lowbit's int8 GEMM (torch._int_mm): per-token activation quantization before
+ * it and the rescale after it, each one pass over memory instead of eager torch's three to five.
+ *
+ * Built by quant/_native/__init__.py on first use (cc -O3 -march=native -ffp-contract=off -fopenmp)
+ * and called through ctypes. Every float operation is a single IEEE float32 operation in the order
+ * quant.quantize does it (no FMA contraction, no fast-math), so the codes are bit-identical to
+ * lowbit's numpy/torch implementation; the tests check that.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* below this many elements a parallel region costs more than it saves */
+#define PARALLEL_MIN 65536
+
+/* Per-token (per-row) symmetric quantization of x (rows x cols, row stride ld, float32), signed codes
+ * with zero point 0, as quant.calibrate + quant.quantize do it:
+ *   v = x * smooth (when smooth is not NULL), amax = max |v| over the row,
+ *   scale = max(amax / half_range, eps), or for a row whose values are all one nonzero c,
+ *   scale = max(|c| / (c > 0 ? qmax : -qmin), FLT_MIN) (c lands exactly on the end code);
+ *   code = clamp(rint(v * (1 / scale)), qmin, qmax).
+ * The row maximum is taken on the bit patterns of |v| (an integer max, which vectorizes; it orders
+ * non-negative floats as their values do, and puts NaN above inf), so a row holding NaN or inf is
+ * recognised: its scale is set to NaN, its codes are left unwritten, and it is counted in the
+ * return value, so the caller can fall back to the reference path, which defines that case. */
+int64_t lowbit_quantize_tokens(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *smooth,
+                               float half_range, float eps, float qmin, float qmax,
+                               int8_t *codes, float *scales, int nthreads)
+{
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : bad) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        int8_t *qr = codes + r * cols;
+        const float first = cols ? (smooth ? xr[0] * smooth[0] : xr[0]) : 0.0f;
+        uint32_t first_bits;
+        memcpy(&first_bits, &first, sizeof first_bits);
+        uint32_t m = 0, differ = 0;
+        if (smooth)
+            for (int64_t c = 0; c < cols; c++) {
+                float v = xr[c] * smooth[c];
+                uint32_t u;
+                memcpy(&u, &v, sizeof u);
+                differ |= u ^ first_bits;
+                u &= 0x7fffffffu;
+                m = u > m ? u : m;
+            }
+        else
+            for (int64_t c = 0; c < cols; c++) {
+                uint32_t u;
+                memcpy(&u, &xr[c], sizeof u);
+                differ |= u ^ first_bits;
+                u &= 0x7fffffffu;
+                m = u > m ? u : m;
+            }
+        if (m >= 0x7f800000u) { /* inf or NaN */
+            scales[r] = NAN;
+            bad++;
+            continue;
+        }
+        float amax;
+        memcpy(&amax, &m, sizeof amax);
+        float s;
+        if (differ == 0 && first != 0.0f) {
+            s = fabsf(first) / (first > 0.0f ? qmax : -qmin);
+            s = s < FLT_MIN ? FLT_MIN : s;
+        } else {
+            s = amax / half_range;
+            s = s < eps ? eps : s;
+        }
+        scales[r] = s;
+        const float inv = 1.0f / s;
+        if (smooth)
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) {
+                float v = nearbyintf((xr[c] * smooth[c]) * inv);
+                v = v < qmin ? qmin : v;
+                v = v > qmax ? qmax : v;
+                qr[c] = (int8_t)(int32_t)v;
+            }
+        else
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) {
+                float v = nearbyintf(xr[c] * inv);
+                v = v < qmin ? qmin : v;
+                v = v > qmax ? qmax : v;
+                qr[c] = (int8_t)(int32_t)v;
+            }
+    }
+    return bad;
+}
+
+/* y = float(acc) * row_scale[r] * col_scale[c] (+ bias[c]), in that order, each step rounded to float32.
+ * acc is rows x cols int32, contiguous; y (float32, contiguous) may be the same memory as acc (each
+ * element is read before it is written, so the loops are vectorized regardless: ivdep).
+ * col_scale has cols entries, or one (per-tensor weights). */
+void lowbit_rescale(const int32_t *acc, int64_t rows, int64_t cols, const float *row_scale,
+                    const float *col_scale, int64_t n_col_scale, const float *bias, float *y, int nthreads)
+{
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *ar = acc + r * cols;
+        float *yr = y + r * cols;
+        const float s = row_scale[r];
+        if (n_col_scale == 1) {
+            const float w = col_scale[0];
+            if (bias)
+                _Pragma("GCC ivdep")
+                for (int64_t c = 0; c < cols; c++) yr[c] = ((float)ar[c] * s) * w + bias[c];
+            else
+                _Pragma("GCC ivdep")
+                for (int64_t c = 0; c < cols; c++) yr[c] = ((float)ar[c] * s) * w;
+        } else if (bias) {
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) yr[c] = ((float)ar[c] * s) * col_scale[c] + bias[c];
+        } else {
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) yr[c] = ((float)ar[c] * s) * col_scale[c];
+        }
+    }
+}

@@ -1,0 +1,153 @@
+"""The fused C passes around the int8 GEMM: bit for bit against lowbit's reference, fallbacks, safe build."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from quant import PerChannel, QuantSpec, calibrate, ptq, quantize
+from quant import _native
+from quant.calibrate import _EPS
+
+needs_c = pytest.mark.skipif(_native.library() is None, reason=f"fused C passes unavailable: {_native.status()}")
+
+
+def _run_quantize(x, smooth, spec):
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(x.shape[0], 1)
+    ok = _native.quantize_tokens(x, smooth, (spec.qmax - spec.qmin) / 2, float(_EPS), spec.qmin, spec.qmax,
+                                 codes, scales)
+    return ok, codes, scales
+
+
+def _activations(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, cols)
+    x[0] = 0  # constant row: the eps scale
+    x[1] = 1e-30  # amax / 127 underflows below eps
+    x[2, :4] = torch.tensor([-0.0, 1e-45, -3e37, 3e37])  # sign of zero, a subnormal, huge values
+    steps = torch.arange(float(cols)) - cols / 2 + 0.5  # exact ties after scaling by amax / 127.5 or 127
+    x[3] = steps / steps.abs().max() * 127.5
+    x[4] = steps / steps.abs().max() * 127
+    if rows > 6:  # constant rows land exactly on the end code of their sign (-128 in the full range)
+        x[5], x[6] = -2.5, 0.75
+    return x
+
+
+@needs_c
+@pytest.mark.parametrize("narrow", [True, False])
+@pytest.mark.parametrize("smoothed", [False, True])
+@pytest.mark.parametrize("rows,cols", [(5, 8), (700, 384), (64, 1536)])  # serial and threaded
+def test_codes_and_scales_equal_quant_quantize_bit_for_bit(narrow, smoothed, rows, cols):
+    spec = QuantSpec(narrow_range=narrow, granularity=PerChannel(0))
+    x = _activations(rows, cols, seed=rows + cols)
+    smooth = torch.rand(cols, generator=torch.Generator().manual_seed(7)) * 4 + 0.25 if smoothed else None
+    ok, codes, scales = _run_quantize(x, smooth, spec)
+    assert ok
+    xs = (x * smooth if smoothed else x).numpy()
+    qp = calibrate(xs, spec)
+    np.testing.assert_array_equal(scales.numpy(), qp.scale)
+    np.testing.assert_array_equal(codes.numpy(), np.asarray(quantize(xs, qp)))
+
+
+@needs_c
+def test_rows_with_a_row_stride_are_read_in_place():
+    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    wide = _activations(300, 512, seed=3)
+    x = wide[:, 64:448]  # row stride 512, unit column stride: no copy needed
+    ok, codes, scales = _run_quantize(x, None, spec)
+    ref = _run_quantize(x.contiguous(), None, spec)
+    assert ok and torch.equal(codes, ref[1]) and torch.equal(scales, ref[2])
+
+
+@needs_c
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_row_hands_the_call_back_to_the_reference_path(bad):
+    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    x = _activations(400, 384, seed=5)
+    x[399, 17] = bad
+    ok, _, _ = _run_quantize(x, None, spec)
+    assert not ok
+
+
+@needs_c
+def test_arguments_that_do_not_fit_are_refused_not_misread():
+    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    x = _activations(20, 16, seed=1)
+    assert not _run_quantize(x.double(), None, spec)[0]
+    assert not _run_quantize(x.t(), None, spec)[0]  # column stride 20
+    assert not _run_quantize(x, torch.ones(15), spec)[0]  # smoothing vector of the wrong length
+    codes = torch.empty(16, 20, dtype=torch.int8).t()
+    assert not _native.quantize_tokens(x, None, 127.0, float(_EPS), -127, 127, codes, torch.empty(20))
+    acc = torch.ones(20, 16, dtype=torch.int32)
+    assert _native.rescale(acc.t(), torch.ones(16), torch.ones(20), None) is None
+    assert _native.rescale(acc, torch.ones(20), torch.ones(16, dtype=torch.float64), None) is None
+    assert _native.rescale(acc, torch.ones(20), torch.ones(7), None) is None
+
+
+@needs_c
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows", [3, 1000])
+def test_rescale_equals_torch_float32_ops_in_order(per_tensor, with_bias, rows):
+    g = torch.Generator().manual_seed(rows)
+    acc = torch.randint(-2**24, 2**24, (rows, 96), dtype=torch.int32, generator=g)
+    sx = torch.rand(rows, 1, generator=g) * 1e-2
+    sw = torch.rand(1, 1 if per_tensor else 96, generator=g) * 1e-2
+    bias = torch.randn(96, generator=g) if with_bias else None
+    want = acc.float() * sx * sw
+    if with_bias:
+        want = want + bias
+    mem = acc.clone()
+    y = _native.rescale(mem, sx, sw, bias)
+    assert y is not None and y.data_ptr() == mem.data_ptr()  # written over the accumulator
+    assert torch.equal(y, want)
+
+
+@needs_c
+def test_a_model_gives_the_same_output_on_the_c_and_the_torch_passes(monkeypatch):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(384, 512), torch.nn.GELU(), torch.nn.Linear(512, 384))
+    data = [torch.randn(256, 384) for _ in range(3)]
+    q, rep = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)),
+                 activation_mode="dynamic", smooth=0.6)
+    assert "fused C passes" in q[0].kernel
+    x = torch.randn(300, 384)
+    with torch.no_grad():
+        fused = q(x)
+        monkeypatch.setattr(_native, "library", lambda: None)
+        assert "torch passes" in q[0].kernel
+        assert torch.equal(q(x), fused)
+
+
+def _status_in_subprocess(env_extra):
+    env = dict(os.environ, **env_extra)
+    code = "from quant import _native; print(_native.status())"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_lowbit_native_0_turns_the_c_passes_off():
+    assert "turned off by LOWBIT_NATIVE=0" in _status_in_subprocess({"LOWBIT_NATIVE": "0"})
+
+
+@needs_c
+def test_the_build_cache_is_private_and_a_shared_one_is_not_used(tmp_path):
+    own = tmp_path / "own"
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(own)}) == "fused C passes"
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700 and len(list(own.glob("int8_kernels-*.so"))) == 1
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here: build privately instead
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(shared)}) == "fused C passes"
+    assert list(shared.iterdir()) == []
+
+
+def test_a_missing_compiler_falls_back_with_the_reason(tmp_path):
+    status = _status_in_subprocess({"CC": str(tmp_path / "no-such-cc"), "LOWBIT_CACHE_DIR": str(tmp_path / "c")})
+    assert status.startswith("torch passes (not built:")
