@@ -112,15 +112,12 @@ def constant_block_scale(lo: Any, hi: Any, scale: Any, spec: QuantSpec) -> Any:
     zp = spec.symmetric_zero_point
     pos, neg = float(spec.qmax - zp), float(zp - spec.qmin)
     tiny = float(np.finfo(np.float32).tiny)
+    const = (lo == hi) & (lo != 0)
+    if not bool(const.any()):
+        return scale
     if is_torch(lo):
-        const = (lo == hi) & (lo != 0)
-        if not bool(const.any()):
-            return scale
         end = (lo > 0).to(lo.dtype) * (pos - neg) + neg  # exact: small integers
         return (lo.abs() / end).clamp_min(tiny).where(const, scale)
-    const = (lo == hi) & (lo != 0)
-    if not const.any():
-        return scale
     end = np.where(lo > 0, np.float32(pos), np.float32(neg))
     return np.where(const, np.maximum(np.abs(lo) / end, np.float32(tiny)), scale)
 

@@ -151,3 +151,18 @@ def test_the_build_cache_is_private_and_a_shared_one_is_not_used(tmp_path):
 def test_a_missing_compiler_falls_back_with_the_reason(tmp_path):
     status = _status_in_subprocess({"CC": str(tmp_path / "no-such-cc"), "LOWBIT_CACHE_DIR": str(tmp_path / "c")})
     assert status.startswith("torch passes (not built:")
+
+
+def test_threads_running_one_quantized_model_at_once_get_the_sequential_results():
+    # each thread has its own scratch; the C passes run one OpenMP team per calling thread
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(4)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    q, _ = ptq(m, [torch.randn(128, 256) for _ in range(2)],
+               activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    xs = [torch.randn(300 + 7 * i, 256) for i in range(8)]
+    with torch.no_grad():
+        want = [q(x) for x in xs]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda x: q(x), xs * 3))
+    assert all(torch.equal(g, w) for g, w in zip(got, want * 3))
