@@ -9,7 +9,10 @@ exact algorithm: an encode table for 8-bit formats (filled by it), integer
 rounding of the float32 pattern for wider ones, and for large fp16/bf16
 arrays torch's conversion kernel (hardware F16C where present), used only
 while a probe of the hard cases shows it rounds exactly as lowbit does, and
-with NaN redone by lowbit's rule.
+with NaN redone by lowbit's rule. The table lookups (8-bit encode, decode of
+formats other than fp16/bf16) run as one C pass where lowbit's C kernels are
+built (:mod:`precision._native`; same tables, same index, same results),
+else as chunked numpy passes.
 
 Rounding modes
     ``"nearest_even"`` (default): nearest representable value, ties to the
@@ -41,13 +44,16 @@ Zero
 
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ._bridge import contiguous, SMALL_FLOAT_DTYPES, as_numpy, is_torch, like, torch
+from ._native import Library, threads
 from .formats import FloatFormat, FormatLike, get_format
 
 ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
@@ -56,6 +62,20 @@ OVERFLOW_MODES = ("ieee", "saturate")
 _CHUNK = 1 << 17  # elements per block: every temporary stays in L2 cache, calls stay few
 
 _FINITE, _INF, _NAN = 0, 1, 2
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lowbit_encode_f32_byte.argtypes = [p, i64, p, p, i32]
+    lib.lowbit_encode_f32_byte.restype = i64
+    for f in (lib.lowbit_decode_u8, lib.lowbit_decode_u16):
+        f.argtypes = [p, i64, p, p, i32]
+        f.restype = None
+    lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
+    lib.lowbit_decode_top16.restype = None
+
+
+_KERNELS = Library(Path(__file__).with_name("_kernels") / "codec_kernels.c", _bind, fallback="numpy")
 
 
 # ---------------------------------------------------------------- validation
@@ -248,7 +268,8 @@ def _byte_table(fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
         codes = _encode_exact(neg, M, E, kind, fmt, rounding, overflow, None)
         if fmt.nan_code is None:
             codes[nan] = 0xFF
-        t = codes.astype(np.uint8)
+        # 3 bytes of padding: the C kernel gathers a dword at each entry's byte offset
+        t = np.concatenate([codes.astype(np.uint8), np.zeros(3, np.uint8)])
         _TABLES[key] = t
     return t
 
@@ -257,22 +278,26 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     table = _byte_table(fmt, rounding, overflow)
     b = a.reshape(-1).view(np.uint32)
     out = np.empty(b.shape, np.uint8)
+    lib = _KERNELS.get()
+    if lib is not None:
+        marked = lib.lowbit_encode_f32_byte(b.ctypes.data, b.size, table.ctypes.data, out.ctypes.data, threads())
+    else:
+        def part(lo: int, hi: int) -> None:
+            for i, c, (m_, x_, t_) in _chunks(b, lo, hi, np.uint32, np.intp, np.intp):
+                k = c.size
+                np.bitwise_and(c, 0x7FFFFFFF, out=m_)
+                np.right_shift(m_, 16, out=x_, casting="unsafe")
+                np.add(m_, 0xFFFF, out=m_)
+                np.right_shift(m_, 16, out=t_, casting="unsafe")
+                np.add(x_, t_, out=x_)
+                np.right_shift(c, 15, out=t_, casting="unsafe")
+                np.bitwise_and(t_, 0x10000, out=t_)
+                np.add(x_, t_, out=x_)
+                np.take(table, x_, out=out[i:i + k])
 
-    def part(lo: int, hi: int) -> None:
-        for i, c, (m_, x_, t_) in _chunks(b, lo, hi, np.uint32, np.intp, np.intp):
-            k = c.size
-            np.bitwise_and(c, 0x7FFFFFFF, out=m_)
-            np.right_shift(m_, 16, out=x_, casting="unsafe")
-            np.add(m_, 0xFFFF, out=m_)
-            np.right_shift(m_, 16, out=t_, casting="unsafe")
-            np.add(x_, t_, out=x_)
-            np.right_shift(c, 15, out=t_, casting="unsafe")
-            np.bitwise_and(t_, 0x10000, out=t_)
-            np.add(x_, t_, out=x_)
-            np.take(table, x_, out=out[i:i + k])
-
-    _parallel(part, b.size, 1)
-    if fmt.nan_code is None and out.size and np.any(out == 0xFF):
+        _parallel(part, b.size, 1)
+        marked = fmt.nan_code is None and out.size and np.any(out == 0xFF)
+    if fmt.nan_code is None and marked:
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
     return out.reshape(a.shape)
 
@@ -559,6 +584,10 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
             # bf16-like: the code is the top of a float32 pattern
             o32 = out.view(np.uint32)
             sh = 32 - fmt.bits
+            lib = _KERNELS.get() if flat.dtype == np.uint16 else None
+            if lib is not None:
+                lib.lowbit_decode_top16(flat.ctypes.data, flat.size, sh, o32.ctypes.data, threads())
+                return like(out.reshape(b.shape), bits)
 
             def part(lo: int, hi: int) -> None:
                 for i in range(lo, hi, _CHUNK):
@@ -567,6 +596,11 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
                     np.left_shift(o, sh, out=o)
         else:
             table = _decode_table(fmt)
+            lib = _KERNELS.get() if flat.dtype in (np.uint8, np.uint16) else None
+            if lib is not None:  # every code was checked to index the table
+                f = lib.lowbit_decode_u8 if flat.dtype == np.uint8 else lib.lowbit_decode_u16
+                f(flat.ctypes.data, flat.size, table.ctypes.data, out.ctypes.data, threads())
+                return like(out.reshape(b.shape), bits)
             src = flat if flat.dtype.itemsize <= 2 and flat.dtype.kind == "u" else flat.astype(np.intp)
 
             def part(lo: int, hi: int) -> None:

@@ -1,0 +1,85 @@
+"""The C table passes of the codecs give exactly the numpy passes' results (and those are checked elsewhere
+against the exact algorithm, ml_dtypes and torch)."""
+
+import numpy as np
+import pytest
+
+import precision.codec as codec
+from precision import FloatFormat, decode, encode, get_format
+from precision.formats import known_formats
+
+C = codec._KERNELS.get()
+needs_c = pytest.mark.skipif(C is None, reason=f"C kernels unavailable: {codec._KERNELS.status()}")
+
+FORMATS = {n: get_format(n) for n in known_formats()}
+BYTE_FORMATS = [n for n, f in FORMATS.items() if f.bits <= 8 and f.mantissa_bits <= 6]
+
+
+def _table_domain() -> np.ndarray:
+    """Every index of the 8-bit encode table, each reached four ways (low 16 bits 0, 1, 0x8000, 0xFFFF),
+    in shuffled order, repeated past the threaded size, plus an odd tail."""
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    bits = (top[:, None] | np.array([0, 1, 0x8000, 0xFFFF], np.uint32)).reshape(-1)
+    bits = np.random.default_rng(0).permutation(bits)
+    return np.concatenate([bits, bits[: 3 * bits.size // 4 + 5]]).view(np.float32)
+
+
+def _numpy_path(monkeypatch):
+    monkeypatch.setattr(codec._KERNELS, "get", lambda: None)
+
+
+@needs_c
+@pytest.mark.parametrize("name", BYTE_FORMATS)
+@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
+@pytest.mark.parametrize("overflow", ["ieee", "saturate"])
+def test_byte_encode_equals_the_numpy_pass_on_every_table_index(name, rounding, overflow, monkeypatch):
+    x = _table_domain()
+    fmt = get_format(name)
+    if fmt.nan_code is None:  # formats with no NaN reject NaN input; test them on the rest
+        x = x[~np.isnan(x)]
+    got = encode(x, fmt, rounding=rounding, overflow=overflow)
+    _numpy_path(monkeypatch)
+    np.testing.assert_array_equal(got, encode(x, fmt, rounding=rounding, overflow=overflow))
+
+
+@needs_c
+@pytest.mark.parametrize("name", [n for n in BYTE_FORMATS if FORMATS[n].nan_code is None])
+@pytest.mark.parametrize("size", [10, 3_000_001])
+def test_nan_into_a_format_without_nan_is_refused_on_both_paths(name, size, monkeypatch):
+    x = np.ones(size, np.float32)
+    x[size - 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        encode(x, name)
+    _numpy_path(monkeypatch)
+    with pytest.raises(ValueError, match="NaN"):
+        encode(x, name)
+
+
+@needs_c
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.bits <= 16 and n not in ("fp16", "bf16")])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_table_decode_equals_the_numpy_pass(name, dtype, monkeypatch):
+    fmt = get_format(name)
+    if np.dtype(dtype).itemsize * 8 < fmt.bits:
+        pytest.skip("codes wider than the dtype")
+    codes = np.arange(fmt.num_codes, dtype=dtype)
+    codes = np.concatenate([np.tile(codes, (1 << 21) // codes.size + 1), codes[:7]])  # threaded, odd tail
+    got = decode(codes, fmt)
+    _numpy_path(monkeypatch)
+    np.testing.assert_array_equal(got.view(np.uint32), decode(codes, fmt).view(np.uint32))  # NaN payloads too
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", ["bf16", FloatFormat(exponent_bits=8, mantissa_bits=3)])
+def test_bf16_like_decode_equals_the_numpy_pass(fmt, monkeypatch):
+    fmt = get_format(fmt)
+    codes = np.arange(fmt.num_codes, dtype=np.uint16)
+    codes = np.concatenate([np.tile(codes, (1 << 21) // codes.size + 1), codes[:5]])
+    got = decode(codes, fmt)
+    _numpy_path(monkeypatch)
+    np.testing.assert_array_equal(got.view(np.uint32), decode(codes, fmt).view(np.uint32))
+
+
+def test_the_codec_kernels_report_their_state():
+    status = codec._KERNELS.status()
+    assert status == "fused C passes" or status.startswith("numpy passes (")
