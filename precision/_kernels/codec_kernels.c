@@ -4,102 +4,186 @@
  * Built and loaded by precision/_native.py. The tables are computed in Python by lowbit's exact
  * algorithm; these loops only index them, with the very index formula of the numpy path, so the
  * results are bit-identical to it (tests check both against each other and against ml_dtypes).
- *
- * The table passes deal blocks of BLOCK_BYTES of output to the threads round-robin, as the numpy path
- * does (the first write to a fresh output faults its pages in; contiguous halves measured the same
- * here); the bf16 shift takes contiguous halves, measured faster (see there).
  */
+#include <stdatomic.h>
 #include <stdint.h>
-#ifdef __AVX512F__
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+static inline void spin_pause(void) { _mm_pause(); }
+#else
+static inline void spin_pause(void) {}
 #endif
 
-#define BLOCK_BYTES (2 << 20)
+#define BLOCK_BYTES (2 << 20) /* of output: one huge page */
 #define PARALLEL_MIN (1 << 20)
 
-/* float32 -> <=8-bit format with <= 6 mantissa bits: out = table[(sign << 16) | (2 * (|x| >> 16) +
- * (low 16 bits of |x| != 0))] over the float32 bit patterns x. Returns how many outputs are 0xFF
- * (the marker the table uses for NaN in formats without a NaN code). */
+/* One block of work: elements [lo, hi). Returns a count the runner sums (or 0). */
+typedef int64_t (*block_fn)(const void *args, int64_t lo, int64_t hi);
+
+/* Run f over [0, n) in blocks of BLOCK_BYTES of output (itemsize bytes per element), on nthreads.
+ *
+ * These loops are so cheap that faulting in the fresh output's pages is most of their time, and on
+ * this VM two threads faulting pages at once stall each other in some processes (a bf16 decode of
+ * 16M codes took 80 ms on every call instead of 6-9 in contiguous halves or 8 MiB blocks; 2 MiB blocks
+ * round-robin stalled less but ran only at par with a single-threaded loop). So one thread faults the
+ * pages in, a block at a time, in order, and every thread (that one too, once done) processes each
+ * block as soon as its pages are in: page faults never overlap and the work hides behind them. */
+static int64_t run_blocks(int64_t n, int64_t itemsize, void *out, int nthreads, block_fn f, const void *args)
+{
+    const int64_t block = BLOCK_BYTES / itemsize;
+    const int64_t nblocks = (n + block - 1) / block;
+    if (n < PARALLEL_MIN || nthreads < 2)
+        return f(args, 0, n);
+    int64_t total = 0;
+#ifdef _OPENMP
+    _Atomic int64_t faulted = 0, next = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        if (omp_get_thread_num() == 0) {
+            volatile char *p = (volatile char *)out;
+            for (int64_t k = 0; k < nblocks; k++) {
+                const int64_t lo = k * block * itemsize, hi = (k + 1 < nblocks ? (k + 1) * block : n) * itemsize;
+                for (int64_t b = lo; b < hi; b += 4096) p[b] = 0;
+                p[hi - 1] = 0;
+                atomic_store_explicit(&faulted, k + 1, memory_order_release);
+            }
+        }
+        for (;;) {
+            const int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
+            if (k >= nblocks) break;
+            while (atomic_load_explicit(&faulted, memory_order_acquire) <= k) spin_pause();
+            total += f(args, k * block, k + 1 < nblocks ? (k + 1) * block : n);
+        }
+    }
+#else
+    (void)nblocks;
+    (void)out;
+    total = f(args, 0, n);
+#endif
+    return total;
+}
+
+/* ---- float32 -> <=8-bit format with <= 6 mantissa bits:
+ * out = table[(sign << 16) | (2 * (|x| >> 16) + (low 16 bits of |x| != 0))] over the float32 bit
+ * patterns x. Counts the outputs equal to 0xFF (the marker the table uses for NaN in formats
+ * without a NaN code). */
+struct encode_args {
+    const uint32_t *x;
+    const uint8_t *table;
+    uint8_t *out;
+};
+
+static int64_t encode_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct encode_args *a = args;
+    const uint32_t *x = a->x;
+    const uint8_t *table = a->table;
+    uint8_t *out = a->out;
+    int64_t m = 0, i = lo;
+#ifdef __AVX512F__
+    /* 16 lanes: the same index, a dword gather at byte offsets (the table carries 3 bytes of
+     * padding so the last entry's dword read stays inside it), the low byte kept */
+    const __m512i mag = _mm512_set1_epi32(0x7fffffff), ffff = _mm512_set1_epi32(0xffff);
+    const __m512i sbit = _mm512_set1_epi32(0x10000), ff = _mm512_set1_epi32(0xff);
+    for (; i + 16 <= hi; i += 16) {
+        const __m512i c = _mm512_loadu_si512((const void *)(x + i));
+        const __m512i v0 = _mm512_and_si512(c, mag);
+        __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(v0, 16), _mm512_srli_epi32(_mm512_add_epi32(v0, ffff), 16));
+        idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), sbit));
+        const __m512i v = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), ff);
+        _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(v));
+        m += __builtin_popcount(_mm512_cmpeq_epi32_mask(v, ff));
+    }
+#endif
+    for (; i < hi; i++) {
+        const uint32_t c = x[i], v0 = c & 0x7fffffffu;
+        const uint32_t idx = (v0 >> 16) + ((v0 + 0xffffu) >> 16) + ((c >> 15) & 0x10000u);
+        const uint8_t v = table[idx];
+        out[i] = v;
+        m += v == 0xff;
+    }
+    return m;
+}
+
 int64_t lowbit_encode_f32_byte(const uint32_t *x, int64_t n, const uint8_t *table, uint8_t *out, int nthreads)
 {
-    const int64_t block = BLOCK_BYTES;
-    const int64_t nblocks = (n + block - 1) / block;
-    int64_t marked = 0;
-#pragma omp parallel for schedule(static, 1) num_threads(nthreads) reduction(+ : marked) if (n >= PARALLEL_MIN)
-    for (int64_t k = 0; k < nblocks; k++) {
-        const int64_t lo = k * block, hi = lo + block < n ? lo + block : n;
-        int64_t m = 0, i = lo;
-#ifdef __AVX512F__
-        /* 16 lanes: the same index, a dword gather at byte offsets (the table carries 3 bytes of
-         * padding so the last entry's dword read stays inside it), the low byte kept */
-        const __m512i mag = _mm512_set1_epi32(0x7fffffff), ffff = _mm512_set1_epi32(0xffff);
-        const __m512i sbit = _mm512_set1_epi32(0x10000), ff = _mm512_set1_epi32(0xff);
-        for (; i + 16 <= hi; i += 16) {
-            const __m512i c = _mm512_loadu_si512((const void *)(x + i));
-            const __m512i a = _mm512_and_si512(c, mag);
-            __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(a, 16), _mm512_srli_epi32(_mm512_add_epi32(a, ffff), 16));
-            idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), sbit));
-            const __m512i v = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), ff);
-            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(v));
-            m += __builtin_popcount(_mm512_cmpeq_epi32_mask(v, ff));
-        }
-#endif
-        for (; i < hi; i++) {
-            const uint32_t c = x[i], a = c & 0x7fffffffu;
-            const uint32_t idx = (a >> 16) + ((a + 0xffffu) >> 16) + ((c >> 15) & 0x10000u);
-            const uint8_t v = table[idx];
-            out[i] = v;
-            m += v == 0xff;
-        }
-        marked += m;
-    }
-    return marked;
+    const struct encode_args a = {x, table, out};
+    return run_blocks(n, 1, out, nthreads, encode_block, &a);
 }
 
-/* codes -> float32 bit patterns by table: out[i] = table[codes[i]], 8-bit codes. */
+/* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i]] (the caller guarantees every
+ * code indexes the table) */
+struct decode_args {
+    const void *codes;
+    const uint32_t *table;
+    uint32_t *out;
+};
+
+static int64_t decode_u8_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct decode_args *a = args;
+    const uint8_t *codes = a->codes;
+    int64_t i = lo;
+#ifdef __AVX512F__
+    for (; i + 16 <= hi; i += 16) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
+        _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(idx, (const void *)a->table, 4));
+    }
+#endif
+    for (; i < hi; i++) a->out[i] = a->table[codes[i]];
+    return 0;
+}
+
+static int64_t decode_u16_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct decode_args *a = args;
+    const uint16_t *codes = a->codes;
+    int64_t i = lo;
+#ifdef __AVX512F__
+    for (; i + 16 <= hi; i += 16) {
+        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(codes + i)));
+        _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(idx, (const void *)a->table, 4));
+    }
+#endif
+    for (; i < hi; i++) a->out[i] = a->table[codes[i]];
+    return 0;
+}
+
 void lowbit_decode_u8(const uint8_t *codes, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
 {
-    const int64_t block = BLOCK_BYTES / 4;
-    const int64_t nblocks = (n + block - 1) / block;
-#pragma omp parallel for schedule(static, 1) num_threads(nthreads) if (n >= PARALLEL_MIN)
-    for (int64_t k = 0; k < nblocks; k++) {
-        const int64_t lo = k * block, hi = lo + block < n ? lo + block : n;
-        int64_t i = lo;
-#ifdef __AVX512F__
-        for (; i + 16 <= hi; i += 16) {
-            const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
-            _mm512_storeu_si512((void *)(out + i), _mm512_i32gather_epi32(idx, (const void *)table, 4));
-        }
-#endif
-        for (; i < hi; i++) out[i] = table[codes[i]];
-    }
+    const struct decode_args a = {codes, table, out};
+    run_blocks(n, 4, out, nthreads, decode_u8_block, &a);
 }
 
-/* the same for 16-bit codes (the caller guarantees every code indexes the table) */
 void lowbit_decode_u16(const uint16_t *codes, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
 {
-    const int64_t block = BLOCK_BYTES / 4;
-    const int64_t nblocks = (n + block - 1) / block;
-#pragma omp parallel for schedule(static, 1) num_threads(nthreads) if (n >= PARALLEL_MIN)
-    for (int64_t k = 0; k < nblocks; k++) {
-        const int64_t lo = k * block, hi = lo + block < n ? lo + block : n;
-        int64_t i = lo;
-#ifdef __AVX512F__
-        for (; i + 16 <= hi; i += 16) {
-            const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(codes + i)));
-            _mm512_storeu_si512((void *)(out + i), _mm512_i32gather_epi32(idx, (const void *)table, 4));
-        }
-#endif
-        for (; i < hi; i++) out[i] = table[codes[i]];
-    }
+    const struct decode_args a = {codes, table, out};
+    run_blocks(n, 4, out, nthreads, decode_u16_block, &a);
 }
 
-/* codes of a format that is the top of float32 (8 exponent bits, bias 127, ieee specials: bf16) ->
- * float32 bit patterns: out[i] = codes[i] << shift. Threads take contiguous parts: for this
- * store-bound loop that faulted a fresh output in fastest here (bf16, 16M codes: 6.0 ms against
- * 6.8 ms in 2 MiB blocks round-robin and 8.8 ms on one thread). */
+/* ---- codes of a format that is the top of float32 (8 exponent bits, bias 127, ieee specials: bf16)
+ * -> float32 bit patterns: out[i] = codes[i] << shift */
+struct shift_args {
+    const uint16_t *codes;
+    int shift;
+    uint32_t *out;
+};
+
+static int64_t shift_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct shift_args *a = args;
+    const uint16_t *codes = a->codes;
+    uint32_t *out = a->out;
+    const int shift = a->shift;
+    for (int64_t i = lo; i < hi; i++) out[i] = (uint32_t)codes[i] << shift;
+    return 0;
+}
+
 void lowbit_decode_top16(const uint16_t *codes, int64_t n, int shift, uint32_t *out, int nthreads)
 {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) out[i] = (uint32_t)codes[i] << shift;
+    const struct shift_args a = {codes, shift, out};
+    run_blocks(n, 4, out, nthreads, shift_block, &a);
 }
