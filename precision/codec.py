@@ -10,9 +10,9 @@ rounding of the float32 pattern for wider ones, and for large fp16/bf16
 arrays torch's conversion kernel (hardware F16C where present), used only
 while a probe of the hard cases shows it rounds exactly as lowbit does, and
 with NaN redone by lowbit's rule. The table lookups (8-bit encode, decode of
-formats other than fp16/bf16) run as one C pass where lowbit's C kernels are
-built (:mod:`precision._native`; same tables, same index, same results),
-else as chunked numpy passes.
+every format but fp16) and the bf16 decode shift run as one C pass where
+lowbit's C kernels are built (:mod:`precision._native`; same tables, same
+index, same results), else as chunked numpy passes.
 
 Rounding modes
     ``"nearest_even"`` (default): nearest representable value, ties to the
