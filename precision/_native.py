@@ -97,19 +97,23 @@ def _build(source: Path) -> ctypes.CDLL:
     private = None if cache is not None else tempfile.mkdtemp(prefix="lowbit-")
     target = Path(cache or private) / f"{source.stem}-{key}.so"
     try:
-        if not target.exists():
-            # build beside the target and rename: a concurrent process never loads a half-written file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
+        if target.exists():
             try:
-                try:
-                    _compile(cc, source, Path(tmp), openmp=True)
-                except OSError:  # e.g. Apple clang has no -fopenmp: serial, still one pass
-                    _compile(cc, source, Path(tmp), openmp=False)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                return ctypes.CDLL(str(target))
+            except OSError:  # a damaged cache entry (say, a full disk): build it again
+                target.unlink(missing_ok=True)
+        # build beside the target and rename: a concurrent process never loads a half-written file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            try:
+                _compile(cc, source, Path(tmp), openmp=True)
+            except OSError:  # e.g. Apple clang has no -fopenmp: serial, still one pass
+                _compile(cc, source, Path(tmp), openmp=False)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return ctypes.CDLL(str(target))
     finally:
         if private is not None:  # a loaded library stays mapped after its file is gone

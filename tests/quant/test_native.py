@@ -166,3 +166,13 @@ def test_threads_running_one_quantized_model_at_once_get_the_sequential_results(
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda x: q(x), xs * 3))
     assert all(torch.equal(g, w) for g, w in zip(got, want * 3))
+
+
+@needs_c
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    cache = tmp_path / "cache"
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
+    (lib,) = cache.glob("int8_kernels-*.so")
+    lib.write_bytes(b"not a shared library")
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
+    assert lib.read_bytes() != b"not a shared library"
