@@ -107,6 +107,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # set by ptq(fuse_gelu=True) once it has shown the output feeds nothing but an exact GELU, which
+        # it then removes: GELU is applied here, in place in this layer's fresh output (same values)
+        self.gelu_in_place = False
         spec = qparams.spec
         self.int_kernel = (
             activations == "dynamic" and _is_token_spec(act_spec) and _has_int_mm() and spec.bits == 8 and spec.signed and spec.symmetric
@@ -179,7 +182,7 @@ class QuantizedLinear(nn.Module):
         acc = torch._int_mm(xq, self._wt)[:rows]
         y = _native.rescale(acc, sx, self._ws, self.bias)
         if y is not None:
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return self._activate(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
         # the same epilogue in torch, in place in the accumulator's memory, in same-dtype passes (a mixed
         # int32 * float op is several times slower than a conversion plus a float op); not addcmul, whose
         # fused multiply-add rounds differently from the C pass
@@ -188,7 +191,12 @@ class QuantizedLinear(nn.Module):
         y.mul_(sx).mul_(self._ws)
         if self.bias is not None:
             y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._activate(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        # in place: y is this call's own fresh tensor, and a new 25 MB result per FFN layer (MiniLM,
+        # 32 x 128 tokens) costs more in page faults than the GELU itself
+        return torch.ops.aten.gelu_(y) if self.gelu_in_place else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int_kernel:
@@ -202,8 +210,10 @@ class QuantizedLinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             x = fake_quantize(x2, calibrate(x2, self.act_spec), name="activation").reshape(x.shape)
         w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.gelu(y) if self.gelu_in_place else y  # not in place: y may carry autograd history
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weights={self.qparams.spec.describe()}, activations={self.activations}, kernel={self.kernel}")
+                f"weights={self.qparams.spec.describe()}, activations={self.activations}, kernel={self.kernel}"
+                + (", then GELU in place" if self.gelu_in_place else ""))

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from precision.outputs import compare_outputs, model_output, output_error, run_model  # noqa: F401 (re-exported)
@@ -36,7 +37,7 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
         weights: QuantSpec = QuantSpec(granularity=PerChannel(0)), activations: QuantSpec | None = None,
         backend: str = "native", activation_mode: str = "static", weight_method: str = "minmax",
         activation_method: str = "minmax", eval_data: Iterable[Any] | None = None,
-        smooth: float | None = None, **method_options: Any) -> tuple[nn.Module, Report]:
+        smooth: float | None = None, fuse_gelu: bool = False, **method_options: Any) -> tuple[nn.Module, Report]:
     """Quantize every ``nn.Linear`` of ``model`` (a copy; the input model is untouched).
 
     ``weights``: the weight scheme (default int8 symmetric per output channel).
@@ -57,6 +58,17 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
     maxima taken over the group, as SmoothQuant does), which lets the int8
     kernel quantize that input once for all of them. On MiniLM alpha 0.6 keeps
     the embedding cosine at 0.9992 (0.5: 0.9989; none: 0.9974).
+
+    ``fuse_gelu`` (native backend): where a quantized layer's output feeds
+    nothing but a module that computes exact GELU, apply the GELU in place in
+    the layer's output and replace that module by ``nn.Identity`` (for MiniLM
+    at 32 x 128 tokens this saves a fresh 25 MB result per FFN layer). Shown on
+    ``calibration_data`` in two passes: every call of the module took a
+    quantized layer's output and returned exactly ``F.gelu`` of it, every
+    output of such a layer went to one such call, and the fused model's outputs
+    equal the unfused model's bit for bit; otherwise nothing is fused. A model
+    whose module calls depend on its input beyond what calibration exercised
+    must not use it. ``report.meta["gelu_in_place"]`` lists the fused layers.
 
     Returns ``(quantized model, Report)``: one row per layer (weight error,
     bytes before and after: codes + scales + zero points + the float bias
@@ -83,6 +95,8 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
             raise ValueError(f"ptq: smooth (SmoothQuant alpha) must be in [0, 1], got {smooth}")
         if not calib:
             raise ValueError("ptq: smooth= needs calibration_data to measure activation ranges")
+    if fuse_gelu and (backend != "native" or not calib):
+        raise ValueError("ptq: fuse_gelu=True needs backend='native' and calibration_data to check the fusion on")
     t0 = time.perf_counter()
     model.eval()
     if backend == "native":
@@ -100,7 +114,93 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
         report.meta.update(whole)
         for r in report.tensors:
             r.details.update(per_layer.get(r.name, {}))
+    if fuse_gelu:  # after the comparison, which hooks each layer's own (pre-GELU) output
+        report.meta["gelu_in_place"] = _fuse_gelu(qmodel, calib)
     return qmodel, report
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (nested dicts, lists, tuples), in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in _outputs(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _outputs(v)]
+    return []
+
+
+@torch.no_grad()
+def _fuse_gelu(qmodel: nn.Module, batches: list) -> list[str]:
+    """Fuse exact-GELU modules into the quantized layers that feed them (see ``ptq(fuse_gelu=...)``);
+    returns the fused layers' names, or [] with the model unchanged when the check fails."""
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLinear)}
+    produced: dict[int, str] = {}  # id of a layer output (kept alive in `keep`) -> layer name
+    keep: list[torch.Tensor] = []
+    made: dict[str, int] = {}  # layer -> outputs made
+    fed: dict[int, list[str | None]] = {}  # id(module) -> per call, the layer whose output it took, or None
+    acts: dict[int, nn.Module] = {}
+
+    def on_layer(n):
+        def hook(mod, args, out):
+            produced[id(out)] = n
+            keep.append(out)
+            made[n] = made.get(n, 0) + 1
+        return hook
+
+    def on_leaf(mod, args, out):
+        x = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+        src = produced.get(id(x)) if x is not None else None
+        if src is not None and not (isinstance(out, torch.Tensor) and out is not x and out.shape == x.shape
+                                    and torch.equal(out, F.gelu(x))):
+            src = None
+        fed.setdefault(id(mod), []).append(src)
+        acts[id(mod)] = mod
+
+    hooks = [m.register_forward_hook(on_layer(n)) for n, m in layers.items()]
+    hooks += [m.register_forward_hook(on_leaf) for m in qmodel.modules()
+              if not isinstance(m, QuantizedLinear) and next(m.children(), None) is None]
+    reference = []
+    try:
+        for b in batches:
+            reference.append([t.clone() for t in _outputs(run_model(qmodel, b))])
+            produced.clear()  # ids are only meaningful while the outputs they name are alive
+            keep.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    # a module is fused only if every call took some fusable layer's output, and a layer only if every
+    # one of its outputs went to one call of such a module: narrow both sets until they agree
+    gelus = {i for i, srcs in fed.items() if srcs and all(s is not None for s in srcs)}
+    while True:
+        used: dict[str, int] = {}
+        for i in gelus:
+            for src in fed[i]:
+                used[src] = used.get(src, 0) + 1
+        fused = {n for n, k in used.items() if k == made.get(n)}
+        keep_gelus = {i for i in gelus if all(src in fused for src in fed[i])}
+        if keep_gelus == gelus:
+            break
+        gelus = keep_gelus
+    if not fused:
+        return []
+    swapped = []
+    for parent in qmodel.modules():
+        for k, child in list(parent._modules.items()):
+            if child is not None and id(child) in gelus:
+                swapped.append((parent, k, child))
+                parent._modules[k] = nn.Identity()
+    for n in fused:
+        layers[n].gelu_in_place = True
+    same = all(len(r) == len(g) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(r, g))
+               for r, g in zip(reference, ([t for t in _outputs(run_model(qmodel, b))] for b in batches)))
+    if not same:  # an output also went somewhere the hooks could not see: undo
+        for parent, k, child in swapped:
+            parent._modules[k] = child
+        for n in fused:
+            layers[n].gelu_in_place = False
+        return []
+    return sorted(fused)
 
 
 def _on_inputs(model: nn.Module, layers, batches, fn) -> None:

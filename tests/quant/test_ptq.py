@@ -201,3 +201,83 @@ def test_a_layer_called_twice_keeps_one_smoothing_vector_and_the_model_runs():
     assert rep.meta["output_mean_cosine"] > 0.99
     with torch.no_grad():
         torch.testing.assert_close(q(data[0]), m(data[0]), rtol=0.1, atol=0.1)
+
+
+# ------------------------------------------------------------ GELU in place (ptq(fuse_gelu=True))
+W8A8_SQ = dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+
+
+class _Block(torch.nn.Module):
+    """fc -> act -> out, optionally also using fc's output elsewhere or act on another tensor."""
+
+    def __init__(self, act=None, residual=False, act_on_input=False):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+        self.act = act if act is not None else torch.nn.GELU()
+        self.residual, self.act_on_input = residual, act_on_input
+
+    def forward(self, x):
+        h = self.fc(x)
+        y = self.out(self.act(h) + (h if self.residual else 0))
+        return y + self.act(x) if self.act_on_input else y
+
+
+def _fused(m, data, **kw):
+    q0, _ = ptq(m, data, **W8A8_SQ, **kw)
+    q, rep = ptq(m, data, fuse_gelu=True, **W8A8_SQ, **kw)
+    x = torch.randn(45, data[0].shape[1])
+    with torch.no_grad():
+        assert torch.equal(q(x), q0(x))  # fused or not, the very same outputs
+    return q, rep.meta["gelu_in_place"]
+
+
+@pytest.mark.parametrize("passes_", ["C", "torch"])
+def test_gelu_after_a_quantized_layer_runs_in_place_with_the_same_outputs(passes_, monkeypatch):
+    from quant import _native
+    if passes_ == "torch":
+        monkeypatch.setattr(_native, "library", lambda: None)
+    torch.manual_seed(5)
+    q, fused = _fused(_Block(), [torch.randn(40, 32) for _ in range(2)])
+    assert fused == ["fc"] and isinstance(q.act, torch.nn.Identity) and q.fc.gelu_in_place
+    assert "GELU in place" in repr(q.fc)
+
+
+@pytest.mark.parametrize("kind", ["output used twice", "tanh GELU", "GELU also on a non-layer input", "ReLU"])
+def test_gelu_is_not_fused_where_that_would_change_anything(kind):
+    torch.manual_seed(6)
+    m = {"output used twice": _Block(residual=True), "tanh GELU": _Block(torch.nn.GELU(approximate="tanh")),
+         "GELU also on a non-layer input": _Block(act_on_input=True), "ReLU": _Block(torch.nn.ReLU())}[kind]
+    q, fused = _fused(m, [torch.randn(40, 32) for _ in range(2)])
+    assert fused == [] and not isinstance(q.act, torch.nn.Identity) and not q.fc.gelu_in_place
+
+
+def test_one_gelu_module_shared_by_two_layers_is_fused_into_both():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    torch.manual_seed(7)
+    q, fused = _fused(Shared(), [torch.randn(24, 16) for _ in range(2)])
+    assert fused == ["a", "b"]
+
+
+def test_fuse_gelu_needs_the_native_backend_and_calibration_data():
+    m = _Block()
+    with pytest.raises(ValueError, match="fuse_gelu"):
+        ptq(m, [torch.randn(8, 32)], backend="torch.ao", fuse_gelu=True)
+    with pytest.raises(ValueError, match="fuse_gelu"):
+        ptq(m, None, fuse_gelu=True)
+
+
+def test_minilm_gelu_in_place_keeps_the_embeddings_bit_for_bit(minilm):
+    from bench.models import embed
+
+    model, calib, held_out, _ = minilm
+    q0, _ = ptq(model, calib, **W8A8_SQ)
+    q, rep = ptq(model, calib, fuse_gelu=True, **W8A8_SQ)
+    assert [n.split(".encoder.")[-1] for n in rep.meta["gelu_in_place"]] == [f"layer.{i}.intermediate.dense" for i in range(6)]
+    np.testing.assert_array_equal(embed(q, held_out[:24]), embed(q0, held_out[:24]))
