@@ -139,7 +139,6 @@ def _fuse_gelu(qmodel: nn.Module, batches: list) -> list[str]:
     keep: list[torch.Tensor] = []
     made: dict[str, int] = {}  # layer -> outputs made
     fed: dict[int, list[str | None]] = {}  # id(module) -> per call, the layer whose output it took, or None
-    acts: dict[int, nn.Module] = {}
 
     def on_layer(n):
         def hook(mod, args, out):
@@ -155,7 +154,6 @@ def _fuse_gelu(qmodel: nn.Module, batches: list) -> list[str]:
                                     and torch.equal(out, F.gelu(x))):
             src = None
         fed.setdefault(id(mod), []).append(src)
-        acts[id(mod)] = mod
 
     hooks = [m.register_forward_hook(on_layer(n)) for n, m in layers.items()]
     hooks += [m.register_forward_hook(on_leaf) for m in qmodel.modules()
