@@ -68,9 +68,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lowbit_encode_f32_byte.argtypes = [p, i64, p, p, i32]
     lib.lowbit_encode_f32_byte.restype = i64
-    for f in (lib.lowbit_decode_u8, lib.lowbit_decode_u16):
-        f.argtypes = [p, i64, p, p, i32]
-        f.restype = None
+    lib.lowbit_decode_table.argtypes = [p, i32, i64, p, p, i32]
+    lib.lowbit_decode_table.restype = None
     lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
     lib.lowbit_decode_top16.restype = None
 
@@ -598,8 +597,8 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
             table = _decode_table(fmt)
             lib = _KERNELS.get() if flat.dtype in (np.uint8, np.uint16) else None
             if lib is not None:  # every code was checked to index the table
-                f = lib.lowbit_decode_u8 if flat.dtype == np.uint8 else lib.lowbit_decode_u16
-                f(flat.ctypes.data, flat.size, table.ctypes.data, out.ctypes.data, threads())
+                lib.lowbit_decode_table(flat.ctypes.data, flat.itemsize, flat.size, table.ctypes.data,
+                                        out.ctypes.data, threads())
                 return like(out.reshape(b.shape), bits)
             src = flat if flat.dtype.itemsize <= 2 and flat.dtype.kind == "u" else flat.astype(np.intp)
 

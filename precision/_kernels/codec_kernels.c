@@ -114,54 +114,40 @@ int64_t lowbit_encode_f32_byte(const uint32_t *x, int64_t n, const uint8_t *tabl
     return run_blocks(n, 1, out, nthreads, encode_block, &a);
 }
 
-/* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i]] (the caller guarantees every
- * code indexes the table) */
+/* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i]], codes of 1 or 2 bytes (the
+ * caller guarantees every code indexes the table) */
 struct decode_args {
     const void *codes;
+    int width;
     const uint32_t *table;
     uint32_t *out;
 };
 
-static int64_t decode_u8_block(const void *args, int64_t lo, int64_t hi)
+static inline uint32_t code_at(const struct decode_args *a, int64_t i)
+{
+    return a->width == 1 ? ((const uint8_t *)a->codes)[i] : ((const uint16_t *)a->codes)[i];
+}
+
+static int64_t decode_block(const void *args, int64_t lo, int64_t hi)
 {
     const struct decode_args *a = args;
-    const uint8_t *codes = a->codes;
     int64_t i = lo;
 #ifdef __AVX512F__
     for (; i + 16 <= hi; i += 16) {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
+        const __m512i idx = a->width == 1
+            ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)a->codes + i)))
+            : _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->codes + i)));
         _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(idx, (const void *)a->table, 4));
     }
 #endif
-    for (; i < hi; i++) a->out[i] = a->table[codes[i]];
+    for (; i < hi; i++) a->out[i] = a->table[code_at(a, i)];
     return 0;
 }
 
-static int64_t decode_u16_block(const void *args, int64_t lo, int64_t hi)
+void lowbit_decode_table(const void *codes, int width, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
 {
-    const struct decode_args *a = args;
-    const uint16_t *codes = a->codes;
-    int64_t i = lo;
-#ifdef __AVX512F__
-    for (; i + 16 <= hi; i += 16) {
-        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(codes + i)));
-        _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(idx, (const void *)a->table, 4));
-    }
-#endif
-    for (; i < hi; i++) a->out[i] = a->table[codes[i]];
-    return 0;
-}
-
-void lowbit_decode_u8(const uint8_t *codes, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
-{
-    const struct decode_args a = {codes, table, out};
-    run_blocks(n, 4, out, nthreads, decode_u8_block, &a);
-}
-
-void lowbit_decode_u16(const uint16_t *codes, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
-{
-    const struct decode_args a = {codes, table, out};
-    run_blocks(n, 4, out, nthreads, decode_u16_block, &a);
+    const struct decode_args a = {codes, width, table, out};
+    run_blocks(n, 4, out, nthreads, decode_block, &a);
 }
 
 /* ---- codes of a format that is the top of float32 (8 exponent bits, bias 127, ieee specials: bf16)
