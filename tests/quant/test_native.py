@@ -125,7 +125,8 @@ def test_a_model_gives_the_same_output_on_the_c_and_the_torch_passes(monkeypatch
 
 
 def _status_in_subprocess(env_extra):
-    env = dict(os.environ, **env_extra)
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NATIVE"}  # the caller's setting is not the test's
+    env.update(env_extra)
     code = "from quant import _native; print(_native.status())"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
