@@ -31,6 +31,20 @@ def _bind(lib: ctypes.CDLL) -> None:
 _LIB = Library(Path(__file__).with_name("int8_kernels.c"), _bind, fallback="torch")
 
 
+def _bind_attention(lib: ctypes.CDLL) -> None:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.lowbit_attention_int8.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, p, i32, p, f32, p, p, i32, i32]
+    lib.lowbit_attention_int8.restype = i64
+
+
+_ATTENTION = Library(Path(__file__).with_name("attention_int8.c"), _bind_attention, fallback="torch")
+
+
+def attention_library() -> ctypes.CDLL | None:
+    """The compiled int8 attention kernel (``attention_int8.c``), or None if kernels are off or cannot be built."""
+    return _ATTENTION.get()
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, building them on the first call; None if they are off or cannot be built."""
     return _LIB.get()
