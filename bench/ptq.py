@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from quant import PerChannel, PerGroup, QuantSpec, ptq
+from quant.attention import status as attention_status
 
 from .timing import best_pair, best_time
 
@@ -26,6 +27,9 @@ CONFIGS = {
     "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place": dict(
         activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6,
         fuse_gelu=True),
+    "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place + int8 attention": dict(
+        activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6,
+        fuse_gelu=True, attention=True),
     "native W8A8 per-token dynamic": dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)),
                                           activation_mode="dynamic"),
     "native W8A8 static per-tensor": dict(activations=QuantSpec()),
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     t_enc = best_time(lambda: embed(model, s), max(1, a.repeat // 2))
     print(f"MiniLM on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"float32: forward 32x128 {t_fwd * 1e3:.1f} ms, encode 200 sentences {t_enc * 1e3:.0f} ms")
-    head = (f"{'configuration':<62} {'quantize s':>10} {'cosine':>8} {'fwd ms':>8} {'fwd x':>6} "
+    head = (f"{'configuration':<80} {'quantize s':>10} {'cosine':>8} {'fwd ms':>8} {'fwd x':>6} "
             f"{'encode ms':>9} {'enc x':>6} {'weights MiB':>11} kernel")
     print(head + "\n" + "-" * len(head))
     for name, kw in CONFIGS.items():
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         kernel = rep.tensors[0].details.get("kernel", "torch.ao quantized::linear")
         if rep.meta.get("gelu_in_place"):
             kernel += f"; GELU in place after {len(rep.meta['gelu_in_place'])} layers"
-        print(f"{name:<62} {tq:10.2f} {cos:8.5f} {tf * 1e3:8.1f} {t_fwd / tf:6.2f} {te * 1e3:9.0f} {t_enc / te:6.2f} "
+        if rep.meta.get("attention"):
+            kernel += f"; attention: {attention_status()}"
+        print(f"{name:<80} {tq:10.2f} {cos:8.5f} {tf * 1e3:8.1f} {t_fwd / tf:6.2f} {te * 1e3:9.0f} {t_enc / te:6.2f} "
               f"{rep.totals['bytes_after'] / 2**20:11.2f} {kernel}")
     print("cosine: mean over the 100 sentences not used for calibration; x: speed-up over float32 "
           "measured alternately with it (best of runs)")

@@ -17,8 +17,8 @@ chosen so that every scale factors out of the integer sums:
   get probability 0 and are left out, of the work and of V's scale;
 - ``out_id = (Σ_j p_ij v_jd) · sv_d / (255 · Σ_j e_ij)``.
 
-On MiniLM this costs 6e-5 of embedding cosine (W8A8 with SmoothQuant: 0.99918
-without, 0.99912 with). A row whose keys are all masked gives 0, as torch's
+On MiniLM this costs 4e-5 of embedding cosine (W8A8 with SmoothQuant: 0.99918
+without, 0.99914 with). A row whose keys are all masked gives 0, as torch's
 ``scaled_dot_product_attention`` does. Q, K or V holding NaN or inf: the call
 is computed by float ``scaled_dot_product_attention`` instead, so non-finite
 values propagate as in the float model.
@@ -54,8 +54,9 @@ def reference_int8_attention(query: torch.Tensor, key: torch.Tensor, value: torc
                              attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """The scheme of :func:`int8_attention` in torch operations (the fallback and the tests' reference).
 
-    Integer products are exact in float32 here (head dimension up to 1040); the exponential is
-    torch's, so results agree with the C kernels to float rounding, not bit for bit.
+    The integer sums are exact in float32 up to head dimension 1040 and 518 keys (beyond, they round
+    as float32 sums do); the exponential is torch's. So results agree with the C kernels to float
+    rounding, which can move a probability code by one step, not bit for bit.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     value = value.float()
@@ -77,6 +78,16 @@ def reference_int8_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     p = torch.round(e * 255.0)
     out = ((p @ v.transpose(-1, -2)) * sv.transpose(-1, -2)) * (1.0 / (e.sum(-1, keepdim=True) * 255.0))
     return out.masked_fill(dead, 0.0)
+
+
+def status() -> str:
+    """Which implementation :func:`int8_attention` runs, and why when it is not the C kernel."""
+    lib = attention_library()
+    if lib is None:
+        from ._native import _ATTENTION
+
+        return f"torch reference ({_ATTENTION.reason or 'kernels not in use'})"
+    return "int8 C kernel (" + ("AVX-512 VNNI" if lib.lowbit_attention_has_vnni() else "portable loops") + ")"
 
 
 def _strides(t: torch.Tensor, n: int) -> ctypes.Array:
@@ -127,11 +138,13 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError(f"int8_attention: out must be float32 {(B, H, Lq, D)} with unit stride along dim")
     if B * H * Lq == 0:
         return out
+    if Lk == 0:  # nothing to attend to: zero, as for rows whose keys are all masked
+        return out.zero_()
     lib = attention_library()
     args = [query, key, value]
     usable = (lib is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
                                       and (D == 1 or t.stride(3) == 1) for t in args)
-              and out.device.type == "cpu" and Lk > 0 and D <= 65536)
+              and out.device.type == "cpu" and D <= 65536 and Lk <= 65536)  # int32 sums cannot overflow
     kind, mptr, ms = 0, None, (ctypes.c_int64 * 4)(0, 0, 0, 0)
     if usable and attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -142,11 +155,13 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             usable = not bool((torch.isnan(mask0) | (mask0 == math.inf)).any())
         mptr, ms = m.data_ptr(), _strides(m, 4)
     if not usable:
-        if not all(torch.isfinite(t).all() for t in args):
-            out.copy_(F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale))
-        else:
-            out.copy_(reference_int8_attention(query, key, value, attn_mask, scale))
-        return out
+        r = None
+        if all(torch.isfinite(t).all() for t in args):
+            r = reference_int8_attention(query, key, value, attn_mask, scale)
+        if r is None or not torch.isfinite(r).all():  # non-finite input, or a score overflowed: as the kernel
+            r = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attn_mask,
+                                               scale=scale)
+        return out.copy_(r)
     bad = lib.lowbit_attention_int8(query.data_ptr(), _strides(query, 3), key.data_ptr(), _strides(key, 3),
                                     value.data_ptr(), _strides(value, 3), B, H, Lq, Lk, D, mptr, kind, ms,
                                     scale, out.data_ptr(), _strides(out, 3), 0 if portable else 1, threads())
@@ -206,7 +221,11 @@ def use_int8_attention(model: nn.Module) -> list[str]:
     switched: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, PreTrainedModel) and not any(name.startswith(s + ".") or s == "" for s in switched):
-            m.set_attn_implementation(IMPLEMENTATION)
+            try:
+                m.set_attn_implementation(IMPLEMENTATION)
+            except (ValueError, NotImplementedError) as e:  # a model class without the attention interface
+                raise ValueError(f"int8 attention: {type(m).__name__} ({name or 'the model'}) cannot switch its "
+                                 f"attention implementation: {e}") from e
             switched.append(name)
     if not switched:
         raise ValueError("int8 attention: no Hugging Face transformers model (PreTrainedModel) inside the model; "

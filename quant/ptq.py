@@ -74,7 +74,7 @@ def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
     ``attention`` (native backend): also run attention's two matrix products
     (``Q Kᵀ`` and ``P V``) on int8 codes, in the Hugging Face transformers
     models inside the copy (:mod:`quant.attention` gives the scheme; on
-    MiniLM it costs 6e-5 of embedding cosine). ``report.meta["attention"]``
+    MiniLM it costs 4e-5 of embedding cosine). ``report.meta["attention"]``
     names the switched models; ValueError if there is none.
 
     Returns ``(quantized model, Report)``: one row per layer (weight error,

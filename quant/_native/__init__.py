@@ -35,6 +35,8 @@ def _bind_attention(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.lowbit_attention_int8.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, p, i32, p, f32, p, p, i32, i32]
     lib.lowbit_attention_int8.restype = i64
+    lib.lowbit_attention_has_vnni.argtypes = []
+    lib.lowbit_attention_has_vnni.restype = i32
 
 
 _ATTENTION = Library(Path(__file__).with_name("attention_int8.c"), _bind_attention, fallback="torch")

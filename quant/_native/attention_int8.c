@@ -528,6 +528,9 @@ static void use_keys(Work *w, int64_t n, int64_t Lk)
     }
 }
 
+/* 1 when this build uses the AVX-512 VNNI path */
+int lowbit_attention_has_vnni(void) { return HAVE_VNNI; }
+
 /* Strides are in elements: (batch, head, row) for q, k, v and out (the channel stride must be 1);
  * (batch, head, query, key) for the mask, 0 where it broadcasts. Returns how many (batch, head)
  * pairs held NaN or inf in Q, K or V or a score that overflowed (their output rows are not all written:

@@ -118,6 +118,11 @@ def test_scores_that_overflow_float32_are_computed_by_float_attention():
     assert torch.isfinite(out[0, 1]).all()
 
 
+def test_no_keys_at_all_gives_zero():
+    q, k, v = qkv(1, 2, 3, 0, 16)
+    assert torch.equal(int8_attention(q, k, v), torch.zeros(1, 2, 3, 16))
+
+
 def test_writes_into_a_given_buffer_in_the_layout_heads_are_joined_from():
     q, k, v = qkv(2, 3, 5, 5, 16)
     buf = torch.empty(2, 5, 3, 16)
