@@ -186,3 +186,62 @@ def test_minilm_with_int8_attention_keeps_the_embeddings_close():
     use_int8_attention(fa)
     assert embedding_cosine(ref, embed(fa, held))["mean_cosine"] > 0.9999
     assert np.isfinite(embed(q, held[:4])).all()
+
+
+def tiny_models():
+    import warnings
+
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "bert": BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                         intermediate_size=128, vocab_size=100)).eval(),
+            "gpt2 (causal)": GPT2Model(GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=100, n_positions=64,
+                                                  bos_token_id=0, eos_token_id=0)).eval(),
+        }
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2 (causal)"])
+def test_transformers_models_run_int8_attention_with_their_masks(name, monkeypatch):
+    import copy
+
+    from quant import attention
+    from quant.attention import use_int8_attention
+
+    model = tiny_models()[name]
+    q = copy.deepcopy(model)
+    assert use_int8_attention(q) == [""]
+    calls = []
+    real = attention.int8_attention
+    monkeypatch.setattr(attention, "int8_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(3, 20, dtype=torch.long)
+    am[1, 12:] = 0
+    with torch.no_grad():
+        for mask in (am, None):  # with padding; without a mask (GPT-2 is then causal by itself)
+            ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = q(input_ids=ids, attention_mask=mask).last_hidden_state
+            # int8 rounding error, far below what ignoring the padding or the causal order would cost
+            assert ((out - ref).norm() / ref.norm()).item() < 0.01
+    assert len(calls) == 2 * 2  # two layers, two calls
+
+
+def test_training_and_gradients_use_float_attention(monkeypatch):
+    import copy
+
+    from quant import attention
+    from quant.attention import use_int8_attention
+
+    model = tiny_models()["bert"]
+    q = copy.deepcopy(model)
+    use_int8_attention(q)
+    monkeypatch.setattr(attention, "int8_attention", lambda *a, **k: pytest.fail("int8 attention used"))
+    ids = torch.randint(0, 100, (2, 8))
+    q.train()  # dropout in attention
+    q(input_ids=ids).last_hidden_state.sum().backward()
+    q.eval()  # no dropout, but gradients wanted
+    ref = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(q(input_ids=ids).last_hidden_state, ref)
