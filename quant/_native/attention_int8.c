@@ -12,8 +12,9 @@
  * and sums; the float steps are the same operations in the same order on both paths (the portable
  * path is selectable at run time so that the tests compare the two).
  *
- * Work is split over (batch, head) pairs; each pair packs its codes into a small private buffer
- * (about 5 * L * D bytes plus L * L * 4), which stays in the core's L2 for the usual L <= 512. */
+ * Work is split over batch rows (or (batch, head) pairs when there are few rows); each head's codes
+ * are packed into a private buffer of about 3 * L * D bytes, plus 256 * L bytes of products for a
+ * block of 64 query rows, which stays in the core's L2 for the usual L <= 2048. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -28,6 +29,7 @@
 #define MASK_NONE 0
 #define MASK_ADD 1  /* float32, added to the scores */
 #define MASK_KEEP 2 /* bool (uint8): nonzero keeps the key */
+#define QBLOCK 64   /* query rows whose raw products are held at once (bounds the scratch for long sequences) */
 
 static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -93,7 +95,7 @@ typedef struct {
     float *vmax;      /* D: V column maxima (as bits), then their reciprocals */
     int8_t *v4;       /* [Dp/16][Jg][16][4]: v codes, 4 consecutive keys per channel */
     /* scratch shared by the heads of a task, used one head at a time: */
-    int32_t *s;       /* Lq x Lkp raw products */
+    int32_t *s;       /* QBLOCK x Lkp raw products of a block of query rows */
     float *e;         /* Lk */
     uint8_t *p;       /* 4 Jg */
     int8_t *row;      /* max(Lk, D) codes scratch */
@@ -105,7 +107,7 @@ static void *work_alloc(Work *w, int64_t n, int64_t Lq, int64_t Lk, int64_t D)
 {
     const int64_t Dg = (D + 3) / 4, Lkp = round_up(Lk, 16), Jg = (Lk + 3) / 4, Dp = round_up(D, 16);
     const int64_t head[8] = {Lq * 4 * Dg, Lkp * 4 * Dg, Lkp * 4, Lq * 4, Lkp * 4, Dp * 4, Dp * 4, Dp * 4 * Jg};
-    const int64_t shared[4] = {Lq * Lkp * 4, Lkp * 4, 4 * Jg, (Lk > D ? Lk : D) + Dp};
+    const int64_t shared[4] = {(Lq < QBLOCK ? Lq : QBLOCK) * Lkp * 4, Lkp * 4, 4 * Jg, (Lk > D ? Lk : D) + Dp};
     int64_t per = 0, total = 0;
     for (int i = 0; i < 8; i++) per += round_up(head[i], 64);
     for (int i = 0; i < 4; i++) total += round_up(shared[i], 64);
@@ -306,17 +308,19 @@ static int pack(Work *w, int64_t n, const float *q, int64_t hq, int64_t qsl, con
     return bad;
 }
 
-/* raw products s_ij = sum_d (q_id + 128) k_jd for all i, j (the +128 is removed later) */
-static void qk(const Work *w, int simd)
+/* raw products s_ij = sum_d (q_id + 128) k_jd for queries i0 <= i < i1 and all keys j, into row i - i0
+ * of w->s (the +128 is removed later) */
+static void qk(const Work *w, int64_t i0, int64_t i1, int simd)
 {
-    const int64_t Dg = w->Dg, Lkp = w->Lkp, Lq = w->Lq;
+    const int64_t Dg = w->Dg, Lkp = w->Lkp;
+    int32_t *const s = w->s - i0 * Lkp;
 #if HAVE_VNNI
     if (simd) {
         const uint32_t *qu = (const uint32_t *)w->qu;
         for (int64_t jb = 0; jb < Lkp / 16; jb++) {
             const __m512i *kb = (const __m512i *)(w->k4 + jb * Dg * 64);
-            int64_t i = 0;
-            for (; i + 4 <= Lq; i += 4) {
+            int64_t i = i0;
+            for (; i + 4 <= i1; i += 4) {
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t t = 0; t < Dg; t++) {
                     const __m512i kv = _mm512_load_si512(kb + t);
@@ -325,23 +329,23 @@ static void qk(const Work *w, int simd)
                     a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32((int)qu[(i + 2) * Dg + t]), kv);
                     a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32((int)qu[(i + 3) * Dg + t]), kv);
                 }
-                _mm512_storeu_si512(w->s + (i + 0) * Lkp + jb * 16, a0);
-                _mm512_storeu_si512(w->s + (i + 1) * Lkp + jb * 16, a1);
-                _mm512_storeu_si512(w->s + (i + 2) * Lkp + jb * 16, a2);
-                _mm512_storeu_si512(w->s + (i + 3) * Lkp + jb * 16, a3);
+                _mm512_storeu_si512(s + (i + 0) * Lkp + jb * 16, a0);
+                _mm512_storeu_si512(s + (i + 1) * Lkp + jb * 16, a1);
+                _mm512_storeu_si512(s + (i + 2) * Lkp + jb * 16, a2);
+                _mm512_storeu_si512(s + (i + 3) * Lkp + jb * 16, a3);
             }
-            for (; i < Lq; i++) {
+            for (; i < i1; i++) {
                 __m512i a0 = _mm512_setzero_si512();
                 for (int64_t t = 0; t < Dg; t++)
                     a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32((int)qu[i * Dg + t]), _mm512_load_si512(kb + t));
-                _mm512_storeu_si512(w->s + i * Lkp + jb * 16, a0);
+                _mm512_storeu_si512(s + i * Lkp + jb * 16, a0);
             }
         }
         return;
     }
 #endif
     (void)simd;
-    for (int64_t i = 0; i < Lq; i++)
+    for (int64_t i = i0; i < i1; i++)
         for (int64_t jb = 0; jb < Lkp / 16; jb++) {
             int32_t acc[16] = {0};
             for (int64_t t = 0; t < Dg; t++) {
@@ -350,7 +354,7 @@ static void qk(const Work *w, int simd)
                 for (int l = 0; l < 16; l++)
                     for (int b = 0; b < 4; b++) acc[l] += (int32_t)qa[b] * (int32_t)kb[l * 4 + b];
             }
-            memcpy(w->s + i * Lkp + jb * 16, acc, sizeof acc);
+            memcpy(s + i * Lkp + jb * 16, acc, sizeof acc);
         }
 }
 
@@ -397,13 +401,13 @@ static void pv(const Work *w, float rs, float *out, int simd)
     }
 }
 
-/* Probability codes of query row i into w->p (and the sum of its e_j into *sum): scores from the raw
+/* Probability codes of one query row (si: its raw products) into w->p (and the sum of its e_j into *sum): scores from the raw
  * products, the mask, the row max, e_j = exp(s_j - max), p_j = rint(255 e_j). Returns 0 when every
  * key is masked, -1 when a score overflowed to +inf. mrow: the row's mask (float32 to add, or uint8 keep flags) with stride mstride. */
-static int probs_portable(Work *w, int64_t i, float a, const void *mrow, int kind, int64_t mstride, float *sum)
+static int probs_portable(Work *w, const int32_t *si, float a, const void *mrow, int kind, int64_t mstride,
+                          float *sum)
 {
     const int64_t Lk = w->Lk;
-    const int32_t *si = w->s + i * w->Lkp;
     float *e = w->e;
     for (int64_t j = 0; j < Lk; j++) e[j] = ((float)(si[j] - w->ksum128[j]) * a) * w->sk[j];
     if (kind == MASK_ADD)
@@ -449,10 +453,9 @@ static inline __m512 exp16(__m512 x)
 }
 
 /* probs_portable with AVX-512 (contiguous mask rows only) */
-static int probs_simd(Work *w, int64_t i, float a, const void *mrow, int kind, float *sum)
+static int probs_simd(Work *w, const int32_t *si, float a, const void *mrow, int kind, float *sum)
 {
     const int64_t Lk = w->Lk;
-    const int32_t *si = w->s + i * w->Lkp;
     float *e = w->e;
     const __m512 va = _mm512_set1_ps(a), ninf = _mm512_set1_ps(-INFINITY);
     __m512 mx = ninf;
@@ -492,13 +495,14 @@ static int probs_simd(Work *w, int64_t i, float a, const void *mrow, int kind, f
 }
 #endif
 
-static int probs(Work *w, int64_t i, float a, const void *mrow, int kind, int64_t mstride, int simd, float *sum)
+static int probs(Work *w, const int32_t *si, float a, const void *mrow, int kind, int64_t mstride, int simd,
+                 float *sum)
 {
 #if HAVE_VNNI
-    if (simd && (kind == MASK_NONE || mstride == 1)) return probs_simd(w, i, a, mrow, kind, sum);
+    if (simd && (kind == MASK_NONE || mstride == 1)) return probs_simd(w, si, a, mrow, kind, sum);
 #endif
     (void)simd;
-    return probs_portable(w, i, a, mrow, kind, mstride, sum);
+    return probs_portable(w, si, a, mrow, kind, mstride, sum);
 }
 
 /* Keys after the last one that any query of batch row b (any head) may attend get probability 0:
@@ -571,19 +575,22 @@ int64_t lowbit_attention_int8(const float *q, const int64_t *qs, const float *k,
             for (int64_t hh = 0; hh < hc; hh++) {
                 Work *wh = w + hh;
                 const int64_t h = h0 + hh;
-                qk(wh, simd);
                 const char *mbh = mask_kind == MASK_ADD ? (const char *)mask + 4 * (b * ms[0] + h * ms[1])
                                 : mask_kind == MASK_KEEP ? (const char *)mask + b * ms[0] + h * ms[1] : NULL;
-                for (int64_t i = 0; i < Lq; i++) {
+                int stop = 0;
+                for (int64_t i = 0; i < Lq && !stop; i++) {
+                    if (i % QBLOCK == 0) qk(wh, i, i + QBLOCK < Lq ? i + QBLOCK : Lq, simd);
                     const int64_t mi = i * ms[2];
                     const void *mrow = mask_kind == MASK_ADD ? (const void *)((const float *)mbh + mi)
                                      : mask_kind == MASK_KEEP ? (const void *)((const uint8_t *)mbh + mi) : NULL;
                     float *o = out + b * os[0] + h * os[1] + i * os[2];
                     float sum;
-                    const int alive = probs(wh, i, wh->sq[i] * scale, mrow, mask_kind, ms[3], simd, &sum);
+                    const int alive = probs(wh, wh->s + (i % QBLOCK) * wh->Lkp, wh->sq[i] * scale, mrow, mask_kind,
+                                            ms[3], simd, &sum);
                     if (alive < 0) { /* a score overflowed float32: the caller's float path defines the result */
                         bad++;
-                        break;
+                        stop = 1;
+                        continue;
                     }
                     if (!alive) {
                         for (int64_t d = 0; d < D; d++) o[d] = 0.0f; /* every key masked: a zero output, as torch */
