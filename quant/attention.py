@@ -19,9 +19,10 @@ chosen so that every scale factors out of the integer sums:
 
 On MiniLM this costs 4e-5 of embedding cosine (W8A8 with SmoothQuant: 0.99918
 without, 0.99914 with). A row whose keys are all masked gives 0, as torch's
-``scaled_dot_product_attention`` does. Q, K or V holding NaN or inf: the call
-is computed by float ``scaled_dot_product_attention`` instead, so non-finite
-values propagate as in the float model.
+``scaled_dot_product_attention`` does. Q, K or V holding NaN or inf, or a
+score beyond float32's range: the call is computed by float
+``scaled_dot_product_attention`` instead, so non-finite values propagate as in
+the float model.
 
 :func:`ptq` with ``attention=True`` switches the Hugging Face transformers models
 inside the quantized copy to this attention (:func:`use_int8_attention`).
@@ -167,7 +168,7 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                     scale, out.data_ptr(), _strides(out, 3), 0 if portable else 1, threads())
     if bad < 0:
         raise MemoryError("int8_attention: could not allocate the kernels' scratch memory")
-    if bad:  # NaN or inf somewhere in Q, K or V: float attention defines the result
+    if bad:  # NaN or inf somewhere in Q, K or V, or a score beyond float32: float attention defines the result
         out.copy_(F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attn_mask,
                                                  scale=scale))
     return out
