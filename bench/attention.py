@@ -1,0 +1,56 @@
+"""python -m bench.attention: lowbit's int8 attention against torch's scaled_dot_product_attention.
+
+One MiniLM attention layer's shapes (batch 32, 12 heads, 128 tokens, head
+dimension 32) on random Q, K, V laid out as a linear layer's output leaves them
+(heads side by side in each token's row). Masks: none, and the key-padding mask
+of the project's first 32 sentences padded to 128 tokens (as ``bench.ptq``'s
+forward pass has them). Prints the best time of each, measured round-robin,
+the ratio to torch's float32 attention, and the relative error against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from quant.attention import int8_attention, status
+
+from .timing import best_times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=20, help="timed runs of each, best kept (default 20)")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bench.models import sentence_model, sentences
+
+    tok = sentence_model().tokenizer
+    keep = tok(sentences()[:32], padding="max_length", truncation=True, max_length=128,
+               return_tensors="pt")["attention_mask"].bool()
+    B, H, L, D = 32, 12, 128, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, generator=g).unbind(2))
+    print(f"attention at batch {B} x {H} heads x {L} tokens x dim {D}, {torch.get_num_threads()} threads; "
+          f"lowbit: {status()}")
+    print(f"{'mask':<42} {'torch float32 ms':>16} {'lowbit int8 ms':>14} {'x':>6} {'rel. error':>10}")
+    with torch.no_grad():
+        for name, mask in ((f"none (all {L} keys)", None),
+                           (f"key padding ({keep.sum(1).float().mean():.1f} real tokens on average)",
+                            keep[:, None, None, :])):
+            t = best_times({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                            "int8": lambda: int8_attention(q, k, v, mask)}, a.repeat)
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            err = ((int8_attention(q, k, v, mask) - ref).norm() / ref.norm()).item()
+            print(f"{name:<42} {t['sdpa'] * 1e3:16.2f} {t['int8'] * 1e3:14.2f} {t['sdpa'] / t['int8']:6.2f} "
+                  f"{err:10.4f}")
+    print("x: speed-up over torch.nn.functional.scaled_dot_product_attention in the same run (best of runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
