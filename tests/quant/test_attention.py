@@ -245,3 +245,15 @@ def test_training_and_gradients_use_float_attention(monkeypatch):
     q.eval()  # no dropout, but gradients wanted
     ref = model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(q(input_ids=ids).last_hidden_state, ref)
+
+
+def test_bench_attention_runs_and_reports_both_masks(capsys):
+    from bench.attention import main
+
+    assert main(["--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("none", "key padding"))]
+    assert len(rows) == 2
+    for ln in rows:
+        sdpa_ms, int8_ms, ratio, err = (float(x) for x in ln.split()[-4:])
+        assert sdpa_ms > 0 and int8_ms > 0 and 0 < err < 0.03
