@@ -174,6 +174,11 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out
 
 
+# attention-function arguments that change the arithmetic (a bias on the scores, logit soft-capping,
+# attention sinks, a paged cache): calls that carry one run transformers' own sdpa
+_FLOAT_ONLY = ("position_bias", "cache", "softcap", "s_aux", "sinks")
+
+
 def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -182,9 +187,8 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
     H, Hk = query.shape[1], key.shape[1]
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if grad or (dropout and module.training) or Hk != H or kwargs.get("position_bias") is not None \
-            or kwargs.get("cache") is not None or kwargs.get("softcap") is not None:
-        # gradients, training-time dropout, grouped KV heads, position bias, paged cache: outside this kernel
+    if grad or (dropout and module.training) or Hk != H or any(kwargs.get(n) is not None for n in _FLOAT_ONLY):
+        # gradients, training-time dropout, grouped KV heads, and the extra terms in _FLOAT_ONLY: outside this kernel
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     Lq, Lk = query.shape[2], key.shape[2]

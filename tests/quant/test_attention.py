@@ -257,3 +257,20 @@ def test_bench_attention_runs_and_reports_both_masks(capsys):
     for ln in rows:
         sdpa_ms, int8_ms, ratio, err = (float(x) for x in ln.split()[-4:])
         assert sdpa_ms > 0 and int8_ms > 0 and 0 < err < 0.03
+
+
+def test_calls_with_terms_the_kernel_lacks_run_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from quant.attention import _hf_attention
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v = qkv(2, 4, 6, 6, 16)
+    with torch.no_grad():
+        for extra in (dict(s_aux=torch.zeros(4)), dict(sinks=torch.zeros(4))):
+            out, _ = _hf_attention(module, q, k, v, None, scaling=0.25, **extra)
+            ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, **extra)
+            assert torch.equal(out, ref)
+        out, _ = _hf_attention(module, q, k, v, None, scaling=0.25)  # and without them, the int8 kernel
+        assert torch.equal(out, int8_attention(q, k, v, None, 0.25).transpose(1, 2))
