@@ -8,6 +8,8 @@
  *   e_ij = exp(s_ij - max_j s_ij), in [0, 1];  P codes p_ij = rint(255 e_ij) (unsigned 8 bit);
  *   V: symmetric int8 per column (per head channel d, over the keys), scale amax/127;
  *   out_id = (sum_j p_ij v_jd) * sv_d * (1 / (255 * sum_j e_ij)).
+ * Keys after the last one that any query of a batch row may attend (padding) get p = 0: they are left
+ * out of the work and of V's scale. A row with every key masked gives 0, as torch's SDPA does.
  * All integer sums are exact, so the AVX-512 VNNI path and the portable loops give identical codes
  * and sums; the float steps are the same operations in the same order on both paths (the portable
  * path is selectable at run time so that the tests compare the two).
@@ -19,7 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
 #else
