@@ -274,3 +274,32 @@ def test_calls_with_terms_the_kernel_lacks_run_transformers_sdpa():
             assert torch.equal(out, ref)
         out, _ = _hf_attention(module, q, k, v, None, scaling=0.25)  # and without them, the int8 kernel
         assert torch.equal(out, int8_attention(q, k, v, None, 0.25).transpose(1, 2))
+
+
+def test_a_build_for_cpus_without_avx512_gives_the_same_results(tmp_path, monkeypatch):
+    # what a machine without AVX-512 VNNI compiles: only the plain loops exist in that library
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from quant import attention
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or platform.machine() not in ("x86_64", "AMD64") or _native.attention_library() is None:
+        pytest.skip("needs an x86-64 C compiler and the native kernel to compare with")
+    src = Path(_native.__file__).with_name("attention_int8.c")
+    so = tmp_path / "attention_v2.so"
+    subprocess.run([cc, "-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+                    "-fopenmp", str(src), "-o", str(so)], check=True, capture_output=True)
+    plain = ctypes.CDLL(str(so))
+    _native._bind_attention(plain)
+    assert plain.lowbit_attention_has_vnni() == 0
+    for shape in SHAPES[:3]:
+        q, k, v = qkv(*shape)
+        for name, m in masks(*shape[:4]).items():
+            native = int8_attention(q, k, v, m)
+            monkeypatch.setattr(attention, "attention_library", lambda: plain)
+            assert torch.equal(int8_attention(q, k, v, m), native), (shape, name)
+            monkeypatch.undo()
