@@ -100,7 +100,8 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    out: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
     """``softmax(query @ keyᵀ · scale + attn_mask) @ value`` with both products on int8 codes.
 
-    ``query``: float32 (batch, heads, queries, dim); ``key``, ``value``: (batch, heads, keys, dim),
+    ``query``: float (batch, heads, queries, dim; float16 and bfloat16 are read as float32, and the
+    output is float32); ``key``, ``value``: (batch, heads, keys, dim),
     any strides with unit stride along ``dim`` (the views of a linear layer's output that attention
     modules make are fine). ``attn_mask``: None, bool (True keeps a key) or float (added to the
     scores), broadcastable to (batch, heads, queries, keys). ``scale``: default ``dim ** -0.5``.
@@ -142,6 +143,8 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if Lk == 0:  # nothing to attend to: zero, as for rows whose keys are all masked
         return out.zero_()
     lib = attention_library()
+    if query.device.type == "cpu":  # half-precision models: the kernel reads float32
+        query, key, value = (t.float() for t in (query, key, value))
     args = [query, key, value]
     usable = (lib is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
                                       and (D == 1 or t.stride(3) == 1) for t in args)

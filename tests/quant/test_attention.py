@@ -118,6 +118,14 @@ def test_scores_that_overflow_float32_are_computed_by_float_attention():
     assert torch.isfinite(out[0, 1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_read_as_float32(dtype):
+    q, k, v = (t.to(dtype) for t in qkv(2, 3, 8, 8, 32))
+    out = int8_attention(q, k, v)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, int8_attention(q.float(), k.float(), v.float()))
+
+
 def test_no_keys_at_all_gives_zero():
     q, k, v = qkv(1, 2, 3, 0, 16)
     assert torch.equal(int8_attention(q, k, v), torch.zeros(1, 2, 3, 16))
