@@ -1,9 +1,6 @@
-"""lowbit.bench: command-line programs and checkpoint I/O.
+"""lowbit.bench: command-line programs and benchmarks.
 
-``python -m bench.quantize`` compresses checkpoints; :func:`load` reads a
-checkpoint it wrote back as dense tensors.
+``python -m bench.quantize`` compresses checkpoints through
+:func:`lowbit.compress_checkpoint`; the other modules measure speed and
+accuracy against peer libraries.
 """
-
-from .load import load
-
-__all__ = ["load"]

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench.checkpoint import Checkpoint
+    from lowbit.checkpoint import Checkpoint
     from bench.models import minilm_checkpoint, minilm_dir
 
     ck_path = minilm_checkpoint()

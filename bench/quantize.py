@@ -17,28 +17,27 @@ Exit codes: 0 success, 2 usage error, 1 any other failure (one line naming the f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from compress.lowrank import METHODS as SVD_METHODS
+from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
+from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint
+from lowbit.checkpoint.pipeline import check_pattern
+from precision import OVERFLOW_MODES, ROUNDING_MODES
 from precision._bridge import contiguous
+from precision.cast import SCALINGS, FloatCast
+from precision.methods import StructureMethod, ValueMethod
+from precision.report import Report
+from quant import PerChannel, PerGroup, PerTensor, QuantSpec
+from quant.storage import IntQuant
 
-from precision import OVERFLOW_MODES, ROUNDING_MODES, get_format, known_formats
-from precision.report import KeptTensor, Report
-
-from .checkpoint import Checkpoint, CheckpointError, SafetensorsWriter
-from .methods import NotApplied, Step, compress_tensor, int_step, validate_chain
-
-FLOAT_METHODS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 PROG = "python -m bench.quantize"
+CALIBRATIONS = ("minmax", "percentile", "mse")  # the calibration methods that apply to one weight tensor
 
 
 class UsageError(Exception):
@@ -58,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "a model directory, or a PyTorch .pt/.pth/.bin state dict (read with weights_only=True). "
                    "Default: the bundled all-MiniLM-L6-v2 checkpoint.")
     p.add_argument("--method", default="int8", help="a method or a comma-separated chain, structure first: "
-                   f"{', '.join(FLOAT_METHODS)} (or any precision format name), int8/int4/intN, prune, svd. "
-                   "Example: prune,int8. Default: int8")
+                   "a float format (fp16, bf16, fp8_e4m3fn, fp8_e5m2 or any precision format name), int2..int8, "
+                   "prune, svd. Example: prune,int8. Default: int8")
     g = p.add_argument_group("float formats")
-    g.add_argument("--scaling", choices=("none", "tensor", "channel"), default=None,
+    g.add_argument("--scaling", choices=SCALINGS, default=None,
                    help="scale so absmax maps to max_finite (stored as float32). Default: none for fp16/bf16, "
                    "channel for 8-bit and smaller formats")
-    g.add_argument("--rounding", choices=[r for r in ROUNDING_MODES], default="nearest_even")
-    g.add_argument("--overflow", choices=list(OVERFLOW_MODES), default="ieee")
+    g.add_argument("--rounding", choices=ROUNDING_MODES, default="nearest_even")
+    g.add_argument("--overflow", choices=OVERFLOW_MODES, default="ieee")
     g.add_argument("--seed", type=int, default=None, help="seed for --rounding stochastic")
     g = p.add_argument_group("integer quantization")
     g.add_argument("--granularity", choices=("tensor", "channel", "group"), default="channel",
@@ -73,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=128, help="elements per group for --granularity group")
     g.add_argument("--affine", action="store_true", help="affine (zero point) instead of symmetric")
     g.add_argument("--narrow-range", action="store_true", help="drop the most negative code, e.g. [-127, 127]")
-    g.add_argument("--calibration", choices=("minmax", "percentile", "mse"), default="minmax")
+    g.add_argument("--calibration", choices=CALIBRATIONS, default="minmax")
     g.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile")
     g = p.add_argument_group("pruning")
     g.add_argument("--prune", default="magnitude", help="magnitude, structured, or N:M such as 2:4")
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("low rank (svd)")
     g.add_argument("--rank-ratio", type=float, default=None, help="fraction of parameters kept (default 0.5)")
     g.add_argument("--energy", type=float, default=None, help="fraction of squared singular-value energy kept")
-    g.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    g.add_argument("--svd-method", choices=SVD_METHODS, default="exact")
     g.add_argument("--force-svd", action="store_true", help="factor even where it saves no memory")
     g = p.add_argument_group("selection and output")
     g.add_argument("--include", help="regex: compress only matching tensor names")
@@ -101,193 +100,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_chain(a: argparse.Namespace) -> list[Step]:
-    chain = []
-    for m in [t.strip() for t in a.method.split(",") if t.strip()]:
-        if m in known_formats() or m in FLOAT_METHODS:
-            small = get_format(m).bits <= 8
-            scaling = a.scaling or ("channel" if small else "none")
-            o = {"format": m, "scaling": scaling, "rounding": a.rounding, "overflow": a.overflow}
-            if a.rounding == "stochastic":
-                if a.seed is None:
-                    raise UsageError("--rounding stochastic needs --seed")
-                o["seed"] = a.seed
-            chain.append(Step("float", o))
-        elif re.fullmatch(r"int([2-8])", m):
-            bits = int(m[3:])
-            try:
-                chain.append(int_step(bits, a.granularity, a.group_size, a.affine, a.narrow_range, a.calibration,
-                                      a.percentile if a.calibration == "percentile" else None))
-            except (ValueError, TypeError) as e:
-                raise UsageError(str(e)) from None
-        elif m == "prune":
-            if not 0 <= a.sparsity <= 1:
-                raise UsageError(f"--sparsity must be in [0, 1], got {a.sparsity}")
-            nm = re.fullmatch(r"(\d+):(\d+)", a.prune)
-            if nm:
-                n, mm = int(nm.group(1)), int(nm.group(2))
-                if not 0 <= n <= mm or mm < 1:
-                    raise UsageError(f"--prune {a.prune}: N:M needs 0 <= N <= M")
-                chain.append(Step("prune", {"how": "nm", "n": n, "m": mm}))
-            elif a.prune in ("magnitude", "structured"):
-                chain.append(Step("prune", {"how": a.prune, "sparsity": a.sparsity, "norm": a.norm, "axis": 0}))
-            else:
-                raise UsageError(f"--prune must be magnitude, structured or N:M (e.g. 2:4), got {a.prune!r}")
-        elif m == "svd":
-            if a.rank_ratio is not None and a.energy is not None:
-                raise UsageError("give --rank-ratio or --energy, not both")
-            o = {"method": a.svd_method, "force": a.force_svd}
-            if a.energy is not None:
-                o["energy"] = a.energy
-            else:
-                o["ratio"] = 0.5 if a.rank_ratio is None else a.rank_ratio
-            for k in ("ratio", "energy"):
-                if k in o and not 0 <= o[k] <= 1:
-                    raise UsageError(f"--{'rank-ratio' if k == 'ratio' else k} must be in [0, 1], got {o[k]}")
-            chain.append(Step("svd", o))
-        else:
-            raise UsageError(f"unknown method {m!r}; use {', '.join(FLOAT_METHODS)}, int8 (int2..int8), prune, svd "
-                             "or a chain such as prune,int8")
-    if not chain:
-        raise UsageError("--method is empty")
+def _value_method(name: str, kind: str, a: argparse.Namespace) -> ValueMethod:
+    if kind == "float":
+        return FloatCast.for_format(name, scaling=a.scaling, rounding=a.rounding, overflow=a.overflow,
+                                    seed=a.seed if a.rounding == "stochastic" else None)
+    gran = {"tensor": PerTensor(), "channel": PerChannel(0), "group": PerGroup(a.group_size)}[a.granularity]
+    spec = QuantSpec(bits=int(name[3:]), signed=True, symmetric=not a.affine, narrow_range=a.narrow_range,
+                     granularity=gran)
+    return IntQuant(spec, a.calibration, a.percentile if a.calibration == "percentile" else None)
+
+
+def _structure_method(kind: str, a: argparse.Namespace) -> StructureMethod:
+    if kind == "svd":
+        if a.rank_ratio is not None and a.energy is not None:
+            raise UsageError("give --rank-ratio or --energy, not both")
+        ratio = None if a.energy is not None else (0.5 if a.rank_ratio is None else a.rank_ratio)
+        return LowRankSVD(ratio=ratio, energy=a.energy, method=a.svd_method, force=a.force_svd)
+    nm = a.prune.split(":")
+    if len(nm) == 2 and all(t.isdigit() for t in nm):
+        return NMPrune(int(nm[0]), int(nm[1]))
+    if a.prune == "magnitude":
+        return MagnitudePrune(a.sparsity)
+    if a.prune == "structured":
+        return StructuredPrune(a.sparsity, axis=0, norm=a.norm)
+    raise UsageError(f"--prune must be magnitude, structured or N:M (e.g. 2:4), got {a.prune!r}")
+
+
+def build_chain(a: argparse.Namespace) -> Chain:
+    """The method config the arguments describe (every range is checked by the config itself)."""
+    def build(kind: str, name: str) -> ValueMethod | StructureMethod:
+        return _structure_method(kind, a) if kind in ("prune", "svd") else _value_method(name, kind, a)
+
     try:
-        validate_chain(chain)
-    except ValueError as e:
+        return Chain.parse(a.method, build)
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    return chain
-
-
-def _progress(total: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="tensor", file=sys.stderr, leave=False)
-
-
-def _process(ckpt: Checkpoint, name: str, chain: list[Step], a: argparse.Namespace, path: Path):
-    """Read one tensor and compress it if selected: (array, Compressed or None, reason kept)."""
-    arr = ckpt.read(name)
-    selected = (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16") and arr.ndim >= a.min_ndim \
-        and arr.size > 0 and (a.include is None or re.search(a.include, name)) \
-        and not (a.exclude and re.search(a.exclude, name))
-    if selected:
-        if not np.isfinite(arr.astype(np.float32, copy=False)).all():
-            # nothing is lost: a tensor that cannot be quantized is carried through bit-exact and reported
-            return arr, None, "holds NaN or inf (kept as is)"
-        try:
-            return arr, compress_tensor(name, arr, chain, keep_approx=a.eval), None
-        except NotApplied as e:
-            return arr, None, str(e)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-    if arr.dtype.kind not in "fV":
-        reason = "not floating point"
-    elif arr.dtype.kind == "V" and arr.dtype.name != "bfloat16":
-        reason = f"already {arr.dtype.name}"
-    else:
-        reason = f"{arr.ndim}-D" if arr.ndim < a.min_ndim else "empty" if arr.size == 0 else "excluded"
-    return arr, None, reason
 
 
 def run(a: argparse.Namespace) -> Report:
     """Carry out one CLI invocation (parsed arguments) and return the report."""
-    for pat in (a.include, a.exclude):
-        if pat:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise UsageError(f"bad regular expression {pat!r}: {e}") from None
-    chain = parse_chain(a)
+    chain = build_chain(a)
     if a.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
+    for pat, flag in ((a.include, "--include"), (a.exclude, "--exclude")):
+        try:
+            check_pattern(pat)
+        except ValueError as e:
+            raise UsageError(f"{flag}: {e}") from None
     if a.checkpoint is None:
         from .models import minilm_checkpoint
 
         path = minilm_checkpoint()
     else:
         path = Path(a.checkpoint)
-    t0 = time.perf_counter()
-    ckpt = Checkpoint(path)
-    writer = SafetensorsWriter(a.out, force=a.force, inputs=ckpt.files) if a.out else None
-    report = Report(title=f"{path} -> {' + '.join(s.describe() for s in chain)}")
-    schemes: dict[str, Any] = {}
-    approx: dict[str, np.ndarray] = {}
-    bar = _progress(len(ckpt.names()), a.quiet)
-
-    def handle(name: str, arr: np.ndarray, c: Any, reason: str | None) -> None:
-        if c is not None:
-            report.add(c.row)
-            schemes[name] = c.scheme
-            if writer:
-                for part, v in c.parts.items():
-                    writer.add(f"{name}::{part}", v)
-            if a.eval:
-                approx[name] = c.approx
-        else:
-            report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason))
-            if writer:
-                writer.add(name, arr)
-        if bar:
-            bar.update(1)
-
-    try:
-        names = ckpt.names()
-        if a.workers == 1:
-            for name in names:
-                handle(name, *_process(ckpt, name, chain, a, path))
-        else:
-            # tensors are compressed on a.workers threads (numpy releases the GIL) and written in order;
-            # at most workers + 1 tensors are in flight, so memory stays bounded by the largest ones
-            with ThreadPoolExecutor(max_workers=a.workers, thread_name_prefix="lowbit-tensor") as pool:
-                pending: deque = deque()
-                it = iter(names)
-                for name in it:
-                    pending.append((name, pool.submit(_process, ckpt, name, chain, a, path)))
-                    if len(pending) >= a.workers + 1:
-                        break
-                while pending:
-                    name, fut = pending.popleft()
-                    res = fut.result()
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.append((nxt, pool.submit(_process, ckpt, nxt, chain, a, path)))
-                    handle(name, *res)
-        meta = {"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
-                                      "kept": [k.name for k in report.kept]})}
-        if writer:
-            writer.commit(meta)
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    finally:
-        if bar:
-            bar.close()
-    report.meta["wall_time_s"] = time.perf_counter() - t0
-    report.meta["checkpoint_file_bytes"] = ckpt.nbytes
-    if a.out:
-        report.meta["output"] = str(a.out)
-        report.meta["output_file_bytes"] = Path(a.out).stat().st_size
-    if a.eval:
-        report.meta.update(evaluate(path if a.checkpoint else None, ckpt, approx))
+    ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
+    approx: dict[str, np.ndarray] | None = {} if a.eval else None
+    report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
+                                 progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx)
+    if ref_model is not None and approx is not None:
+        report.meta.update(evaluate(ref_model, approx))
     return report
 
 
-def evaluate(model_dir: Path | None, ckpt: Checkpoint, approx: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Cosine similarity of sentence embeddings: original model vs the model with ``approx`` weights."""
-    import torch
+def load_eval_model(model_path: Path | None) -> Any:
+    """The sentence-transformers model that --eval runs (MiniLM by default), loaded up front."""
+    from .models import sentence_model
 
-    from .models import embed, embedding_cosine, sentence_model
-
-    d = None if model_dir is None else (model_dir if model_dir.is_dir() else model_dir.parent)
+    d = None if model_path is None else (model_path if model_path.is_dir() else model_path.parent)
     try:
-        ref_model = sentence_model(d)
+        return sentence_model(d)
     except Exception as e:  # noqa: BLE001 - sentence-transformers raises many kinds
         raise CheckpointError(f"{d}: --eval needs a sentence-transformers model directory ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def evaluate(ref_model: Any, approx: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Cosine similarity of sentence embeddings: ``ref_model`` as loaded vs with the ``approx`` weights."""
+    import torch
+
+    from .models import embed, embedding_cosine
+
     ref = embed(ref_model)
     sd = ref_model.state_dict()
     new = {}

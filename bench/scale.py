@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import SafetensorsWriter
+from lowbit.checkpoint import SafetensorsWriter
 from .e2e import measure, read_speed
 
 COLS = 4096

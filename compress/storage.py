@@ -20,10 +20,12 @@ Costs for an m x n float32 weight (d = 4 bytes per value):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from precision._bridge import contiguous
+from precision.methods import NotApplied, StructureMethod, ValueStore, register_method, sparse_or_dense
 
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:
@@ -186,3 +188,230 @@ class Factors:
     @classmethod
     def from_tensors(cls, t: dict[str, np.ndarray]) -> "Factors":
         return cls(t["A"], t["B"])
+
+
+# ------------------------------------------------------------------ methods
+def _fraction(v: Any, what: str, cls: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v <= 1:
+        raise ValueError(f"{cls}: {what} must be a fraction in [0, 1], got {v!r}")
+
+
+@register_method
+@dataclass(frozen=True)
+class MagnitudePrune(StructureMethod):
+    """Zero the ``sparsity`` fraction of smallest |w| of each tensor (see :func:`compress.magnitude_prune`).
+
+    Stored: a packed bitmask and the kept values, or every value dense when that is
+    not larger (below about 3% sparsity for float32)."""
+
+    kind: ClassVar[str] = "magnitude"
+    sparsity: float = 0.5
+
+    def __post_init__(self) -> None:
+        _fraction(self.sparsity, "sparsity", "MagnitudePrune")
+
+    def describe(self) -> str:
+        return f"prune magnitude {self.sparsity}"
+
+    def encode(self, x, store, name="x"):
+        from .prune import magnitude_prune
+
+        r = magnitude_prune(x, self.sparsity, name=name)
+        keep = np.asarray(r.mask)
+        enc = store.encode(np.asarray(r.weight, np.float32), name)
+        return sparse_or_dense({"kind": self.kind, "sparsity": self.sparsity}, {"mask": pack_bits(keep)}, enc,
+                               keep, store)
+
+    @classmethod
+    def decode(cls, parts, scheme, shape, src_dtype):
+        n = int(np.prod(shape, dtype=np.int64))
+        keep = unpack_bits(parts["mask"], n).reshape(shape)
+        return _sparse_decode(keep, {k: v for k, v in parts.items() if k != "mask"}, scheme, shape, src_dtype)
+
+
+def _sparse_decode(keep: np.ndarray, parts: dict[str, np.ndarray], scheme: dict[str, Any], shape: tuple[int, ...],
+                   src_dtype: np.dtype) -> np.ndarray:
+    vals = ValueStore.codes(parts, scheme, src_dtype)
+    if int(keep.sum()) != vals.size:
+        raise ValueError(f"the mask keeps {int(keep.sum())} values but {vals.size} are stored")
+    codes = np.zeros(keep.size, vals.dtype)
+    codes[keep.reshape(-1)] = vals
+    recon = ValueStore.decode(codes.reshape(shape), parts, scheme, shape, src_dtype)
+    return np.where(keep, recon, np.float32(0))
+
+
+@register_method
+@dataclass(frozen=True)
+class NMPrune(StructureMethod):
+    """Keep the ``n`` largest |w| of every ``m`` consecutive elements along the last axis (2:4 by
+    default). Stored: the kept values and their packed in-group positions."""
+
+    kind: ClassVar[str] = "nm"
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        for v in (self.n, self.m):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"NMPrune: n and m must be integers, got n={self.n!r}, m={self.m!r}")
+        if self.m < 1 or not 0 <= self.n <= self.m:
+            raise ValueError(f"NMPrune: N:M needs 0 <= n <= m and m >= 1, got {self.n}:{self.m}")
+
+    def describe(self) -> str:
+        return f"prune nm {self.n}:{self.m}"
+
+    def check_shape(self, shape, name="x"):
+        if not shape or shape[-1] % self.m:
+            raise ValueError(f"{name}: {self.n}:{self.m} pruning needs a last axis that is a multiple of {self.m}, "
+                             f"got shape {tuple(shape)}; exclude this tensor or choose another m")
+
+    def encode(self, x, store, name="x"):
+        from .prune import nm_prune
+
+        r = nm_prune(x, self.n, self.m, name=name)
+        keep = np.asarray(r.mask)
+        enc = store.encode(np.asarray(r.weight, np.float32), name)
+        return sparse_or_dense({"kind": self.kind, "n": self.n, "m": self.m},
+                               {"positions": np.asarray(r.storage.positions)}, enc, keep, store)
+
+    @classmethod
+    def decode(cls, parts, scheme, shape, src_dtype):
+        st = scheme["structure"]
+        keep = NM.kept_mask(parts["positions"], shape, st["n"], st["m"])
+        return _sparse_decode(keep, {k: v for k, v in parts.items() if k != "positions"}, scheme, shape, src_dtype)
+
+
+@register_method
+@dataclass(frozen=True)
+class StructuredPrune(StructureMethod):
+    """Remove the ``sparsity`` fraction of slices along ``axis`` (0: output rows) with the smallest
+    L``norm`` norm. Stored: the smaller dense tensor and a packed bitmask of the kept slices."""
+
+    kind: ClassVar[str] = "structured"
+    sparsity: float = 0.5
+    axis: int = 0
+    norm: int = 2
+
+    def __post_init__(self) -> None:
+        _fraction(self.sparsity, "sparsity", "StructuredPrune")
+        if self.norm not in (1, 2) or isinstance(self.norm, bool):
+            raise ValueError(f"StructuredPrune: norm must be 1 or 2, got {self.norm!r}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)):
+            raise TypeError(f"StructuredPrune: axis must be an integer, got {self.axis!r}")
+
+    def describe(self) -> str:
+        return f"prune structured {self.sparsity}"
+
+    def check_shape(self, shape, name="x"):
+        if len(shape) < 2 or not -len(shape) <= self.axis < len(shape):
+            raise ValueError(f"{name}: structured pruning along axis {self.axis} needs a tensor of at least 2 "
+                             f"dimensions that has that axis, got shape {tuple(shape)}")
+
+    def encode(self, x, store, name="x"):
+        from .prune import structured_prune
+
+        r = structured_prune(x, self.sparsity, axis=self.axis, norm=self.norm, name=name)
+        kept = np.asarray(r.kept)
+        keep = np.zeros(x.shape[r.axis], bool)
+        keep[kept] = True
+        small = np.asarray(r.weight, np.float32)
+        enc = store.encode(small, name)
+        parts, fields_ = store.store(enc)
+        recon = np.zeros(x.shape, np.float32)
+        idx: list[Any] = [slice(None)] * x.ndim
+        idx[r.axis] = kept
+        recon[tuple(idx)] = enc.values
+        return ({"kept": pack_bits(keep), **parts},
+                {"structure": {"kind": self.kind, "axis": int(r.axis), "small_shape": list(small.shape)}, **fields_},
+                recon)
+
+    @classmethod
+    def decode(cls, parts, scheme, shape, src_dtype):
+        st = scheme["structure"]
+        small_shape = tuple(st["small_shape"])
+        rest = {k: v for k, v in parts.items() if k != "kept"}
+        small = ValueStore.decode(ValueStore.codes(rest, scheme, src_dtype), rest, scheme, small_shape, src_dtype)
+        kept = np.flatnonzero(unpack_bits(parts["kept"], shape[st["axis"]]))
+        recon = np.zeros(shape, np.float32)
+        idx: list[Any] = [slice(None)] * len(shape)
+        idx[st["axis"]] = kept
+        recon[tuple(idx)] = small
+        return recon
+
+
+@register_method
+@dataclass(frozen=True)
+class LowRankSVD(StructureMethod):
+    """Factor a 2-D tensor as ``A @ B`` by SVD (see :func:`compress.low_rank`). The rank comes from
+    exactly one of ``ratio`` (fraction of parameters kept; 0.5 when none is given), ``energy`` (fraction of squared
+    singular-value energy kept) or ``rank``. Tensors where the factors would not be smaller
+    are kept as they are unless ``force``. Stored: both factors (under the chain's value method)."""
+
+    kind: ClassVar[str] = "svd"
+    ratio: float | None = None
+    energy: float | None = None
+    rank: int | None = None
+    method: str = "exact"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        from .lowrank import METHODS
+
+        if self.ratio is None and self.energy is None and self.rank is None:
+            object.__setattr__(self, "ratio", 0.5)
+        if sum(v is not None for v in (self.ratio, self.energy, self.rank)) != 1:
+            raise ValueError("LowRankSVD: give exactly one of ratio=, energy= or rank= (set the others to None)")
+        for what in ("ratio", "energy"):
+            if getattr(self, what) is not None:
+                _fraction(getattr(self, what), what, "LowRankSVD")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer))
+                                      or self.rank < 0):
+            raise ValueError(f"LowRankSVD: rank must be a non-negative integer, got {self.rank!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"LowRankSVD: method must be one of {METHODS}, got {self.method!r}")
+
+    def describe(self) -> str:
+        return f"svd {self.method} " + ", ".join(f"{k}={getattr(self, k)}" for k in ("ratio", "energy", "rank")
+                                                 if getattr(self, k) is not None)
+
+    def check_shape(self, shape, name="x"):
+        if len(shape) != 2:
+            raise ValueError(f"{name}: svd needs a 2-D tensor, got shape {tuple(shape)}; "
+                             "exclude it (e.g. --exclude or a --min-ndim) or use another method")
+
+    def encode(self, x, store, name="x"):
+        from .lowrank import low_rank
+
+        self.check_shape(x.shape, name)
+        lr = low_rank(x, self.rank, ratio=self.ratio, energy=self.energy, method=self.method, force=self.force,
+                      name=name)
+        if not lr.applied:
+            raise NotApplied(lr.report.tensors[0].method)
+        fstore = store.with_dtype(_factor_dtype(store.src_dtype))
+        parts: dict[str, np.ndarray] = {}
+        fs: dict[str, Any] = {}
+        recons = []
+        for f in ("A", "B"):
+            fac = np.asarray(getattr(lr.storage, f), np.float32)
+            enc = fstore.encode(fac, f"{name}.{f}")
+            fparts, fields_ = fstore.store(enc)
+            parts.update({f"{f}.{k}": v for k, v in fparts.items()})
+            fs[f] = {"shape": list(fac.shape), **fields_}
+            recons.append(enc.values)
+        recon = (recons[0].astype(np.float64) @ recons[1].astype(np.float64)).astype(np.float32)
+        return parts, {"structure": {"kind": self.kind, "rank": lr.rank}, "factors": fs}, recon
+
+    @classmethod
+    def decode(cls, parts, scheme, shape, src_dtype):
+        fdt = _factor_dtype(np.dtype(src_dtype))
+        facs = []
+        for f in ("A", "B"):
+            info = scheme["factors"][f]
+            fp = {k[len(f) + 1:]: v for k, v in parts.items() if k.startswith(f + ".")}
+            facs.append(ValueStore.decode(ValueStore.codes(fp, info, fdt), fp, info, tuple(info["shape"]), fdt))
+        return (facs[0].astype(np.float64) @ facs[1].astype(np.float64)).astype(np.float32)
+
+
+def _factor_dtype(src: np.dtype) -> np.dtype:
+    """Factors of a float64 tensor are computed and stored in float32, like every other source."""
+    return np.dtype(np.float32) if src == np.float64 else src

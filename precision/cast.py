@@ -9,13 +9,14 @@ reader gets back are ``decode(codes) * scale`` computed in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from ._bridge import as_numpy
-from .codec import _real_array, decode, encode
+from .codec import _real_array, check_modes, decode, encode
 from .formats import FloatFormat, FormatLike, get_format
+from .methods import EncodedValues, ValueMethod, register_method
 from .report import Report, TensorReport
 
 SCALINGS = ("none", "tensor", "channel")
@@ -86,3 +87,61 @@ def cast_report(tensors: Any, fmt: FormatLike, *, scaling: str = "none", axis: i
         rep.add(TensorReport.measure(n, ref, c.values(), method=fmt.name + ("" if scaling == "none" else f"/{scaling}"),
                                      bytes_after=c.nbytes))
     return rep
+
+
+@register_method
+@dataclass(frozen=True)
+class FloatCast(ValueMethod):
+    """Store every element in a float format (the checkpoint method behind ``fp16``, ``fp8_e4m3fn`` ...).
+
+    ``format``: a registered format name. ``scaling``: ``"none"``, ``"tensor"`` or
+    ``"channel"`` (one float32 scale per index of axis 0, the output channel):
+    the scale maps absmax to the format's max finite value. ``rounding`` and
+    ``overflow`` are the codec's modes; ``seed`` is required for stochastic rounding.
+    Stored parts: the codes in the format's storage dtype, and ``scale`` when scaled.
+    """
+
+    kind: ClassVar[str] = "float"
+    format: str = "fp16"
+    scaling: str = "none"
+    rounding: str = "nearest_even"
+    overflow: str = "ieee"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        get_format(self.format)  # raises with the list of known formats
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"FloatCast: scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        check_modes(self.rounding, self.overflow)
+        if self.rounding == "stochastic" and self.seed is None:
+            raise ValueError("FloatCast: rounding='stochastic' needs a seed (e.g. seed=0) to be reproducible")
+        if self.rounding != "stochastic" and self.seed is not None:
+            raise ValueError("FloatCast: seed applies to rounding='stochastic' only; drop it or set that rounding")
+
+    @classmethod
+    def for_format(cls, format: str, **options: Any) -> "FloatCast":
+        """A cast whose scaling defaults to ``"channel"`` for formats of 8 bits or fewer
+        (their range is too small for raw weights) and ``"none"`` otherwise."""
+        if options.get("scaling") is None:
+            options["scaling"] = "channel" if get_format(format).bits <= 8 else "none"
+        return cls(format, **options)
+
+    def describe(self) -> str:
+        return self.format + ("" if self.scaling == "none" else f"/{self.scaling}")
+
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
+                 overflow=self.overflow, seed=self.seed)
+        side = {} if c.scale is None else {"scale": c.scale}
+        return EncodedValues(c.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
+                             c.values().astype(np.float32, copy=False))
+
+    @classmethod
+    def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
+               src_dtype: np.dtype) -> np.ndarray:
+        v = decode(codes, scheme["format"])
+        return v if "scale" not in side else (v * side["scale"]).astype(np.float32)
+
+    @classmethod
+    def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
+        return get_format(scheme["format"]).storage_dtype

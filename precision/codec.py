@@ -78,7 +78,7 @@ _KERNELS = Library(Path(__file__).with_name("_kernels") / "codec_kernels.c", _bi
 
 
 # ---------------------------------------------------------------- validation
-def _check_modes(rounding: str, overflow: str) -> None:
+def check_modes(rounding: str, overflow: str) -> None:
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     if overflow not in OVERFLOW_MODES:
@@ -478,7 +478,7 @@ def encode(
     the module docstring.
     """
     fmt = get_format(fmt)
-    _check_modes(rounding, overflow)
+    check_modes(rounding, overflow)
     rng = _rng(rounding, seed, generator)
     a = _real_array(x)
     if a.dtype == np.float32 and rounding != "stochastic":
@@ -655,7 +655,7 @@ def round_to(
     gradient (d round_to / dx = 1), for simulating low precision in training.
     """
     fmt = get_format(fmt)
-    _check_modes(rounding, overflow)
+    check_modes(rounding, overflow)
     rng = _rng(rounding, seed, generator)
     if is_torch(x):
         if x.is_complex() or x.dtype == torch.bool:

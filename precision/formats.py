@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -223,11 +223,61 @@ class FloatFormat:
             value = (1 + Fraction(mant, 1 << m)) * Fraction(2) ** (field_e - self.bias)
         return -value if neg else value
 
+    # -- twins in other libraries -----------------------------------------------
+    @property
+    def _twin(self) -> tuple[str, str | None] | None:
+        return _TWINS.get((self.exponent_bits, self.mantissa_bits, self.bias, self.specials))
+
+    @property
+    def numpy_dtype(self) -> np.dtype | None:
+        """The numpy (or ml_dtypes) dtype with exactly this format's values, or None."""
+        t = self._twin
+        if t is None:
+            return None
+        import ml_dtypes
+
+        found = getattr(np, t[0], None) if t[0] in ("float32", "float16") else getattr(ml_dtypes, t[0], None)
+        return None if found is None else np.dtype(found)
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The ``torch.dtype`` with exactly this format's values, or None (also without torch)."""
+        t = self._twin
+        try:
+            import torch
+        except ImportError:  # pragma: no cover
+            return None
+        return None if t is None else getattr(torch, t[0], None)
+
+    @property
+    def safetensors_dtype(self) -> str | None:
+        """The safetensors dtype name of this format (``"F32"``, ``"BF16"``, ``"F8_E4M3"`` ...), or None."""
+        t = self._twin
+        return None if t is None else t[1]
+
     def __str__(self) -> str:
         return self.name
 
 
 FormatLike = Union[FloatFormat, str]
+
+# (exponent bits, mantissa bits, bias, specials) -> (dtype name in numpy/ml_dtypes and torch, safetensors name)
+_TWINS: dict[tuple[int, int, int | None, str], tuple[str, str | None]] = {
+    (8, 23, 127, "ieee"): ("float32", "F32"),
+    (5, 10, 15, "ieee"): ("float16", "F16"),
+    (8, 7, 127, "ieee"): ("bfloat16", "BF16"),
+    (4, 3, 7, "fn"): ("float8_e4m3fn", "F8_E4M3"),
+    (5, 2, 15, "ieee"): ("float8_e5m2", "F8_E5M2"),
+    (4, 3, 8, "fnuz"): ("float8_e4m3fnuz", None),
+    (5, 2, 16, "fnuz"): ("float8_e5m2fnuz", None),
+    (4, 3, 11, "fnuz"): ("float8_e4m3b11fnuz", None),
+    (3, 4, 3, "ieee"): ("float8_e3m4", None),
+    (4, 3, 7, "ieee"): ("float8_e4m3", None),
+    (8, 0, 127, "fnu"): ("float8_e8m0fnu", None),
+    (2, 3, 1, "finite"): ("float6_e2m3fn", None),
+    (3, 2, 3, "finite"): ("float6_e3m2fn", None),
+    (2, 1, 1, "finite"): ("float4_e2m1fn", None),
+}
 
 _REGISTRY: dict[str, FloatFormat] = {}
 

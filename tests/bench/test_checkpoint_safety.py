@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-import bench
-from bench.checkpoint import Checkpoint, CheckpointError, SafetensorsFile, SafetensorsWriter
+import lowbit
+from lowbit.checkpoint import Checkpoint, CheckpointError, SafetensorsFile, SafetensorsWriter
 from bench.quantize import main
 
 
@@ -110,7 +110,7 @@ def test_corrupted_part_is_caught_by_the_checksum_and_named(tmp_path):
     blob[f.data_start + b] ^= 0x01
     out.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="'w'.*checksum"):
-        bench.load(out)
+        lowbit.load(out)
 
 
 def test_failed_write_leaves_no_partial_output_and_keeps_the_old_file(tmp_path, monkeypatch):
@@ -158,6 +158,6 @@ def test_two_concurrent_writers_leave_one_complete_valid_file(tmp_path):
             for m in ("int8", "bf16")]
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    back = bench.load(out, as_numpy=True)  # checksums verified: one run's complete output
+    back = lowbit.load(out, as_numpy=True)  # checksums verified: one run's complete output
     assert sorted(back) == [f"w{i}" for i in range(8)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

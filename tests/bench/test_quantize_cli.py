@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-import bench
-from bench.checkpoint import Checkpoint
+import lowbit
+from lowbit.checkpoint import Checkpoint
 from bench.quantize import main
 
 RNG = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def test_every_input_kind_round_trips(tmp_path, kind):
     assert "layer.0.weight" in compressed and "layer.1.weight" in compressed
     kept = {k["name"]: k["reason"] for k in report["kept"]}
     assert kept["position_ids"] == "not floating point" and kept["layer.0.bias"] == "1-D"
-    back = bench.load(out, as_numpy=True)
+    back = lowbit.load(out, as_numpy=True)
     orig = Checkpoint(src)
     for n in ("position_ids", "mask", "layer.0.bias", "scalar", "empty"):
         a, b = back[n], orig.read(n)
@@ -103,7 +103,7 @@ def test_every_method_and_chain_reproduces_the_measured_tensors(tmp_path, args):
     src = write_single(tmp_path)
     out, rep = tmp_path / "q.safetensors", tmp_path / "r.json"
     assert main([str(src), *args, "--out", str(out), "--report", str(rep), "--quiet"]) == 0
-    back = bench.load(out, as_numpy=True)
+    back = lowbit.load(out, as_numpy=True)
     from precision.metrics import error_metrics
 
     orig = Checkpoint(src)
@@ -201,7 +201,7 @@ def test_acceptance_command_and_eval_on_minilm(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads(rep.read_text())["meta"]
     assert meta["eval_mean_cosine"] > 0.999
-    d = bench.load(out)
+    d = lowbit.load(out)
     assert isinstance(d["encoder.layer.0.output.dense.weight"], torch.Tensor) and len(d) == 104
 
 

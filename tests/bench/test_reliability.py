@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-import bench
-from bench.checkpoint import Checkpoint
+import lowbit
+from lowbit.checkpoint import Checkpoint
 from bench.quantize import main
-from quant import PerChannel, QuantSpec, calibrate, dequantize, quantize
+from quant import PerChannel, PerGroup, QuantSpec, calibrate, dequantize, quantize
 
 
 def test_nan_int_bool_0d_empty_tensors_pass_through_bit_exact(tmp_path):
@@ -26,7 +26,7 @@ def test_nan_int_bool_0d_empty_tensors_pass_through_bit_exact(tmp_path):
     assert main([str(tmp_path / "m.safetensors"), "--out", str(out), "--report", str(rep), "--quiet"]) == 0
     kept = {k["name"]: k["reason"] for k in json.loads(rep.read_text())["kept"]}
     assert kept["nan_weight"].startswith("holds NaN or inf")
-    back = bench.load(out, as_numpy=True)
+    back = lowbit.load(out, as_numpy=True)
     for n in ("nan_weight", "ids", "flags", "scalar", "empty"):
         assert back[n].dtype == t[n].dtype and back[n].shape == t[n].shape and back[n].tobytes() == t[n].tobytes()
 
@@ -36,7 +36,7 @@ def test_tied_tensors_in_a_pickle_are_read_as_two_names(tmp_path):
     torch.save({"enc.weight": w, "dec.weight": w}, tmp_path / "tied.pt")  # shared storage
     out = tmp_path / "q.safetensors"
     assert main([str(tmp_path / "tied.pt"), "--out", str(out), "--quiet"]) == 0
-    back = bench.load(out)
+    back = lowbit.load(out)
     assert torch.equal(back["enc.weight"], back["dec.weight"])
 
 
@@ -87,27 +87,31 @@ def test_input_checkpoint_is_never_opened_for_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", guarded)
     assert main([src, "--out", str(tmp_path / "q.safetensors"), "--quiet"]) == 0
     assert Checkpoint(src).read("w").sum() == 16
-    assert sys.modules["bench.checkpoint"] is not None
+    assert sys.modules["lowbit.checkpoint.io"] is not None
 
 
 @pytest.mark.parametrize("step_kw", [dict(), dict(affine=True), dict(granularity="group", group_size=32, bits=4),
                                      dict(method="mse"), dict(method="percentile", percentile=99.0)])
 def test_row_blocked_integer_path_equals_the_whole_tensor_path(monkeypatch, step_kw):
     """Large tensors are quantized in row blocks to bound memory; codes, scales and the report match."""
-    import bench.methods as M
+    import lowbit.checkpoint.chain as M
+    from quant.storage import IntQuant
 
     w = np.random.default_rng(3).standard_normal((96, 128)).astype(np.float32)
-    step = M.int_step(**step_kw)
-    whole = M.compress_tensor("w", w, [step])
+    kw = dict(step_kw)
+    gran = PerGroup(kw.pop("group_size")) if kw.pop("granularity", None) == "group" else PerChannel(0)
+    spec = QuantSpec(bits=kw.pop("bits", 8), symmetric=not kw.pop("affine", False), granularity=gran)
+    step = M.Chain(values=IntQuant(spec, kw.pop("method", "minmax"), kw.pop("percentile", None)))
+    whole = M.compress_tensor("w", w, step)
     monkeypatch.setattr(M, "ROW_BLOCK_BYTES", 128 * 4 * 10)  # blocks of 10 rows
-    assert M._rows_independent(w, [step])
-    blocked = M.compress_tensor("w", w, [step])
+    assert step.values.rows_independent
+    blocked = M.compress_tensor("w", w, step)
     assert whole.scheme == blocked.scheme
     for k in whole.parts:
         assert np.array_equal(whole.parts[k], blocked.parts[k])
     assert np.array_equal(whole.approx, blocked.approx)
     assert blocked.row.mse == pytest.approx(whole.row.mse, rel=1e-12)
-    assert M.compress_tensor("w", w, [step], keep_approx=False).approx is None
+    assert M.compress_tensor("w", w, step, keep_approx=False).approx is None
 
 
 def test_fp8_and_bf16_tensors_pass_through_and_load_as_torch(tmp_path):
@@ -118,7 +122,7 @@ def test_fp8_and_bf16_tensors_pass_through_and_load_as_torch(tmp_path):
     save_pt(t, str(tmp_path / "m.safetensors"))
     out = tmp_path / "q.safetensors"
     assert main([str(tmp_path / "m.safetensors"), "--out", str(out), "--exclude", "f8", "--quiet"]) == 0
-    back = bench.load(out)
+    back = lowbit.load(out)
     assert back["f8"].dtype == torch.float8_e4m3fn
     assert torch.equal(back["f8"].view(torch.uint8), t["f8"].view(torch.uint8))
     assert back["b16"].dtype == torch.bfloat16

@@ -24,20 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import ml_dtypes
 import numpy as np
 
 from precision._bridge import contiguous
+from precision.dtypes import NP_TO_ST, ST_TO_NP
 
-# safetensors dtype names <-> numpy dtypes
-ST_TO_NP = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -301,7 +292,7 @@ class SafetensorsWriter:
             if same:
                 raise CheckpointError(f"{self.path}: the output would overwrite the input checkpoint")
         if self.path.exists() and not force:
-            raise CheckpointError(f"{self.path}: already exists (use --force to replace it)")
+            raise CheckpointError(f"{self.path}: already exists (pass force=True, or --force, to replace it)")
         d = self.path.parent if str(self.path.parent) else Path(".")
         if not d.is_dir():
             raise CheckpointError(f"{d}: output directory does not exist")

@@ -1,0 +1,14 @@
+"""lowbit.checkpoint: compress whole checkpoints and read them back.
+
+* :func:`compress_checkpoint` (source, output, method) -> Report
+* :func:`load` (path) -> ``{name: tensor}``
+* :class:`Chain`: an optional structure method then an optional value method
+* :class:`Checkpoint` / :class:`SafetensorsWriter`: the safe streaming reader and atomic writer
+"""
+
+from .chain import SCHEME_VERSION, Chain, Compressed, NotApplied, compress_tensor, restore, step_kind
+from .io import Checkpoint, CheckpointError, SafetensorsFile, SafetensorsWriter
+from .pipeline import compress_checkpoint, load
+
+__all__ = ["compress_checkpoint", "load", "Chain", "step_kind", "Compressed", "NotApplied", "compress_tensor",
+           "restore", "SCHEME_VERSION", "Checkpoint", "CheckpointError", "SafetensorsFile", "SafetensorsWriter"]

@@ -1,0 +1,234 @@
+"""A chain: at most one structure method followed by at most one value method, applied to one tensor.
+
+The methods own their maths and their stored form (``precision.methods``);
+this module composes them, checksums the parts and rebuilds tensors from them.
+Scheme (JSON, one per tensor; version 1)::
+
+    {"version": 1, "shape": [...], "dtype": "F32", "chain": ["int8 ..."],
+     "structure": {"kind": "none" | "magnitude" | "nm" | "structured" | "svd", ...},
+     "values": {"kind": "none" | "float" | "int", ...}, "values_part": {...}, "values_count": n,
+     ("factors": {"A": {...}, "B": {...}} for svd), "sha256": "..."}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+import compress  # noqa: F401  (registers the structure methods)
+import quant  # noqa: F401  (registers the integer method)
+from precision import get_format, known_formats
+from precision.cast import FloatCast
+from precision.dtypes import NP_TO_ST, ST_TO_NP
+from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
+                               ValueStore, structure_method_class)
+from precision.metrics import MetricsAccumulator
+from precision.report import TensorReport
+from compress.storage import LowRankSVD, MagnitudePrune
+from quant.spec import PerChannel, QuantSpec
+from quant.storage import IntQuant
+
+SCHEME_VERSION = 1
+ROW_BLOCK_BYTES = 32 << 20  # float32 bytes of one row block when rows can be quantized independently
+
+__all__ = ["Chain", "Compressed", "NotApplied", "compress_tensor", "restore", "parts_digest", "SCHEME_VERSION"]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What a checkpoint job does to each selected tensor: an optional ``structure`` method
+    (prune or low rank) then an optional ``values`` method (a float cast or integer quantization).
+    At least one is required."""
+
+    structure: StructureMethod | None = None
+    values: ValueMethod | None = None
+
+    def __post_init__(self) -> None:
+        if self.structure is not None and not isinstance(self.structure, StructureMethod):
+            raise TypeError(f"Chain: structure must be a structure method (prune or low rank), got "
+                            f"{type(self.structure).__name__}; put a value method in values=")
+        if self.values is not None and not isinstance(self.values, ValueMethod):
+            raise TypeError(f"Chain: values must be a value method (FloatCast or IntQuant), got "
+                            f"{type(self.values).__name__}; put a structure method in structure=")
+        if self.structure is None and self.values is None:
+            raise ValueError("Chain: give a structure method, a value method, or both")
+
+    @classmethod
+    def of(cls, method: "Chain | Method | str") -> "Chain":
+        """A chain from a chain, one method config, or a name such as ``"int8"`` or ``"prune,int8"``."""
+        if isinstance(method, Chain):
+            return method
+        if isinstance(method, StructureMethod):
+            return cls(method, None)
+        if isinstance(method, ValueMethod):
+            return cls(None, method)
+        if isinstance(method, str):
+            return cls.parse(method)
+        raise TypeError(f"method must be a Chain, a method config or a name, got {type(method).__name__}")
+
+    @classmethod
+    def parse(cls, text: str, build: Callable[[str, str], Method] | None = None) -> "Chain":
+        """A chain from names such as ``"int8"``, ``"fp8_e4m3fn"``, ``"prune,int4"`` or ``"svd,fp16"``
+        (see :func:`step_kind`). ``build(kind, name)`` makes each step's config; by default each
+        method's defaults (magnitude pruning at 0.5, SVD keeping half the parameters, integers
+        per output channel, float casts as :meth:`FloatCast.for_format`)."""
+        steps = [t.strip() for t in text.split(",") if t.strip()]
+        if not steps:
+            raise ValueError("the method is empty; give e.g. 'int8' or 'prune,int8'")
+        kinds = [step_kind(s) for s in steps]
+        structure = [i for i, k in enumerate(kinds) if k in ("prune", "svd")]
+        values = [i for i, k in enumerate(kinds) if k in ("float", "int")]
+        if len(structure) > 1 or len(values) > 1:
+            raise ValueError("a chain holds at most one prune/svd step and one float/int step (e.g. prune,int8)")
+        if structure and values and structure[0] > values[0]:
+            raise ValueError("put the prune/svd step before the float/int step (e.g. prune,int8)")
+        make = build or _default_step
+        s_m = make(kinds[structure[0]], steps[structure[0]]) if structure else None
+        v_m = make(kinds[values[0]], steps[values[0]]) if values else None
+        return cls(s_m, v_m)  # type: ignore[arg-type]
+
+    def describe(self) -> list[str]:
+        return [m.describe() for m in (self.structure, self.values) if m is not None]
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """ValueError naming ``name`` if a tensor of ``shape`` cannot take this chain."""
+        if self.structure is not None:
+            self.structure.check_shape(shape, name)
+        if self.values is not None:
+            # a structure that changes the shape (structured rows, factors) is checked when it runs
+            self.values.check_shape(shape, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"structure": None if self.structure is None else self.structure.to_dict(),
+                "values": None if self.values is None else self.values.to_dict()}
+
+
+def _default_step(kind: str, name: str) -> Method:
+    if kind == "prune":
+        return MagnitudePrune()
+    if kind == "svd":
+        return LowRankSVD()
+    if kind == "float":
+        return FloatCast.for_format(name)
+    return IntQuant(QuantSpec(bits=int(name[3:]), granularity=PerChannel(0)))
+
+INT_NAMES = tuple(f"int{b}" for b in range(2, 9))
+
+
+def step_kind(name: str) -> str:
+    """The kind of a method name: ``"float"`` (any precision format name: fp16, bf16, fp8_e4m3fn ...),
+    ``"int"`` (int2 ... int8), ``"prune"`` or ``"svd"``; ValueError listing the names otherwise."""
+    if name in known_formats():
+        return "float"
+    if name in INT_NAMES:
+        return "int"
+    if name in ("prune", "svd"):
+        return name
+    raise ValueError(f"unknown method {name!r}; use a float format ({', '.join(known_formats())}), "
+                     f"{', '.join(INT_NAMES)}, prune, svd, or a chain such as prune,int8")
+
+
+@dataclass
+class Compressed:
+    """One compressed tensor: the ``parts`` to store, its ``scheme``, the dense values a reader
+    gets back (``approx``, in the source dtype; None when not kept) and its report ``row``."""
+
+    parts: dict[str, np.ndarray]
+    scheme: dict[str, Any]
+    approx: np.ndarray | None
+    row: TensorReport
+
+
+def parts_digest(parts: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the parts' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(parts):
+        a = np.ascontiguousarray(parts[k])
+        h.update(k.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _nbytes(parts: dict[str, np.ndarray]) -> int:
+    return sum(int(p.nbytes) for p in parts.values())
+
+
+def _header(a: np.ndarray, chain: Chain) -> dict[str, Any]:
+    return {"version": SCHEME_VERSION, "shape": list(a.shape), "dtype": NP_TO_ST[a.dtype], "chain": chain.describe()}
+
+
+def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compressed:
+    """A row-independent value method on blocks of rows: the same codes and scales as the
+    whole-tensor path, with memory near the source tensor plus its codes."""
+    method = chain.values
+    assert method is not None
+    store = ValueStore(method, a.dtype)
+    rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
+    codes: list[np.ndarray] = []
+    side: dict[str, list[np.ndarray]] = {}
+    acc = MetricsAccumulator()
+    approx = np.empty(a.shape, a.dtype) if keep_approx else None
+    scheme: dict[str, Any] = {}
+    for r0 in range(0, a.shape[0], rows_per):
+        r1 = min(r0 + rows_per, a.shape[0])
+        enc = store.encode(a[r0:r1].astype(np.float32, copy=False), name)
+        codes.append(enc.codes)
+        for k, v in enc.side.items():
+            side.setdefault(k, []).append(v)
+        scheme = enc.scheme
+        deq = enc.values.astype(a.dtype, copy=False)
+        acc.add(a[r0:r1], deq)
+        if approx is not None:
+            approx[r0:r1] = deq
+    whole = EncodedValues(np.concatenate(codes), {k: np.concatenate(v) for k, v in side.items()}, scheme,
+                          np.empty(0, np.float32))
+    parts, fields_ = store.store(whole)
+    out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
+    out["sha256"] = parts_digest(parts)
+    row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(out["chain"]),
+                                    bytes_after=_nbytes(parts))
+    return Compressed(parts, out, approx, row)
+
+
+def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool = True) -> Compressed:
+    """Apply ``chain`` to one finite floating-point array ``a`` (any float dtype, including bfloat16).
+
+    The stored form is the smaller of the chain's form and the dense reconstruction in the
+    source dtype. Raises :class:`NotApplied` when a method would save nothing (SVD above the
+    break-even rank). ``keep_approx=False`` lets large row-independent integer schemes run
+    block by block without materialising the dequantized tensor (``approx`` is then None)."""
+    values = chain.values
+    if (chain.structure is None and values is not None and getattr(values, "rows_independent", False)
+            and a.ndim == 2 and a.size * 4 > ROW_BLOCK_BYTES):
+        c = _by_rows(name, a, chain, keep_approx)
+        if c.row.bytes_after < a.nbytes:
+            return c
+    x = a.astype(np.float32, copy=False)  # no copy for float32 sources: peak memory per tensor
+    structure = chain.structure if chain.structure is not None else NoStructure()
+    parts, fields_, recon = structure.encode(x, ValueStore(values, a.dtype), name)
+    approx = recon.astype(a.dtype, copy=False)
+    if _nbytes(parts) >= a.nbytes:  # the method's form would not be smaller: store its result dense
+        parts, fields_ = {"values": approx}, {"structure": {"kind": "none"}, "values": {"kind": "none"},
+                                              "values_part": {}, "values_count": int(a.size)}
+    scheme = {**_header(a, chain), **fields_}
+    scheme["sha256"] = parts_digest(parts)
+    row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]), bytes_after=_nbytes(parts))
+    return Compressed(parts, scheme, approx, row)
+
+
+def restore(name: str, scheme: dict[str, Any], parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Rebuild the dense tensor (source dtype) from its stored ``parts`` and ``scheme``
+    (the inverse of :func:`compress_tensor`, bit for bit what its report measured)."""
+    if scheme.get("version") != SCHEME_VERSION:
+        raise ValueError(f"{name}: unknown scheme version {scheme.get('version')!r}")
+    if parts_digest(parts) != scheme.get("sha256"):
+        raise ValueError(f"{name}: checksum mismatch: the stored parts are corrupted")
+    shape = tuple(scheme["shape"])
+    src = ST_TO_NP[scheme["dtype"]]
+    cls = structure_method_class(scheme["structure"]["kind"])
+    return cls.decode(parts, scheme, shape, src).astype(src, copy=False)

@@ -1,0 +1,222 @@
+"""The checkpoint job as a library call: ``compress_checkpoint`` writes, ``load`` reads back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from precision.methods import Method
+from precision.report import KeptTensor, Report
+
+from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
+from .io import Checkpoint, CheckpointError, SafetensorsWriter
+
+Source = str | os.PathLike
+
+
+def _selected(name: str, dtype: np.dtype, shape: tuple[int, ...], include: str | None, exclude: str | None,
+              min_ndim: int) -> str | None:
+    """None if the tensor is compressed, else the reason it is kept as it is."""
+    if dtype.kind not in "fV":
+        return "not floating point"
+    if dtype.kind == "V" and dtype.name != "bfloat16":
+        return f"already {dtype.name}"
+    if len(shape) < min_ndim:
+        return f"{len(shape)}-D"
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        return "empty"
+    if (include is not None and not re.search(include, name)) or (exclude and re.search(exclude, name)):
+        return "excluded"
+    return None
+
+
+def check_pattern(pat: str | None) -> None:
+    """ValueError if ``pat`` is not a valid regular expression (None is)."""
+    if pat:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"bad regular expression {pat!r}: {e}") from None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="tensor", file=sys.stderr, leave=False)
+
+
+def compress_checkpoint(source: Source, output: Source | None, method: Chain | Method | str, *,
+                        include: str | None = None, exclude: str | None = None, workers: int = 1,
+                        progress: bool = True, force: bool = False, min_ndim: int = 2,
+                        collect: dict[str, np.ndarray] | None = None) -> Report:
+    """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
+    result to ``output`` (a lowbit safetensors file; ``None`` measures only).
+
+    ``source``: a ``.safetensors`` file, a shard index (``*.safetensors.index.json``), a
+    model directory, or a PyTorch ``.pt``/``.pth``/``.bin`` state dict (read with
+    ``weights_only=True``). ``method``: a :class:`Chain`, one method config (``IntQuant``,
+    ``FloatCast``, ``MagnitudePrune`` ...) or a name such as ``"int8"`` or ``"prune,int8"``.
+
+    Selected: floating-point tensors with at least ``min_ndim`` dimensions whose name matches
+    the regular expression ``include`` (if given) and not ``exclude``. Every selected tensor's
+    shape is checked against the method before any work starts. Tensors holding NaN or inf,
+    and tensors a method would not make smaller, are kept bit for bit, with the reason in
+    ``report.kept``. ``workers`` tensors are compressed at once in threads; the output bytes do
+    not depend on it. ``force`` replaces an existing ``output``; the input is never written.
+    ``collect``: if a dict is given, it receives the dense values a reader gets back for every
+    compressed tensor (source dtype). Returns the :class:`~precision.report.Report`: error and
+    bytes per tensor, totals, and ``meta`` (wall time, file sizes).
+    """
+    chain = Chain.of(method)
+    for pat, what in ((include, "include"), (exclude, "exclude")):
+        try:
+            check_pattern(pat)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer of at least 1, got {workers!r}")
+    t0 = time.perf_counter()
+    path = Path(source)
+    ckpt = Checkpoint(path)
+    names = ckpt.names()
+    reasons = {}
+    for n in names:
+        dtype, shape = ckpt.info(n)
+        reasons[n] = _selected(n, dtype, shape, include, exclude, min_ndim)
+        if reasons[n] is None:
+            try:
+                chain.check_shape(shape, n)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+    keep_approx = collect is not None
+    writer = SafetensorsWriter(output, force=force, inputs=ckpt.files) if output is not None else None
+    report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
+    schemes: dict[str, Any] = {}
+    bar = _progress(len(names), progress)
+
+    def process(name: str) -> tuple[np.ndarray, Compressed | None, str | None]:
+        arr = ckpt.read(name)
+        reason = reasons[name]
+        if reason is not None:
+            return arr, None, reason
+        if not np.isfinite(arr.astype(np.float32, copy=False)).all():
+            return arr, None, "holds NaN or inf (kept as is)"
+        try:
+            return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx), None
+        except NotApplied as e:
+            return arr, None, str(e)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+
+    def handle(name: str, arr: np.ndarray, c: Compressed | None, reason: str | None) -> None:
+        if c is not None:
+            report.add(c.row)
+            schemes[name] = c.scheme
+            if writer:
+                for part, v in c.parts.items():
+                    writer.add(f"{name}::{part}", v)
+            if collect is not None and c.approx is not None:
+                collect[name] = c.approx
+        else:
+            report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
+            if writer:
+                writer.add(name, arr)
+        if bar:
+            bar.update(1)
+
+    try:
+        for name, res in _in_order(names, process, workers):
+            handle(name, *res)
+        if writer:
+            writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
+                                                 "kept": [k.name for k in report.kept]})})
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+    report.meta["wall_time_s"] = time.perf_counter() - t0
+    report.meta["checkpoint_file_bytes"] = ckpt.nbytes
+    if output is not None:
+        report.meta["output"] = str(output)
+        report.meta["output_file_bytes"] = Path(output).stat().st_size
+    return report
+
+
+def _in_order(names: list[str], fn: Any, workers: int) -> Iterator[tuple[str, Any]]:
+    """``(name, fn(name))`` in the order of ``names``, computed on ``workers`` threads (numpy
+    releases the GIL) with at most ``workers + 1`` in flight, so memory stays bounded by the
+    largest tensors."""
+    if workers == 1:
+        for n in names:
+            yield n, fn(n)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowbit-tensor") as pool:
+        pending: deque = deque()
+        it = iter(names)
+        for n in it:
+            pending.append((n, pool.submit(fn, n)))
+            if len(pending) >= workers + 1:
+                break
+        while pending:
+            n, fut = pending.popleft()
+            res = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            yield n, res
+
+
+def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
+    """Dense tensors of a lowbit checkpoint: compressed tensors are rebuilt (dequantized,
+    unpruned, multiplied out) exactly as the report measured them; kept tensors come back
+    bit for bit. Every compressed tensor's checksum is verified (a mismatch names the tensor).
+    Returns ``{name: torch.Tensor}`` (or numpy arrays with ``as_numpy=True``). A plain
+    checkpoint without lowbit metadata is returned as it is."""
+    ck = Checkpoint(path)
+    raw = ck.metadata.get("lowbit")
+    out: dict[str, np.ndarray] = {}
+    if raw is None:
+        out = {n: ck.read(n) for n in ck.names()}
+    else:
+        try:
+            meta = json.loads(raw)
+            schemes = meta["tensors"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{path}: the 'lowbit' metadata is not valid") from None
+        names = set(ck.names())
+        for n in meta.get("kept", []):
+            if n not in names:
+                raise CheckpointError(f"{path}: kept tensor {n!r} is missing")
+            out[n] = ck.read(n)
+        for n, scheme in schemes.items():
+            prefix = n + "::"
+            parts = {k[len(prefix):]: ck.read(k) for k in ck.names() if k.startswith(prefix)}
+            if not parts:
+                raise CheckpointError(f"{path}: tensor {n!r}: its stored parts are missing")
+            try:
+                out[n] = restore(n, scheme, parts)
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+    if as_numpy:
+        return out
+    import torch
+
+    from precision._bridge import contiguous, like
+
+    return {k: like(contiguous(v), torch.empty(0)) for k, v in out.items()}

@@ -1,0 +1,268 @@
+"""Compression methods as typed configs that own their stored form, found by name in one registry.
+
+A method is a frozen, validated dataclass in the package that owns its maths
+(a float cast in ``precision``, integer quantization in ``quant``, pruning and
+low rank in ``compress``). There are two roles:
+
+* a **value method** (:class:`ValueMethod`) turns every element of a tensor into
+  a code (``encode``) plus side arrays such as scales, and back (``decode``);
+  it also says how its codes are packed into bytes (``pack`` / ``unpack``);
+* a **structure method** (:class:`StructureMethod`) decides which values are
+  stored at all (a mask, N:M positions, kept rows, two factors) and hands the
+  stored values to a value method through a :class:`ValueStore`.
+
+A checkpoint writer composes at most one structure method followed by at most
+one value method and writes the named parts; the JSON scheme that each method
+returns is what a reader needs to rebuild the tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+
+@dataclass
+class EncodedValues:
+    """The output of a value method on one tensor.
+
+    ``codes``: one code per element, the tensor's shape, in the method's code
+    dtype (not yet packed). ``side``: named side arrays (``scale``,
+    ``zero_point``). ``scheme``: JSON-serialisable description that ``decode``
+    reads back. ``values``: the float32 reconstruction, equal to what ``decode``
+    returns."""
+
+    codes: np.ndarray
+    side: dict[str, np.ndarray]
+    scheme: dict[str, Any]
+    values: np.ndarray
+
+
+class Method(ABC):
+    """Base of every method config: a name in the registry and a JSON form."""
+
+    kind: ClassVar[str]
+    role: ClassVar[str]
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A short human-readable name, e.g. ``"int8 symmetric per-channel(axis=0) minmax"``."""
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "x") -> None:
+        """Raise ValueError (naming ``name`` and the fix) if a tensor of ``shape`` cannot take
+        this method; called on every selected tensor before any work starts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}  # type: ignore[arg-type]
+
+
+def _jsonable(v: Any) -> Any:
+    to_dict = getattr(v, "to_dict", None)
+    return to_dict() if callable(to_dict) else v
+
+
+class ValueMethod(Method):
+    """A method that stores every element as a code (see the module docstring)."""
+
+    role: ClassVar[str] = "values"
+
+    @abstractmethod
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        """Encode ``x`` (any real float dtype; a finite array)."""
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
+               src_dtype: np.dtype) -> np.ndarray:
+        """float32 values of ``codes`` (already unpacked, in the tensor's shape)."""
+
+    @classmethod
+    @abstractmethod
+    def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
+        """The dtype of unpacked codes."""
+
+    @classmethod
+    def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Codes (1-D) as stored bytes, plus what ``unpack`` needs. Default: stored as they are."""
+        return codes, {}
+
+    @classmethod
+    def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
+        """Inverse of ``pack``: ``count`` codes of ``dtype`` (1-D)."""
+        return stored
+
+
+@dataclass(frozen=True)
+class Copy(ValueMethod):
+    """The identity value method: elements are stored in the source dtype, bit for bit."""
+
+    kind: ClassVar[str] = "none"
+
+    def describe(self) -> str:
+        return "copy"
+
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        return EncodedValues(x, {}, {"kind": self.kind}, x.astype(np.float32, copy=False))
+
+    @classmethod
+    def decode(cls, codes, side, scheme, src_dtype):
+        return codes.astype(np.float32)
+
+    @classmethod
+    def code_dtype(cls, scheme, src_dtype):
+        return src_dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class ValueStore:
+    """A value method bound to a source dtype, used by structure methods to store their values.
+
+    The parts it writes are ``values`` (the packed codes) and the method's side
+    arrays; the scheme fields are ``values`` (the method's scheme),
+    ``values_part`` (packing info) and ``values_count`` (number of codes)."""
+
+    def __init__(self, method: ValueMethod | None, src_dtype: np.dtype) -> None:
+        self.method: ValueMethod = method if method is not None else Copy()
+        self.src_dtype = np.dtype(src_dtype)
+
+    def with_dtype(self, src_dtype: np.dtype) -> "ValueStore":
+        return ValueStore(self.method, src_dtype)
+
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        if isinstance(self.method, Copy):
+            return self.method.encode(x.astype(self.src_dtype, copy=False), name)
+        return self.method.encode(x, name)
+
+    def store(self, enc: EncodedValues, keep: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(parts, scheme fields) of ``enc``; ``keep`` (bool, the tensor's shape) stores only those codes
+        (1-D); without it the codes keep the tensor's shape unless the method packs them."""
+        codes = enc.codes if keep is None else enc.codes.reshape(-1)[keep.reshape(-1)]
+        stored, info = self.method.pack(codes, enc.scheme)
+        return {"values": stored, **enc.side}, {"values": enc.scheme, "values_part": info,
+                                                "values_count": int(codes.size)}
+
+    @staticmethod
+    def codes(parts: dict[str, np.ndarray], fields_: dict[str, Any], src_dtype: np.dtype) -> np.ndarray:
+        """The unpacked codes (1-D) that ``store`` wrote."""
+        cls = value_method_class(fields_["values"]["kind"])
+        dt = cls.code_dtype(fields_["values"], src_dtype)
+        return cls.unpack(parts["values"], fields_.get("values_part", {}), int(fields_["values_count"]), dt)
+
+    @staticmethod
+    def decode(codes: np.ndarray, parts: dict[str, np.ndarray], fields_: dict[str, Any],
+               shape: tuple[int, ...], src_dtype: np.dtype) -> np.ndarray:
+        """float32 values of ``codes`` (the tensor's shape) with the side arrays in ``parts``."""
+        cls = value_method_class(fields_["values"]["kind"])
+        side = {k: v for k, v in parts.items() if k != "values"}
+        return cls.decode(codes.reshape(shape), side, fields_["values"], src_dtype)
+
+
+class StructureMethod(Method):
+    """A method that chooses what is stored and delegates the stored values to a :class:`ValueStore`."""
+
+    role: ClassVar[str] = "structure"
+
+    @abstractmethod
+    def encode(self, x: np.ndarray, store: ValueStore, name: str = "x") -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray]:
+        """(parts, scheme fields, float32 reconstruction) of a float32 tensor ``x``."""
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, parts: dict[str, np.ndarray], scheme: dict[str, Any], shape: tuple[int, ...],
+               src_dtype: np.dtype) -> np.ndarray:
+        """The float32 tensor from what ``encode`` returned (``scheme`` is the whole scheme)."""
+
+
+class NotApplied(Exception):
+    """The method would not save memory for this tensor (e.g. SVD above the break-even rank);
+    the tensor is kept as it is and the message says why."""
+
+
+_REGISTRY: dict[tuple[str, str], type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: make a method config findable by ``(role, kind)``."""
+    key = (cls.role, cls.kind)
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise ValueError(f"a {cls.role} method named {cls.kind!r} is already registered")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def method_class(role: str, kind: str) -> type[Method]:
+    try:
+        return _REGISTRY[(role, kind)]
+    except KeyError:
+        known = sorted(k for r, k in _REGISTRY if r == role)
+        raise ValueError(f"unknown {role} method {kind!r}; known: {', '.join(known)}") from None
+
+
+def value_method_class(kind: str) -> type[ValueMethod]:
+    cls = method_class("values", kind)
+    assert issubclass(cls, ValueMethod)
+    return cls
+
+
+def structure_method_class(kind: str) -> type[StructureMethod]:
+    cls = method_class("structure", kind)
+    assert issubclass(cls, StructureMethod)
+    return cls
+
+
+def registered_methods() -> dict[str, list[str]]:
+    """The registered method names by role, e.g. ``{"structure": [...], "values": [...]}``."""
+    out: dict[str, list[str]] = {}
+    for role, kind in sorted(_REGISTRY):
+        out.setdefault(role, []).append(kind)
+    return out
+
+
+register_method(Copy)
+
+
+def _nbytes(parts: dict[str, np.ndarray]) -> int:
+    return sum(int(p.nbytes) for p in parts.values())
+
+
+@dataclass(frozen=True)
+class NoStructure(StructureMethod):
+    """Every element is stored (the structure of a chain with no prune or low-rank step)."""
+
+    kind: ClassVar[str] = "none"
+
+    def describe(self) -> str:
+        return "dense"
+
+    def encode(self, x, store, name="x"):
+        enc = store.encode(x, name)
+        parts, fields_ = store.store(enc)
+        return parts, {"structure": {"kind": self.kind}, **fields_}, enc.values
+
+    @classmethod
+    def decode(cls, parts, scheme, shape, src_dtype):
+        return ValueStore.decode(ValueStore.codes(parts, scheme, src_dtype), parts, scheme, shape, src_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def sparse_or_dense(structure: dict[str, Any], index: dict[str, np.ndarray], enc: EncodedValues, keep: np.ndarray,
+                    store: ValueStore) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray]:
+    """Store the codes of ``enc`` where ``keep`` is True plus the ``index`` parts that locate them,
+    or, when that is not smaller, every code dense (structure ``none``: the pruned zeros are
+    ordinary codes then). Returns (parts, scheme fields, float32 reconstruction)."""
+    sparse, sfields = store.store(enc, keep)
+    dense, dfields = store.store(enc)
+    if _nbytes(index) + _nbytes(sparse) < _nbytes(dense):
+        return {**index, **sparse}, {"structure": structure, **sfields}, np.where(keep, enc.values, np.float32(0))
+    return dense, {"structure": {"kind": "none"}, **dfields}, enc.values
+
+
+register_method(NoStructure)

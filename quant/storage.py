@@ -1,0 +1,125 @@
+"""Integer quantization as a checkpoint method: codes, scales and zero points, with codes
+of 4 bits or fewer packed two per byte."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from precision.methods import EncodedValues, ValueMethod, register_method
+
+from .calibrate import METHODS, calibrate
+from .quantize import QParams, dequantize, quantize
+from .spec import PerChannel, PerGroup, QuantSpec
+
+
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """Two 4-bit unsigned codes per byte, low nibble first (an odd count is padded with 0)."""
+    flat = u.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(p: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` 4-bit codes of ``pack_nibbles`` output, as uint8."""
+    out = np.empty(p.size * 2, np.uint8)
+    out[0::2] = p & 0x0F
+    out[1::2] = p >> 4
+    return out[:n]
+
+
+def pack_codes(codes: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, dict[str, Any]]:
+    """Codes as stored: 4 bits or fewer are offset by ``qmin`` to unsigned and packed two per
+    byte; wider codes are stored one per byte. Returns (array, info for ``unpack_codes``)."""
+    if spec.bits <= 4:
+        return pack_nibbles((codes.astype(np.int16) - spec.qmin).astype(np.uint8)), {"packed": 4, "qmin": spec.qmin}
+    return codes, {}
+
+
+def unpack_codes(stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: ``count`` codes of ``dtype`` (1-D)."""
+    if info.get("packed") == 4:
+        return (unpack_nibbles(stored, count).astype(np.int16) + info["qmin"]).astype(dtype)
+    return stored
+
+
+@register_method
+@dataclass(frozen=True)
+class IntQuant(ValueMethod):
+    """Integer quantization of a checkpoint tensor under ``spec``, calibrated by ``calibration``
+    (one of ``quant.METHODS``; ``percentile`` is used by ``"percentile"`` only).
+
+    Stored parts: the codes (packed two per byte at 4 bits or fewer), the float32
+    ``scale`` and, for affine specs, the int32 ``zero_point``; one of each per block
+    of ``spec.granularity``.
+    """
+
+    kind: ClassVar[str] = "int"
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(granularity=PerChannel(0)))
+    calibration: str = "minmax"
+    percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(f"IntQuant: spec must be a QuantSpec, got {type(self.spec).__name__}")
+        if self.calibration not in METHODS:
+            raise ValueError(f"IntQuant: calibration must be one of {METHODS}, got {self.calibration!r}")
+        if self.percentile is not None:
+            if self.calibration != "percentile":
+                raise ValueError("IntQuant: percentile applies to calibration='percentile' only")
+            if not 0 < self.percentile <= 100:
+                raise ValueError(f"IntQuant: percentile must be in (0, 100], got {self.percentile}")
+
+    def describe(self) -> str:
+        return f"{self.spec.describe()} {self.calibration}"
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "x") -> None:
+        self.spec.block_shape(shape, name)
+
+    @property
+    def rows_independent(self) -> bool:
+        """True when no scale spans two rows of a 2-D tensor (per output channel, or groups along
+        the last axis), so rows can be encoded block by block with identical results."""
+        g = self.spec.granularity
+        return (isinstance(g, PerChannel) and g.axis in (0, -2)) or (isinstance(g, PerGroup) and g.axis in (1, -1))
+
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        x = x.astype(np.float32, copy=False)
+        opts = {} if self.percentile is None else {"percentile": self.percentile}
+        qp = calibrate(x, self.spec, self.calibration, name=name, **opts)
+        codes = np.asarray(quantize(x, qp, name=name))
+        side = {"scale": qp.scale}
+        if not self.spec.symmetric:
+            side["zero_point"] = qp.zero_point
+        return EncodedValues(codes, side, {"kind": self.kind, "spec": self.spec.to_dict()},
+                             np.asarray(dequantize(codes, qp), np.float32))
+
+    @classmethod
+    def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
+               src_dtype: np.dtype) -> np.ndarray:
+        spec = QuantSpec.from_dict(scheme["spec"])
+        scale = side["scale"]
+        zp = side.get("zero_point", np.full(scale.shape, spec.symmetric_zero_point if spec.symmetric else 0, np.int32))
+        qp = QParams(scale, zp, spec, tuple(codes.shape))
+        return np.asarray(dequantize(codes.astype(spec.code_dtype), qp), np.float32)
+
+    @classmethod
+    def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
+        return QuantSpec.from_dict(scheme["spec"]).code_dtype
+
+    @classmethod
+    def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        return pack_codes(codes, QuantSpec.from_dict(scheme["spec"]))
+
+    @classmethod
+    def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
+        return unpack_codes(stored, info, count, dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "spec": self.spec.to_dict(), "calibration": self.calibration}
+        if self.percentile is not None:
+            d["percentile"] = self.percentile
+        return d

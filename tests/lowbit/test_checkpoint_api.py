@@ -1,0 +1,154 @@
+"""The checkpoint pipeline as a library: compress_checkpoint / load, the method registry, scheme v1."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import lowbit
+from bench.quantize import main
+from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
+from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint, compress_tensor, load, restore
+from precision.cast import FloatCast
+from precision.methods import registered_methods
+from quant import PerChannel, PerGroup, QuantSpec
+from quant.storage import IntQuant
+
+DATA = Path(__file__).parent / "data"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    p = tmp_path / "src.safetensors"
+    save_file({"a.weight": rng.standard_normal((32, 64)).astype(np.float32),
+               "b.weight": rng.standard_normal((16, 32)).astype(np.float32),
+               "b.bias": rng.standard_normal(16).astype(np.float32)}, str(p))
+    return p
+
+
+@pytest.mark.parametrize("argv, method", [
+    (["--method", "int8"], IntQuant(QuantSpec(granularity=PerChannel(0)))),
+    (["--method", "int4", "--granularity", "group", "--group-size", "16", "--affine"],
+     IntQuant(QuantSpec(bits=4, symmetric=False, granularity=PerGroup(16)))),
+    (["--method", "prune,int8", "--sparsity", "0.5"],
+     Chain(MagnitudePrune(0.5), IntQuant(QuantSpec(granularity=PerChannel(0))))),
+    (["--method", "prune,fp8_e4m3fn", "--prune", "2:4"], Chain(NMPrune(2, 4), FloatCast("fp8_e4m3fn", "channel"))),
+    (["--method", "svd,fp16", "--rank-ratio", "0.25"], Chain(LowRankSVD(ratio=0.25), FloatCast("fp16"))),
+    (["--method", "prune", "--prune", "structured", "--sparsity", "0.25"], StructuredPrune(0.25)),
+])
+def test_python_api_and_cli_write_the_same_bytes(tmp_path, source, argv, method):
+    cli, api = tmp_path / "cli.safetensors", tmp_path / "api.safetensors"
+    assert main([str(source), *argv, "--out", str(cli), "--quiet"]) == 0
+    report = compress_checkpoint(source, api, method, progress=False)
+    assert _sha(cli) == _sha(api)
+    back = load(api, as_numpy=True)
+    assert set(back) == {"a.weight", "b.weight", "b.bias"}
+    assert report.totals["bytes_after"] < report.totals["bytes_before"]
+
+
+def test_method_names_resolve_to_the_cli_defaults(tmp_path, source):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    compress_checkpoint(source, a, "prune,int8", progress=False)
+    assert main([str(source), "--method", "prune,int8", "--out", str(b), "--quiet"]) == 0
+    assert _sha(a) == _sha(b)
+
+
+def test_a_one_percent_sparse_tensor_is_stored_dense_and_reports_no_saving(tmp_path):
+    w = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
+    src = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(src))
+    out = tmp_path / "q.safetensors"
+    rep = compress_checkpoint(src, out, MagnitudePrune(0.01), progress=False)
+    row = rep["w"]
+    assert row.bytes_after == w.nbytes == 262144
+    assert row.ratio == 1.0
+    stored = load_file(str(out))
+    assert set(stored) == {"w::values"} and stored["w::values"].shape == w.shape
+    back = load(out, as_numpy=True)["w"]
+    assert np.count_nonzero(back == 0) == round(0.01 * w.size)
+
+
+def test_a_sparse_int8_tensor_keeps_the_mask_only_where_it_is_smaller():
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    int8 = IntQuant(QuantSpec(granularity=PerChannel(0)))
+    for sparsity, has_mask in ((0.05, False), (0.5, True)):
+        c = compress_tensor("w", w, Chain(MagnitudePrune(sparsity), int8))
+        assert ("mask" in c.parts) == has_mask
+        assert np.array_equal(restore("w", c.scheme, c.parts), c.approx)
+
+
+@pytest.mark.parametrize("chain", [
+    Chain(values=FloatCast("bf16")), Chain(values=FloatCast("fp8_e5m2", "tensor")),
+    Chain(values=IntQuant(QuantSpec(bits=3, symmetric=False, granularity=PerGroup(8)))),
+    Chain(MagnitudePrune(0.7)), Chain(NMPrune(1, 4), IntQuant(QuantSpec(granularity=PerChannel(0)))),
+    Chain(StructuredPrune(0.5, axis=1, norm=1), FloatCast("fp16")),
+    Chain(LowRankSVD(rank=3), IntQuant(QuantSpec(bits=4, granularity=PerChannel(0)))),
+])
+def test_every_method_reads_back_exactly_what_its_report_measured(chain):
+    w = np.random.default_rng(3).standard_normal((24, 32)).astype(np.float32)
+    c = compress_tensor("w", w, chain)
+    assert np.array_equal(restore("w", c.scheme, c.parts), c.approx)
+    assert c.row.bytes_after == sum(p.nbytes for p in c.parts.values()) < w.nbytes
+
+
+def test_every_method_is_registered_by_name():
+    names = registered_methods()
+    assert {"none", "float", "int"} <= set(names["values"])
+    assert {"none", "magnitude", "nm", "structured", "svd"} <= set(names["structure"])
+
+
+def test_checkpoints_written_before_the_method_refactor_still_load():
+    expected = load_file(str(DATA / "v1_expected.safetensors"))
+    for key, want in expected.items():
+        tag, name = key.split("/", 1)
+        got = load(DATA / f"v1_{tag}.safetensors", as_numpy=True)[name]
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), key
+
+
+def test_the_current_writer_reproduces_the_version_1_files_byte_for_byte(tmp_path):
+    src = tmp_path / "v1_source.safetensors"
+    src.write_bytes((DATA / "v1_source.safetensors").read_bytes())
+    out = tmp_path / "int4.safetensors"
+    assert main([str(src), "--method", "int4", "--granularity", "group", "--group-size", "8", "--affine",
+                 "--out", str(out), "--quiet"]) == 0
+    old = load_file(str(DATA / "v1_int4g32.safetensors"))
+    new = load_file(str(out))
+    assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
+
+
+def test_a_shape_the_method_cannot_take_is_refused_before_anything_is_written(tmp_path):
+    src = tmp_path / "m.safetensors"
+    save_file({"a": np.ones((4, 128), np.float32), "odd": np.ones((4, 1376 // 8 * 8 + 4), np.float32)}, str(src))
+    out = tmp_path / "q.safetensors"
+    with pytest.raises(CheckpointError, match="'odd'.*does not divide"):
+        compress_checkpoint(src, out, IntQuant(QuantSpec(bits=4, granularity=PerGroup(128))), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".q.*"))
+
+
+@pytest.mark.parametrize("bad", [lambda: MagnitudePrune(1.5), lambda: NMPrune(5, 4), lambda: LowRankSVD(0.5, 0.5),
+                                 lambda: FloatCast("fp7"), lambda: IntQuant(calibration="guess"),
+                                 lambda: FloatCast("fp16", rounding="stochastic"), lambda: Chain()])
+def test_method_configs_reject_bad_values_when_built(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_the_lowbit_package_exposes_the_same_modules():
+    import compress
+    import lowbit.precision.formats
+    import precision
+    import quant
+    from lowbit.quant import QuantSpec as Q2
+
+    assert lowbit.precision is precision and lowbit.quant is quant and lowbit.compress is compress
+    assert lowbit.precision.formats is precision.formats and Q2 is QuantSpec
+    assert lowbit.compress_checkpoint is compress_checkpoint and lowbit.load is load
