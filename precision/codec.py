@@ -296,7 +296,9 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
 
         _parallel(part, b.size, 1)
         marked = int(np.count_nonzero(out == 0xFF)) if fmt.nan_code is None else 0
-    if fmt.nan_code is None and marked:
+    # 0xFF marks NaN, but in an 8-bit finite-only format it is also a real code (the most negative
+    # value), so a marked output is only an error when the input really holds NaN
+    if fmt.nan_code is None and marked and np.isnan(a).any():
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
     return out.reshape(a.shape)
 

@@ -73,11 +73,28 @@ class FakeQuantize(nn.Module):
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
-        self.shape: tuple[int, ...] | None = None
+        # the shape of the last observed input, saved so a resumed module rebuilds the same QParams
+        self.register_buffer("observed_shape", torch.empty(0, dtype=torch.int64))
         if learn_scale:
             self.scale = nn.Parameter(torch.empty(0))
         else:
             self.register_buffer("scale", torch.empty(0))
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape of the last observed input (None before the first batch)."""
+        return tuple(int(v) for v in self.observed_shape.tolist()) if self.min_val.numel() else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the buffers are sized by the first batch; a fresh module takes the saved sizes before the copy
+        for name in ("min_val", "max_val", "zero_point", "scale", "observed_shape"):
+            saved = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if isinstance(saved, torch.Tensor) and saved.shape != cur.shape:
+                cur.data = torch.empty(saved.shape, dtype=cur.dtype, device=cur.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def enable_observer(self, on: bool = True) -> "FakeQuantize":
         self.observer_enabled = bool(on)
@@ -92,7 +109,8 @@ class FakeQuantize(nn.Module):
         a = real_input(x, "x")
         check_finite(a, "x")
         x2d = blocks_2d(a, self.spec)
-        lo, hi = torch.from_numpy(x2d.min(axis=1).astype(np.float32)), torch.from_numpy(x2d.max(axis=1).astype(np.float32))
+        lo = torch.from_numpy(np.asarray(x2d.min(axis=1), np.float32).reshape(-1))
+        hi = torch.from_numpy(np.asarray(x2d.max(axis=1), np.float32).reshape(-1))
         if self.min_val.numel() == 0 or self.min_val.shape != lo.shape:
             self.min_val, self.max_val = lo, hi
         elif self.observer == "minmax":
@@ -101,11 +119,11 @@ class FakeQuantize(nn.Module):
             self.min_val = self.min_val + self.momentum * (lo - self.min_val)
             self.max_val = self.max_val + self.momentum * (hi - self.max_val)
         qp = qparams_from_range(self.min_val.numpy(), self.max_val.numpy(), self.spec, tuple(a.shape))
-        self.shape = tuple(a.shape)
+        self.observed_shape = torch.tensor(a.shape, dtype=torch.int64)
         self.zero_point = torch.from_numpy(qp.zero_point.copy())
         if self.learn_scale:
-            if self.scale.numel() == 0:
-                self.scale = nn.Parameter(torch.from_numpy(qp.scale.copy()))
+            if self.scale.numel() == 0:  # in place: an optimizer made before the first batch keeps training it
+                self.scale.data = torch.from_numpy(qp.scale.copy()).to(self.scale.device)
         else:
             self.scale = torch.from_numpy(qp.scale.copy())
 
@@ -118,6 +136,8 @@ class FakeQuantize(nn.Module):
         return qp.for_shape(tuple(shape)) if shape is not None else qp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # nothing to observe or round; torch's fake-quant returns the empty tensor too
+            return x
         if self.observer_enabled and not (self.learn_scale and self.scale.numel() > 0):
             self._observe(x)
         if not self.fake_quant_enabled:

@@ -122,7 +122,8 @@ class QParams:
         if shape == self.shape:
             return self
         if self.scale.size == 1 and isinstance(self.spec.granularity, PerTensor):
-            return QParams(self.scale.reshape(-1), self.zero_point.reshape(-1), self.spec, shape)
+            want = self.spec.params_shape(shape, name)
+            return QParams(self.scale.reshape(want), self.zero_point.reshape(want), self.spec, shape)
         if self.spec.params_shape(shape, name) != self.scale.shape:
             raise ValueError(f"{name}: shape {shape} does not match the calibrated shape {self.shape} "
                              f"for {self.spec.describe()}")
@@ -208,6 +209,9 @@ def dequantize(codes: Any, qparams: QParams, *, name: str = "codes") -> Any:
 
 def fake_quantize_array(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
     """(dequantize(quantize(a)) in ``a``'s compute dtype, in-range mask), both in ``a``'s shape."""
+    if a.ndim == 0:  # numpy turns 0-d results into scalars, which in-place ops cannot take
+        out, inside = fake_quantize_array(a.reshape(1), qp.for_shape((1,)))
+        return out.reshape(()), inside.reshape(())
     v, inside = _rounded(a, qp, want_mask=True)
     v *= params_view(qp.scale).astype(v.dtype)  # (q - zp) * scale: v holds q - zp exactly
     return v.reshape(a.shape), inside.reshape(a.shape)
