@@ -31,10 +31,10 @@ def test_factorize_model_replaces_linears_and_skips_those_that_save_nothing():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bench.models import embed, sentence_model, sentences
+def minilm(minilm_model):
+    from bench.models import embed, sentences
 
-    model = sentence_model()
+    model = minilm_model
     s = sentences()[:64]
     return model, s, embed(model, s)
 

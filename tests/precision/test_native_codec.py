@@ -9,7 +9,6 @@ from precision import FloatFormat, decode, encode, get_format
 from precision.formats import known_formats
 
 C = codec._KERNELS.get()
-needs_c = pytest.mark.skipif(C is None, reason=f"C kernels unavailable: {codec._KERNELS.status()}")
 
 FORMATS = {n: get_format(n) for n in known_formats()}
 BYTE_FORMATS = [n for n, f in FORMATS.items() if f.bits <= 8 and f.mantissa_bits <= 6]
@@ -28,7 +27,7 @@ def _numpy_path(monkeypatch):
     monkeypatch.setattr(codec._KERNELS, "get", lambda: None)
 
 
-@needs_c
+@pytest.mark.needs_codec_c
 @pytest.mark.parametrize("name", BYTE_FORMATS)
 @pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
 @pytest.mark.parametrize("overflow", ["ieee", "saturate"])
@@ -42,7 +41,7 @@ def test_byte_encode_equals_the_numpy_pass_on_every_table_index(name, rounding, 
     np.testing.assert_array_equal(got, encode(x, fmt, rounding=rounding, overflow=overflow))
 
 
-@needs_c
+@pytest.mark.needs_codec_c
 @pytest.mark.parametrize("name", [n for n in BYTE_FORMATS if FORMATS[n].nan_code is None])
 @pytest.mark.parametrize("size", [10, 3_000_001])
 def test_nan_into_a_format_without_nan_is_refused_on_both_paths(name, size, monkeypatch):
@@ -55,7 +54,7 @@ def test_nan_into_a_format_without_nan_is_refused_on_both_paths(name, size, monk
         encode(x, name)
 
 
-@needs_c
+@pytest.mark.needs_codec_c
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.bits <= 16 and n not in ("fp16", "bf16")])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_table_decode_equals_the_numpy_pass(name, dtype, monkeypatch):
@@ -69,7 +68,7 @@ def test_table_decode_equals_the_numpy_pass(name, dtype, monkeypatch):
     np.testing.assert_array_equal(got.view(np.uint32), decode(codes, fmt).view(np.uint32))  # NaN payloads too
 
 
-@needs_c
+@pytest.mark.needs_codec_c
 @pytest.mark.parametrize("fmt", ["bf16", FloatFormat(exponent_bits=8, mantissa_bits=3)])
 def test_bf16_like_decode_equals_the_numpy_pass(fmt, monkeypatch):
     fmt = get_format(fmt)

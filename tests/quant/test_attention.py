@@ -9,7 +9,6 @@ from quant import PerChannel, QuantSpec, int8_attention, ptq
 from quant import _native
 from quant.attention import reference_int8_attention
 
-needs_c = pytest.mark.skipif(_native.attention_library() is None, reason="int8 attention kernel unavailable")
 
 
 def qkv(B, H, Lq, Lk, D, seed=0, scale=1.0):
@@ -38,7 +37,7 @@ def masks(B, H, Lq, Lk, seed=1):
 SHAPES = [(4, 3, 32, 32, 32), (1, 2, 150, 70, 32), (2, 2, 17, 23, 20), (1, 4, 9, 40, 64), (3, 2, 5, 7, 16), (2, 1, 1, 33, 8)]
 
 
-@needs_c
+@pytest.mark.needs_attention_c
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_vnni_and_portable_loops_agree_bit_for_bit(shape):
     # integer sums are exact and the float steps are the same operations in the same order
@@ -83,7 +82,7 @@ def test_rows_with_every_key_masked_give_zero_as_torch_does():
     assert torch.equal(reference_int8_attention(q, k, v, m)[1], torch.zeros(2, 6, 16))
 
 
-@needs_c
+@pytest.mark.needs_attention_c
 def test_keys_no_query_attends_are_left_out_as_if_absent():
     # trailing padding keys: the same result as not passing them at all, including V's scales
     q, k, v = qkv(3, 2, 10, 16, 32)
@@ -170,10 +169,10 @@ def test_ptq_attention_needs_a_transformers_model_and_the_native_backend():
         ptq(m, [torch.randn(4, 8)], backend="torch.ao", attention=True)
 
 
-def test_minilm_with_int8_attention_keeps_the_embeddings_close():
-    from bench.models import embed, embedding_cosine, feature_batches, sentence_model, sentences
+def test_minilm_with_int8_attention_keeps_the_embeddings_close(minilm_model):
+    from bench.models import embed, embedding_cosine, feature_batches, sentences
 
-    model = sentence_model()
+    model = minilm_model
     s = sentences()
     held = s[1::2][:40]
     ref = embed(model, held)

@@ -1,6 +1,5 @@
 """Range estimation: torch.ao parity for minmax, and what each clipping method buys."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import torch
 from precision.metrics import sqnr_db
 from quant import PerChannel, PerGroup, PerTensor, QuantSpec, StaticQuantizer, calibrate, fake_quantize
 
-warnings.filterwarnings("ignore", message=".*deprecated.*")
 ao = torch.ao.quantization
 
 

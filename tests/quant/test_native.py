@@ -13,7 +13,6 @@ from quant import PerChannel, QuantSpec, calibrate, ptq, quantize
 from quant import _native
 from quant.calibrate import _EPS
 
-needs_c = pytest.mark.skipif(_native.library() is None, reason=f"fused C passes unavailable: {_native.status()}")
 
 
 def _run_quantize(x, smooth, spec):
@@ -38,7 +37,7 @@ def _activations(rows, cols, seed):
     return x
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 @pytest.mark.parametrize("narrow", [True, False])
 @pytest.mark.parametrize("smoothed", [False, True])
 @pytest.mark.parametrize("rows,cols", [(5, 8), (700, 384), (64, 1536)])  # serial and threaded
@@ -54,7 +53,7 @@ def test_codes_and_scales_equal_quant_quantize_bit_for_bit(narrow, smoothed, row
     np.testing.assert_array_equal(codes.numpy(), np.asarray(quantize(xs, qp)))
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 def test_rows_with_a_row_stride_are_read_in_place():
     spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
     wide = _activations(300, 512, seed=3)
@@ -64,7 +63,7 @@ def test_rows_with_a_row_stride_are_read_in_place():
     assert ok and torch.equal(codes, ref[1]) and torch.equal(scales, ref[2])
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_row_hands_the_call_back_to_the_reference_path(bad):
     spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
@@ -74,7 +73,7 @@ def test_a_non_finite_row_hands_the_call_back_to_the_reference_path(bad):
     assert not ok
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 def test_arguments_that_do_not_fit_are_refused_not_misread():
     spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
     x = _activations(20, 16, seed=1)
@@ -89,7 +88,7 @@ def test_arguments_that_do_not_fit_are_refused_not_misread():
     assert _native.rescale(acc, torch.ones(20), torch.ones(7), None) is None
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("rows", [3, 1000])
@@ -108,7 +107,7 @@ def test_rescale_equals_torch_float32_ops_in_order(per_tensor, with_bias, rows):
     assert torch.equal(y, want)
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 def test_a_model_gives_the_same_output_on_the_c_and_the_torch_passes(monkeypatch):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(384, 512), torch.nn.GELU(), torch.nn.Linear(512, 384))
@@ -137,7 +136,7 @@ def test_lowbit_native_0_turns_the_c_passes_off():
     assert "turned off by LOWBIT_NATIVE=0" in _status_in_subprocess({"LOWBIT_NATIVE": "0"})
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 def test_the_build_cache_is_private_and_a_shared_one_is_not_used(tmp_path):
     own = tmp_path / "own"
     assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(own)}) == "fused C passes"
@@ -169,7 +168,7 @@ def test_threads_running_one_quantized_model_at_once_get_the_sequential_results(
     assert all(torch.equal(g, w) for g, w in zip(got, want * 3))
 
 
-@needs_c
+@pytest.mark.needs_int8_c
 def test_a_damaged_cached_library_is_built_again(tmp_path):
     cache = tmp_path / "cache"
     assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"

@@ -1,6 +1,5 @@
 """Post-training quantization of models, native and torch.ao, on a toy model and on real MiniLM."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from precision import Report
 from precision.metrics import sqnr_db
 from quant import PerChannel, PerGroup, QuantSpec, QuantizedLinear, calibrate, fake_quantize, ptq
 
-warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +74,10 @@ def test_per_channel_int8_on_minilm_weights_reaches_the_measured_sqnr():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bench.models import embed, feature_batches, sentence_model, sentences
+def minilm(minilm_model):
+    from bench.models import embed, feature_batches, sentences
 
-    model = sentence_model()
+    model = minilm_model
     s = sentences()
     calib, held_out = s[::2], s[1::2]
     return model, feature_batches(model, calib), held_out, embed(model, held_out)

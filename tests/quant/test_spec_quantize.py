@@ -1,6 +1,5 @@
 """QuantSpec validation and quantize/dequantize/fake_quantize against torch's own ops."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import torch
 from quant import PerChannel, PerGroup, PerTensor, QParams, QuantSpec, calibrate, dequantize, fake_quantize, quantize
 from quant.quantize import quantize_with_count
 
-warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
 @pytest.mark.parametrize("kw, match", [
