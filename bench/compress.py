@@ -31,7 +31,7 @@ from .timing import best_time
 
 def quality(plot: str | None) -> list[dict]:
     from bench.models import embed, embedding_cosine, sentence_model, sentences
-    from quant import ptq
+    from quant import PTQConfig, ptq
 
     model = sentence_model()
     s = sentences()
@@ -46,7 +46,7 @@ def quality(plot: str | None) -> list[dict]:
              ("low rank 75% params", lambda: factorize_model(model, ratio=0.75)),
              ("low rank 50% params", lambda: factorize_model(model, ratio=0.5)),
              ("low rank 25% params", lambda: factorize_model(model, ratio=0.25)),
-             ("int8 per-channel (quant)", lambda: ptq(model, None))]
+             ("int8 per-channel (quant)", lambda: ptq(model, PTQConfig()))]
     rows = []
     print(f"{'method':<34} {'memory kept':>11} {'weight rel err':>14} {'cosine':>8}")
     for name, f in cases:

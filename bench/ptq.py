@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from quant import PerChannel, PerGroup, QuantSpec, ptq
+from quant import TOKEN_SPEC, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.attention import status as attention_status
 
 from .timing import best_pair, best_time
@@ -23,18 +23,18 @@ from .timing import best_pair, best_time
 CONFIGS = {
     "native W8 per-channel (weight-only)": dict(),
     "native W8A8 per-token dynamic + SmoothQuant 0.6": dict(
-        activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
+        activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6),
     "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place": dict(
-        activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6,
-        fuse_gelu=True),
+        activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6,
+        gelu_in_place=True),
     "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place + int8 attention": dict(
-        activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6,
-        fuse_gelu=True, attention=True),
-    "native W8A8 per-token dynamic": dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)),
+        activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6,
+        gelu_in_place=True, int8_attention=True),
+    "native W8A8 per-token dynamic": dict(activations=TOKEN_SPEC,
                                           activation_mode="dynamic"),
     "native W8A8 static per-tensor": dict(activations=QuantSpec()),
     "native W4 group-128 mse (weight-only)": dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)),
-                                                  weight_method="mse"),
+                                                  weight_calibration="mse"),
     "torch.ao dynamic (default, per-tensor)": dict(backend="torch.ao", weights=QuantSpec()),
     "torch.ao dynamic per-channel": dict(backend="torch.ao"),
     "torch.ao static (x86)": dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.only and not any(o in name for o in a.only):
             continue
         t0 = time.perf_counter()
-        q, rep = ptq(model, calib, **kw)
+        q, rep = ptq(model, PTQConfig(**kw), calib)
         tq = time.perf_counter() - t0
         cos = embedding_cosine(ref, embed(q, held))["mean_cosine"]
         t_fwd, tf = best_pair(lambda: forward(model), lambda: forward(q), a.repeat)

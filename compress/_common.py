@@ -12,7 +12,7 @@ from precision._bridge import as_numpy
 def weight_array(w: Any, name: str, *, min_ndim: int = 1, check: bool = True) -> np.ndarray:
     """The weight as a numpy array (bf16/fp16 widened to float32); clear errors for bad input."""
     a = as_numpy(w, name)
-    if a.dtype.kind not in "fV" and not (a.dtype.kind in "iu"):
+    if a.dtype.kind not in "fV" and a.dtype.kind not in "iu":
         raise TypeError(f"{name}: unsupported dtype {a.dtype}: expected a floating-point tensor")
     if a.dtype.kind != "f" or a.dtype == np.float16:
         a = a.astype(np.float32)

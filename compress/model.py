@@ -74,15 +74,15 @@ def prune_model(model: nn.Module, sparsity: float, *, method: str = "magnitude",
         if not layers:
             raise ValueError("prune_model: no nn.Linear layers matched")
         if method == "global":
-            res = global_magnitude_prune({nm_: l.weight.detach() for nm_, l in layers}, sparsity)
-            for nm_, l in layers:
-                l.weight.copy_(res.results[nm_].weight)
+            res = global_magnitude_prune({nm_: lin.weight.detach() for nm_, lin in layers}, sparsity)
+            for nm_, lin in layers:
+                lin.weight.copy_(res.results[nm_].weight)
             rep.extend(res.report)
         else:
-            for nm_, l in layers:
-                r = (magnitude_prune(l.weight.detach(), sparsity, name=nm_) if method == "magnitude"
-                     else nm_prune(l.weight.detach(), n, m, name=nm_))
-                l.weight.copy_(r.weight)
+            for nm_, lin in layers:
+                r = (magnitude_prune(lin.weight.detach(), sparsity, name=nm_) if method == "magnitude"
+                     else nm_prune(lin.weight.detach(), n, m, name=nm_))
+                lin.weight.copy_(r.weight)
                 rep.extend(r.report)
     elif method == "ffn":
         _prune_ffn(new, sparsity, norm, rep)

@@ -54,7 +54,7 @@ precision = importlib.import_module(__name__ + ".precision")
 quant = importlib.import_module(__name__ + ".quant")
 compress = importlib.import_module(__name__ + ".compress")
 
-from quant import ptq  # noqa: E402
+from quant import PTQConfig, ptq  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

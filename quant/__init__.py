@@ -5,8 +5,10 @@ Params: :func:`calibrate` -> :class:`QParams`.
 Ops: :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`.
 Quantizers: :class:`StaticQuantizer`, :class:`DynamicQuantizer`.
 Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`.
-Models: :func:`ptq` with ``backend="native"`` or ``"torch.ao"``.
-Attention: :func:`int8_attention` (both products on int8 codes; ``ptq(attention=True)``).
+Models: :func:`ptq` (model, :class:`PTQConfig`, calibration data), presets ``PTQConfig.W8``,
+``W8A8_DYNAMIC``, ``W8A8_FAST``, ``W4_G128``; the activation spec :data:`TOKEN_SPEC`.
+Attention: :func:`int8_attention` (both products on int8 codes; ``PTQConfig(int8_attention=True)``).
+Checkpoints: :class:`~quant.storage.IntQuant`, the integer method of ``lowbit.checkpoint``.
 """
 
 from .calibrate import METHODS, calibrate, qparams_from_range
@@ -15,12 +17,13 @@ from .quantize import QParams, dequantize, fake_quantize, quantize
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .static import StaticQuantizer
 from .qat import FakeQuantize, convert, prepare_qat
-from .ptq import ptq
-from .modules import QuantizedLinear
+from .ptq import PTQConfig, ptq
+from .modules import TOKEN_SPEC, QuantizedLinear
 from .attention import int8_attention
+from .storage import IntQuant
 
 __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
     "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
-    "FakeQuantize", "prepare_qat", "convert", "ptq", "QuantizedLinear", "int8_attention",
+    "FakeQuantize", "prepare_qat", "convert", "ptq", "PTQConfig", "QuantizedLinear", "TOKEN_SPEC", "int8_attention", "IntQuant",
 ]

@@ -1,302 +1,198 @@
-"""Post-training quantization of a whole model, with lowbit's own quantizers or torch.ao."""
+"""Post-training quantization of a whole model: one validated ``PTQConfig`` applied by ``ptq``.
+
+The passes live in their own modules: forward hooks (:mod:`quant.hooks`),
+SmoothQuant (:mod:`quant.smoothquant`), GELU in place (:mod:`quant.fusion`),
+int8 attention (:mod:`quant.attention`) and the torch.ao backend
+(:mod:`quant.backends.torch_ao`).
+"""
 
 from __future__ import annotations
 
 import copy
 import time
-import weakref
-from typing import Any, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from precision.outputs import compare_outputs, model_output, output_error, run_model  # noqa: F401 (re-exported)
+from precision.outputs import compare_outputs
 from precision.report import Report, TensorReport, nbytes
 
-from .calibrate import calibrate
+from .backends.torch_ao import check_spec
+from .calibrate import METHODS, calibrate
+from .hooks import collect_inputs, linear_layers
 from .modules import TOKEN_SPEC, QuantizedLinear
 from .quantize import dequantize, quantize
-from .spec import PerChannel, QuantSpec
+from .smoothquant import smoothing_vectors
+from .spec import PerChannel, PerGroup, QuantSpec
 from .static import StaticQuantizer
 
 BACKENDS = ("native", "torch.ao")
+ACTIVATION_MODES = ("static", "dynamic")
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+@dataclass(frozen=True)
+class PTQConfig:
+    """What :func:`ptq` does to every ``nn.Linear`` of a model; validated when built.
 
+    * ``weights``: the weight scheme (default int8 symmetric per output channel), calibrated
+      by ``weight_calibration`` (one of ``quant.METHODS``; ``percentile`` for "percentile").
+    * ``activations``: None for weight-only, or the scheme of each layer's input viewed as
+      (tokens, features). ``activation_mode``: ``"static"`` calibrates one frozen range per
+      layer input on the calibration data (with ``activation_calibration``); ``"dynamic"``
+      takes the range of each input when called. ``quant.modules.TOKEN_SPEC`` (int8 symmetric
+      per token, narrow range) runs on the int8 kernel ``torch._int_mm``.
+    * ``smoothquant``: SmoothQuant's migration strength alpha in [0, 1] (e.g. 0.6), for
+      quantized activations (see :func:`quant.smoothquant.smoothing_vectors`).
+    * ``gelu_in_place``: where a quantized layer's output feeds nothing but an exact-GELU
+      module, apply the GELU in place in the layer's output (see :func:`quant.fusion.fuse_gelu`:
+      shown on the calibration data in two passes and checked bit for bit, else not fused).
+    * ``int8_attention``: also run attention's two products on int8 codes in the Hugging Face
+      transformers models inside the copy (:mod:`quant.attention`).
+    * ``backend``: ``"native"`` (lowbit) or ``"torch.ao"``; the SmoothQuant, GELU and attention
+      passes need ``"native"``.
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def ptq(model: nn.Module, calibration_data: Iterable[Any] | None = None, *,
-        weights: QuantSpec = QuantSpec(granularity=PerChannel(0)), activations: QuantSpec | None = None,
-        backend: str = "native", activation_mode: str = "static", weight_method: str = "minmax",
-        activation_method: str = "minmax", eval_data: Iterable[Any] | None = None,
-        smooth: float | None = None, fuse_gelu: bool = False, attention: bool = False,
-        **method_options: Any) -> tuple[nn.Module, Report]:
-    """Quantize every ``nn.Linear`` of ``model`` (a copy; the input model is untouched).
-
-    ``weights``: the weight scheme (default int8 symmetric per output channel).
-    ``activations``: None for weight-only (W8), or the activation scheme (W8A8)
-    for each layer's input viewed as (tokens, features):
-    ``activation_mode="static"`` calibrates one frozen range per layer input on
-    ``calibration_data`` (an iterable of model inputs); ``"dynamic"`` computes
-    the range of each input when called. ``quant.modules.TOKEN_SPEC`` (int8
-    symmetric per token) runs on the int8 kernel ``torch._int_mm``.
-    ``backend``: ``"native"`` (lowbit) or ``"torch.ao"`` (quantize_dynamic, or
-    prepare/calibrate/convert for static activations).
-
-    ``smooth``: SmoothQuant's migration strength alpha in [0, 1] (e.g. 0.5), for
-    quantized activations: per input channel j, ``s_j = max|x_j|**alpha /
-    max|W[:, j]|**(1 - alpha)`` (from ``calibration_data``) scales the weight
-    column up and the activation down, so activation outliers cost less.
-    Layers fed the very same tensor (Q, K and V) share one ``s`` (the weight
-    maxima taken over the group, as SmoothQuant does), which lets the int8
-    kernel quantize that input once for all of them. On MiniLM alpha 0.6 keeps
-    the embedding cosine at 0.9992 (0.5: 0.9989; none: 0.9974).
-
-    ``fuse_gelu`` (native backend): where a quantized layer's output feeds
-    nothing but a module that computes exact GELU, apply the GELU in place in
-    the layer's output and replace that module by ``nn.Identity`` (for MiniLM
-    at 32 x 128 tokens this saves a fresh 25 MB result per FFN layer). Shown on
-    ``calibration_data`` in two passes: every call of the module took a
-    quantized layer's output and returned exactly ``F.gelu`` of it, every
-    output of such a layer went to one such call, and the fused model's outputs
-    equal the unfused model's bit for bit; otherwise nothing is fused. A model
-    whose module calls depend on its input beyond what calibration exercised
-    must not use it. ``report.meta["gelu_in_place"]`` lists the fused layers.
-
-    ``attention`` (native backend): also run attention's two matrix products
-    (``Q Kᵀ`` and ``P V``) on int8 codes, in the Hugging Face transformers
-    models inside the copy (:mod:`quant.attention` gives the scheme; on
-    MiniLM it costs 4e-5 of embedding cosine). ``report.meta["attention"]``
-    names the switched models; ValueError if there is none.
-
-    Returns ``(quantized model, Report)``: one row per layer (weight error,
-    bytes before and after: codes + scales + zero points + the float bias
-    kept; with ``eval_data`` (default: the calibration data) also the layer's
-    output SQNR and relative error inside the quantized model, in the row's
-    ``details``) and the model's output error against the float model in
-    ``report.meta``.
+    Presets: :attr:`W8`, :attr:`W8A8_DYNAMIC`, :attr:`W8A8_FAST` and :attr:`W4_G128`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if activation_mode not in ("static", "dynamic"):
-        raise ValueError(f"activation_mode must be 'static' or 'dynamic', got {activation_mode!r}")
-    if not isinstance(weights, QuantSpec) or (activations is not None and not isinstance(activations, QuantSpec)):
-        raise TypeError("weights and activations must be QuantSpec values (activations may be None)")
-    if not linear_layers(model):
+
+    weights: QuantSpec = field(default_factory=lambda: QuantSpec(granularity=PerChannel(0)))
+    weight_calibration: str = "minmax"
+    activations: QuantSpec | None = None
+    activation_mode: str = "static"
+    activation_calibration: str = "minmax"
+    percentile: float | None = None
+    smoothquant: float | None = None
+    gelu_in_place: bool = False
+    int8_attention: bool = False
+    backend: str = "native"
+
+    W8: ClassVar["PTQConfig"]
+    W8A8_DYNAMIC: ClassVar["PTQConfig"]
+    W8A8_FAST: ClassVar["PTQConfig"]
+    W4_G128: ClassVar["PTQConfig"]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, QuantSpec) or (self.activations is not None
+                                                       and not isinstance(self.activations, QuantSpec)):
+            raise TypeError("PTQConfig: weights and activations must be QuantSpec values (activations may be None)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"PTQConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.activation_mode not in ACTIVATION_MODES:
+            raise ValueError(f"PTQConfig: activation_mode must be one of {ACTIVATION_MODES}, "
+                             f"got {self.activation_mode!r}")
+        for what in ("weight_calibration", "activation_calibration"):
+            if getattr(self, what) not in METHODS:
+                raise ValueError(f"PTQConfig: {what} must be one of {METHODS}, got {getattr(self, what)!r}")
+        if self.percentile is not None and not 0 < self.percentile <= 100:
+            raise ValueError(f"PTQConfig: percentile must be in (0, 100], got {self.percentile}")
+        native_only = [n for n, on in (("smoothquant", self.smoothquant is not None),
+                                       ("gelu_in_place", self.gelu_in_place),
+                                       ("int8_attention", self.int8_attention)) if on]
+        if native_only and self.backend != "native":
+            raise ValueError(f"PTQConfig: {', '.join(native_only)} needs backend='native'")
+        if self.smoothquant is not None:
+            if self.activations is None:
+                raise ValueError("PTQConfig: smoothquant applies to quantized activations; set activations= too")
+            if not 0 <= self.smoothquant <= 1:
+                raise ValueError(f"PTQConfig: smoothquant (alpha) must be in [0, 1], got {self.smoothquant}")
+        if self.backend == "torch.ao":
+            check_spec(self.weights, self.activations)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether :func:`ptq` needs calibration data for this config."""
+        return ((self.activations is not None and self.activation_mode == "static")
+                or self.smoothquant is not None or self.gelu_in_place)
+
+    def describe(self) -> str:
+        return (f"weights {self.weights.describe()}"
+                + (f", activations {self.activations.describe()} {self.activation_mode}" if self.activations else "")
+                + (f", SmoothQuant alpha={self.smoothquant}" if self.smoothquant is not None else ""))
+
+
+PTQConfig.W8 = PTQConfig()
+PTQConfig.W8A8_DYNAMIC = PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic")
+PTQConfig.W8A8_FAST = replace(PTQConfig.W8A8_DYNAMIC, smoothquant=0.6, gelu_in_place=True, int8_attention=True)
+PTQConfig.W4_G128 = PTQConfig(weights=QuantSpec(bits=4, symmetric=False, granularity=PerGroup(128)))
+
+
+def ptq(model: nn.Module, config: PTQConfig = PTQConfig.W8, calibration_data: Iterable[Any] | None = None,
+        eval_data: Iterable[Any] | None = None) -> tuple[nn.Module, Report]:
+    """Quantize every ``nn.Linear`` of ``model`` (a copy; the input model is untouched) as ``config`` says.
+
+    ``calibration_data``: an iterable of model inputs (a tensor, a tuple of positional
+    arguments, or a dict of keyword arguments each), needed for static activations,
+    SmoothQuant and GELU in place. Returns ``(quantized model, Report)``: one row per layer
+    (weight error; bytes before and after: codes + scales + zero points + the float bias kept;
+    with ``eval_data`` (default: the calibration data) also the layer's output SQNR and
+    relative error inside the quantized model, in the row's ``details``) and the model's output
+    error against the float model in ``report.meta`` (also ``gelu_in_place``, ``attention``).
+    """
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"ptq(model, config, calibration_data): config must be a PTQConfig, got "
+                        f"{type(config).__name__}; e.g. ptq(model, PTQConfig.W8A8_DYNAMIC, batches)")
+    if not isinstance(model, nn.Module) or not linear_layers(model):
         raise ValueError("ptq: the model has no nn.Linear layers to quantize")
     calib = list(calibration_data) if calibration_data is not None else []
-    if activations is not None and activation_mode == "static" and not calib:
-        raise ValueError("ptq: static activations need calibration_data (an iterable of model inputs)")
-    if smooth is not None:
-        if activations is None or backend != "native":
-            raise ValueError("ptq: smooth= applies to quantized activations with backend='native'")
-        if not 0 <= smooth <= 1:
-            raise ValueError(f"ptq: smooth (SmoothQuant alpha) must be in [0, 1], got {smooth}")
-        if not calib:
-            raise ValueError("ptq: smooth= needs calibration_data to measure activation ranges")
-    if fuse_gelu and (backend != "native" or not calib):
-        raise ValueError("ptq: fuse_gelu=True needs backend='native' and calibration_data to check the fusion on")
-    if attention and backend != "native":
-        raise ValueError("ptq: attention=True (int8 attention products) needs backend='native'")
+    if config.needs_calibration and not calib:
+        raise ValueError("ptq: this config (static activations, smoothquant or gelu_in_place) needs "
+                         "calibration_data, an iterable of model inputs")
     t0 = time.perf_counter()
     model.eval()
-    if backend == "native":
-        qmodel, report = _native(model, calib, weights, activations, activation_mode, weight_method,
-                                 activation_method, smooth, method_options)
-        if attention:  # before the comparison below, so the output error includes it
+    if config.backend == "native":
+        qmodel, report = _native(model, calib, config)
+        if config.int8_attention:  # before the comparison below, so the output error includes it
             from .attention import IMPLEMENTATION, use_int8_attention
 
             report.meta["attention"] = {"implementation": IMPLEMENTATION, "models": use_int8_attention(qmodel)}
     else:
         from .backends.torch_ao import quantize_torch_ao
 
-        qmodel, report = quantize_torch_ao(model, calib, weights, activations, activation_mode)
+        qmodel, report = quantize_torch_ao(model, calib, config.weights, config.activations, config.activation_mode)
     report.meta["quantize_time_s"] = time.perf_counter() - t0
-    report.meta["backend"] = backend
+    report.meta["backend"] = config.backend
     evald = list(eval_data) if eval_data is not None else calib
     if evald:
         whole, per_layer = compare_outputs(model, qmodel, evald, [r.name for r in report.tensors])
         report.meta.update(whole)
         for r in report.tensors:
             r.details.update(per_layer.get(r.name, {}))
-    if fuse_gelu:  # after the comparison, which hooks each layer's own (pre-GELU) output
-        report.meta["gelu_in_place"] = _fuse_gelu(qmodel, calib)
+    if config.gelu_in_place:  # after the comparison, which hooks each layer's own (pre-GELU) output
+        from .fusion import fuse_gelu
+
+        report.meta["gelu_in_place"] = fuse_gelu(qmodel, calib)
     return qmodel, report
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output (nested dicts, lists, tuples), in a fixed order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _outputs(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _outputs(v)]
-    return []
-
-
 @torch.no_grad()
-def _fuse_gelu(qmodel: nn.Module, batches: list) -> list[str]:
-    """Fuse exact-GELU modules into the quantized layers that feed them (see ``ptq(fuse_gelu=...)``);
-    returns the fused layers' names, or [] with the model unchanged when the check fails."""
-    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLinear)}
-    produced: dict[int, str] = {}  # id of a layer output (kept alive in `keep`) -> layer name
-    keep: list[torch.Tensor] = []
-    made: dict[str, int] = {}  # layer -> outputs made
-    fed: dict[int, list[str | None]] = {}  # id(module) -> per call, the layer whose output it took, or None
-
-    def on_layer(n):
-        def hook(mod, args, out):
-            produced[id(out)] = n
-            keep.append(out)
-            made[n] = made.get(n, 0) + 1
-        return hook
-
-    def on_leaf(mod, args, out):
-        x = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
-        src = produced.get(id(x)) if x is not None else None
-        if src is not None and not (isinstance(out, torch.Tensor) and out is not x and out.shape == x.shape
-                                    and torch.equal(out, F.gelu(x))):
-            src = None
-        fed.setdefault(id(mod), []).append(src)
-
-    hooks = [m.register_forward_hook(on_layer(n)) for n, m in layers.items()]
-    hooks += [m.register_forward_hook(on_leaf) for m in qmodel.modules()
-              if not isinstance(m, QuantizedLinear) and next(m.children(), None) is None]
-    reference = []
-    try:
-        for b in batches:
-            reference.append([t.clone() for t in _outputs(run_model(qmodel, b))])
-            produced.clear()  # ids are only meaningful while the outputs they name are alive
-            keep.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-    # a module is fused only if every call took some fusable layer's output, and a layer only if every
-    # one of its outputs went to one call of such a module: narrow both sets until they agree
-    gelus = {i for i, srcs in fed.items() if srcs and all(s is not None for s in srcs)}
-    while True:
-        used: dict[str, int] = {}
-        for i in gelus:
-            for src in fed[i]:
-                used[src] = used.get(src, 0) + 1
-        fused = {n for n, k in used.items() if k == made.get(n)}
-        keep_gelus = {i for i in gelus if all(src in fused for src in fed[i])}
-        if keep_gelus == gelus:
-            break
-        gelus = keep_gelus
-    if not fused:
-        return []
-    swapped = []
-    for parent in qmodel.modules():
-        for k, child in list(parent._modules.items()):
-            if child is not None and id(child) in gelus:
-                swapped.append((parent, k, child))
-                parent._modules[k] = nn.Identity()
-    for n in fused:
-        layers[n].gelu_in_place = True
-    same = all(len(r) == len(g) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(r, g))
-               for r, g in zip(reference, ([t for t in _outputs(run_model(qmodel, b))] for b in batches)))
-    if not same:  # an output also went somewhere the hooks could not see: undo
-        for parent, k, child in swapped:
-            parent._modules[k] = child
-        for n in fused:
-            layers[n].gelu_in_place = False
-        return []
-    return sorted(fused)
-
-
-def _on_inputs(model: nn.Module, layers, batches, fn) -> None:
-    """Run ``batches`` through ``model`` calling ``fn(name, args)`` before each layer's forward
-    (whatever ``fn`` returns is dropped: a pre-hook's return value would replace the layer's input)."""
-    def hook(n):
-        def pre(mod, args) -> None:
-            fn(n, args)
-        return pre
-
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
-    try:
-        for b in batches:
-            run_model(model, b)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _collect_inputs(model: nn.Module, layers, calib, fn) -> None:
-    """Run ``calib`` through ``model`` calling ``fn(name, input as (tokens, features))`` for each layer."""
-    _on_inputs(model, layers, calib, lambda n, args: fn(n, args[0].detach().reshape(-1, args[0].shape[-1])))
-
-
-def _shared_inputs(model: nn.Module, layers, batch) -> list[list[str]]:
-    """Groups of layers that receive the very same input tensor in a forward pass (Q, K and V of an
-    attention block), found by running ``batch`` once. Weak references: a tensor freed and replaced
-    by another at the same address is not mistaken for it."""
-    groups: list[tuple[weakref.ref, list[str]]] = []
-    seen: set[str] = set()
-
-    def pre(n, args):
-        if not args or n in seen:  # a layer called twice stays in the group of its first call
-            return
-        seen.add(n)
-        for ref, names in groups:
-            if ref() is args[0]:
-                names.append(n)
-                return
-        groups.append((weakref.ref(args[0]), [n]))
-
-    _on_inputs(model, layers, [batch], pre)
-    return [names for _, names in groups]
-
-
-@torch.no_grad()
-def _native(model, calib, weights, activations, activation_mode, weight_method, activation_method, smooth, opts):
+def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.Module, Report]:
     qmodel = copy.deepcopy(model)
     layers = linear_layers(qmodel)
-    smooth_s: dict[str, np.ndarray] = {}
-    if smooth is not None:
-        amax: dict[str, torch.Tensor] = {}
-        _collect_inputs(qmodel, layers, calib, lambda n, x: amax.__setitem__(
-            n, torch.maximum(amax[n], x.abs().amax(0)) if n in amax else x.abs().amax(0)))
-        # layers fed the same tensor share one smoothing vector (as SmoothQuant does for Q, K and V, with
-        # the weights' column maxima taken over the group), so the int8 kernel quantizes that input once
-        mods = dict(layers)
-        for group in _shared_inputs(qmodel, layers, calib[0]):
-            wmax = torch.stack([mods[n].weight.detach().abs().amax(0) for n in group]).amax(0).clamp_min(1e-8)
-            xmax = torch.stack([amax[n] for n in group]).amax(0).clamp_min(1e-8)
-            s = (xmax ** smooth / wmax ** (1 - smooth)).clamp(1e-4, 1e4)
-            for n in group:
-                smooth_s[n] = s.float().numpy()
+    acts = config.activations
+    smooth_s = smoothing_vectors(qmodel, layers, calib, config.smoothquant) if config.smoothquant is not None else {}
     act_qp: dict[str, Any] = {}
-    if activations is not None and activation_mode == "static":
-        observers = {n: StaticQuantizer(activations, activation_method) for n, _ in layers}
-        _collect_inputs(qmodel, layers, calib, lambda n, x: observers[n].observe(
+    if acts is not None and config.activation_mode == "static":
+        observers = {n: StaticQuantizer(acts, config.activation_calibration) for n, _ in layers}
+        collect_inputs(qmodel, layers, calib, lambda n, x: observers[n].observe(
             x / torch.from_numpy(smooth_s[n]) if n in smooth_s else x))
         act_qp = {n: o.freeze() for n, o in observers.items()}
-    rep = Report(title=f"ptq native: weights {weights.describe()}"
-                       + (f", activations {activations.describe()} {activation_mode}" if activations else "")
-                       + (f", SmoothQuant alpha={smooth}" if smooth is not None else ""))
+    opts = {} if config.percentile is None else {"percentile": config.percentile}
+    rep = Report(title=f"ptq native: {config.describe()}")
     for n, m in layers:
         w = m.weight.detach().float().cpu().numpy()
         ws = w * smooth_s[n][None, :] if n in smooth_s else w
-        qp = calibrate(ws, weights, weight_method, name=n + ".weight", **opts)
+        qp = calibrate(ws, config.weights, config.weight_calibration, name=n + ".weight", **opts)
         codes = np.asarray(quantize(ws, qp, name=n + ".weight"))
-        mode = None if activations is None else activation_mode
+        mode = None if acts is None else config.activation_mode
         inv = (1.0 / smooth_s[n]).astype(np.float32) if n in smooth_s else None
-        q = QuantizedLinear(codes, qp, m.bias, mode, act_qp.get(n), activations or TOKEN_SPEC, inv)
-        _set(qmodel, n, q)
+        q = QuantizedLinear(codes, qp, m.bias, mode, act_qp.get(n), acts or TOKEN_SPEC, inv)
+        qmodel.set_submodule(n, q)
         before = nbytes(m.weight) + (nbytes(m.bias) if m.bias is not None else 0)
         deq = np.asarray(dequantize(codes, qp))
         if n in smooth_s:  # the weight the layer effectively applies to the unscaled input
             deq = deq / smooth_s[n][None, :]
-        rep.add(TensorReport.measure(n, w, deq, method=weights.describe(), bytes_before=before,
+        rep.add(TensorReport.measure(n, w, deq, method=config.weights.describe(), bytes_before=before,
                                      bytes_after=q.stored_bytes, details={"kernel": q.kernel}))
     return qmodel, rep

@@ -20,7 +20,7 @@ import numpy as np
 
 import compress  # noqa: F401  (registers the structure methods)
 import quant  # noqa: F401  (registers the integer method)
-from precision import get_format, known_formats
+from precision import known_formats
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,

@@ -14,6 +14,9 @@ from torch import nn
 
 from precision.report import Report, TensorReport, nbytes
 
+from precision.outputs import run_model
+
+from ..hooks import linear_layers
 from ..spec import PerChannel, PerTensor, QuantSpec
 
 _SEEN: set[str] = set()
@@ -47,7 +50,8 @@ class _Passthrough:
         return False
 
 
-def _check_spec(weights: QuantSpec, activations: QuantSpec | None) -> None:
+def check_spec(weights: QuantSpec, activations: QuantSpec | None) -> None:
+    """ValueError (with the fix) for schemes the torch.ao backend cannot run."""
     if weights.bits != 8 or not weights.signed or not weights.symmetric:
         raise ValueError("backend='torch.ao' supports int8 signed symmetric weights only "
                          f"(got {weights.describe()}); use backend='native'")
@@ -68,9 +72,7 @@ class _Static(nn.Module):
 
 def quantize_torch_ao(model: nn.Module, calib: list, weights: QuantSpec, activations: QuantSpec | None,
                       activation_mode: str) -> tuple[nn.Module, Report]:
-    from ..ptq import _set, linear_layers, run_model
-
-    _check_spec(weights, activations)
+    check_spec(weights, activations)
     ao = _ao()
     per_channel = isinstance(weights.granularity, PerChannel)
     floats = {n: (m.weight.detach().float().clone(), m.bias) for n, m in linear_layers(model)}
@@ -89,7 +91,7 @@ def quantize_torch_ao(model: nn.Module, calib: list, weights: QuantSpec, activat
             for n, m in linear_layers(qmodel):
                 w = _Static(m, ao)
                 w.qconfig = qconfig
-                _set(qmodel, n, w)
+                qmodel.set_submodule(n, w)
             qmodel = ao.prepare(qmodel, inplace=False)
             with torch.no_grad():
                 for b in calib:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import lowbit
 from bench.quantize import main
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint, compress_tensor, load, restore

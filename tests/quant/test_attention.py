@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import PerChannel, QuantSpec, int8_attention, ptq
+from quant import TOKEN_SPEC, PTQConfig, int8_attention, ptq
 from quant import _native
 from quant.attention import reference_int8_attention
 
@@ -164,9 +164,9 @@ def test_bad_input_is_refused_clearly():
 def test_ptq_attention_needs_a_transformers_model_and_the_native_backend():
     m = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="transformers"):
-        ptq(m, [torch.randn(4, 8)], attention=True)
+        ptq(m, PTQConfig(int8_attention=True), [torch.randn(4, 8)])
     with pytest.raises(ValueError, match="native"):
-        ptq(m, [torch.randn(4, 8)], backend="torch.ao", attention=True)
+        ptq(m, PTQConfig(backend="torch.ao", int8_attention=True), [torch.randn(4, 8)])
 
 
 def test_minilm_with_int8_attention_keeps_the_embeddings_close(minilm_model):
@@ -176,9 +176,9 @@ def test_minilm_with_int8_attention_keeps_the_embeddings_close(minilm_model):
     s = sentences()
     held = s[1::2][:40]
     ref = embed(model, held)
-    kw = dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic",
-              smooth=0.6)
-    q, rep = ptq(model, feature_batches(model, s[::2]), attention=True, **kw)
+    kw = dict(activations=TOKEN_SPEC, activation_mode="dynamic",
+              smoothquant=0.6)
+    q, rep = ptq(model, PTQConfig(int8_attention=True, **kw), feature_batches(model, s[::2]))
     assert rep.meta["attention"]["models"] == ["0.model"]
     assert q[0].auto_model.config._attn_implementation == "lowbit_int8"
     assert model[0].auto_model.config._attn_implementation != "lowbit_int8"  # the input model is untouched

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant import PerChannel, QuantSpec, calibrate, ptq, quantize
+from quant import TOKEN_SPEC, PerChannel, PTQConfig, QuantSpec, calibrate, ptq, quantize
 from quant import _native
 from quant.calibrate import _EPS
 
@@ -55,7 +55,7 @@ def test_codes_and_scales_equal_quant_quantize_bit_for_bit(narrow, smoothed, row
 
 @pytest.mark.needs_int8_c
 def test_rows_with_a_row_stride_are_read_in_place():
-    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    spec = TOKEN_SPEC
     wide = _activations(300, 512, seed=3)
     x = wide[:, 64:448]  # row stride 512, unit column stride: no copy needed
     ok, codes, scales = _run_quantize(x, None, spec)
@@ -66,7 +66,7 @@ def test_rows_with_a_row_stride_are_read_in_place():
 @pytest.mark.needs_int8_c
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_row_hands_the_call_back_to_the_reference_path(bad):
-    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    spec = TOKEN_SPEC
     x = _activations(400, 384, seed=5)
     x[399, 17] = bad
     ok, _, _ = _run_quantize(x, None, spec)
@@ -75,7 +75,7 @@ def test_a_non_finite_row_hands_the_call_back_to_the_reference_path(bad):
 
 @pytest.mark.needs_int8_c
 def test_arguments_that_do_not_fit_are_refused_not_misread():
-    spec = QuantSpec(narrow_range=True, granularity=PerChannel(0))
+    spec = TOKEN_SPEC
     x = _activations(20, 16, seed=1)
     assert not _run_quantize(x.double(), None, spec)[0]
     assert not _run_quantize(x.t(), None, spec)[0]  # column stride 20
@@ -112,8 +112,7 @@ def test_a_model_gives_the_same_output_on_the_c_and_the_torch_passes(monkeypatch
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(384, 512), torch.nn.GELU(), torch.nn.Linear(512, 384))
     data = [torch.randn(256, 384) for _ in range(3)]
-    q, rep = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)),
-                 activation_mode="dynamic", smooth=0.6)
+    q, rep = ptq(m, PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), data)
     assert "fused C passes" in q[0].kernel
     x = torch.randn(300, 384)
     with torch.no_grad():
@@ -158,8 +157,7 @@ def test_threads_running_one_quantized_model_at_once_get_the_sequential_results(
     from concurrent.futures import ThreadPoolExecutor
     torch.manual_seed(4)
     m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
-    q, _ = ptq(m, [torch.randn(128, 256) for _ in range(2)],
-               activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    q, _ = ptq(m, PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), [torch.randn(128, 256) for _ in range(2)])
     xs = [torch.randn(300 + 7 * i, 256) for i in range(8)]
     with torch.no_grad():
         want = [q(x) for x in xs]

@@ -7,7 +7,7 @@ import torch
 
 from precision import Report
 from precision.metrics import sqnr_db
-from quant import PerChannel, PerGroup, QuantSpec, QuantizedLinear, calibrate, fake_quantize, ptq
+from quant import TOKEN_SPEC, PerChannel, PerGroup, PTQConfig, QuantSpec, QuantizedLinear, calibrate, fake_quantize, ptq
 
 
 
@@ -20,15 +20,15 @@ def toy():
 
 @pytest.mark.parametrize("kw", [
     dict(), dict(activations=QuantSpec()), dict(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic"),
-    dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6),
-    dict(weights=QuantSpec(bits=4, granularity=PerGroup(16)), weight_method="mse"),
+    dict(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6),
+    dict(weights=QuantSpec(bits=4, granularity=PerGroup(16)), weight_calibration="mse"),
     dict(backend="torch.ao"), dict(backend="torch.ao", weights=QuantSpec()),
     dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
 ])
 def test_both_backends_return_a_quantized_model_and_the_same_report_type(toy, kw):
     m, data = toy
     before = [p.clone() for p in m.parameters()]
-    q, rep = ptq(m, data, **kw)
+    q, rep = ptq(m, PTQConfig(**kw), data)
     assert isinstance(rep, Report) and len(rep.tensors) == 2
     assert all(r.bytes_after < r.bytes_before for r in rep.tensors)
     assert rep.meta["output_mean_cosine"] > 0.99
@@ -39,7 +39,7 @@ def test_both_backends_return_a_quantized_model_and_the_same_report_type(toy, kw
 
 def test_int8_kernel_is_used_and_matches_the_fake_quant_reference(toy, passes):
     m, data = toy
-    q, rep = ptq(m, data, activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic")
+    q, rep = ptq(m, PTQConfig(activations=QuantSpec(granularity=PerChannel(0)), activation_mode="dynamic"), data)
     assert all(isinstance(x, QuantizedLinear) and x.int_kernel for x in (q[0], q[2]))
     assert "int_mm" in rep.tensors[0].details["kernel"]
     lin = q[0]
@@ -53,13 +53,13 @@ def test_int8_kernel_is_used_and_matches_the_fake_quant_reference(toy, passes):
 def test_ptq_errors_are_clear(toy):
     m, data = toy
     with pytest.raises(ValueError, match="backend"):
-        ptq(m, data, backend="tensorrt")
+        ptq(m, PTQConfig(backend="tensorrt"), data)
     with pytest.raises(ValueError, match="calibration_data"):
-        ptq(m, None, activations=QuantSpec())
+        ptq(m, PTQConfig(activations=QuantSpec()))
     with pytest.raises(ValueError, match="no nn.Linear"):
-        ptq(torch.nn.ReLU(), data)
+        ptq(torch.nn.ReLU(), PTQConfig(), data)
     with pytest.raises(ValueError, match="per-group"):
-        ptq(m, data, backend="torch.ao", weights=QuantSpec(granularity=PerGroup(16)))
+        ptq(m, PTQConfig(backend="torch.ao", weights=QuantSpec(granularity=PerGroup(16))), data)
 
 
 def test_per_channel_int8_on_minilm_weights_reaches_the_measured_sqnr():
@@ -86,8 +86,8 @@ def minilm(minilm_model):
 MINILM_CASES = {
     "native W8 per-channel": (dict(), 0.999),
     "native W8A8 per-token dynamic, SmoothQuant 0.6": (
-        dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6), 0.999),
-    "native W4 group-128 mse": (dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)), weight_method="mse"), 0.941),
+        dict(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), 0.999),
+    "native W4 group-128 mse": (dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)), weight_calibration="mse"), 0.941),
     "native W8A8 static per-tensor": (dict(activations=QuantSpec()), 0.95),
     "torch.ao dynamic (default per-tensor)": (dict(backend="torch.ao", weights=QuantSpec()), 0.9),
     "torch.ao static": (dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)), 0.8),
@@ -100,7 +100,7 @@ def test_minilm_sentence_embeddings_stay_close(minilm, case):
 
     model, calib, held_out, ref = minilm
     kw, floor = MINILM_CASES[case]
-    q, rep = ptq(model, calib, **kw)
+    q, rep = ptq(model, PTQConfig(**kw), calib)
     cos = embedding_cosine(ref, embed(q, held_out))["mean_cosine"]
     print(f"MiniLM {case}: mean cosine {cos:.5f} over {len(held_out)} held-out sentences, "
           f"weights {rep.totals['mean_sqnr_db']:.2f} dB, {rep.totals['ratio']:.2f}x smaller")
@@ -125,7 +125,7 @@ def test_int8_kernel_quantizes_tokens_bit_for_bit_as_quant_quantize(toy, passes)
     from quant import quantize
     for smooth, narrow in ((None, False), (0.6, False), (None, True), (0.6, True)):
         spec = QuantSpec(narrow_range=narrow, granularity=PerChannel(0))
-        q, _ = ptq(m, data, activations=spec, activation_mode="dynamic", smooth=smooth)
+        q, _ = ptq(m, PTQConfig(activations=spec, activation_mode="dynamic", smoothquant=smooth), data)
         lin = q[0]
         assert lin.int_kernel
         x = torch.cat([data[1], (torch.arange(32.0) - 15.5).repeat(3, 1) * torch.tensor([[1.0], [0.25], [3.0]]),
@@ -152,7 +152,7 @@ def test_layers_fed_one_tensor_share_a_smoothing_vector_and_quantize_it_once(mon
     import quant.modules as qm
     torch.manual_seed(1)
     m, data = _QKV(), [torch.randn(40, 32) * torch.linspace(0.1, 8, 32) for _ in range(3)]
-    q, _ = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    q, _ = ptq(m, PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), data)
     assert torch.equal(q.q.input_scale, q.k.input_scale) and torch.equal(q.q.input_scale, q.v.input_scale)
     assert not torch.equal(q.q.input_scale, q.o.input_scale)
     calls = []
@@ -175,7 +175,7 @@ def test_layers_fed_one_tensor_share_a_smoothing_vector_and_quantize_it_once(mon
 def test_an_input_changed_in_place_between_layers_is_quantized_again(passes):
     torch.manual_seed(2)
     m, data = _QKV(), [torch.randn(40, 32) for _ in range(2)]
-    q, _ = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+    q, _ = ptq(m, PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), data)
     x = data[1].clone()
     with torch.no_grad():
         q.q(x)
@@ -194,15 +194,14 @@ def test_a_layer_called_twice_keeps_one_smoothing_vector_and_the_model_runs():
 
     torch.manual_seed(3)
     m, data = Twice(), [torch.randn(24, 16) for _ in range(3)]
-    q, rep = ptq(m, data, activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic",
-                 smooth=0.6)
+    q, rep = ptq(m, PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6), data)
     assert rep.meta["output_mean_cosine"] > 0.99
     with torch.no_grad():
         torch.testing.assert_close(q(data[0]), m(data[0]), rtol=0.1, atol=0.1)
 
 
-# ------------------------------------------------------------ GELU in place (ptq(fuse_gelu=True))
-W8A8_SQ = dict(activations=QuantSpec(narrow_range=True, granularity=PerChannel(0)), activation_mode="dynamic", smooth=0.6)
+# ------------------------------------------------------------ GELU in place (PTQConfig(gelu_in_place=True))
+W8A8_SQ = dict(activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6)
 
 
 class _Block(torch.nn.Module):
@@ -221,8 +220,8 @@ class _Block(torch.nn.Module):
 
 
 def _fused(m, data, **kw):
-    q0, _ = ptq(m, data, **W8A8_SQ, **kw)
-    q, rep = ptq(m, data, fuse_gelu=True, **W8A8_SQ, **kw)
+    q0, _ = ptq(m, PTQConfig(**W8A8_SQ, **kw), data)
+    q, rep = ptq(m, PTQConfig(gelu_in_place=True, **W8A8_SQ, **kw), data)
     x = torch.randn(45, data[0].shape[1])
     with torch.no_grad():
         assert torch.equal(q(x), q0(x))  # fused or not, the very same outputs
@@ -263,19 +262,31 @@ def test_one_gelu_module_shared_by_two_layers_is_fused_into_both():
     assert fused == ["a", "b"]
 
 
-def test_fuse_gelu_needs_the_native_backend_and_calibration_data():
+def test_gelu_in_place_needs_the_native_backend_and_calibration_data():
     m = _Block()
-    with pytest.raises(ValueError, match="fuse_gelu"):
-        ptq(m, [torch.randn(8, 32)], backend="torch.ao", fuse_gelu=True)
-    with pytest.raises(ValueError, match="fuse_gelu"):
-        ptq(m, None, fuse_gelu=True)
+    with pytest.raises(ValueError, match="gelu_in_place needs backend='native'"):
+        ptq(m, PTQConfig(backend="torch.ao", gelu_in_place=True), [torch.randn(8, 32)])
+    with pytest.raises(ValueError, match="gelu_in_place"):
+        ptq(m, PTQConfig(gelu_in_place=True))
 
 
 def test_minilm_gelu_in_place_keeps_the_embeddings_bit_for_bit(minilm):
     from bench.models import embed
 
     model, calib, held_out, _ = minilm
-    q0, _ = ptq(model, calib, **W8A8_SQ)
-    q, rep = ptq(model, calib, fuse_gelu=True, **W8A8_SQ)
+    q0, _ = ptq(model, PTQConfig(**W8A8_SQ), calib)
+    q, rep = ptq(model, PTQConfig(gelu_in_place=True, **W8A8_SQ), calib)
     assert [n.split(".encoder.")[-1] for n in rep.meta["gelu_in_place"]] == [f"layer.{i}.intermediate.dense" for i in range(6)]
     np.testing.assert_array_equal(embed(q, held_out[:24]), embed(q0, held_out[:24]))
+
+
+def test_ptq_presets_are_valid_configs_that_say_what_they_are():
+    assert PTQConfig.W8.activations is None
+    assert PTQConfig.W8A8_DYNAMIC.activations == TOKEN_SPEC and PTQConfig.W8A8_DYNAMIC.activation_mode == "dynamic"
+    fast = PTQConfig.W8A8_FAST
+    assert fast.smoothquant == 0.6 and fast.gelu_in_place and fast.int8_attention
+    assert PTQConfig.W4_G128.weights.bits == 4 and PTQConfig.W4_G128.weights.granularity == PerGroup(128)
+    with pytest.raises(TypeError, match="PTQConfig"):
+        ptq(_Block(), [torch.randn(8, 32)])  # the old argument order: data where the config goes
+    with pytest.raises(ValueError, match="smoothquant"):
+        PTQConfig(smoothquant=0.5)  # no activations to smooth

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant import FakeQuantize, PerChannel, QuantSpec, QuantizedLinear, convert, prepare_qat, ptq
+from quant import FakeQuantize, PerChannel, PTQConfig, QuantSpec, QuantizedLinear, convert, prepare_qat, ptq
 
 
 def test_fake_quantize_module_observer_and_switches():
@@ -84,7 +84,7 @@ def test_qat_recovers_the_accuracy_that_4bit_ptq_loses_on_digits():
             return (m(X[te]).argmax(1) == y[te]).float().mean().item()
 
     spec = QuantSpec(bits=4)
-    ptq_model, _ = ptq(net, None, weights=spec)
+    ptq_model, _ = ptq(net, PTQConfig(weights=spec))
     qat = prepare_qat(net, weights=spec)
     opt = torch.optim.Adam(qat.parameters(), 1e-3)
     for _ in range(60):
