@@ -178,30 +178,44 @@ class Report:
         kept = [KeptTensor(**{**k, "shape": tuple(k["shape"])}) for k in d["kept"]]
         return cls(rows, kept, d.get("title", ""), d.get("meta", {}))
 
+    @property
+    def _unit(self) -> str:
+        """One unit for every size in the rendered report: the one that suits the whole checkpoint."""
+        return byte_unit(self.totals["checkpoint_bytes_before"])
+
     def _rows(self) -> tuple[list[str], list[list[str]]]:
+        u = self._unit
         head = ["tensor", "shape", "dtype", "method", "before", "after", "rel err", "SQNR dB", "max abs", "clipped"]
-        body = [[r.name, "x".join(map(str, r.shape)) or "()", r.dtype, r.method, human_bytes(r.bytes_before),
-                 human_bytes(r.bytes_after), f"{r.rel_error:.4g}", f"{r.sqnr_db:.2f}", f"{r.max_abs_error:.3g}",
+        body = [[r.name, "x".join(map(str, r.shape)) or "()", r.dtype, r.method, human_bytes(r.bytes_before, u),
+                 human_bytes(r.bytes_after, u), f"{r.rel_error:.4g}", f"{r.sqnr_db:.2f}", f"{r.max_abs_error:.3g}",
                  str(r.clipped)] for r in self.tensors]
         return head, body
 
     def _total_lines(self) -> list[str]:
-        t = self.totals
+        t, u = self.totals, self._unit
+        saved = t["percent_saved"]
         lines = [
             f"compressed tensors: {t['tensors']}  kept unchanged: {t['kept']}",
-            f"compressed bytes: {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])} "
-            f"({t['ratio']:.3g}x)",
-            f"checkpoint bytes: {human_bytes(t['checkpoint_bytes_before'])} -> "
-            f"{human_bytes(t['checkpoint_bytes_after'])} ({t['percent_saved']:.1f}% saved)",
+            f"compressed tensors' bytes: {human_bytes(t['bytes_before'], u)} -> {human_bytes(t['bytes_after'], u)} "
+            f"({t['ratio']:.3g}x smaller)" if t["ratio"] >= 1 else
+            f"compressed tensors' bytes: {human_bytes(t['bytes_before'], u)} -> {human_bytes(t['bytes_after'], u)} "
+            f"({1 / t['ratio']:.3g}x larger)",
+            f"checkpoint bytes: {human_bytes(t['checkpoint_bytes_before'], u)} -> "
+            f"{human_bytes(t['checkpoint_bytes_after'], u)} "
+            + (f"({saved:.1f}% saved)" if saved >= 0 else f"({-saved:.1f}% more)"),
             f"SQNR dB: mean {t['mean_sqnr_db']:.2f} (tensors with nonzero error), worst {t['worst_sqnr_db']:.2f}; "
             f"mean rel. error {t['mean_rel_error']:.4g}",
         ]
         if t["clipped"] or t["nonfinite"]:
             lines.append(f"clipped values: {t['clipped']}  non-finite outputs: {t['nonfinite']}")
         if t["zeroed"]:
-            lines.append(f"nonzero values stored as 0: {t['zeroed']} (pruned, or flattened by a wide range)")
+            n = sum(math.prod(r.shape) for r in self.tensors)
+            lines.append(f"weights read back as 0: {t['zeroed']} of {n} ({100 * t['zeroed'] / max(n, 1):.2f}%): "
+                         "pruned, or smaller than half a quantization step (expected for tiny weights)")
         for k, v in self.meta.items():
-            if isinstance(v, (int, float, str)):
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k.endswith("_bytes"):
+                lines.append(f"{k}: {human_bytes(v, u)}")
+            elif isinstance(v, (int, float, str)):
                 lines.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         return lines
 
@@ -234,12 +248,22 @@ class Report:
         return self.to_table()
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
+_UNITS = ("B", "KiB", "MiB", "GiB")
+
+
+def byte_unit(n: float) -> str:
+    """The binary unit in which ``n`` bytes reads as a number below 1024 (GiB at most)."""
+    for i, unit in enumerate(_UNITS):
+        if abs(n) < 1024 ** (i + 1) or unit == "GiB":
+            return unit
+    return "GiB"
+
+
+def human_bytes(n: float, unit: str | None = None) -> str:
+    """``n`` bytes in ``unit`` (one of B, KiB, MiB, GiB; default: the one that suits ``n``)."""
+    unit = unit or byte_unit(n)
+    v = n / 1024 ** _UNITS.index(unit)
+    return f"{v:.0f} {unit}" if unit == "B" else f"{v:.2f} {unit}"
 
 
 def _jsonable(o: Any) -> Any:

@@ -24,7 +24,7 @@ score beyond float32's range: the call is computed by float
 ``scaled_dot_product_attention`` instead, so non-finite values propagate as in
 the float model.
 
-:func:`ptq` with ``attention=True`` switches the Hugging Face transformers models
+:func:`ptq` with ``PTQConfig(int8_attention=True)`` switches the Hugging Face transformers models
 inside the quantized copy to this attention (:func:`use_int8_attention`).
 """
 

@@ -79,7 +79,7 @@ class QuantizedLinear(nn.Module):
       * ``None``: weight-only; the weight is dequantized on the fly (float matmul).
       * ``"static"``: inputs are fake-quantized with the frozen ``act_qparams``.
       * ``"dynamic"``: inputs (first multiplied by ``input_scale`` when the
-        weight was smoothed, see ``ptq(smooth=...)``), viewed as (tokens, features), are quantized with
+        weight was smoothed, see ``PTQConfig.smoothquant``), viewed as (tokens, features), are quantized with
         ``act_spec`` on each call. With int8 symmetric per-token activations
         (the default ``TOKEN_SPEC``, codes in [-127, 127], or the full range)
         and int8 symmetric per-tensor/per-channel
@@ -107,7 +107,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # set by ptq(fuse_gelu=True) once it has shown the output feeds nothing but an exact GELU, which
+        # set by ptq with PTQConfig(gelu_in_place=True) once it has shown the output feeds nothing but an exact GELU, which
         # it then removes: GELU is applied here, in place in this layer's fresh output (same values)
         self.gelu_in_place = False
         spec = qparams.spec
