@@ -155,7 +155,7 @@ class Structured:
 
     def dense(self) -> np.ndarray:
         out = np.zeros(self.shape, self.values.dtype)
-        idx = [slice(None)] * len(self.shape)
+        idx: list[Any] = [slice(None)] * len(self.shape)
         idx[self.axis] = self.kept
         out[tuple(idx)] = self.values
         return out
@@ -319,7 +319,7 @@ class StructuredPrune(StructureMethod):
         parts, fields_ = store.store(enc)
         recon = np.zeros(x.shape, np.float32)
         idx: list[Any] = [slice(None)] * x.ndim
-        idx[r.axis] = kept
+        idx[int(r.axis or 0)] = kept
         recon[tuple(idx)] = enc.values
         return ({"kept": pack_bits(keep), **parts},
                 {"structure": {"kind": self.kind, "axis": int(r.axis), "small_shape": list(small.shape)}, **fields_},

@@ -48,7 +48,7 @@ class FloatFormat:
 
     exponent_bits: int
     mantissa_bits: int
-    bias: int | None = None
+    bias: int = None  # type: ignore[assignment]  # None asks for the IEEE bias, set in __post_init__
     specials: str = "ieee"
     name: str = field(default="", compare=False)
 

@@ -68,7 +68,8 @@ def fuse_gelu(qmodel: nn.Module, batches: list) -> list[str]:
         used: dict[str, int] = {}
         for i in gelus:
             for src in fed[i]:
-                used[src] = used.get(src, 0) + 1
+                if src is not None:  # every call of a module in `gelus` took a layer's output
+                    used[src] = used.get(src, 0) + 1
         fused = {n for n, k in used.items() if k == made.get(n)}
         keep_gelus = {i for i in gelus if all(src in fused for src in fed[i])}
         if keep_gelus == gelus:

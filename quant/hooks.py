@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,8 +16,8 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
 
 
-def on_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Any],
-              fn: Callable[[str, tuple], None]) -> None:
+def on_inputs(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batches: list[Any],
+              fn: Callable[[str, tuple], Any]) -> None:
     """Run ``batches`` through ``model`` calling ``fn(name, args)`` before each layer's forward
     (whatever ``fn`` returns is dropped: a pre-hook's return value would replace the layer's input)."""
     def hook(n):
@@ -34,13 +34,13 @@ def on_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: li
             h.remove()
 
 
-def collect_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], calib: list[Any],
-                   fn: Callable[[str, torch.Tensor], None]) -> None:
+def collect_inputs(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], calib: list[Any],
+                   fn: Callable[[str, torch.Tensor], Any]) -> None:
     """Run ``calib`` through ``model`` calling ``fn(name, input as (tokens, features))`` for each layer."""
     on_inputs(model, layers, calib, lambda n, args: fn(n, args[0].detach().reshape(-1, args[0].shape[-1])))
 
 
-def shared_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any) -> list[list[str]]:
+def shared_inputs(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: Any) -> list[list[str]]:
     """Groups of layers that receive the very same input tensor in a forward pass (Q, K and V of an
     attention block), found by running ``batch`` once. Weak references: a tensor freed and replaced
     by another at the same address is not mistaken for it."""

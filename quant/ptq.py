@@ -178,12 +178,12 @@ def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.M
         collect_inputs(qmodel, layers, calib, lambda n, x: observers[n].observe(
             x / torch.from_numpy(smooth_s[n]) if n in smooth_s else x))
         act_qp = {n: o.freeze() for n, o in observers.items()}
-    opts = {} if config.percentile is None else {"percentile": config.percentile}
+    percentile = 99.99 if config.percentile is None else config.percentile  # calibrate's own default
     rep = Report(title=f"ptq native: {config.describe()}")
     for n, m in layers:
         w = m.weight.detach().float().cpu().numpy()
         ws = w * smooth_s[n][None, :] if n in smooth_s else w
-        qp = calibrate(ws, config.weights, config.weight_calibration, name=n + ".weight", **opts)
+        qp = calibrate(ws, config.weights, config.weight_calibration, percentile=percentile, name=n + ".weight")
         codes = np.asarray(quantize(ws, qp, name=n + ".weight"))
         mode = None if acts is None else config.activation_mode
         inv = (1.0 / smooth_s[n]).astype(np.float32) if n in smooth_s else None

@@ -88,8 +88,10 @@ class IntQuant(ValueMethod):
 
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         x = x.astype(np.float32, copy=False)
-        opts = {} if self.percentile is None else {"percentile": self.percentile}
-        qp = calibrate(x, self.spec, self.calibration, name=name, **opts)
+        if self.percentile is None:
+            qp = calibrate(x, self.spec, self.calibration, name=name)
+        else:
+            qp = calibrate(x, self.spec, self.calibration, percentile=self.percentile, name=name)
         codes = np.asarray(quantize(x, qp, name=name))
         side = {"scale": qp.scale}
         if not self.spec.symmetric:

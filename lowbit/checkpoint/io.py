@@ -22,7 +22,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -99,14 +99,14 @@ class SafetensorsFile:
         data_len = size - self.data_start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         spans = []
-        for name, e in header.items():
+        for name, ent in header.items():
             where = f"{self.path}: tensor {name!r}"
-            if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
+            if not isinstance(ent, dict) or set(ent) - {"dtype", "shape", "data_offsets"} or len(ent) != 3:
                 raise CheckpointError(f"{where}: entry must have dtype, shape and data_offsets")
-            dt = ST_TO_NP.get(e["dtype"]) if isinstance(e["dtype"], str) else None
+            dt = ST_TO_NP.get(ent["dtype"]) if isinstance(ent["dtype"], str) else None
             if dt is None:
-                raise CheckpointError(f"{where}: unsupported dtype {e['dtype']!r}")
-            shape, off = e["shape"], e["data_offsets"]
+                raise CheckpointError(f"{where}: unsupported dtype {ent['dtype']!r}")
+            shape, off = ent["shape"], ent["data_offsets"]
             if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                         for s in shape)):
                 raise CheckpointError(f"{where}: bad shape {shape!r}")
@@ -120,7 +120,7 @@ class SafetensorsFile:
             for d in shape:  # Python ints: no silent int64 overflow on hostile shapes
                 nbytes *= d
             if off[1] - off[0] != nbytes:
-                raise CheckpointError(f"{where}: {off[1] - off[0]} bytes stored for shape {shape} of {e['dtype']} "
+                raise CheckpointError(f"{where}: {off[1] - off[0]} bytes stored for shape {shape} of {ent['dtype']} "
                                       f"({nbytes} expected)")
             self.entries[name] = (dt, tuple(shape), off[0], off[1])
             spans.append((off[0], off[1], name))
@@ -150,7 +150,7 @@ class SafetensorsFile:
         try:
             with open(self.path, "rb", buffering=0) as f:
                 f.seek(self.data_start + b)
-                got = f.readinto(memoryview(out))
+                got = f.readinto(memoryview(out))  # type: ignore[arg-type]  # numpy arrays are buffers
         except OSError as err:
             raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read ({err.strerror or err})") from None
         if got != e - b:
@@ -282,7 +282,7 @@ class Checkpoint:
 class SafetensorsWriter:
     """Write a safetensors file one tensor at a time, atomically (temp file + fsync + rename)."""
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: list[Path] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[Path] = ()) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise CheckpointError(f"{self.path}: the output path is a directory")

@@ -9,7 +9,8 @@ import torch
 
 from precision import FloatFormat, decode, describe, encode, fields, get_format, round_to
 from precision import codec
-from precision.codec import _PARALLEL_MIN, _decode_torch as torch_decode, _encode_f32_torch as torch_kernel, _decompose, _encode_exact, _torch_kernel_rounds_correctly
+from precision.codec import (_PARALLEL_MIN, _decode_torch as torch_decode, _decompose, _encode_exact,
+                             _encode_f32_torch as torch_kernel, _torch_kernel_rounds_correctly)
 
 from ._oracle import oracle_round
 from .test_formats import ML
