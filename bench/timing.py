@@ -43,3 +43,12 @@ def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
             f()
             best[k] = min(best[k], time.perf_counter() - t)
     return best
+
+
+def write_rows(rows: list[dict], path: str | None) -> None:
+    """Write a benchmark's rows as JSON to ``path`` (nothing when None)."""
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
