@@ -227,7 +227,8 @@ def registered_methods() -> dict[str, list[str]]:
 register_method(Copy)
 
 
-def _nbytes(parts: dict[str, np.ndarray]) -> int:
+def parts_nbytes(parts: dict[str, np.ndarray]) -> int:
+    """Bytes stored by a set of named parts."""
     return sum(int(p.nbytes) for p in parts.values())
 
 
@@ -260,7 +261,7 @@ def sparse_or_dense(structure: dict[str, Any], index: dict[str, np.ndarray], enc
     ordinary codes then). Returns (parts, scheme fields, float32 reconstruction)."""
     sparse, sfields = store.store(enc, keep)
     dense, dfields = store.store(enc)
-    if _nbytes(index) + _nbytes(sparse) < _nbytes(dense):
+    if parts_nbytes(index) + parts_nbytes(sparse) < parts_nbytes(dense):
         return {**index, **sparse}, {"structure": structure, **sfields}, np.where(keep, enc.values, np.float32(0))
     return dense, {"structure": {"kind": "none"}, **dfields}, enc.values
 

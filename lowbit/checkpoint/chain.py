@@ -24,7 +24,7 @@ from precision import known_formats
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
-                               ValueStore, structure_method_class)
+                               ValueStore, parts_nbytes, structure_method_class)
 from precision.metrics import MetricsAccumulator
 from precision.report import TensorReport
 from compress.storage import LowRankSVD, MagnitudePrune
@@ -154,10 +154,6 @@ def parts_digest(parts: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _nbytes(parts: dict[str, np.ndarray]) -> int:
-    return sum(int(p.nbytes) for p in parts.values())
-
-
 def _header(a: np.ndarray, chain: Chain) -> dict[str, Any]:
     return {"version": SCHEME_VERSION, "shape": list(a.shape), "dtype": NP_TO_ST[a.dtype], "chain": chain.describe()}
 
@@ -191,7 +187,7 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compr
     out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
     out["sha256"] = parts_digest(parts)
     row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(out["chain"]),
-                                    bytes_after=_nbytes(parts))
+                                    bytes_after=parts_nbytes(parts))
     return Compressed(parts, out, approx, row)
 
 
@@ -212,12 +208,12 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
     structure = chain.structure if chain.structure is not None else NoStructure()
     parts, fields_, recon = structure.encode(x, ValueStore(values, a.dtype), name)
     approx = recon.astype(a.dtype, copy=False)
-    if _nbytes(parts) >= a.nbytes:  # the method's form would not be smaller: store its result dense
+    if parts_nbytes(parts) >= a.nbytes:  # the method's form would not be smaller: store its result dense
         parts, fields_ = {"values": approx}, {"structure": {"kind": "none"}, "values": {"kind": "none"},
                                               "values_part": {}, "values_count": int(a.size)}
     scheme = {**_header(a, chain), **fields_}
     scheme["sha256"] = parts_digest(parts)
-    row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]), bytes_after=_nbytes(parts))
+    row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]), bytes_after=parts_nbytes(parts))
     return Compressed(parts, scheme, approx, row)
 
 
