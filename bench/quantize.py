@@ -29,7 +29,7 @@ from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrun
 from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint
 from lowbit.checkpoint.pipeline import check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES
-from precision._bridge import contiguous
+from precision.arrays import contiguous
 from precision.cast import SCALINGS, FloatCast
 from precision.methods import StructureMethod, ValueMethod
 from precision.report import Report

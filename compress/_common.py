@@ -1,4 +1,4 @@
-"""Input checks shared by pruning and low rank."""
+"""Amounts, selection and dtype rules shared by pruning and low rank."""
 
 from __future__ import annotations
 
@@ -6,31 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from precision._bridge import as_numpy
-
-
-def weight_array(w: Any, name: str, *, min_ndim: int = 1, check: bool = True) -> np.ndarray:
-    """The weight as a numpy array (bf16/fp16 widened to float32); clear errors for bad input."""
-    a = as_numpy(w, name)
-    if a.dtype.kind not in "fV" and a.dtype.kind not in "iu":
-        raise TypeError(f"{name}: unsupported dtype {a.dtype}: expected a floating-point tensor")
-    if a.dtype.kind != "f" or a.dtype == np.float16:
-        a = a.astype(np.float32)
-    if a.ndim < min_ndim:
-        raise ValueError(f"{name}: needs at least {min_ndim} dimension(s), got shape {a.shape}")
-    if check:
-        require_finite(a, name)
-    return a
-
-
-def require_finite(a: np.ndarray, name: str, magnitude: np.ndarray | None = None) -> None:
-    """ValueError naming the tensor if it holds NaN or inf (one reduction when |a| is at hand)."""
-    if not a.size:
-        return
-    ok = np.isfinite(np.max(magnitude)) if magnitude is not None else np.isfinite(a).all()
-    if not ok:
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; pruning and low rank need finite weights")
+from precision.arrays import as_numpy
 
 
 def out_dtype_like(src: Any, arr: np.ndarray) -> np.ndarray:

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from precision._bridge import contiguous
+from precision.arrays import contiguous
 
-from precision._bridge import as_numpy, like
+from precision.arrays import as_numpy, like, real_array, require_finite
 from precision.report import Report, TensorReport
 
-from ._common import weight_array
 from .storage import Factors
 
 METHODS = ("exact", "randomized")
@@ -99,7 +98,8 @@ def low_rank(w: Any, rank: int | None = None, *, ratio: float | None = None, ene
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    a = weight_array(w, name, min_ndim=2)
+    a = real_array(w, name, integers="float", min_ndim=2)
+    require_finite(a, name, "low rank")
     if a.ndim != 2:
         raise ValueError(f"{name}: low_rank factors a 2-D matrix, got shape {a.shape}")
     m, n = a.shape

@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from precision._bridge import as_numpy, like
+from precision.arrays import as_numpy, like, real_array, require_finite
 from precision.report import Report, TensorReport
 
-from ._common import amount_to_count, out_dtype_like, require_finite, smallest_k, weight_array
+from ._common import amount_to_count, out_dtype_like, smallest_k
 from .storage import NM, Bitmask, Structured
 
 
@@ -61,6 +61,12 @@ def _single(title: str, name: str, ref: np.ndarray, method: str, src_nbytes: int
     return make
 
 
+def _finite_weight(w: Any, name: str, min_ndim: int = 0) -> np.ndarray:
+    a = real_array(w, name, integers="float", min_ndim=min_ndim)
+    require_finite(a, name, "pruning")
+    return a
+
+
 def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None = None, name: str = "w") -> PruneResult:
     """Zero the ``sparsity`` fraction (or ``count`` elements) of smallest |w|.
 
@@ -70,10 +76,10 @@ def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None 
     ``torch.nn.utils.prune.l1_unstructured`` on inputs without ties.
     Memory: bitmask + kept values (or dense, when smaller).
     """
-    a = weight_array(w, name, check=False)
+    a = real_array(w, name, integers="float")
     k = amount_to_count(a.size, sparsity, count)
     mag = np.abs(a)
-    require_finite(a, name, mag)
+    require_finite(a, name, "pruning", mag)
     keep = ~smallest_k(mag, k)
     pruned = a * keep  # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); 4x np.where
     return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(keep, w),
@@ -100,7 +106,7 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
     Ties across tensors break by (order in the mapping, flat index)."""
     if not isinstance(tensors, Mapping) or not tensors:
         raise ValueError("global_magnitude_prune needs a non-empty mapping of name -> tensor")
-    arrays = {n: weight_array(t, n) for n, t in tensors.items()}
+    arrays = {n: _finite_weight(t, n) for n, t in tensors.items()}
     flat = np.concatenate([np.abs(a).reshape(-1) for a in arrays.values()]) if arrays else np.zeros(0)
     k = amount_to_count(flat.size, sparsity, count)
     prune = smallest_k(flat, k)
@@ -138,7 +144,7 @@ def structured_prune(w: Any, amount: float | None = None, *, axis: int = 0, norm
     ``amount`` is a fraction of slices (or groups) in [0, 1]; ``count`` a number of them.
     Memory: the smaller dense tensor plus a bitmask of kept slices.
     """
-    a = weight_array(w, name, min_ndim=2)
+    a = _finite_weight(w, name, min_ndim=2)
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
     if not -a.ndim <= axis < a.ndim:
@@ -166,7 +172,7 @@ def nm_prune(w: Any, n: int = 2, m: int = 4, *, name: str = "w") -> PruneResult:
     """Keep the ``n`` largest |w| in every group of ``m`` consecutive elements along the last
     (input) axis — semi-structured N:M sparsity (2:4 by default). Ties: lower index kept.
     Memory: kept values plus their packed in-group positions."""
-    a = weight_array(w, name)
+    a = _finite_weight(w, name)
     if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))) or n < 0 or m < 1:
         raise ValueError(f"n and m must be integers with 0 <= n <= m and m >= 1, got n={n!r}, m={m!r}")
     if n > m:

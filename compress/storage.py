@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from precision._bridge import contiguous
+from precision.arrays import contiguous
 from precision.methods import NotApplied, StructureMethod, ValueStore, register_method, sparse_or_dense
 
 

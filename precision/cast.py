@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from ._bridge import as_numpy
-from .codec import _real_array, check_modes, decode, encode
+from .arrays import as_numpy, real_array, require_finite
+from .codec import check_modes, decode, encode
 from .formats import FloatFormat, FormatLike, get_format
 from .methods import EncodedValues, ValueMethod, register_method
 from .report import Report, TensorReport
@@ -55,12 +55,11 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
     fmt = get_format(fmt)
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    a = _real_array(x)
+    a = real_array(x)
     if scaling == "none":
         return Cast(np.asarray(encode(a, fmt, rounding=rounding, overflow=overflow, seed=seed)), None, fmt, scaling, axis)
     a = a.astype(np.float32, copy=False) if a.dtype != np.float64 else a
-    if not np.all(np.isfinite(a)):
-        raise ValueError("x contains NaN or inf; a scaled cast needs finite values")
+    require_finite(a, "x", "a scaled cast")
     if scaling == "channel":
         if a.ndim < 1:
             raise ValueError("scaling='channel' needs at least a 1-D tensor")

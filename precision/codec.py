@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._bridge import contiguous, SMALL_FLOAT_DTYPES, as_numpy, is_torch, like, torch
+from .arrays import SMALL_FLOAT_DTYPES, as_numpy, contiguous, is_torch, like, real_array, torch
 from ._native import Library, threads
 from .formats import FloatFormat, FormatLike, get_format
 
@@ -97,17 +97,6 @@ def _rng(rounding: str, seed: int | None, generator: np.random.Generator | None)
     if seed is None:
         raise ValueError("rounding='stochastic' needs seed=<int> or generator=<numpy.random.Generator> to be reproducible")
     return np.random.default_rng(seed)
-
-
-def _real_array(x: Any, name: str = "x") -> np.ndarray:
-    """The input as a numpy array of a supported real dtype (raises TypeError otherwise)."""
-    a = as_numpy(x, name)
-    dt = a.dtype
-    if dt in SMALL_FLOAT_DTYPES or dt == np.float16:
-        return a.astype(np.float32)  # exact: every such value is a float32
-    if dt in (np.float32, np.float64) or dt.kind in "iu":
-        return a
-    raise TypeError(f"{name}: unsupported dtype {dt}: expected float16/bfloat16/float32/float64 or integer values")
 
 
 # --------------------------------------------------------- exact decomposition
@@ -482,7 +471,7 @@ def encode(
     fmt = get_format(fmt)
     check_modes(rounding, overflow)
     rng = _rng(rounding, seed, generator)
-    a = _real_array(x)
+    a = real_array(x)
     if a.dtype == np.float32 and rounding != "stochastic":
         a = contiguous(a)
         if fmt.bits == 32 and overflow == "ieee":  # identity; NaN payloads are kept
@@ -630,7 +619,7 @@ if torch is not None:
 
         @staticmethod
         def forward(ctx, x, fmt, rounding, overflow, rng):  # noqa: D401
-            a = _real_array(x)
+            a = real_array(x)
             v = _round_values(a, fmt, rounding, overflow, rng)
             return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype)
 
@@ -661,14 +650,14 @@ def round_to(
     rng = _rng(rounding, seed, generator)
     if is_torch(x):
         if x.is_complex() or x.dtype == torch.bool:
-            raise TypeError(f"x: unsupported dtype {x.dtype}: expected real floating-point or integer values")
+            real_array(x)  # the one wording for an unsupported dtype
         if not x.is_floating_point():  # integers: round exactly, return float32 (bf16/fp8 values fit)
-            v = _round_values(_real_array(x), fmt, rounding, overflow, rng)
+            v = _round_values(real_array(x), fmt, rounding, overflow, rng)
             return torch.from_numpy(np.asarray(v)).to(x.device)
         if torch.is_grad_enabled() and x.requires_grad:
             return _RoundSTE.apply(x, fmt, rounding, overflow, rng)
         return _RoundSTE.forward(None, x, fmt, rounding, overflow, rng)
-    a = _real_array(x)
+    a = real_array(x)
     v = np.asarray(_round_values(a, fmt, rounding, overflow, rng))
     src = as_numpy(x).dtype
     out_dtype = src if (src.kind == "f" or src in SMALL_FLOAT_DTYPES) else np.dtype(np.float64)

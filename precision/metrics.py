@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._bridge import as_numpy
+from .arrays import real_array
 
 _BLOCK = 1 << 20
 
@@ -48,13 +48,6 @@ class ErrorMetrics:
         return asdict(self)
 
 
-def _flat64(a: Any, name: str) -> np.ndarray:
-    arr = as_numpy(a, name)
-    if arr.dtype.kind not in "fiuV":
-        raise TypeError(f"{name}: unsupported dtype {arr.dtype} for error metrics")
-    return arr.reshape(-1)
-
-
 class MetricsAccumulator:
     """Error metrics over a tensor given piece by piece (e.g. row blocks), in float64.
     ``add(ref_piece, approx_piece)`` any number of times, then ``result()``."""
@@ -64,7 +57,7 @@ class MetricsAccumulator:
         self.n = self.nonfinite = self.zeroed = 0
 
     def add(self, reference: Any, approx: Any) -> "MetricsAccumulator":
-        x, y = _flat64(reference, "reference"), _flat64(approx, "approx")
+        x, y = real_array(reference, "reference").reshape(-1), real_array(approx, "approx").reshape(-1)
         if x.shape != y.shape:
             raise ValueError(f"reference has {x.size} elements but approx has {y.size}")
         with np.errstate(invalid="ignore", over="ignore"):

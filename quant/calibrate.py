@@ -34,9 +34,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from precision._bridge import is_torch
+from precision.arrays import is_torch, real_array, require_finite
 
-from .quantize import QParams, blocked, check_finite, fake_quantize_array, real_input
+from .quantize import QParams, blocked, fake_quantize_array
 from .spec import PerChannel, QuantSpec
 
 METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
@@ -58,8 +58,8 @@ def batches_of(data: Any, name: str) -> list[np.ndarray]:
         raise ValueError(f"{name}: no calibration data (an empty iterable of batches)")
     out = []
     for i, b in enumerate(items):
-        a = real_input(b, f"{name}[{i}]" if len(items) > 1 else name)
-        check_finite(a, f"{name}[{i}]" if len(items) > 1 else name)
+        a = real_array(b, f"{name}[{i}]" if len(items) > 1 else name, integers="float")
+        require_finite(a, f"{name}[{i}]" if len(items) > 1 else name, "quantization")
         if a.size == 0:
             raise ValueError(f"{name}: calibration batch {i} is empty")
         out.append(a)

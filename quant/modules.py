@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-from precision._bridge import contiguous
+from precision.arrays import contiguous
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 
-from precision._bridge import contiguous
+from precision.arrays import contiguous, real_array, require_finite
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import blocks_2d, qparams_from_range
 from .modules import QuantizedLinear
-from .quantize import (QParams, blocked, check_finite, dequantize, fake_quantize, fake_quantize_array, params_view,
-                       quantize, real_input)
+from .quantize import (QParams, blocked, dequantize, fake_quantize, fake_quantize_array, params_view,
+                       quantize)
 from .spec import PerChannel, QuantSpec
 
 
@@ -29,8 +29,8 @@ class _LSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, qp_template: QParams, grad_scale: float):
-        a = real_input(x, "x")
-        check_finite(a, "x")
+        a = real_array(x, "x", integers="float")
+        require_finite(a, "x", "quantization")
         s = np.maximum(scale.detach().cpu().numpy().astype(np.float32), np.finfo(np.float32).eps)
         qp = QParams(s, qp_template.zero_point, qp_template.spec, tuple(a.shape))
         out, inside = fake_quantize_array(a, qp)
@@ -106,8 +106,8 @@ class FakeQuantize(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        a = real_input(x, "x")
-        check_finite(a, "x")
+        a = real_array(x, "x", integers="float")
+        require_finite(a, "x", "quantization")
         x2d = blocks_2d(a, self.spec)
         lo = torch.from_numpy(np.asarray(x2d.min(axis=1), np.float32).reshape(-1))
         hi = torch.from_numpy(np.asarray(x2d.max(axis=1), np.float32).reshape(-1))

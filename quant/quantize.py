@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from precision._bridge import as_numpy, is_torch, like, torch
+from precision.arrays import as_numpy, is_torch, like, real_array, require_finite, torch
 
 from .spec import PerTensor, QuantSpec
 
@@ -32,23 +32,6 @@ _TINY = np.finfo(np.float32).tiny
 
 def compute_dtype(a: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if a.dtype == np.float64 else np.dtype(np.float32)
-
-
-def real_input(x: Any, name: str) -> np.ndarray:
-    """The input as a float32/float64 numpy array; TypeError for complex/bool/object."""
-    a = as_numpy(x, name)
-    if a.dtype.kind == "b" or a.dtype.kind in "cOSUM":
-        raise TypeError(f"{name}: unsupported dtype {a.dtype}: expected real floating-point or integer values")
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float64 if a.dtype.kind in "iu" and a.dtype.itemsize > 2 else np.float32)
-    return a
-
-
-def check_finite(a: np.ndarray, name: str) -> None:
-    if a.size and not np.isfinite(a).all():
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; quantization needs finite values "
-                         "(fix or mask them first)")
 
 
 def blocked(a: np.ndarray, block: tuple[int, ...]) -> np.ndarray:
@@ -173,8 +156,8 @@ def _rounded(a: np.ndarray, qp: QParams, want_mask: bool):
 
 def quantize_with_count(x: Any, qparams: QParams, name: str = "x") -> tuple[np.ndarray, int]:
     """(integer codes as a numpy array of ``spec.code_dtype``, number of clipped elements)."""
-    a = real_input(x, name)
-    check_finite(a, name)
+    a = real_array(x, name, integers="float")
+    require_finite(a, name, "quantization")
     qp = qparams.for_shape(a.shape, name)
     v, clipped = _rounded(a, qp, want_mask=False)
     if qp.zero_point.any():
@@ -224,8 +207,8 @@ if torch is not None:
 
         @staticmethod
         def forward(ctx, x, qp, name):
-            a = real_input(x, name)
-            check_finite(a, name)
+            a = real_array(x, name, integers="float")
+            require_finite(a, name, "quantization")
             out, inside = fake_quantize_array(a, qp.for_shape(a.shape, name))
             ctx.save_for_backward(torch.from_numpy(inside).to(x.device))
             return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
@@ -246,8 +229,8 @@ def fake_quantize(x: Any, qparams: QParams, *, name: str = "x") -> Any:
         if torch.is_grad_enabled() and x.requires_grad:
             return _FakeQuantSTE.apply(x, qparams, name)
         return _FakeQuantSTE.forward(_NoCtx(), x, qparams, name)
-    a = real_input(x, name)
-    check_finite(a, name)
+    a = real_array(x, name, integers="float")
+    require_finite(a, name, "quantization")
     out, _ = fake_quantize_array(a, qparams.for_shape(a.shape, name))
     src = as_numpy(x, name)
     return like(out.astype(src.dtype if src.dtype.kind == "f" else out.dtype), x)

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from precision._bridge import like
+from precision.arrays import like, real_array
 from precision.report import TensorReport
 
 from .calibrate import METHODS, calibrate
-from .quantize import QParams, dequantize, fake_quantize, quantize_with_count, real_input
+from .quantize import QParams, dequantize, fake_quantize, quantize_with_count
 from .spec import QuantSpec
 
 
@@ -37,7 +37,7 @@ class StaticQuantizer:
     def observe(self, x: Any) -> "StaticQuantizer":
         if self.qparams is not None:
             raise RuntimeError("StaticQuantizer is frozen; create a new one to calibrate again")
-        self._batches.append(np.array(real_input(x, "batch"), copy=True))
+        self._batches.append(np.array(real_array(x, "batch", integers="float"), copy=True))
         return self
 
     def freeze(self) -> QParams:
@@ -71,5 +71,5 @@ class StaticQuantizer:
         qp = self._frozen()
         codes, clipped = quantize_with_count(x, qp, name)
         deq = dequantize(codes, qp.for_shape(codes.shape))
-        return TensorReport.measure(name, real_input(x, name), deq, method=f"static {qp.spec.describe()} {self.method}",
+        return TensorReport.measure(name, real_array(x, name, integers="float"), deq, method=f"static {qp.spec.describe()} {self.method}",
                                     bytes_after=codes.nbytes + qp.nbytes, clipped=clipped)

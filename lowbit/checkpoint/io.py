@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from precision._bridge import contiguous
+from precision.arrays import contiguous
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -43,7 +43,7 @@ def _torch():
 
 
 def _tensor_to_numpy(t, where: str) -> np.ndarray:
-    from precision._bridge import torch_to_numpy
+    from precision.arrays import torch_to_numpy
 
     if t.dtype == _torch().bool:  # masks pass through as they are
         return contiguous(t.detach().cpu().numpy())

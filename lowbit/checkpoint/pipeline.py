@@ -217,6 +217,6 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
         return out
     import torch
 
-    from precision._bridge import contiguous, like
+    from precision.arrays import contiguous, like
 
     return {k: like(contiguous(v), torch.empty(0)) for k, v in out.items()}

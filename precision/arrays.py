@@ -1,13 +1,16 @@
-"""Zero-copy bridging between torch tensors, numpy arrays and Python scalars.
+"""Array input for every lowbit function: torch tensors, numpy arrays and Python numbers.
 
 Every algorithm in lowbit is written once, on numpy arrays. Torch tensors
-cross into numpy without a copy (CPU tensors share memory; bf16 is viewed
-through its 16-bit pattern) and results go back as the same kind.
+cross into numpy without a copy (CPU tensors share memory; bf16 and fp8 are
+viewed through their bit patterns) and results go back as the same kind
+(``like``). ``real_array`` is the one validated entry point: it states which
+dtypes are accepted and how they are widened, and ``require_finite`` is the
+one NaN/inf check, so every package words these errors the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +31,8 @@ SMALL_FLOAT_DTYPES = frozenset(
     if hasattr(ml_dtypes, n)
 )
 
+
+_EXPECTED = "expected real floating-point or integer values"
 
 _TORCH_FP8 = {} if torch is None else {
     np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn,
@@ -62,7 +67,7 @@ def torch_to_numpy(t: "torch.Tensor") -> np.ndarray:
     if t.dtype == torch.float8_e5m2:
         return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2)
     if t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"unsupported dtype {t.dtype}: expected a real floating-point or integer tensor")
+        raise TypeError(f"unsupported dtype {t.dtype}: {_EXPECTED}")
     return t.numpy()
 
 
@@ -73,7 +78,7 @@ def as_numpy(x: Any, name: str = "x") -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if isinstance(x, (bool, np.bool_)):
-        raise TypeError(f"{name}: unsupported dtype bool: expected real floating-point or integer values")
+        raise TypeError(f"{name}: unsupported dtype bool: {_EXPECTED}")
     if isinstance(x, (int, float, np.generic, list, tuple)):
         return np.asarray(x)
     raise TypeError(f"{name}: expected a numpy array, torch tensor or Python number, got {type(x).__name__}")
@@ -98,3 +103,42 @@ def like(result: np.ndarray, ref: Any) -> Any:
     if isinstance(ref, np.ndarray):
         return result
     return result.item() if result.ndim == 0 else result
+
+
+def real_array(x: Any, name: str = "x", *, integers: Literal["keep", "float"] = "keep", min_ndim: int = 0) -> np.ndarray:
+    """``x`` as a numpy array of real values, without a copy where none is needed.
+
+    float16 and the ml_dtypes small floats (bfloat16, fp8, fp6, fp4) are
+    widened to float32, which holds each of their values exactly; float32
+    and float64 pass unchanged. Integers are kept (``integers="keep"``) or
+    converted exactly (``"float"``): to float32 up to 16 bits, float64 above.
+    bool, complex, object and string input is a TypeError; fewer than
+    ``min_ndim`` dimensions is a ValueError. Errors start with ``name``.
+    """
+    a = as_numpy(x, name)
+    dt = a.dtype
+    if dt in SMALL_FLOAT_DTYPES or dt == np.float16:
+        a = a.astype(np.float32)
+    elif dt.kind in "iu":
+        if integers == "float":
+            a = a.astype(np.float64 if dt.itemsize > 2 else np.float32)
+    elif dt not in (np.float32, np.float64):
+        raise TypeError(f"{name}: unsupported dtype {dt}: {_EXPECTED}")
+    if a.ndim < min_ndim:
+        raise ValueError(f"{name}: needs at least {min_ndim} dimension(s), got shape {a.shape}")
+    return a
+
+
+def require_finite(a: np.ndarray, name: str, purpose: str, magnitude: np.ndarray | None = None) -> None:
+    """ValueError naming the tensor and counting its NaN/inf values, if it has any.
+
+    ``purpose`` completes the message ("quantization", "pruning", ...).
+    ``magnitude`` (``|a|``, when the caller already has it) turns the check
+    into one reduction.
+    """
+    if not a.size or a.dtype.kind in "iu":
+        return
+    ok = np.isfinite(np.max(magnitude)) if magnitude is not None else np.isfinite(a).all()
+    if not ok:
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; {purpose} needs finite values")
