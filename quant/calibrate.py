@@ -167,7 +167,7 @@ def _entropy_threshold(absx: np.ndarray, bits: int, bins: int = 2048) -> float:
 def _mse_search(x2d: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, grid: int):
     """Per-block clipping ratio in (0, 1] that minimises the fake-quant MSE (coarse grid, then fine)."""
     nb = x2d.shape[0]
-    flat_spec = replace(spec, granularity=PerChannel(axis=0))  # one block per row of x2d
+    flat_spec = replace(spec, granularity=PerChannel(kept_axis=0))  # one block per row of x2d
     best_err = np.full(nb, np.inf)
     best_a = np.ones(nb)
 

@@ -23,7 +23,7 @@ class Quantized:
 
 class DynamicQuantizer:
     """Quantize each input with its own min/max range (per tensor, or per token/row with
-    ``PerChannel(axis=0)`` on a (tokens, features) activation)."""
+    ``PerChannel(kept_axis=0)`` on a (tokens, features) activation)."""
 
     def __init__(self, spec: QuantSpec, method: str = "minmax") -> None:
         if not isinstance(spec, QuantSpec):

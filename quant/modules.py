@@ -21,12 +21,12 @@ from .spec import PerChannel, PerTensor, QuantSpec
 # (codes in [-127, 127]: scale amax / 127, so no code can round past the range and the kernel skips
 # the clamp pass; the full range [-128, 127] also runs on the kernel, with the clamp: amax / 127.5, and
 # +amax rounds to 128)
-TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, granularity=PerChannel(axis=0))
+TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, granularity=PerChannel(kept_axis=0))
 
 
 def _is_token_spec(spec: QuantSpec) -> bool:
     """int8 symmetric, one scale per token (row): what the int8 kernel quantizes activations with."""
-    return spec.bits == 8 and spec.signed and spec.symmetric and spec.granularity == PerChannel(axis=0)
+    return spec.bits == 8 and spec.signed and spec.symmetric and spec.granularity == PerChannel(kept_axis=0)
 
 
 class _Scratch(threading.local):
@@ -114,7 +114,7 @@ class QuantizedLinear(nn.Module):
         self.int_kernel = (
             activations == "dynamic" and _is_token_spec(act_spec) and _has_int_mm() and spec.bits == 8 and spec.signed and spec.symmetric
             and isinstance(spec.granularity, (PerTensor, PerChannel))
-            and (isinstance(spec.granularity, PerTensor) or spec.granularity.axis % 2 == 0)
+            and (isinstance(spec.granularity, PerTensor) or spec.granularity.kept_axis % 2 == 0)
             and self.in_features % 8 == 0 and self.out_features % 8 == 0
         )
         if self.int_kernel:

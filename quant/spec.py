@@ -21,19 +21,19 @@ class PerTensor:
 
 @dataclass(frozen=True)
 class PerChannel:
-    """One scale per index along ``axis`` (the *kept* axis: 0 = output channels of a weight,
-    or rows/tokens of an activation); every other axis is reduced."""
+    """One scale per index along ``kept_axis`` (0 = output channels of a weight, or
+    rows/tokens of an activation); every other axis is reduced."""
 
-    axis: int = 0
+    kept_axis: int = 0
 
 
 @dataclass(frozen=True)
 class PerGroup:
-    """One scale per ``size`` consecutive elements along the *reduced* axis ``axis``
-    (default the last, i.e. input features of a Linear weight), per index of every other axis."""
+    """One scale per ``size`` consecutive elements along ``reduced_axis`` (default the
+    last, i.e. input features of a Linear weight), per index of every other axis."""
 
     size: int = 128
-    axis: int = -1
+    reduced_axis: int = -1
 
 
 Granularity = Union[PerTensor, PerChannel, PerGroup]
@@ -67,14 +67,14 @@ class QuantSpec:
                              "or narrow_range=False")
         g = self.granularity
         if not isinstance(g, (PerTensor, PerChannel, PerGroup)):
-            raise TypeError(f"QuantSpec: granularity must be PerTensor(), PerChannel(axis) or PerGroup(size), "
+            raise TypeError(f"QuantSpec: granularity must be PerTensor(), PerChannel(kept_axis) or PerGroup(size, reduced_axis), "
                             f"got {g!r}")
         if isinstance(g, PerGroup) and (isinstance(g.size, bool) or not isinstance(g.size, (int, np.integer))
                                         or g.size < 1):
             raise ValueError(f"QuantSpec: PerGroup size must be a positive integer, got {g.size!r}")
-        for a in ("axis",):
+        for a in ("kept_axis", "reduced_axis"):
             if hasattr(g, a) and (isinstance(getattr(g, a), bool) or not isinstance(getattr(g, a), (int, np.integer))):
-                raise TypeError(f"QuantSpec: granularity axis must be an integer, got {getattr(g, a)!r}")
+                raise TypeError(f"QuantSpec: {type(g).__name__} {a} must be an integer, got {getattr(g, a)!r}")
 
     @property
     def qmin(self) -> int:
@@ -105,9 +105,10 @@ class QuantSpec:
         if nd == 0:
             raise ValueError(f"{name}: {type(g).__name__} needs at least a 1-D tensor, got a 0-d scalar; "
                              "use PerTensor()")
-        if not -nd <= g.axis < nd:
-            raise ValueError(f"{name}: axis {g.axis} is out of range for a {nd}-D tensor of shape {shape}")
-        ax = g.axis % nd
+        given = g.kept_axis if isinstance(g, PerChannel) else g.reduced_axis
+        if not -nd <= given < nd:
+            raise ValueError(f"{name}: axis {given} is out of range for a {nd}-D tensor of shape {shape}")
+        ax = given % nd
         if isinstance(g, PerChannel):
             return tuple(1 if i == ax else s for i, s in enumerate(shape))
         if shape[ax] % g.size:
@@ -122,8 +123,8 @@ class QuantSpec:
 
     def describe(self) -> str:
         g = self.granularity
-        gran = ("per-tensor" if isinstance(g, PerTensor) else f"per-channel(axis={g.axis})"
-                if isinstance(g, PerChannel) else f"per-group(size={g.size}, axis={g.axis})")
+        gran = ("per-tensor" if isinstance(g, PerTensor) else f"per-channel(kept_axis={g.kept_axis})"
+                if isinstance(g, PerChannel) else f"per-group(size={g.size}, reduced_axis={g.reduced_axis})")
         return (f"{'' if self.signed else 'u'}int{self.bits} {'symmetric' if self.symmetric else 'affine'}"
                 f"{' narrow' if self.narrow_range else ''} {gran}")
 
@@ -140,6 +141,8 @@ class QuantSpec:
         gk = d.get("granularity", "PerTensor")
         if gk not in kinds:
             raise ValueError(f"unknown granularity {gk!r}; expected one of {sorted(kinds)}")
-        gargs = {k: d[k] for k in ("axis", "size") if k in d}
+        gargs = {k: d[k] for k in ("kept_axis", "reduced_axis", "size") if k in d}
+        if "axis" in d:  # the name used before kept_axis/reduced_axis; same meaning per granularity
+            gargs["kept_axis" if gk == "PerChannel" else "reduced_axis"] = d["axis"]
         return cls(bits=d.get("bits", 8), signed=d.get("signed", True), symmetric=d.get("symmetric", True),
                    narrow_range=d.get("narrow_range", False), granularity=kinds[gk](**gargs))

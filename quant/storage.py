@@ -84,7 +84,7 @@ class IntQuant(ValueMethod):
         """True when no scale spans two rows of a 2-D tensor (per output channel, or groups along
         the last axis), so rows can be encoded block by block with identical results."""
         g = self.spec.granularity
-        return (isinstance(g, PerChannel) and g.axis in (0, -2)) or (isinstance(g, PerGroup) and g.axis in (1, -1))
+        return (isinstance(g, PerChannel) and g.kept_axis in (0, -2)) or (isinstance(g, PerGroup) and g.reduced_axis in (1, -1))
 
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         x = x.astype(np.float32, copy=False)

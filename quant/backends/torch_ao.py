@@ -55,7 +55,7 @@ def check_spec(weights: QuantSpec, activations: QuantSpec | None) -> None:
     if weights.bits != 8 or not weights.signed or not weights.symmetric:
         raise ValueError("backend='torch.ao' supports int8 signed symmetric weights only "
                          f"(got {weights.describe()}); use backend='native'")
-    if isinstance(weights.granularity, PerChannel) and weights.granularity.axis not in (0, -2):
+    if isinstance(weights.granularity, PerChannel) and weights.granularity.kept_axis not in (0, -2):
         raise ValueError("backend='torch.ao' quantizes Linear weights per output channel (axis=0) only")
     if not isinstance(weights.granularity, (PerTensor, PerChannel)):
         raise ValueError("backend='torch.ao' has no per-group weights; use backend='native'")

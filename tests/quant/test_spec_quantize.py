@@ -179,3 +179,15 @@ def test_one_huge_outlier_is_reported_not_silently_collapsing_the_rest():
     good = calibrate(x, QuantSpec(), "percentile", percentile=99.0)
     row2 = TensorReport.measure("x", x, dequantize(quantize(x, good), good), method="int8", bytes_after=1004)
     assert row2.zeroed < 100
+
+
+def test_granularity_names_say_kept_or_reduced_and_legacy_axis_still_reads():
+    ch, gr = QuantSpec(granularity=PerChannel(kept_axis=1)), QuantSpec(granularity=PerGroup(2, reduced_axis=0))
+    assert ch.block_shape((4, 6)) == (4, 1)  # axis 1 kept: one scale per column
+    assert gr.block_shape((4, 6)) == (2, 1)  # axis 0 reduced in groups of 2
+    for spec in (ch, gr):
+        d = spec.to_dict()
+        assert "axis" not in d and QuantSpec.from_dict(d) == spec
+    # files written before the rename store "axis" with each granularity's own meaning
+    assert QuantSpec.from_dict({"granularity": "PerChannel", "axis": 1}) == ch
+    assert QuantSpec.from_dict({"granularity": "PerGroup", "size": 2, "axis": 0}) == gr
