@@ -18,37 +18,49 @@ import torch.nn.functional as F
 
 from quant.attention import int8_attention, status
 
-from .timing import best_times
+from .timing import Table, best_times, write_rows
+
+
+def run(repeat: int, batch: int = 32) -> list[dict]:
+    """One row per mask (times in milliseconds); prints the table as it goes."""
+    from bench.models import sentence_model, sentences
+
+    tok = sentence_model().tokenizer
+    keep = tok(sentences()[:batch], padding="max_length", truncation=True, max_length=128,
+               return_tensors="pt")["attention_mask"].bool()
+    B, H, L, D = batch, 12, 128, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, generator=g).unbind(2))
+    print(f"attention at batch {B} x {H} heads x {L} tokens x dim {D}, {torch.get_num_threads()} threads; "
+          f"lowbit: {status()}")
+    table = Table([("mask", "mask", "<42"), ("torch_ms", "torch float32 ms", "16.2f"),
+                   ("lowbit_ms", "lowbit int8 ms", "14.2f"), ("speedup", "x", "6.2f"), ("rel_error", "rel. error", "10.4f")])
+    rows = []
+    with torch.no_grad():
+        for name, mask in ((f"none (all {L} keys)", None),
+                           (f"key padding ({keep.sum(1).float().mean():.1f} real tokens on average)",
+                            keep[:, None, None, :])):
+            t = best_times({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                            "int8": lambda: int8_attention(q, k, v, mask)}, repeat)
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            err = ((int8_attention(q, k, v, mask) - ref).norm() / ref.norm()).item()
+            rows.append(table.row(dict(mask=name, torch_ms=t["sdpa"] * 1e3, lowbit_ms=t["int8"] * 1e3,
+                                       speedup=t["sdpa"] / t["int8"], rel_error=err, kernel=status())))
+    print("x: speed-up over torch.nn.functional.scaled_dot_product_attention in the same run (best of runs)")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=20, help="timed runs of each, best kept (default 20)")
+    p.add_argument("--batch", type=int, default=32, help="sequences per batch (default 32)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     a = p.parse_args(argv)
+    if not 1 <= a.batch <= 200:
+        p.error("--batch must be from 1 to 200")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench.models import sentence_model, sentences
-
-    tok = sentence_model().tokenizer
-    keep = tok(sentences()[:32], padding="max_length", truncation=True, max_length=128,
-               return_tensors="pt")["attention_mask"].bool()
-    B, H, L, D = 32, 12, 128, 32
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (t.transpose(1, 2) for t in torch.randn(B, L, 3, H, D, generator=g).unbind(2))
-    print(f"attention at batch {B} x {H} heads x {L} tokens x dim {D}, {torch.get_num_threads()} threads; "
-          f"lowbit: {status()}")
-    print(f"{'mask':<42} {'torch float32 ms':>16} {'lowbit int8 ms':>14} {'x':>6} {'rel. error':>10}")
-    with torch.no_grad():
-        for name, mask in ((f"none (all {L} keys)", None),
-                           (f"key padding ({keep.sum(1).float().mean():.1f} real tokens on average)",
-                            keep[:, None, None, :])):
-            t = best_times({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                            "int8": lambda: int8_attention(q, k, v, mask)}, a.repeat)
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            err = ((int8_attention(q, k, v, mask) - ref).norm() / ref.norm()).item()
-            print(f"{name:<42} {t['sdpa'] * 1e3:16.2f} {t['int8'] * 1e3:14.2f} {t['sdpa'] / t['int8']:6.2f} "
-                  f"{err:10.4f}")
-    print("x: speed-up over torch.nn.functional.scaled_dot_product_attention in the same run (best of runs)")
+    write_rows(run(a.repeat, a.batch), a.json)
     return 0
 
 

@@ -26,15 +26,16 @@ import torch.nn.utils.prune as tprune
 
 from compress import factorize_model, low_rank, magnitude_prune, prune_model, structured_prune
 
-from .timing import best_time
+from .timing import Table, best_pair, write_rows
 
 
-def quality(plot: str | None) -> list[dict]:
+def quality(plot: str | None, only: list[str] | None = None, n_sentences: int = 200) -> list[dict]:
+    """One row per method: memory kept (fraction), mean relative weight error, embedding cosine."""
     from bench.models import embed, embedding_cosine, sentence_model, sentences
     from quant import PTQConfig, ptq
 
     model = sentence_model()
-    s = sentences()
+    s = sentences()[:n_sentences]
     ref = embed(model, s)
     cases = [("magnitude 25%", lambda: prune_model(model, 0.25)), ("magnitude 50%", lambda: prune_model(model, 0.5)),
              ("magnitude 75%", lambda: prune_model(model, 0.75)),
@@ -48,16 +49,19 @@ def quality(plot: str | None) -> list[dict]:
              ("low rank 25% params", lambda: factorize_model(model, ratio=0.25)),
              ("int8 per-channel (quant)", lambda: ptq(model, PTQConfig()))]
     rows = []
-    print(f"{'method':<34} {'memory kept':>11} {'weight rel err':>14} {'cosine':>8}")
+    table = Table([("method", "method", "<38"), ("kept", "memory kept", "11.3f"), ("rel", "weight rel err", "14.3f"),
+                   ("cos", "cosine", "8.4f"), ("note", "", "")])
     for name, f in cases:
+        if only and not any(o in name for o in only):
+            continue
         q, rep = f()
         t = rep.totals
-        row = dict(method=name, kept=t["bytes_after"] / t["bytes_before"], rel=t["mean_rel_error"],
-                   cos=embedding_cosine(ref, embed(q, s))["mean_cosine"])
-        rows.append(row)
-        print(f"{name:<34} {row['kept']:11.3f} {row['rel']:14.3f} {row['cos']:8.4f}")
+        rows.append(table.row(dict(part="quality", method=name, kept=t["bytes_after"] / t["bytes_before"],
+                                   rel=t["mean_rel_error"], cos=embedding_cosine(ref, embed(q, s))["mean_cosine"])))
     # the peer: torch.nn.utils.prune keeps the dense weight and adds weight_orig + weight_mask
     for peer, glob in (("torch.nn.utils.prune 50% (per layer)", False), ("torch.nn.utils.prune 50% (global)", True)):
+        if only and not any(o in peer for o in only):
+            continue
         m = copy.deepcopy(model)
         lins = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
         before = sum(mod.weight.numel() * 4 for mod in lins)
@@ -68,12 +72,11 @@ def quality(plot: str | None) -> list[dict]:
                 tprune.l1_unstructured(mod, "weight", 0.5)
         held = sum(mod.weight_orig.numel() * 4 + mod.weight_mask.numel() * 4 for mod in lins)
         rel = float(np.mean([float((mod.weight - mod.weight_orig).norm() / mod.weight_orig.norm()) for mod in lins]))
-        row = dict(method=peer, kept=held / before, rel=rel, cos=embedding_cosine(ref, embed(m, s))["mean_cosine"])
-        rows.append(row)
-        print(f"{peer:<34} {row['kept']:11.3f} {row['rel']:14.3f} {row['cos']:8.4f}  (weight_orig + mask before "
-              "prune.remove; dense 1.000 after)")
+        rows.append(table.row(dict(part="quality", method=peer, kept=held / before, rel=rel,
+                                   cos=embedding_cosine(ref, embed(m, s))["mean_cosine"],
+                                   note="weight_orig + mask before prune.remove; dense 1.000 after")))
     print("memory kept: bytes stored / dense float32 bytes of the compressed Linear weights; "
-          "cosine: mean over 200 sentences")
+          f"cosine: mean over {len(s)} sentences")
     if plot:
         save_plot(rows, plot)
     return rows
@@ -90,11 +93,9 @@ def save_plot(rows: list[dict], path: str) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for r in rows:
-        fam = r["method"].split()[0]
         for ax, key in zip(axes, ("cos", "rel")):
             ax.scatter(r["kept"], r[key], s=40)
             ax.annotate(r["method"], (r["kept"], r[key]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        del fam
     axes[0].set(xlabel="memory kept (fraction of dense float32)", ylabel="sentence-embedding cosine to float32",
                 title="MiniLM: quality vs memory")
     axes[1].set(xlabel="memory kept (fraction of dense float32)", ylabel="mean relative weight error",
@@ -106,7 +107,8 @@ def save_plot(rows: list[dict], path: str) -> None:
     print(f"plot written to {path}")
 
 
-def speed(n: int, repeat: int, rank: int) -> None:
+def speed(n: int, repeat: int, rank: int) -> list[dict]:
+    """One row per comparison on an n x n float32 weight (times in milliseconds)."""
     torch.manual_seed(0)
     w = torch.randn(n, n)
     a = w.numpy()
@@ -123,15 +125,20 @@ def speed(n: int, repeat: int, rank: int) -> None:
         tprune.ln_structured(lin, "weight", 0.5, n=2, dim=0)
         return lin.weight_mask
 
+    table = Table([("task", "task", "<34"), ("peer", "peer", "<26"), ("lowbit_ms", "lowbit ms", "10.1f"),
+                   ("peer_ms", "peer ms", "10.1f"), ("speedup", "speed-up", "8.1f"), ("check", "check", "")])
+    rows = []
     same = torch.equal(magnitude_prune(w, 0.5).mask, torch_l1().bool())
-    t_ours, t_torch = best_time(lambda: magnitude_prune(a, 0.5), repeat), best_time(torch_l1, repeat)
-    print(f"{n}x{n} float32: magnitude 50%   lowbit {t_ours * 1e3:8.1f} ms   torch l1_unstructured "
-          f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical masks: {same}")
+    t_ours, t_torch = best_pair(lambda: magnitude_prune(a, 0.5), torch_l1, repeat)
+    rows.append(table.row(dict(part="speed", task=f"{n}x{n} magnitude 50%", peer="torch l1_unstructured",
+                               lowbit_ms=t_ours * 1e3, peer_ms=t_torch * 1e3, speedup=t_torch / t_ours,
+                               check=f"identical masks: {same}", identical=same)))
     kept_t = torch_ln().any(dim=1).nonzero().ravel()
     same_s = torch.equal(structured_prune(w, 0.5).kept, kept_t)
-    t_ours, t_torch = best_time(lambda: structured_prune(a, 0.5), repeat), best_time(torch_ln, repeat)
-    print(f"{n}x{n} float32: structured 50% lowbit {t_ours * 1e3:8.1f} ms   torch ln_structured   "
-          f"{t_torch * 1e3:8.1f} ms   speed-up {t_torch / t_ours:5.1f}x   identical rows: {same_s}")
+    t_ours, t_torch = best_pair(lambda: structured_prune(a, 0.5), torch_ln, repeat)
+    rows.append(table.row(dict(part="speed", task=f"{n}x{n} structured 50%", peer="torch ln_structured",
+                               lowbit_ms=t_ours * 1e3, peer_ms=t_torch * 1e3, speedup=t_torch / t_ours,
+                               check=f"identical rows: {same_s}", identical=same_s)))
     t0 = time.perf_counter()
     ex = low_rank(a, rank, method="exact")
     t_ex = time.perf_counter() - t0
@@ -139,8 +146,10 @@ def speed(n: int, repeat: int, rank: int) -> None:
     rn = low_rank(a, rank, method="randomized")
     t_rn = time.perf_counter() - t0
     e_ex, e_rn = ex.report.tensors[0].rel_error, rn.report.tensors[0].rel_error
-    print(f"{n}x{n} float32: low rank r={rank}  exact {t_ex:6.2f} s (rel err {e_ex:.4f})   randomized {t_rn:6.2f} s "
-          f"(rel err {e_rn:.4f}, {100 * (e_rn / e_ex - 1):.2f}% above optimum)   speed-up {t_ex / t_rn:5.1f}x")
+    rows.append(table.row(dict(part="speed", task=f"{n}x{n} low rank r={rank} randomized", peer="exact SVD (lowbit)",
+                               lowbit_ms=t_rn * 1e3, peer_ms=t_ex * 1e3, speedup=t_ex / t_rn,
+                               check=f"rel err {e_rn:.4f} vs optimum {e_ex:.4f}", rel_error=e_rn, optimal_rel_error=e_ex)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,15 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=4096, help="matrix size for the speed part (default 4096)")
     p.add_argument("--rank", type=int, default=512, help="rank for the low-rank speed comparison")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", nargs="*", help="substring filter on the quality part's method names")
+    p.add_argument("--sentences", type=int, default=200, help="sentences for the cosine (default 200)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the rows of both parts as JSON")
     a = p.parse_args(argv)
+    if not 1 <= a.rank < a.size or not 1 <= a.sentences <= 200:
+        p.error("--rank must be from 1 to --size - 1, --sentences from 1 to 200")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
+    rows = []
     if not a.skip_quality:
-        quality(a.plot or None)
+        rows += quality(a.plot or None, a.only, a.sentences)
     if not a.skip_speed:
-        speed(a.size, a.repeat, a.rank)
+        rows += speed(a.size, a.repeat, a.rank)
+    write_rows(rows, a.json)
     return 0
 
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .timing import Table, write_rows
+
 AO_SCRIPT = r"""
 import os, sys, warnings, torch
 warnings.filterwarnings("ignore")
@@ -64,12 +66,8 @@ def read_speed(path: Path, repeat: int = 3) -> float:
     return path.stat().st_size / best / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def run(repeat: int) -> list[dict]:
+    """One row per program (wall seconds, bytes); prints the table and the ratios."""
     from lowbit.checkpoint import Checkpoint
     from bench.models import minilm_checkpoint, minilm_dir
 
@@ -83,26 +81,44 @@ def main(argv: list[str] | None = None) -> int:
                     f"{d}/q.safetensors", "--force", "--report", f"{d}/r.json", "--quiet"]
         ao_cmd = [sys.executable, "-c", AO_SCRIPT, str(minilm_dir()), f"{d}/ao.pt"]
         base_cmd = [sys.executable, "-c", "import torch, numpy, safetensors"]
-        runs = {k: min((measure(c) for _ in range(a.repeat)), key=lambda r: r[0])
+        runs = {k: min((measure(c) for _ in range(repeat)), key=lambda r: r[0])
                 for k, c in (("lowbit", ours_cmd), ("torch.ao", ao_cmd), ("baseline", base_cmd))}
         out_size = Path(f"{d}/q.safetensors").stat().st_size
         t_inproc = json.loads(Path(f"{d}/r.json").read_text())["meta"]["wall_time_s"]
         ao_size = Path(f"{d}/ao.pt").stat().st_size
-    (t_ours, rss_ours), (t_ao, rss_ao), (t_base, rss_base) = runs["lowbit"], runs["torch.ao"], runs["baseline"]
     mb = 1 / 2**20
     print(f"MiniLM checkpoint {size * mb:.1f} MiB, largest tensor {largest * mb:.1f} MiB; "
           f"file read speed {gbps_read:.2f} GB/s (warm page cache)")
-    print(f"{'program':<44} {'wall s':>7} {'GB/s':>6} {'% of read':>9} {'peak RSS MiB':>12} {'output MiB':>10}")
-    for name, t, rss, osz in (("lowbit bench.quantize int8 per-channel", t_ours, rss_ours, out_size),
-                              ("torch.ao quantize_dynamic per-channel + save", t_ao, rss_ao, ao_size),
-                              ("python -c 'import torch, numpy' (baseline)", t_base, rss_base, 0)):
+    table = Table([("program", "program", "<44"), ("wall_s", "wall s", "7.2f"), ("gbps", "GB/s", "6.3f"),
+                   ("pct_of_read", "% of read", "9.1f"), ("peak_rss_mib", "peak RSS MiB", "12.1f"),
+                   ("output_mib", "output MiB", "10.1f")])
+    rows = []
+    for key, name, osz in (("lowbit", "lowbit bench.quantize int8 per-channel", out_size),
+                           ("torch.ao", "torch.ao quantize_dynamic per-channel + save", ao_size),
+                           ("baseline", "python -c 'import torch, numpy' (baseline)", 0)):
+        t, rss = runs[key]
         g = size / t / 1e9
-        print(f"{name:<44} {t:7.2f} {g:6.3f} {100 * g / gbps_read:8.1f}% {rss * mb:12.1f} {osz * mb:10.1f}")
+        rows.append(table.row(dict(program=name, wall_s=t, gbps=g, pct_of_read=100 * g / gbps_read,
+                                   peak_rss_mib=rss * mb, output_mib=osz * mb)))
+    rows.append(dict(program="lowbit in-process (after imports)", wall_s=t_inproc, gbps=size / t_inproc / 1e9,
+                     pct_of_read=100 * size / t_inproc / 1e9 / gbps_read))
+    (t_ours, rss_ours), (t_ao, _), (_, rss_base) = runs["lowbit"], runs["torch.ao"], runs["baseline"]
     print(f"lowbit in-process (read + quantize + write + report, after imports): {t_inproc:.2f} s = "
-          f"{size / t_inproc / 1e9:.3f} GB/s, {100 * size / t_inproc / 1e9 / gbps_read:.1f}% of the file read speed")
+          f"{rows[-1]['gbps']:.3f} GB/s, {rows[-1]['pct_of_read']:.1f}% of the file read speed")
     print(f"lowbit / torch.ao wall time: {t_ours / t_ao:.2f} (lower is faster: {t_ao / t_ours:.2f}x)")
     print(f"lowbit peak RSS above the import baseline: {(rss_ours - rss_base) * mb:.1f} MiB "
           f"= {(rss_ours - rss_base) / size:.2f}x the checkpoint, {(rss_ours - rss_base) / largest:.2f}x the largest tensor")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    write_rows(run(max(1, a.repeat)), a.json)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from quant import TOKEN_SPEC, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.attention import status as attention_status
 
-from .timing import best_pair, best_time
+from .timing import Table, best_pair, best_time, write_rows
 
 CONFIGS = {
     "native W8 per-channel (weight-only)": dict(),
@@ -41,18 +41,12 @@ CONFIGS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ptq", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per latency, best kept (default 5)")
-    p.add_argument("--only", nargs="*", help="substring filter on configuration names")
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
+def run(repeat: int, only: list[str] | None = None, n_sentences: int = 200) -> list[dict]:
+    """One row per configuration (times in seconds, weights in bytes); prints the table as it goes."""
     from bench.models import embed, embedding_cosine, feature_batches, sentence_model, sentences
 
     model = sentence_model()
-    s = sentences()
+    s = sentences()[:n_sentences]
     calib = feature_batches(model, s[::2])
     held = s[1::2]
     ref = embed(model, held)
@@ -62,31 +56,50 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             return m(dict(feats))
 
-    t_fwd = best_time(lambda: forward(model), a.repeat)
-    t_enc = best_time(lambda: embed(model, s), max(1, a.repeat // 2))
+    t_fwd = best_time(lambda: forward(model), repeat)
+    t_enc = best_time(lambda: embed(model, s), max(1, repeat // 2))
     print(f"MiniLM on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"float32: forward 32x128 {t_fwd * 1e3:.1f} ms, encode 200 sentences {t_enc * 1e3:.0f} ms")
-    head = (f"{'configuration':<80} {'quantize s':>10} {'cosine':>8} {'fwd ms':>8} {'fwd x':>6} "
-            f"{'encode ms':>9} {'enc x':>6} {'weights MiB':>11} kernel")
-    print(head + "\n" + "-" * len(head))
+          f"float32: forward {len(feats['input_ids'])}x128 {t_fwd * 1e3:.1f} ms, encode {len(s)} sentences {t_enc * 1e3:.0f} ms")
+    table = Table([("configuration", "configuration", "<80"), ("quantize_s", "quantize s", "10.2f"),
+                   ("cosine", "cosine", "8.5f"), ("forward_ms", "fwd ms", "8.1f"), ("forward_speedup", "fwd x", "6.2f"),
+                   ("encode_ms", "encode ms", "9.0f"), ("encode_speedup", "enc x", "6.2f"),
+                   ("weights_mib", "weights MiB", "11.2f"), ("kernel", "kernel", "")])
+    rows = []
     for name, kw in CONFIGS.items():
-        if a.only and not any(o in name for o in a.only):
+        if only and not any(o in name for o in only):
             continue
         t0 = time.perf_counter()
         q, rep = ptq(model, PTQConfig(**kw), calib)
         tq = time.perf_counter() - t0
         cos = embedding_cosine(ref, embed(q, held))["mean_cosine"]
-        t_fwd, tf = best_pair(lambda: forward(model), lambda: forward(q), a.repeat)
-        t_enc, te = best_pair(lambda: embed(model, s), lambda: embed(q, s), max(1, a.repeat // 2))
+        t_fwd, tf = best_pair(lambda: forward(model), lambda: forward(q), repeat)
+        t_enc, te = best_pair(lambda: embed(model, s), lambda: embed(q, s), max(1, repeat // 2))
         kernel = rep.tensors[0].details.get("kernel", "torch.ao quantized::linear")
         if rep.meta.get("gelu_in_place"):
             kernel += f"; GELU in place after {len(rep.meta['gelu_in_place'])} layers"
         if rep.meta.get("attention"):
             kernel += f"; attention: {attention_status()}"
-        print(f"{name:<80} {tq:10.2f} {cos:8.5f} {tf * 1e3:8.1f} {t_fwd / tf:6.2f} {te * 1e3:9.0f} {t_enc / te:6.2f} "
-              f"{rep.totals['bytes_after'] / 2**20:11.2f} {kernel}")
-    print("cosine: mean over the 100 sentences not used for calibration; x: speed-up over float32 "
+        rows.append(table.row(dict(configuration=name, quantize_s=tq, cosine=cos, forward_ms=tf * 1e3,
+                                   forward_speedup=t_fwd / tf, encode_ms=te * 1e3, encode_speedup=t_enc / te,
+                                   weights_mib=rep.totals["bytes_after"] / 2**20, kernel=kernel)))
+    print(f"cosine: mean over the {len(held)} sentences not used for calibration; x: speed-up over float32 "
           "measured alternately with it (best of runs)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ptq", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per latency, best kept (default 5)")
+    p.add_argument("--only", nargs="*", help="substring filter on configuration names")
+    p.add_argument("--sentences", type=int, default=200, help="sentences used, half to calibrate (default 200)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    a = p.parse_args(argv)
+    if not 4 <= a.sentences <= 200:
+        p.error("--sentences must be from 4 to 200")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    write_rows(run(a.repeat, a.only, a.sentences), a.json)
     return 0
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from lowbit.checkpoint import SafetensorsWriter
 from .e2e import measure, read_speed
+from .timing import Table, write_rows
 
 COLS = 4096
 
@@ -53,6 +54,41 @@ def make_checkpoint(d: Path, gib: float, tensor_mib: int, shard_gib: float = 1.0
     return idx, per
 
 
+def run(sizes: list[float], workers: list[int], tensor_mib: int, where: str | None) -> list[dict]:
+    """One row per (size, workers); prints the table as it goes."""
+    table = Table([("size_gib", "size GiB", "8.2f"), ("workers", "workers", "7d"), ("wall_s", "wall s", "7.1f"),
+                   ("gbps", "GB/s", "6.3f"), ("read_gbps", "read GB/s", "9.2f"), ("pct_of_read", "% of read", "9.1f"),
+                   ("peak_rss_mib", "peak RSS MiB", "12.0f"), ("bound_mib", "bound MiB", "9.0f"),
+                   ("within_bound", "within", ">6")])
+    rows = []
+    for gib in sizes:
+        d = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=where))
+        try:
+            idx, largest = make_checkpoint(d, gib, tensor_mib)
+            shards = sorted(d.glob("*.safetensors"))
+            size = sum(s.stat().st_size for s in shards)
+            t0 = time.perf_counter()
+            for s in shards:
+                read_speed(s, repeat=1)
+            read_gbps = size / (time.perf_counter() - t0) / 1e9
+            for w in workers:
+                out, rep = d / "q.safetensors", d / "r.json"
+                wall, rss = measure([sys.executable, "-m", "bench.quantize", str(idx), "--method", "int8", "--out",
+                                     str(out), "--force", "--report", str(rep), "--quiet", "--workers", str(w)])
+                t_in = json.loads(rep.read_text())["meta"]["wall_time_s"]
+                bound = 2 * largest + 600 * 2**20
+                gbps = size / t_in / 1e9
+                rows.append(table.row(dict(size_gib=size / 2**30, workers=w, wall_s=wall, gbps=gbps, read_gbps=read_gbps,
+                                           pct_of_read=100 * gbps / read_gbps, peak_rss_mib=rss / 2**20,
+                                           bound_mib=bound / 2**20, within_bound="yes" if rss < bound else "NO")))
+                out.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    print("GB/s: checkpoint bytes over bench.quantize's own processing time (after imports); read GB/s: reading the "
+          "same shards once, right after writing them (page cache warm)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,33 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to run (default 1)")
     p.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor (default 64 MiB)")
     p.add_argument("--dir", default=None, help="where to make the temporary checkpoints (default: system temp)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     a = p.parse_args(argv)
-    print(f"{'size GiB':>8} {'workers':>7} {'wall s':>7} {'GB/s':>6} {'read GB/s':>9} {'% of read':>9} "
-          f"{'peak RSS MiB':>12} {'bound MiB':>9} {'within':>6}")
-    for gib in a.sizes:
-        d = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=a.dir))
-        try:
-            idx, largest = make_checkpoint(d, gib, a.tensor_mib)
-            shards = sorted(d.glob("*.safetensors"))
-            size = sum(s.stat().st_size for s in shards)
-            t0 = time.perf_counter()
-            for s in shards:
-                read_speed(s, repeat=1)
-            read_gbps = size / (time.perf_counter() - t0) / 1e9
-            for w in a.workers:
-                out, rep = d / "q.safetensors", d / "r.json"
-                wall, rss = measure([sys.executable, "-m", "bench.quantize", str(idx), "--method", "int8", "--out",
-                                     str(out), "--force", "--report", str(rep), "--quiet", "--workers", str(w)])
-                t_in = json.loads(rep.read_text())["meta"]["wall_time_s"]
-                bound = 2 * largest + 600 * 2**20
-                gbps = size / t_in / 1e9
-                print(f"{size / 2**30:8.2f} {w:7d} {wall:7.1f} {gbps:6.3f} {read_gbps:9.2f} {100 * gbps / read_gbps:8.1f}% "
-                      f"{rss / 2**20:12.0f} {bound / 2**20:9.0f} {'yes' if rss < bound else 'NO':>6}", flush=True)
-                out.unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    print("GB/s: checkpoint bytes over bench.quantize's own processing time (after imports); read GB/s: reading the "
-          "same shards once, right after writing them (page cache warm)")
+    if any(s <= 0 for s in a.sizes) or a.tensor_mib < 1 or any(w < 1 for w in a.workers):
+        p.error("--sizes must be positive, --tensor-mib and --workers at least 1")
+    write_rows(run(a.sizes, a.workers, a.tensor_mib, a.dir), a.json)
     return 0
 
 

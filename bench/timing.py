@@ -52,3 +52,25 @@ def write_rows(rows: list[dict], path: str | None) -> None:
         from pathlib import Path
 
         Path(path).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+
+class Table:
+    """A benchmark's printed table, one row as each is measured. ``columns`` are
+    (row key, header, format spec such as '8.3f' or '<40'); a missing value prints '-'."""
+
+    def __init__(self, columns: list[tuple[str, str, str]]) -> None:
+        self.columns = columns
+        head = " ".join(f"{h:<{self._width(f)}}" if f.startswith("<") else f"{h:>{self._width(f)}}"
+                        for _, h, f in columns)
+        print(head + "\n" + "-" * len(head), flush=True)
+
+    @staticmethod
+    def _width(fmt: str) -> int:
+        digits = "".join(c for c in fmt.split(".")[0] if c.isdigit())
+        return int(digits) if digits else 0
+
+    def row(self, r: dict) -> dict:
+        print(" ".join(format(r[k], f) if r.get(k) is not None else ("-".rjust(self._width(f)) if self._width(f) else "")
+                       for k, _, f in self.columns), flush=True)
+        return r

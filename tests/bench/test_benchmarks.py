@@ -1,15 +1,67 @@
-"""Smoke tests: the benchmark programs run on tiny inputs and write their rows as data."""
+"""Smoke tests: every benchmark program runs on tiny inputs and writes its rows as data."""
 
 from __future__ import annotations
 
 import json
 
-from bench import codecs
+import pytest
+
+from bench import attention, codecs, compress, e2e, ptq, scale
+
+
+def rows_of(main, argv, tmp_path) -> list[dict]:
+    out = tmp_path / "rows.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
 
 
 def test_codecs_benchmark_returns_and_writes_one_row_per_format_and_direction(tmp_path):
-    out = tmp_path / "rows.json"
-    assert codecs.main(["--n", "4096", "--repeat", "1", "--formats", "fp16", "fp8_e4m3fn", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    rows = rows_of(codecs.main, ["--n", "4096", "--repeat", "1", "--formats", "fp16", "fp8_e4m3fn"], tmp_path)
     assert {(r["format"], r["op"]) for r in rows} >= {("fp16", "encode"), ("fp8_e4m3fn", "decode")}
     assert all(v > 0 for r in rows for k, v in r.items() if isinstance(v, float))
+
+
+def test_ptq_benchmark_rows_hold_quality_and_speed_per_configuration(tmp_path):
+    rows = rows_of(ptq.main, ["--only", "W8 per-channel (weight-only)", "torch.ao dynamic per-channel",
+                              "--repeat", "1", "--sentences", "8"], tmp_path)
+    assert [r["configuration"] for r in rows] == ["native W8 per-channel (weight-only)", "torch.ao dynamic per-channel"]
+    for r in rows:
+        assert 0.9 < r["cosine"] <= 1.0 + 1e-6 and r["forward_ms"] > 0 and r["forward_speedup"] > 0
+        assert 0 < r["weights_mib"] < 22  # int8 weights: well under the 86 MiB float32 checkpoint's Linear share
+
+
+def test_attention_benchmark_rows_hold_time_and_error_per_mask(tmp_path):
+    rows = rows_of(attention.main, ["--repeat", "1", "--batch", "2"], tmp_path)
+    assert len(rows) == 2 and rows[0]["mask"].startswith("none")
+    assert all(r["torch_ms"] > 0 and r["lowbit_ms"] > 0 and 0 <= r["rel_error"] < 0.05 for r in rows)
+
+
+def test_compress_benchmark_rows_hold_both_parts(tmp_path):
+    rows = rows_of(compress.main, ["--only", "magnitude 50%", "per layer", "--sentences", "4", "--plot", "",
+                                   "--size", "128", "--rank", "8", "--repeat", "1"], tmp_path)
+    quality = {r["method"]: r for r in rows if r["part"] == "quality"}
+    assert set(quality) == {"magnitude 50%", "global magnitude 50%", "torch.nn.utils.prune 50% (per layer)"}
+    assert quality["magnitude 50%"]["kept"] < 0.6 < 1.0 < quality["torch.nn.utils.prune 50% (per layer)"]["kept"]
+    speed = [r for r in rows if r["part"] == "speed"]
+    assert len(speed) == 3 and speed[0]["identical"] and speed[1]["identical"]
+    assert speed[2]["rel_error"] >= speed[2]["optimal_rel_error"] - 1e-9  # Eckart-Young: exact SVD is optimal
+
+
+def test_e2e_benchmark_rows_hold_each_program(tmp_path):
+    rows = rows_of(e2e.main, ["--repeat", "1"], tmp_path)
+    lowbit, ao = (next(r for r in rows if r["program"].startswith(p)) for p in ("lowbit bench.quantize", "torch.ao"))
+    assert 0 < lowbit["output_mib"] < ao["output_mib"]
+    assert all(r["wall_s"] > 0 for r in rows)
+
+
+def test_scale_benchmark_stays_within_its_memory_bound(tmp_path):
+    rows = rows_of(scale.main, ["--sizes", "0.01", "--tensor-mib", "1", "--dir", str(tmp_path)], tmp_path)
+    assert len(rows) == 1 and rows[0]["within_bound"] == "yes" and rows[0]["gbps"] > 0
+
+
+@pytest.mark.parametrize("main, argv", [(ptq.main, ["--sentences", "1"]), (compress.main, ["--rank", "0"]),
+                                        (scale.main, ["--sizes", "0"])])
+def test_benchmarks_refuse_bad_options(main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
