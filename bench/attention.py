@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from quant.attention import int8_attention, status
 
-from .timing import Table, best_times, write_rows
+from .timing import add_output_options, Table, best_times, write_rows
 
 
 def run(repeat: int, batch: int = 32) -> list[dict]:
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=20, help="timed runs of each, best kept (default 20)")
     p.add_argument("--batch", type=int, default=32, help="sequences per batch (default 32)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
     if not 1 <= a.batch <= 200:
         p.error("--batch must be from 1 to 200")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    write_rows(run(a.repeat, a.batch), a.json)
+    write_rows(run(a.repeat, a.batch), a.json, a.markdown)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from precision import decode, encode, get_format
 
-from .timing import best_time, best_times, write_rows
+from .timing import add_output_options, best_time, best_times, write_rows
 
 PEERS = {"fp16": (np.float16, torch.float16), "bf16": (ml_dtypes.bfloat16, torch.bfloat16),
          "fp8_e4m3fn": (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1 << 24, help="elements (default 16M)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement, best kept (default 5)")
     p.add_argument("--formats", nargs="+", default=list(PEERS), choices=list(PEERS))
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
-    write_rows(run(a.n, a.repeat, a.formats), a.json)
+    write_rows(run(a.n, a.repeat, a.formats), a.json, a.markdown)
     return 0
 
 

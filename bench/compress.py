@@ -26,7 +26,7 @@ import torch.nn.utils.prune as tprune
 
 from compress import factorize_model, low_rank, magnitude_prune, prune_model, structured_prune
 
-from .timing import Table, best_pair, write_rows
+from .timing import add_output_options, Table, best_pair, write_rows
 
 
 def quality(plot: str | None, only: list[str] | None = None, n_sentences: int = 200) -> list[dict]:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=200, help="sentences for the cosine (default 200)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--json", metavar="FILE", help="also write the rows of both parts as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
     if not 1 <= a.rank < a.size or not 1 <= a.sentences <= 200:
         p.error("--rank must be from 1 to --size - 1, --sentences from 1 to 200")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += quality(a.plot or None, a.only, a.sentences)
     if not a.skip_speed:
         rows += speed(a.size, a.repeat, a.rank)
-    write_rows(rows, a.json)
+    write_rows(rows, a.json, a.markdown)
     return 0
 
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .timing import Table, write_rows
+from .timing import add_output_options, Table, write_rows
 
 AO_SCRIPT = r"""
 import os, sys, warnings, torch
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    write_rows(run(max(1, a.repeat)), a.json)
+    write_rows(run(max(1, a.repeat)), a.json, a.markdown)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from quant import TOKEN_SPEC, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.attention import status as attention_status
 
-from .timing import Table, best_pair, best_time, write_rows
+from .timing import add_output_options, Table, best_pair, best_time, write_rows
 
 CONFIGS = {
     "native W8 per-channel (weight-only)": dict(),
@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed runs per latency, best kept (default 5)")
     p.add_argument("--only", nargs="*", help="substring filter on configuration names")
     p.add_argument("--sentences", type=int, default=200, help="sentences used, half to calibrate (default 200)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
     if not 4 <= a.sentences <= 200:
         p.error("--sentences must be from 4 to 200")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
-    write_rows(run(a.repeat, a.only, a.sentences), a.json)
+    write_rows(run(a.repeat, a.only, a.sentences), a.json, a.markdown)
     return 0
 
 

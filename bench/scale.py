@@ -26,7 +26,7 @@ import numpy as np
 
 from lowbit.checkpoint import SafetensorsWriter
 from .e2e import measure, read_speed
-from .timing import Table, write_rows
+from .timing import add_output_options, Table, write_rows
 
 COLS = 4096
 
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to run (default 1)")
     p.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor (default 64 MiB)")
     p.add_argument("--dir", default=None, help="where to make the temporary checkpoints (default: system temp)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_output_options(p)
     a = p.parse_args(argv)
     if any(s <= 0 for s in a.sizes) or a.tensor_mib < 1 or any(w < 1 for w in a.workers):
         p.error("--sizes must be positive, --tensor-mib and --workers at least 1")
-    write_rows(run(a.sizes, a.workers, a.tensor_mib, a.dir), a.json)
+    write_rows(run(a.sizes, a.workers, a.tensor_mib, a.dir), a.json, a.markdown)
     return 0
 
 

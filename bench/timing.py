@@ -45,14 +45,36 @@ def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
     return best
 
 
-def write_rows(rows: list[dict], path: str | None) -> None:
-    """Write a benchmark's rows as JSON to ``path`` (nothing when None)."""
-    if path:
+def add_output_options(p) -> None:
+    """The options every benchmark has for its rows: --json FILE and --markdown FILE."""
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="also write the rows as a Markdown table (as the README quotes them)")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as one Markdown table: a column per key (in first-seen order), numbers to 3 significant digits."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_rows(rows: list[dict], json_path: str | None = None, markdown_path: str | None = None) -> None:
+    """Write a benchmark's rows as JSON and/or as a Markdown table (nothing for a None path)."""
+    from pathlib import Path
+
+    if json_path:
         import json
-        from pathlib import Path
 
-        Path(path).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-
+        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown(rows), encoding="utf-8")
 
 
 class Table:

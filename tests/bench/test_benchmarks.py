@@ -16,7 +16,11 @@ def rows_of(main, argv, tmp_path) -> list[dict]:
 
 
 def test_codecs_benchmark_returns_and_writes_one_row_per_format_and_direction(tmp_path):
-    rows = rows_of(codecs.main, ["--n", "4096", "--repeat", "1", "--formats", "fp16", "fp8_e4m3fn"], tmp_path)
+    md = tmp_path / "rows.md"
+    rows = rows_of(codecs.main, ["--n", "4096", "--repeat", "1", "--formats", "fp16", "fp8_e4m3fn",
+                                 "--markdown", str(md)], tmp_path)
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| format | op |") and len(lines) == 2 + len(rows)
     assert {(r["format"], r["op"]) for r in rows} >= {("fp16", "encode"), ("fp8_e4m3fn", "decode")}
     assert all(v > 0 for r in rows for k, v in r.items() if isinstance(v, float))
 
