@@ -70,8 +70,9 @@ def quality(plot: str | None, only: list[str] | None = None, n_sentences: int = 
         else:
             for mod in lins:
                 tprune.l1_unstructured(mod, "weight", 0.5)
-        held = sum(mod.weight_orig.numel() * 4 + mod.weight_mask.numel() * 4 for mod in lins)
-        rel = float(np.mean([float((mod.weight - mod.weight_orig).norm() / mod.weight_orig.norm()) for mod in lins]))
+        orig = [mod.get_parameter("weight_orig") for mod in lins]
+        held = sum(o.numel() * 4 + mod.get_buffer("weight_mask").numel() * 4 for o, mod in zip(orig, lins))
+        rel = float(np.mean([float((mod.weight - o).norm() / o.norm()) for o, mod in zip(orig, lins)]))
         rows.append(table.row(dict(part="quality", method=peer, kept=held / before, rel=rel,
                                    cos=embedding_cosine(ref, embed(m, s))["mean_cosine"],
                                    note="weight_orig + mask before prune.remove; dense 1.000 after")))

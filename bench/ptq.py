@@ -20,24 +20,23 @@ from quant.attention import status as attention_status
 
 from .timing import add_output_options, Table, best_pair, best_time, write_rows
 
-CONFIGS = {
-    "native W8 per-channel (weight-only)": dict(),
-    "native W8A8 per-token dynamic + SmoothQuant 0.6": dict(
+CONFIGS: dict[str, PTQConfig] = {
+    "native W8 per-channel (weight-only)": PTQConfig(),
+    "native W8A8 per-token dynamic + SmoothQuant 0.6": PTQConfig(
         activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6),
-    "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place": dict(
+    "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place": PTQConfig(
         activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6,
         gelu_in_place=True),
-    "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place + int8 attention": dict(
+    "native W8A8 per-token dynamic + SmoothQuant 0.6 + GELU in place + int8 attention": PTQConfig(
         activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6,
         gelu_in_place=True, int8_attention=True),
-    "native W8A8 per-token dynamic": dict(activations=TOKEN_SPEC,
-                                          activation_mode="dynamic"),
-    "native W8A8 static per-tensor": dict(activations=QuantSpec()),
-    "native W4 group-128 mse (weight-only)": dict(weights=QuantSpec(bits=4, granularity=PerGroup(128)),
-                                                  weight_calibration="mse"),
-    "torch.ao dynamic (default, per-tensor)": dict(backend="torch.ao", weights=QuantSpec()),
-    "torch.ao dynamic per-channel": dict(backend="torch.ao"),
-    "torch.ao static (x86)": dict(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
+    "native W8A8 per-token dynamic": PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic"),
+    "native W8A8 static per-tensor": PTQConfig(activations=QuantSpec()),
+    "native W4 group-128 mse (weight-only)": PTQConfig(
+        weights=QuantSpec(bits=4, granularity=PerGroup(128)), weight_calibration="mse"),
+    "torch.ao dynamic (default, per-tensor)": PTQConfig(backend="torch.ao", weights=QuantSpec()),
+    "torch.ao dynamic per-channel": PTQConfig(backend="torch.ao"),
+    "torch.ao static (x86)": PTQConfig(backend="torch.ao", activations=QuantSpec(signed=False, symmetric=False)),
 }
 
 
@@ -65,11 +64,11 @@ def run(repeat: int, only: list[str] | None = None, n_sentences: int = 200) -> l
                    ("encode_ms", "encode ms", "9.0f"), ("encode_speedup", "enc x", "6.2f"),
                    ("weights_mib", "weights MiB", "11.2f"), ("kernel", "kernel", "")])
     rows = []
-    for name, kw in CONFIGS.items():
+    for name, config in CONFIGS.items():
         if only and not any(o in name for o in only):
             continue
         t0 = time.perf_counter()
-        q, rep = ptq(model, PTQConfig(**kw), calib)
+        q, rep = ptq(model, config, calib)
         tq = time.perf_counter() - t0
         cos = embedding_cosine(ref, embed(q, held))["mean_cosine"]
         t_fwd, tf = best_pair(lambda: forward(model), lambda: forward(q), repeat)

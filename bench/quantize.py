@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from precision.cast import SCALINGS, FloatCast
 from precision.methods import StructureMethod, ValueMethod
 from precision.report import Report
 from quant import PerChannel, PerGroup, PerTensor, QuantSpec
+from quant.spec import Granularity
 from quant.storage import IntQuant
 
 PROG = "python -m bench.quantize"
@@ -45,7 +46,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         print(f"{PROG}: usage error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -104,7 +105,8 @@ def _value_method(name: str, kind: str, a: argparse.Namespace) -> ValueMethod:
     if kind == "float":
         return FloatCast.for_format(name, scaling=a.scaling, rounding=a.rounding, overflow=a.overflow,
                                     seed=a.seed if a.rounding == "stochastic" else None)
-    gran = {"tensor": PerTensor(), "channel": PerChannel(0), "group": PerGroup(a.group_size)}[a.granularity]
+    granularities: dict[str, Granularity] = {"tensor": PerTensor(), "channel": PerChannel(0), "group": PerGroup(a.group_size)}
+    gran = granularities[a.granularity]
     spec = QuantSpec(bits=int(name[3:]), signed=True, symmetric=not a.affine, narrow_range=a.narrow_range,
                      granularity=gran)
     return IntQuant(spec, a.calibration, a.percentile if a.calibration == "percentile" else None)

@@ -60,13 +60,14 @@ def choose_rank(m: int, n: int, s: np.ndarray | None, rank: int | None, ratio: f
     if ratio is not None:
         if not 0 <= ratio <= 1:
             raise ValueError(f"ratio must be a fraction of parameters in [0, 1], got {ratio}")
-        return int(min(full, np.floor(ratio * m * n / (m + n) + 1e-9)))
+        return min(full, int(np.floor(ratio * m * n / (m + n) + 1e-9)))
+    assert energy is not None and s is not None  # exactly one of the three is given; energy needs the spectrum
     if not 0 <= energy <= 1:
         raise ValueError(f"energy must be a fraction in [0, 1], got {energy}")
     e = np.cumsum(s.astype(np.float64) ** 2)
     if e.size == 0 or e[-1] == 0:
         return 0
-    return int(min(full, np.searchsorted(e / e[-1], energy - 1e-12) + 1)) if energy > 0 else 0
+    return min(full, int(np.searchsorted(e / e[-1], energy - 1e-12)) + 1) if energy > 0 else 0
 
 
 def _randomized_svd(a: np.ndarray, r: int, oversample: int, power_iters: int, seed: int):

@@ -103,7 +103,7 @@ def _shrink_linear(lin: nn.Linear, kept: torch.Tensor, axis: int) -> nn.Linear:
 
 
 def _prune_ffn(model: nn.Module, amount: float, norm: int, rep: Report) -> None:
-    pairs = []
+    pairs: list[tuple[str, nn.Linear, str, nn.Linear]] = []
     for name, mod in model.named_modules():
         if name.endswith("intermediate.dense") and isinstance(mod, nn.Linear):
             out_name = name[: -len("intermediate.dense")] + "output.dense"
@@ -111,7 +111,8 @@ def _prune_ffn(model: nn.Module, amount: float, norm: int, rep: Report) -> None:
                 out_mod = model.get_submodule(out_name)
             except AttributeError:
                 continue
-            pairs.append((name, mod, out_name, out_mod))
+            if isinstance(out_mod, nn.Linear):
+                pairs.append((name, mod, out_name, out_mod))
     if not pairs:
         raise ValueError("prune_model(method='ffn') found no '*.intermediate.dense' -> '*.output.dense' pairs "
                          "(BERT-style FFN); use method='magnitude' or compress.structured_prune on your layers")
@@ -139,6 +140,8 @@ def _prune_heads(model: nn.Module, amount: float, norm: int, rep: Report) -> Non
     """Remove whole heads from BERT-style attention blocks: a module with ``self.query/key/value``
     Linears and ``num_attention_heads`` / ``attention_head_size``, whose ``output.dense`` reads them."""
     found = False
+    mod: Any
+    sa: Any
     for name, mod in list(model.named_modules()):
         sa = getattr(mod, "self", None)
         if not (isinstance(sa, nn.Module) and all(isinstance(getattr(sa, p, None), nn.Linear)
@@ -147,7 +150,7 @@ def _prune_heads(model: nn.Module, amount: float, norm: int, rep: Report) -> Non
                 and isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)):
             continue
         found = True
-        nh, hd = sa.num_attention_heads, sa.attention_head_size
+        nh, hd = int(getattr(sa, "num_attention_heads")), int(getattr(sa, "attention_head_size"))
         ws = [getattr(sa, p).weight.detach().numpy() for p in ("query", "key", "value")]
         scores = sum(slice_norms(w, 0, norm).reshape(nh, hd).sum(1) for w in ws)
         k = amount_to_count(nh, amount, None, "amount")
@@ -165,9 +168,9 @@ def _prune_heads(model: nn.Module, amount: float, norm: int, rep: Report) -> Non
         bb = nbytes(od.bias) if od.bias is not None else 0
         rep.add(_row(f"{name}.output.dense", wo, Structured.from_kept(wo, kept, 1), f"heads {k}/{nh}", bb, bb))
         mod.output.dense = _shrink_linear(od, kept_t, 1)
-        sa.num_attention_heads = nh - k
+        setattr(sa, "num_attention_heads", nh - k)
         if hasattr(sa, "all_head_size"):
-            sa.all_head_size = (nh - k) * hd
+            setattr(sa, "all_head_size", (nh - k) * hd)
     if not found:
         raise ValueError("prune_model(method='heads') found no BERT-style attention blocks (self.query/key/value "
                          "with num_attention_heads); use structured_prune(..., group=head_dim) on your layers")

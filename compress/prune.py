@@ -10,6 +10,8 @@ element (or slice) with the lower flat index is pruned first.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Mapping
@@ -119,7 +121,7 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
         pruned = a * keep
         src = tensors[n]
         r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(keep, src),
-                        make_storage=lambda pruned=pruned: Bitmask.from_dense(pruned),
+                        make_storage=functools.partial(Bitmask.from_dense, pruned),
                         make_report=_single("global magnitude pruning", n, a,
                                             f"global magnitude {k / max(flat.size, 1):.0%}", as_numpy(src).nbytes))
         rep.add(r.report.tensors[0])

@@ -10,9 +10,14 @@ against each other bit for bit.
 A :class:`Library` is built once per source, compiler and CPU with
 ``cc -O3 -march=native -ffp-contract=off -fopenmp`` (a fraction of a second)
 into ``$LOWBIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lowbit`` or
-``~/.cache/lowbit``), a directory that must belong to the user and be
-writable by nobody else, since a library loaded from it runs as code; anything
-else is built in a fresh private temporary directory instead. Linked against
+``~/.cache/lowbit``). A library loaded from there runs as code, so the
+directory is opened once without following links and must belong to the user
+and be writable by nobody else; the library file must be a regular file with
+the same owner and no group/other write bit, and it is built, renamed and
+loaded through those open descriptors (``/proc/self/fd``), so no path
+component can be swapped between the check and the load. Where any of this
+fails, or the system has no descriptor paths, the library is built in a fresh
+private temporary directory instead. Linked against
 ``libgomp``, a kernel shares the OpenMP runtime torch has already loaded, so
 its threads are torch's. ``LOWBIT_NATIVE=0`` turns every kernel off; so does a
 missing or failing compiler. Either way callers fall back to their numpy/torch
@@ -37,7 +42,7 @@ from typing import Callable
 try:  # loaded first: its libgomp then serves the kernels' OpenMP too
     import torch
 except ImportError:  # pragma: no cover - torch is a dependency, but precision works without it
-    torch = None
+    torch = None  # type: ignore[assignment]
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 
@@ -62,21 +67,73 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _cache_dir() -> Path | None:
-    """The build cache, created private; None when it exists but others could write to it."""
+# Linux names an open file or directory by /proc/self/fd/N: the build and the load then go through
+# descriptors checked once, so nobody can swap a path component between the check and the use
+_FD_PATHS = os.path.isdir("/proc/self/fd")
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else."""
+    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _cache_dir() -> Path:
     base = os.environ.get("LOWBIT_CACHE_DIR")
-    if base:
-        d = Path(base)
-    else:
-        d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def _open_cache() -> int | None:
+    """A descriptor of the build cache (created 0700), or None when it is not safely ours: a link,
+    another user's, writable by others, or on a system without descriptor paths."""
+    if not _FD_PATHS:
+        return None
+    d = _cache_dir()
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = d.stat()
+        fd = os.open(d, _DIR_FLAGS)
     except OSError:
         return None
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+    if stat.S_ISDIR(os.fstat(fd).st_mode) and _private(os.fstat(fd)):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _install(data: bytes, dir_fd: int | None, dir_path: str, name: str) -> None:
+    """Write the library under a fresh name in the directory and rename it over ``name``: a
+    concurrent process never loads a half-written file."""
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o700, dir_fd=dir_fd) if dir_fd is not None else os.open(os.path.join(dir_path, tmp), flags, 0o700)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd) if dir_fd is not None \
+            else os.replace(os.path.join(dir_path, tmp), os.path.join(dir_path, name))
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd) if dir_fd is not None else os.unlink(os.path.join(dir_path, tmp))
+        except OSError:
+            pass
+        raise
+
+
+def _load_checked(dir_path: str, dir_fd: int | None, name: str) -> ctypes.CDLL | None:
+    """Load ``name`` from the directory if it is a regular file that is ours and writable by nobody else
+    (None if absent or not so); through its descriptor where descriptor paths exist."""
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd) if dir_fd is not None \
+            else os.open(os.path.join(dir_path, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
         return None
-    return d
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and _private(st)):
+            return None
+        return ctypes.CDLL(f"/proc/self/fd/{fd}" if _FD_PATHS else os.path.join(dir_path, name))
+    finally:
+        os.close(fd)
 
 
 def _compile(cc: str, source: Path, out: Path, openmp: bool) -> None:
@@ -93,29 +150,34 @@ def _build(source: Path) -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(FLAGS), _cpu_identity(),
                                     sys.platform]).encode()).hexdigest()[:20]
-    cache = _cache_dir()
-    private = None if cache is not None else tempfile.mkdtemp(prefix="lowbit-")
-    target = Path(cache or private) / f"{source.stem}-{key}.so"
+    name = f"{source.stem}-{key}.so"
+    dir_fd = _open_cache()
+    private = None
+    if dir_fd is None:  # no cache we can trust: a fresh private directory, removed after the load
+        private = tempfile.mkdtemp(prefix="lowbit-")
+        dir_fd = os.open(private, _DIR_FLAGS) if _FD_PATHS else None
+    dir_path = f"/proc/self/fd/{dir_fd}" if dir_fd is not None and _FD_PATHS else str(private)
     try:
-        if target.exists():
-            try:
-                return ctypes.CDLL(str(target))
-            except OSError:  # a damaged cache entry (say, a full disk): build it again
-                target.unlink(missing_ok=True)
-        # build beside the target and rename: a concurrent process never loads a half-written file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
         try:
+            lib = _load_checked(dir_path, dir_fd, name)
+            if lib is not None:
+                return lib
+        except OSError:  # a damaged cache entry (say, a full disk): build it again
+            pass
+        with tempfile.TemporaryDirectory(prefix="lowbit-build-") as build:  # private, for the compiler's path
+            built = Path(build) / name
             try:
-                _compile(cc, source, Path(tmp), openmp=True)
+                _compile(cc, source, built, openmp=True)
             except OSError:  # e.g. Apple clang has no -fopenmp: serial, still one pass
-                _compile(cc, source, Path(tmp), openmp=False)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return ctypes.CDLL(str(target))
+                _compile(cc, source, built, openmp=False)
+            _install(built.read_bytes(), dir_fd, dir_path, name)
+        lib = _load_checked(dir_path, dir_fd, name)
+        if lib is None:
+            raise OSError(f"the library just built in {dir_path} is not a private regular file")
+        return lib
     finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
         if private is not None:  # a loaded library stays mapped after its file is gone
             shutil.rmtree(private, ignore_errors=True)
 

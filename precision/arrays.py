@@ -18,7 +18,7 @@ import numpy as np
 try:  # torch is a dependency, but keep precision importable without it
     import torch
 except ImportError:  # pragma: no cover
-    torch = None
+    torch = None  # type: ignore[assignment]
 
 # numpy dtypes of the small floats that ml_dtypes adds; each converts to float32 exactly.
 SMALL_FLOAT_DTYPES = frozenset(

@@ -100,7 +100,7 @@ def _rng(rounding: str, seed: int | None, generator: np.random.Generator | None)
 
 
 # --------------------------------------------------------- exact decomposition
-def _decompose(a: np.ndarray):
+def _decompose(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split values into (negative, M, E, kind) with |x| = M * 2**E exactly."""
     if a.dtype == np.float32:
         b = a.view(np.uint32)
@@ -169,21 +169,18 @@ def _encode_exact(neg, M, E, kind, fmt: FloatFormat, rounding: str, overflow: st
         code = np.maximum(code - 1, 0)
     maxc = fmt.max_finite_code
     over = (code > maxc) & (kind == _FINITE)
-    if fmt.specials == "finite" or overflow == "saturate":
-        over_code = maxc
-    elif fmt.has_inf:
-        over_code = fmt.inf_code
-    else:
-        over_code = fmt.nan_code
-    code = np.where(over, over_code, code)
-    inf_code = maxc if (overflow == "saturate" or fmt.specials == "finite") else (
-        fmt.inf_code if fmt.has_inf else fmt.nan_code)
-    code = np.where(kind == _INF, inf_code, code)
+    # overflow and infinite input go to the same code: max finite (saturate, or a finite-only
+    # format), else inf, else NaN (a format with neither inf nor NaN is finite-only)
+    sat = fmt.specials == "finite" or overflow == "saturate"
+    over_code = maxc if sat else (fmt.inf_code if fmt.has_inf else fmt.nan_code)
+    assert over_code is not None
+    code = np.where(over | (kind == _INF), over_code, code)
     if fmt.nan_code is not None:
         code = np.where(kind == _NAN, fmt.nan_code, code)
     elif np.any(kind == _NAN):
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
     if fmt.specials == "fnu":  # zero and negative inputs have no encoding
+        assert fmt.nan_code is not None
         code = np.where((~nonzero & (kind == _FINITE)) | neg, fmt.nan_code, code)
     elif fmt.specials == "fnuz":  # one zero, one NaN: neither carries a sign
         code = np.where(neg & (code != 0) & (code != fmt.nan_code), code | fmt.sign_mask, code)
@@ -690,7 +687,7 @@ def describe(value: float, fmt: FormatLike, **modes: Any) -> str:
     if isinstance(value, (np.ndarray,)) and value.ndim == 0:
         value = value.item()
     if is_torch(value):
-        value = value.item()
+        value = value.item()  # type: ignore[attr-defined]
     code = int(as_numpy(encode(np.asarray(value), fmt, **modes)))
     m, e = fmt.mantissa_bits, fmt.exponent_bits
     mag = code & ~fmt.sign_mask if fmt.signed else code

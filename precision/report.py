@@ -213,7 +213,7 @@ class Report:
             lines.append(f"weights read back as 0: {t['zeroed']} of {n} ({100 * t['zeroed'] / max(n, 1):.2f}%): "
                          "pruned, or smaller than half a quantization step (expected for tiny weights)")
         for k, v in self.meta.items():
-            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k.endswith("_bytes"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith("_bytes"):
                 lines.append(f"{k}: {human_bytes(v, u)}")
             elif isinstance(v, (int, float, str)):
                 lines.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")

@@ -127,7 +127,6 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError("int8_attention is not differentiable (it is for inference); call it under "
                          "torch.no_grad(), or use float attention for training")
     scale = D ** -0.5 if scale is None else float(scale)
-    mask0 = attn_mask
     if attn_mask is not None:
         try:
             attn_mask = torch.broadcast_to(attn_mask, (B, H, Lq, Lk))
@@ -156,7 +155,7 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         else:
             m, kind = attn_mask.to(torch.float32), 1
             # NaN or +inf in an additive mask is outside what the kernel's softmax handles
-            usable = not bool((torch.isnan(mask0) | (mask0 == math.inf)).any())
+            usable = not bool((torch.isnan(m) | (m == math.inf)).any())
         mptr, ms = m.data_ptr(), _strides(m, 4)
     if not usable:
         r = None
@@ -166,6 +165,7 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             r = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attn_mask,
                                                scale=scale)
         return out.copy_(r)
+    assert lib is not None  # usable says so
     bad = lib.lowbit_attention_int8(query.data_ptr(), _strides(query, 3), key.data_ptr(), _strides(key, 3),
                                     value.data_ptr(), _strides(value, 3), B, H, Lq, Lk, D, mptr, kind, ms,
                                     scale, out.data_ptr(), _strides(out, 3), 0 if portable else 1, threads())

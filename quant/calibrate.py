@@ -184,7 +184,7 @@ def _mse_search(x2d: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
     try_ratios(np.linspace(1.0, 0.05, grid))
     step = 0.95 / (grid - 1)
     centre = best_a.copy()
-    try_ratios([np.clip(centre + d, 0.01, 1.0) for d in np.linspace(-step, step, 11)])
+    try_ratios(np.stack([np.clip(centre + d, 0.01, 1.0) for d in np.linspace(-step, step, 11)]))
     return best_a
 
 
@@ -203,7 +203,7 @@ def calibrate(data: Any, spec: QuantSpec, method: str = "minmax", *, momentum: f
     batches = batches_of(data, name)
     shape, pshape = _stats(batches, spec, name)
     if method in ("minmax", "moving_average"):
-        lo = hi = None
+        lo, hi = None, np.empty(0)
         for b in batches:
             x2d = blocks_2d(b, spec, name)
             bl, bh = x2d.min(axis=1), x2d.max(axis=1)
@@ -216,6 +216,7 @@ def calibrate(data: Any, spec: QuantSpec, method: str = "minmax", *, momentum: f
                     raise ValueError(f"calibrate: momentum must be in (0, 1], got {momentum}")
                 lo = (lo + np.float32(momentum) * (bl - lo)).astype(np.float32)
                 hi = (hi + np.float32(momentum) * (bh - hi)).astype(np.float32)
+        assert lo is not None  # batches_of refuses an empty iterable
         return qparams_from_range(lo, hi, spec, shape)
     x2d = np.concatenate([blocks_2d(b, spec, name) for b in batches], axis=1)
     if method == "percentile":

@@ -45,7 +45,7 @@ class _Scratch(threading.local):
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
         self.last: tuple | None = None
 
-    def take(self, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         n = shape[0] * shape[1]
         buf = self.buffers.get(dtype)
         if buf is None or buf.numel() < n:
@@ -86,6 +86,12 @@ class QuantizedLinear(nn.Module):
         weights this runs on the int8 kernel ``torch._int_mm`` (int32
         accumulation), then rescales; otherwise it fake-quantizes in float.
     """
+
+    input_scale: torch.Tensor | None
+    weight_codes: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    _ws: torch.Tensor
 
     def __init__(self, codes: np.ndarray, qparams: QParams, bias: torch.Tensor | None,
                  activations: str | None = None, act_qparams: QParams | None = None,
@@ -205,6 +211,7 @@ class QuantizedLinear(nn.Module):
             x = x * self.input_scale
         if self.activations == "static":
             x2 = x.reshape(-1, x.shape[-1])  # activation params are calibrated on (tokens, features)
+            assert self.act_qparams is not None  # checked in __init__
             x = fake_quantize(x2, self.act_qparams.for_shape(x2.shape), name="activation").reshape(x.shape)
         elif self.activations == "dynamic":
             x2 = x.reshape(-1, x.shape[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Tuple, TypeVar, Union, cast
 
 import numpy as np
 
@@ -61,6 +62,12 @@ class FakeQuantize(nn.Module):
     gradient (initialised from the observer on the first batch; the observer
     does not overwrite it afterwards).
     """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    zero_point: torch.Tensor
+    observed_shape: torch.Tensor
+    scale: torch.Tensor  # a Parameter when learn_scale, else a buffer
 
     def __init__(self, spec: QuantSpec, observer: str = "minmax", momentum: float = 0.01,
                  learn_scale: bool = False) -> None:
@@ -129,10 +136,11 @@ class FakeQuantize(nn.Module):
 
     def qparams(self, shape: tuple[int, ...] | None = None) -> QParams:
         """The current QParams (for ``shape``, default the last observed one)."""
-        if self.scale.numel() == 0:
+        observed = self.shape
+        if self.scale.numel() == 0 or observed is None:
             raise RuntimeError("FakeQuantize has no range yet: run a batch with the observer enabled")
         s = np.maximum(self.scale.detach().cpu().numpy().astype(np.float32), np.finfo(np.float32).eps)
-        qp = QParams(s, self.zero_point.numpy(), self.spec, self.shape)
+        qp = QParams(s, self.zero_point.numpy(), self.spec, observed)
         return qp.for_shape(tuple(shape)) if shape is not None else qp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,9 +161,12 @@ class FakeQuantize(nn.Module):
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
 
 
-def _adopt(q: nn.Module, m: nn.Module, weights: QuantSpec, activations: QuantSpec | None, fq: dict) -> nn.Module:
+_Q = TypeVar("_Q", "QATLinear", "QATConv2d")
+
+
+def _adopt(q: _Q, m: nn.Linear | nn.Conv2d, weights: QuantSpec, activations: QuantSpec | None, fq: dict) -> _Q:
     """Give the QAT module ``q`` the float module's parameters and its fake-quantizers."""
-    q.weight, q.bias = m.weight, m.bias
+    q.weight, q.bias = m.weight, m.bias  # type: ignore[assignment]  # torch declares bias a Parameter, None allowed
     q.weight_fake_quant = FakeQuantize(weights, **fq)
     q.input_fake_quant = FakeQuantize(activations, observer="moving_average") if activations else None
     return q
@@ -163,6 +174,9 @@ def _adopt(q: nn.Module, m: nn.Module, weights: QuantSpec, activations: QuantSpe
 
 class QATLinear(nn.Linear):
     """nn.Linear that fake-quantizes its weight and (optionally) its input activations."""
+
+    weight_fake_quant: FakeQuantize
+    input_fake_quant: FakeQuantize | None
 
     @classmethod
     def from_float(cls, m: nn.Linear, weights: QuantSpec, activations: QuantSpec | None, **fq) -> "QATLinear":
@@ -179,9 +193,14 @@ class QATLinear(nn.Linear):
 class QATConv2d(nn.Conv2d):
     """nn.Conv2d that fake-quantizes its weight and (optionally) its input activations."""
 
+    weight_fake_quant: FakeQuantize
+    input_fake_quant: FakeQuantize | None
+
     @classmethod
     def from_float(cls, m: nn.Conv2d, weights: QuantSpec, activations: QuantSpec | None, **fq) -> "QATConv2d":
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+        pair = Tuple[int, int]
+        q = cls(m.in_channels, m.out_channels, cast(pair, m.kernel_size), cast(pair, m.stride),
+                cast(Union[str, pair], m.padding), cast(pair, m.dilation), m.groups,
                 m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
         return _adopt(q, m, weights, activations, fq)
 

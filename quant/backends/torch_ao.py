@@ -7,6 +7,7 @@ per message, and a torch without it gives a clear RuntimeError.
 from __future__ import annotations
 
 import copy
+from typing import Any
 import warnings
 
 import torch
@@ -89,9 +90,9 @@ def quantize_torch_ao(model: nn.Module, calib: list, weights: QuantSpec, activat
             if not per_channel:
                 qconfig = ao.QConfig(activation=qconfig.activation, weight=ao.default_weight_observer)
             for n, m in linear_layers(qmodel):
-                w = _Static(m, ao)
-                w.qconfig = qconfig
-                qmodel.set_submodule(n, w)
+                wrapped = _Static(m, ao)
+                wrapped.qconfig = qconfig
+                qmodel.set_submodule(n, wrapped)
             qmodel = ao.prepare(qmodel, inplace=False)
             with torch.no_grad():
                 for b in calib:
@@ -99,6 +100,7 @@ def quantize_torch_ao(model: nn.Module, calib: list, weights: QuantSpec, activat
             qmodel = ao.convert(qmodel, inplace=False)
             title = f"ptq torch.ao static ({engine})"
     rep = Report(title=f"{title}: weights {'per-channel' if per_channel else 'per-tensor'} int8")
+    mod: Any
     for n, mod in qmodel.named_modules():
         if hasattr(mod, "weight") and callable(getattr(mod, "weight", None)) and hasattr(mod, "_packed_params"):
             key = n[:-4] if n.endswith(".lin") else n

@@ -174,3 +174,33 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     lib.write_bytes(b"not a shared library")
     assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
     assert lib.read_bytes() != b"not a shared library"
+
+
+@pytest.mark.needs_int8_c
+def test_a_cache_reached_through_a_link_is_not_used(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)  # whoever controls the link decides where the library comes from
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(link)}) == "fused C passes"
+    assert list(real.iterdir()) == []
+
+
+@pytest.mark.needs_int8_c
+@pytest.mark.parametrize("plant", ["group_writable", "symlink"])
+def test_a_cached_library_others_could_have_written_is_not_loaded(tmp_path, plant):
+    cache = tmp_path / "cache"
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
+    (lib,) = cache.glob("int8_kernels-*.so")
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(b"planted: loading this would fail")
+    if plant == "group_writable":
+        lib.write_bytes(planted.read_bytes())
+        lib.chmod(0o666)
+    else:
+        lib.unlink()
+        lib.symlink_to(planted)
+    # loaded, it would fail and the status would say so; refused, the library is built again
+    assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
+    assert not lib.is_symlink() and stat.S_IMODE(lib.stat().st_mode) & 0o022 == 0
+    assert lib.read_bytes() != planted.read_bytes() and planted.read_bytes().startswith(b"planted")
