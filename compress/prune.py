@@ -83,7 +83,7 @@ def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None 
     mag = np.abs(a)
     require_finite(a, name, "pruning", mag)
     keep = ~smallest_k(mag, k)
-    pruned = a * keep  # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); 4x np.where
+    pruned = a * keep  # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); cheaper than np.where
     return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(keep, w),
                        make_storage=lambda: Bitmask.from_dense(pruned),
                        make_report=_single(f"magnitude pruning {k}/{a.size}", name, a,

@@ -200,8 +200,7 @@ def _parallel(part: Callable[[int, int], None], n: int, out_itemsize: int) -> No
     Work is dealt out in blocks whose output is one 2 MiB huge page, round-robin
     over the workers: the first write to a fresh output faults its pages in, and
     two threads faulting neighbouring blocks proceed in parallel, where two
-    contiguous halves fault in bursts that collide (measured on this VM: 16M
-    float32 outputs 7.2 ms median interleaved, 8.0 in halves, 10.6 one thread).
+    contiguous halves fault in bursts that collide.
     """
     global _POOL
     workers = min(os.cpu_count() or 1, 8)
@@ -422,9 +421,8 @@ def _faulted_in(n: int, dtype) -> np.ndarray:
 
     numpy maps large arrays on huge pages (torch's allocator does not, and pays
     more in page faults than a conversion costs). But torch's worker threads
-    faulting the fresh pages of one array at once often stall each other: on
-    this VM a 16M-element fp16 encode took 35-60 ms that way, against 7-9 ms
-    with the pages touched first from one thread.
+    faulting the fresh pages of one array at once often stall each other, so
+    the pages are touched first from one thread.
     """
     out = np.empty(n, dtype)
     out.view(np.uint8)[::4096] = 0
@@ -528,7 +526,7 @@ def _decode_table(fmt: FloatFormat) -> np.ndarray:
 
 
 def _decode_torch(flat: np.ndarray, fmt: FloatFormat, tdt) -> np.ndarray:
-    """fp16 codes -> float32 by torch's conversion kernel (F16C on x86; 2-3x the table lookup), into
+    """fp16 codes -> float32 by torch's conversion kernel (F16C on x86; faster than the table lookup), into
     a numpy array (see :func:`_faulted_in`). Every non-NaN code converts exactly; NaN codes are redone
     by the numpy path, since torch's vector and scalar loops disagree on them. (bf16 decode is a shift,
     done by the C pass; a C gather over the 64K-entry fp16 table was no faster than this.)"""

