@@ -52,17 +52,23 @@ def add_output_options(p) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as one Markdown table: a column per key (in first-seen order), numbers to 3 significant digits."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-
+    """The rows as Markdown: one table per ``part`` (one table when rows have none), a column per key
+    that some row of the table fills (in first-seen order), numbers to 4 significant digits."""
     def cell(v: object) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "" if v is None else str(v).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    parts = list(dict.fromkeys(r.get("part") for r in rows))
+    out = []
+    for part in parts:
+        group = [r for r in rows if r.get("part") == part]
+        keys = [k for k in dict.fromkeys(k for r in group for k in r) if k != "part" and any(r.get(k) is not None for r in group)]
+        lines = [f"{part}:\n"] if part is not None else []
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in group]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def write_rows(rows: list[dict], json_path: str | None = None, markdown_path: str | None = None) -> None:
