@@ -131,7 +131,10 @@ def _load_checked(dir_path: str, dir_fd: int | None, name: str) -> ctypes.CDLL |
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) and _private(st)):
             return None
-        return ctypes.CDLL(f"/proc/self/fd/{fd}" if _FD_PATHS else os.path.join(dir_path, name))
+        # through the checked directory's descriptor, by the file's own name: dlopen knows a loaded library
+        # by its path string, so /proc/self/fd/<file fd> (a number reused by the next load) would hand back
+        # the previous library; only this user can change the file between the check and the load
+        return ctypes.CDLL(os.path.join(dir_path, name))
     finally:
         os.close(fd)
 

@@ -207,3 +207,16 @@ def test_a_cached_library_others_could_have_written_is_not_loaded(tmp_path, plan
     assert _status_in_subprocess({"LOWBIT_CACHE_DIR": str(cache)}) == "fused C passes"
     assert not lib.is_symlink() and stat.S_IMODE(lib.stat().st_mode) & 0o022 == 0
     assert lib.read_bytes() != planted.read_bytes()
+
+
+@pytest.mark.needs_int8_c
+def test_every_c_library_loads_in_one_process_from_one_cache(tmp_path):
+    # each library is its own file; loading one must never hand back another already loaded
+    code = ("from quant import _native; from precision.codec import _KERNELS; "
+            "libs = [_native.library(), _native.attention_library(), _KERNELS.get()]; "
+            "print(all(lib is not None for lib in libs), len({lib._name for lib in libs}))")
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NATIVE"}
+    env["LOWBIT_CACHE_DIR"] = str(tmp_path / "cache")
+    for _ in range(2):  # a fresh build, then loads from the cache
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.stdout.split() == ["True", "3"], r.stderr
