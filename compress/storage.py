@@ -25,7 +25,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from precision.arrays import contiguous
-from precision.methods import NotApplied, StructureMethod, ValueStore, register_method, sparse_or_dense
+from precision.methods import (UNPROVEN_ELEMENTS, NotApplied, StructureMethod, ValueStore, elements, register_method,
+                               sparse_or_dense, stored_int, stored_part, stored_shape)
+
+MAX_M = 1024  # N:M group size; in-group positions take log2(m) bits each
 
 
 def pack_bits(mask: np.ndarray) -> np.ndarray:
@@ -224,8 +227,8 @@ class MagnitudePrune(StructureMethod):
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
-        n = int(np.prod(shape, dtype=np.int64))
-        keep = unpack_bits(parts["mask"], n).reshape(shape)
+        n = elements(shape)
+        keep = unpack_bits(stored_part(parts, "mask", np.uint8, (n + 7) // 8), n).reshape(shape)
         return _sparse_decode(keep, {k: v for k, v in parts.items() if k != "mask"}, scheme, shape, src_dtype)
 
 
@@ -254,8 +257,8 @@ class NMPrune(StructureMethod):
         for v in (self.n, self.m):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"NMPrune: n and m must be integers, got n={self.n!r}, m={self.m!r}")
-        if self.m < 1 or not 0 <= self.n <= self.m:
-            raise ValueError(f"NMPrune: N:M needs 0 <= n <= m and m >= 1, got {self.n}:{self.m}")
+        if not 1 <= self.m <= MAX_M or not 0 <= self.n <= self.m:
+            raise ValueError(f"NMPrune: N:M needs 0 <= n <= m and 1 <= m <= {MAX_M}, got {self.n}:{self.m}")
 
     def describe(self) -> str:
         return f"prune nm {self.n}:{self.m}"
@@ -277,7 +280,15 @@ class NMPrune(StructureMethod):
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
         st = scheme["structure"]
-        keep = NM.kept_mask(parts["positions"], shape, st["n"], st["m"])
+        m = stored_int(st.get("m"), "structure.m", 1, MAX_M)
+        n = stored_int(st.get("n"), "structure.n", 0, m)
+        if not shape or shape[-1] % m:
+            raise ValueError(f"shape {list(shape)} has no last axis that is a multiple of m={m}")
+        groups = elements(shape) // m
+        if n == 0 and elements(shape) > UNPROVEN_ELEMENTS:
+            raise ValueError(f"0:{m} stores nothing that proves the shape {list(shape)}")
+        bits = groups * n * NM.bits_per_position(m)
+        keep = NM.kept_mask(stored_part(parts, "positions", np.uint8, (bits + 7) // 8), shape, n, m)
         return _sparse_decode(keep, {k: v for k, v in parts.items() if k != "positions"}, scheme, shape, src_dtype)
 
 
@@ -328,10 +339,19 @@ class StructuredPrune(StructureMethod):
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
         st = scheme["structure"]
-        small_shape = tuple(st["small_shape"])
+        axis = stored_int(st.get("axis"), "structure.axis", 0, max(len(shape) - 1, 0))
+        small_shape = stored_shape(st.get("small_shape"), "structure.small_shape")
+        if len(shape) < 2 or len(small_shape) != len(shape) or any(
+                s != d for i, (s, d) in enumerate(zip(small_shape, shape)) if i != axis):
+            raise ValueError(f"structure.small_shape {list(small_shape)} does not match shape {list(shape)} "
+                             f"outside axis {axis}")
+        kept = np.flatnonzero(unpack_bits(stored_part(parts, "kept", np.uint8, (shape[axis] + 7) // 8), shape[axis]))
+        if kept.size != small_shape[axis]:
+            raise ValueError(f"the kept-slice mask keeps {kept.size} slices but {small_shape[axis]} are stored")
+        if kept.size == 0 and elements(shape) > UNPROVEN_ELEMENTS:
+            raise ValueError(f"no stored slice proves the shape {list(shape)}")
         rest = {k: v for k, v in parts.items() if k != "kept"}
         small = ValueStore.decode(ValueStore.codes(rest, scheme, src_dtype), rest, scheme, small_shape, src_dtype)
-        kept = np.flatnonzero(unpack_bits(parts["kept"], shape[st["axis"]]))
         recon = np.zeros(shape, np.float32)
         idx: list[Any] = [slice(None)] * len(shape)
         idx[st["axis"]] = kept
@@ -404,11 +424,18 @@ class LowRankSVD(StructureMethod):
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
         fdt = _factor_dtype(np.dtype(src_dtype))
+        factors = scheme.get("factors")
+        if not isinstance(factors, dict) or not all(isinstance(factors.get(f), dict) for f in ("A", "B")):
+            raise ValueError("scheme field factors must hold objects A and B")
+        fshapes = [stored_shape(factors[f].get("shape"), f"factors.{f}.shape") for f in ("A", "B")]
+        if len(shape) != 2 or any(len(s) != 2 for s in fshapes) or fshapes[0][1] != fshapes[1][0] \
+                or (fshapes[0][0], fshapes[1][1]) != tuple(shape):
+            raise ValueError(f"factors of shapes {[list(s) for s in fshapes]} do not multiply to shape {list(shape)}")
         facs = []
-        for f in ("A", "B"):
-            info = scheme["factors"][f]
+        for f, fshape in zip(("A", "B"), fshapes):
+            info = factors[f]
             fp = {k[len(f) + 1:]: v for k, v in parts.items() if k.startswith(f + ".")}
-            facs.append(ValueStore.decode(ValueStore.codes(fp, info, fdt), fp, info, tuple(info["shape"]), fdt))
+            facs.append(ValueStore.decode(ValueStore.codes(fp, info, fdt), fp, info, fshape, fdt))
         return (facs[0].astype(np.float64) @ facs[1].astype(np.float64)).astype(np.float32)
 
 

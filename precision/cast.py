@@ -16,7 +16,7 @@ import numpy as np
 from .arrays import as_numpy, real_array, require_finite
 from .codec import check_modes, decode, encode
 from .formats import FloatFormat, FormatLike, get_format
-from .methods import EncodedValues, ValueMethod, register_method
+from .methods import EncodedValues, ValueMethod, register_method, stored_part
 from .report import Report, TensorReport
 
 SCALINGS = ("none", "tensor", "channel")
@@ -139,7 +139,13 @@ class FloatCast(ValueMethod):
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
                src_dtype: np.dtype) -> np.ndarray:
         v = decode(codes, scheme["format"])
-        return v if "scale" not in side else (v * side["scale"]).astype(np.float32)
+        if "scale" not in side:
+            return v
+        scale = stored_part(side, "scale", np.float32)
+        # the scale must broadcast into the codes' shape (per tensor or per channel), never widen it
+        if scale.ndim > v.ndim or any(s not in (1, d) for s, d in zip(scale.shape[::-1], v.shape[::-1])):
+            raise ValueError(f"a scale of shape {list(scale.shape)} does not fit codes of shape {list(v.shape)}")
+        return (v * scale).astype(np.float32)
 
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
 @dataclass
@@ -59,6 +60,48 @@ class Method(ABC):
         return {"kind": self.kind, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------- checks of stored schemes
+# A scheme comes from a file; nothing in it is trusted. Before anything is allocated, every
+# count and shape must be backed by the byte sizes of the stored parts (see ``restore``).
+MAX_DIMS = 32
+UNPROVEN_ELEMENTS = 1 << 20  # a tensor whose stored parts prove no size (everything pruned) may declare this many
+
+
+def stored_int(v: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
+    """A scheme field that must be an integer in [lo, hi]; ValueError naming it otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"scheme field {what} must be an integer in [{lo}, {'...' if hi is None else hi}], got {v!r}")
+    return v
+
+
+def stored_shape(v: Any, what: str = "shape") -> tuple[int, ...]:
+    """A scheme shape: a list of at most MAX_DIMS non-negative integers."""
+    if not isinstance(v, list) or len(v) > MAX_DIMS:
+        raise ValueError(f"scheme field {what} must be a list of at most {MAX_DIMS} integers, got {v!r:.80}")
+    return tuple(stored_int(d, what) for d in v)
+
+
+def elements(shape: tuple[int, ...]) -> int:
+    """The element count of ``shape`` as a Python integer (no int64 wrap-around)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def stored_part(parts: dict[str, np.ndarray], key: str, dtype: DTypeLike | None = None,
+                size: int | None = None) -> np.ndarray:
+    """The part ``key``, checked for presence, dtype and element count."""
+    p = parts.get(key)
+    if p is None:
+        raise ValueError(f"the stored part {key!r} is missing")
+    if dtype is not None and p.dtype != np.dtype(dtype):
+        raise ValueError(f"the stored part {key!r} is {p.dtype}, expected {np.dtype(dtype)}")
+    if size is not None and p.size != size:
+        raise ValueError(f"the stored part {key!r} holds {p.size} elements, expected {size}")
+    return p
+
+
 def _jsonable(v: Any) -> Any:
     to_dict = getattr(v, "to_dict", None)
     return to_dict() if callable(to_dict) else v
@@ -93,6 +136,15 @@ class ValueMethod(Method):
     def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
         """Inverse of ``pack``: ``count`` codes of ``dtype`` (1-D)."""
         return stored
+
+    @classmethod
+    def check_packed(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> None:
+        """ValueError unless ``stored`` holds exactly ``count`` codes of ``dtype`` as ``pack`` writes them
+        (called on untrusted input before ``unpack``). Default: stored as they are."""
+        if info:
+            raise ValueError(f"unexpected packing {info!r:.80} for {cls.kind} codes")
+        if stored.dtype != dtype or stored.size != count:
+            raise ValueError(f"{stored.size} codes of {stored.dtype} are stored where the scheme says {count} of {dtype}")
 
 
 @dataclass(frozen=True)
@@ -148,15 +200,25 @@ class ValueStore:
 
     @staticmethod
     def codes(parts: dict[str, np.ndarray], fields_: dict[str, Any], src_dtype: np.dtype) -> np.ndarray:
-        """The unpacked codes (1-D) that ``store`` wrote."""
-        cls = value_method_class(fields_["values"]["kind"])
-        dt = cls.code_dtype(fields_["values"], src_dtype)
-        return cls.unpack(parts["values"], fields_.get("values_part", {}), int(fields_["values_count"]), dt)
+        """The unpacked codes (1-D) that ``store`` wrote; the count is checked against the stored bytes."""
+        values = fields_.get("values")
+        if not isinstance(values, dict) or not isinstance(values.get("kind"), str):
+            raise ValueError("scheme field values must be an object with a kind")
+        cls = value_method_class(values["kind"])
+        dt = np.dtype(cls.code_dtype(values, src_dtype))
+        info = fields_.get("values_part", {})
+        if not isinstance(info, dict):
+            raise ValueError("scheme field values_part must be an object")
+        count = stored_int(fields_.get("values_count"), "values_count")
+        cls.check_packed(stored_part(parts, "values"), info, count, dt)
+        return cls.unpack(parts["values"], info, count, dt)
 
     @staticmethod
     def decode(codes: np.ndarray, parts: dict[str, np.ndarray], fields_: dict[str, Any],
                shape: tuple[int, ...], src_dtype: np.dtype) -> np.ndarray:
         """float32 values of ``codes`` (the tensor's shape) with the side arrays in ``parts``."""
+        if codes.size != elements(shape):
+            raise ValueError(f"{codes.size} codes are stored for shape {list(shape)} ({elements(shape)} elements)")
         cls = value_method_class(fields_["values"]["kind"])
         side = {k: v for k, v in parts.items() if k != "values"}
         return cls.decode(codes.reshape(shape), side, fields_["values"], src_dtype)

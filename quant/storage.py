@@ -8,11 +8,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from precision.methods import EncodedValues, ValueMethod, register_method
+from precision.methods import EncodedValues, ValueMethod, register_method, stored_part
 
 from .calibrate import METHODS, calibrate
 from .quantize import QParams, dequantize, quantize
 from .spec import PerChannel, PerGroup, QuantSpec
+
+
+def _stored_spec(scheme: dict[str, Any]) -> QuantSpec:
+    d = scheme.get("spec")
+    if not isinstance(d, dict):
+        raise ValueError("scheme field spec must be an object")
+    return QuantSpec.from_dict(d)
 
 
 def pack_nibbles(u: np.ndarray) -> np.ndarray:
@@ -102,15 +109,17 @@ class IntQuant(ValueMethod):
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
                src_dtype: np.dtype) -> np.ndarray:
-        spec = QuantSpec.from_dict(scheme["spec"])
-        scale = side["scale"]
-        zp = side.get("zero_point", np.full(scale.shape, spec.symmetric_zero_point if spec.symmetric else 0, np.int32))
+        spec = _stored_spec(scheme)
+        want = spec.params_shape(tuple(codes.shape))
+        scale = stored_part(side, "scale", np.float32, int(np.prod(want)))
+        zp = stored_part(side, "zero_point", np.int32, scale.size) if "zero_point" in side else \
+            np.full(scale.shape, spec.symmetric_zero_point if spec.symmetric else 0, np.int32)
         qp = QParams(scale, zp, spec, tuple(codes.shape))
         return np.asarray(dequantize(codes.astype(spec.code_dtype), qp), np.float32)
 
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
-        return QuantSpec.from_dict(scheme["spec"]).code_dtype
+        return _stored_spec(scheme).code_dtype
 
     @classmethod
     def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -119,6 +128,16 @@ class IntQuant(ValueMethod):
     @classmethod
     def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
         return unpack_codes(stored, info, count, dtype)
+
+    @classmethod
+    def check_packed(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> None:
+        if not info:
+            super().check_packed(stored, info, count, dtype)
+        elif set(info) != {"packed", "qmin"} or info["packed"] != 4 or isinstance(info["qmin"], bool) \
+                or not isinstance(info["qmin"], int) or not -8 <= info["qmin"] <= 0:
+            raise ValueError(f"unknown packing {info!r:.80} for integer codes")
+        elif stored.dtype != np.uint8 or stored.size != (count + 1) // 2:
+            raise ValueError(f"{stored.size} packed bytes of {stored.dtype} are stored for {count} 4-bit codes")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "spec": self.spec.to_dict(), "calibration": self.calibration}

@@ -2,17 +2,23 @@
 
 The methods own their maths and their stored form (``precision.methods``);
 this module composes them, checksums the parts and rebuilds tensors from them.
-Scheme (JSON, one per tensor; version 1)::
+Scheme (JSON, one per tensor; version 2)::
 
-    {"version": 1, "shape": [...], "dtype": "F32", "chain": ["int8 ..."],
+    {"version": 2, "shape": [...], "dtype": "F32", "chain": ["int8 ..."],
      "structure": {"kind": "none" | "magnitude" | "nm" | "structured" | "svd", ...},
      "values": {"kind": "none" | "float" | "int", ...}, "values_part": {...}, "values_count": n,
      ("factors": {"A": {...}, "B": {...}} for svd), "sha256": "..."}
+
+Version 2's ``sha256`` covers the scheme as well as the parts (:func:`scheme_digest`);
+version 1 (the parts only, :func:`parts_digest`) still reads. A scheme comes from a file and
+is trusted in nothing: :func:`restore` checks every field against the stored parts' sizes
+before it allocates anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,17 +30,19 @@ from precision import known_formats
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
-                               ValueStore, parts_nbytes, structure_method_class)
+                               ValueStore, parts_nbytes, stored_shape, structure_method_class)
 from precision.metrics import MetricsAccumulator
 from precision.report import TensorReport
 from compress.storage import LowRankSVD, MagnitudePrune
 from quant.spec import PerChannel, QuantSpec
 from quant.storage import IntQuant
 
-SCHEME_VERSION = 1
+SCHEME_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ROW_BLOCK_BYTES = 32 << 20  # float32 bytes of one row block when rows can be quantized independently
 
-__all__ = ["Chain", "Compressed", "NotApplied", "compress_tensor", "restore", "parts_digest", "SCHEME_VERSION"]
+__all__ = ["Chain", "Compressed", "NotApplied", "compress_tensor", "restore", "parts_digest", "scheme_digest",
+           "SCHEME_VERSION"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,14 @@ def parts_digest(parts: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def scheme_digest(parts: dict[str, np.ndarray], scheme: dict[str, Any]) -> str:
+    """SHA-256 over the scheme (every field but ``sha256``, as canonical JSON) and the parts."""
+    body = json.dumps({k: v for k, v in scheme.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    h = hashlib.sha256(body.encode())
+    h.update(parts_digest(parts).encode())
+    return h.hexdigest()
+
+
 def _header(a: np.ndarray, chain: Chain) -> dict[str, Any]:
     return {"version": SCHEME_VERSION, "shape": list(a.shape), "dtype": NP_TO_ST[a.dtype], "chain": chain.describe()}
 
@@ -185,7 +201,7 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compr
                           np.empty(0, np.float32))
     parts, fields_ = store.store(whole)
     out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
-    out["sha256"] = parts_digest(parts)
+    out["sha256"] = scheme_digest(parts, out)
     row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(out["chain"]),
                                     bytes_after=parts_nbytes(parts))
     return Compressed(parts, out, approx, row)
@@ -212,7 +228,7 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
         parts, fields_ = {"values": approx}, {"structure": {"kind": "none"}, "values": {"kind": "none"},
                                               "values_part": {}, "values_count": int(a.size)}
     scheme = {**_header(a, chain), **fields_}
-    scheme["sha256"] = parts_digest(parts)
+    scheme["sha256"] = scheme_digest(parts, scheme)
     row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]), bytes_after=parts_nbytes(parts))
     return Compressed(parts, scheme, approx, row)
 
@@ -220,11 +236,23 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
 def restore(name: str, scheme: dict[str, Any], parts: dict[str, np.ndarray]) -> np.ndarray:
     """Rebuild the dense tensor (source dtype) from its stored ``parts`` and ``scheme``
     (the inverse of :func:`compress_tensor`, bit for bit what its report measured)."""
-    if scheme.get("version") != SCHEME_VERSION:
-        raise ValueError(f"{name}: unknown scheme version {scheme.get('version')!r}")
-    if parts_digest(parts) != scheme.get("sha256"):
-        raise ValueError(f"{name}: checksum mismatch: the stored parts are corrupted")
-    shape = tuple(scheme["shape"])
-    src = ST_TO_NP[scheme["dtype"]]
-    cls = structure_method_class(scheme["structure"]["kind"])
-    return cls.decode(parts, scheme, shape, src).astype(src, copy=False)
+    if not isinstance(scheme, dict):
+        raise ValueError(f"{name}: the scheme is not a JSON object")
+    version = scheme.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"{name}: unknown scheme version {version!r:.40} (this lowbit reads {READABLE_VERSIONS})")
+    digest = parts_digest(parts) if version == 1 else scheme_digest(parts, scheme)
+    if digest != scheme.get("sha256"):
+        raise ValueError(f"{name}: checksum mismatch: the stored parts or the scheme are corrupted")
+    shape = stored_shape(scheme.get("shape"))
+    dt = scheme.get("dtype")
+    src = ST_TO_NP.get(dt) if isinstance(dt, str) else None
+    if src is None or src.kind not in "fV":
+        raise ValueError(f"{name}: scheme field dtype must name a floating-point dtype, got {dt!r:.40}")
+    structure = scheme.get("structure")
+    if not isinstance(structure, dict) or not isinstance(structure.get("kind"), str):
+        raise ValueError(f"{name}: scheme field structure must be an object with a kind")
+    out = structure_method_class(structure["kind"]).decode(parts, scheme, shape, src)
+    if out.shape != shape:
+        raise ValueError(f"{name}: the stored parts rebuild shape {list(out.shape)}, not {list(shape)}")
+    return out.astype(src, copy=False)

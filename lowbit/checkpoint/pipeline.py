@@ -196,22 +196,29 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
     else:
         try:
             meta = json.loads(raw)
-            schemes = meta["tensors"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            schemes, kept = meta["tensors"], meta.get("kept", [])
+            if not isinstance(schemes, dict) or not isinstance(kept, list) or not all(isinstance(k, str) for k in kept):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError, ValueError):
             raise CheckpointError(f"{path}: the 'lowbit' metadata is not valid") from None
         names = set(ck.names())
-        for n in meta.get("kept", []):
+        for n in kept:
             if n not in names:
                 raise CheckpointError(f"{path}: kept tensor {n!r} is missing")
             out[n] = ck.read(n)
+        by_tensor: dict[str, list[str]] = {}
+        for k in ck.names():
+            base, sep, _ = k.rpartition("::")
+            if sep:
+                by_tensor.setdefault(base, []).append(k)
         for n, scheme in schemes.items():
-            prefix = n + "::"
-            parts = {k[len(prefix):]: ck.read(k) for k in ck.names() if k.startswith(prefix)}
-            if not parts:
+            stored = by_tensor.get(n, [])
+            if not stored:
                 raise CheckpointError(f"{path}: tensor {n!r}: its stored parts are missing")
+            parts = {k[len(n) + 2:]: ck.read(k) for k in stored}
             try:
                 out[n] = restore(n, scheme, parts)
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as e:
                 raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
     if as_numpy:
         return out
