@@ -53,6 +53,31 @@ def _tensor_to_numpy(t, where: str) -> np.ndarray:
         raise CheckpointError(f"{where}: {e}") from None
 
 
+def _check_pickled(t, where: str) -> None:
+    """Refuse a tensor from a pickle that lowbit cannot read as the values it declares, before
+    anything is allocated: not a plain strided CPU tensor, a zero stride (one element standing for
+    many), overlapping strides, or a storage smaller than the strides reach."""
+    torch = _torch()
+    kind = ("sparse" if t.layout != torch.strided else "quantized" if t.is_quantized else
+            "nested" if getattr(t, "is_nested", False) else "meta" if t.device.type == "meta" else
+            t.device.type if t.device.type != "cpu" else None)
+    if kind is not None:
+        raise CheckpointError(f"{where}: {kind} tensors are not supported; save plain dense tensors")
+    if t.numel() == 0:
+        return
+    need = 1
+    for stride, size in sorted((s, d) for s, d in zip(t.stride(), t.shape) if d > 1):
+        if stride < need:  # zero or overlapping strides: fewer stored values than declared elements
+            raise CheckpointError(f"{where}: strides {tuple(t.stride())} for shape {tuple(t.shape)} make elements share "
+                                  "storage; save the tensor with .contiguous()")
+        need = stride * size
+    extent = t.storage_offset() + sum((d - 1) * s for d, s in zip(t.shape, t.stride())) + 1
+    have = t.untyped_storage().nbytes()
+    if extent * t.element_size() > have:
+        raise CheckpointError(f"{where}: shape {tuple(t.shape)} reaches {extent * t.element_size()} bytes into a storage "
+                              f"of {have}")
+
+
 class _Duplicate(Exception):
     pass
 
@@ -248,6 +273,8 @@ class Checkpoint:
             sd = sd["state_dict"]
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise CheckpointError(f"{p}: expected a state dict mapping names to tensors")
+        for n, t in sd.items():
+            _check_pickled(t, f"{p}: tensor {n!r}")
         self.files.append(p)
         self._pickle = sd
         for n in sd:
