@@ -26,7 +26,8 @@ import numpy as np
 
 from compress.lowrank import METHODS as SVD_METHODS
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
-from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint
+from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
+from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES
 from precision.arrays import contiguous
@@ -139,8 +140,8 @@ def build_chain(a: argparse.Namespace) -> Chain:
         raise UsageError(str(e)) from None
 
 
-def run(a: argparse.Namespace) -> Report:
-    """Carry out one CLI invocation (parsed arguments) and return the report."""
+def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
+    """Carry out one CLI invocation (parsed arguments); return the report and the input's files."""
     chain = build_chain(a)
     if a.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
@@ -155,13 +156,14 @@ def run(a: argparse.Namespace) -> Report:
         path = minilm_checkpoint()
     else:
         path = Path(a.checkpoint)
+    inputs = check_reports(a, path)
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx)
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
-    return report
+    return report, inputs
 
 
 def load_eval_model(model_path: Path | None) -> Any:
@@ -196,30 +198,36 @@ def evaluate(ref_model: Any, approx: dict[str, np.ndarray]) -> dict[str, Any]:
             "eval_sentences": res["sentences"]}
 
 
-def write_reports(report: Report, files: list[str]) -> None:
+def check_reports(a: argparse.Namespace, path: Path) -> list[Path]:
+    """Every file the job would write is checked before the work: reports follow --out's rules (never a
+    file of the input checkpoint, never an existing file without --force, never --out itself)."""
+    inputs = Checkpoint(path).inputs
+    for f in a.report:
+        if Path(f).suffix not in (".json", ".md"):
+            raise UsageError(f"--report {f}: use a .json or .md file name")
+        check_output(f, force=a.force, inputs=inputs, what="report")
+        if a.out is not None and Path(f).resolve() == Path(a.out).resolve():
+            raise UsageError(f"--report {f} is also the --out file")
+    if len({Path(f).resolve() for f in a.report}) != len(a.report):
+        raise UsageError("--report names the same file twice")
+    return inputs
+
+
+def write_reports(report: Report, files: list[str], *, force: bool = False, inputs: list[Path] | None = None) -> None:
     for f in files:
         p = Path(f)
         text = report.to_json() if p.suffix == ".json" else report.to_markdown() if p.suffix == ".md" else None
         if text is None:
             raise UsageError(f"--report {f}: use a .json or .md file name")
-        tmp = p.with_name(f".{p.name}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, p)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{p}: cannot write the report: {e.strerror or e}") from None
+        write_text_file(p, text, force=force, inputs=inputs or [], what="report")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     a = build_parser().parse_args(argv)
     try:
-        for f in a.report:
-            if Path(f).suffix not in (".json", ".md"):
-                raise UsageError(f"--report {f}: use a .json or .md file name")
-        report = run(a)
-        write_reports(report, a.report)
+        report, inputs = run(a)
+        write_reports(report, a.report, force=a.force, inputs=inputs)
     except UsageError as e:
         print(f"{PROG}: usage error: {e}", file=sys.stderr)
         return 2
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 1
-    print(report.to_table(max_rows=a.rows))
+    # a tensor name may hold characters the terminal cannot encode (a lone surrogate from a hostile header)
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(report.to_table(max_rows=a.rows).encode(enc, "backslashreplace").decode(enc, "replace"))
     return 0
 
 

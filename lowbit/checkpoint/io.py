@@ -5,10 +5,11 @@ and its shards), a directory holding either (or a PyTorch state dict), or a
 PyTorch ``.pt``/``.pth``/``.bin`` state dict loaded with
 ``torch.load(..., weights_only=True)`` only. Tensors are read one at a time.
 
-Writing: a safetensors file is produced tensor by tensor: data goes to a
-temporary file in the target directory, the header is written in front of it
-at the end, the result is flushed, fsynced and renamed into place, so a
-failure leaves no partial output and never touches the input.
+Writing: a safetensors file is produced tensor by tensor into one temporary
+file in the target directory, behind room reserved for the header, which is
+written in front at the end; the result is fsynced and moved into place
+(never over an existing file without ``force``), so a failure leaves no
+partial output and never touches the input.
 
 Every error is a ``CheckpointError`` whose message names the file (and the
 tensor where there is one).
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,6 +33,7 @@ from precision.arrays import contiguous
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIMS = 64  # numpy's limit on dimensions
 
 
 class CheckpointError(ValueError):
@@ -78,6 +82,19 @@ def _check_pickled(t, where: str) -> None:
                               f"of {have}")
 
 
+def open_regular(path: Path):
+    """Open ``path`` for reading if it is a regular file, checked on the opened descriptor (a FIFO or
+    device named like a checkpoint would block or never end); CheckpointError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
 class _Duplicate(Exception):
     pass
 
@@ -98,14 +115,15 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{self.path}: not a safetensors file (only {len(head)} bytes)")
                 (n,) = struct.unpack("<Q", head)
-                if n > min(MAX_HEADER, size - 8):
-                    raise CheckpointError(f"{self.path}: header length {n} is larger than the file ({size} bytes)")
+                if n > min(MAX_HEADER, size - 8):  # the field's value is not echoed: it is the file's own bytes
+                    raise CheckpointError(f"{self.path}: not a safetensors file (its header length field exceeds "
+                                          f"the file's {size} bytes or the {MAX_HEADER}-byte limit)")
                 raw = f.read(n)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
@@ -113,7 +131,7 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except _Duplicate as e:
             raise CheckpointError(f"{self.path}: tensor {e.args[0]!r} appears twice in the header") from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, or an integer too long to parse
             raise CheckpointError(f"{self.path}: header is not valid JSON ({type(e).__name__})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
@@ -132,8 +150,8 @@ class SafetensorsFile:
             if dt is None:
                 raise CheckpointError(f"{where}: unsupported dtype {ent['dtype']!r}")
             shape, off = ent["shape"], ent["data_offsets"]
-            if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                        for s in shape)):
+            if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
                 raise CheckpointError(f"{where}: bad shape {shape!r}")
             if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
                                                                       for o in off) or not 0 <= off[0] <= off[1]):
@@ -173,7 +191,7 @@ class SafetensorsFile:
         # read into a fresh array (no memory map: mapped pages would stay in the RSS of a long run)
         out = np.empty(e - b, np.uint8)
         try:
-            with open(self.path, "rb", buffering=0) as f:
+            with open_regular(self.path) as f:
                 f.seek(self.data_start + b)
                 got = f.readinto(memoryview(out))  # type: ignore[arg-type]  # numpy arrays are buffers
         except OSError as err:
@@ -189,7 +207,9 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.files: list[Path] = []
+        self.index: Path | None = None
         self.metadata: dict[str, str] = {}
+        self._metadata_from: dict[str, Path] = {}
         self._where: dict[str, Any] = {}
         self._pickle: dict[str, Any] | None = None
         p = self.path
@@ -223,10 +243,22 @@ class Checkpoint:
         raise CheckpointError(f"{d}: no checkpoint found (looked for model.safetensors[.index.json], "
                               "pytorch_model.bin, model.pt)")
 
+    @property
+    def inputs(self) -> list[Path]:
+        """Every file this checkpoint was read from: the shards, the index, the pickle."""
+        return self.files + ([self.index] if self.index is not None else [])
+
+    def _merge_metadata(self, f: SafetensorsFile) -> None:
+        for k, v in f.metadata.items():
+            if k in self.metadata and self.metadata[k] != v:
+                raise CheckpointError(f"{f.path}: metadata {k!r} differs from the value in {self._metadata_from[k]}")
+            self.metadata[k] = v
+            self._metadata_from.setdefault(k, f.path)
+
     def _add_safetensors(self, p: Path) -> SafetensorsFile:
         f = SafetensorsFile(p)
         self.files.append(p)
-        self.metadata.update(f.metadata)
+        self._merge_metadata(f)
         for n in f.names():
             if n in self._where:
                 raise CheckpointError(f"{p}: tensor {n!r} is also in {self._where[n].path}")
@@ -234,12 +266,19 @@ class Checkpoint:
         return f
 
     def _open_index(self, p: Path) -> None:
+        self.index = p
         try:
-            idx = json.loads(p.read_text(encoding="utf-8"))
+            with open_regular(p) as fh:
+                text = fh.read(MAX_HEADER + 1)
+            if len(text) > MAX_HEADER:
+                raise CheckpointError(f"{p}: the shard index is larger than {MAX_HEADER} bytes")
+            idx = json.loads(text.decode("utf-8"))
             wm = idx["weight_map"]
             if not isinstance(wm, dict):
                 raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{p}: not a valid shard index with a 'weight_map' ({type(e).__name__})") from None
         shards: dict[str, SafetensorsFile] = {}
         for tensor, shard in wm.items():
@@ -252,20 +291,26 @@ class Checkpoint:
                 f = SafetensorsFile(sp)
                 shards[shard] = f
                 self.files.append(sp)
-                self.metadata.update(f.metadata)
+                self._merge_metadata(f)
             if tensor not in shards[shard].entries:
                 raise CheckpointError(f"{sp}: tensor {tensor!r} listed in {p.name} is missing from the shard")
             self._where[tensor] = shards[shard]
+        seen: dict[str, str] = {}
         for shard, f in shards.items():
             extra = set(f.names()) - set(wm)
             if extra:
                 raise CheckpointError(f"{p.parent / shard}: tensor {sorted(extra)[0]!r} is not listed in {p.name}")
+            for n in f.names():  # the index names one shard; a second copy elsewhere would be silently ignored
+                if n in seen:
+                    raise CheckpointError(f"{p.parent / shard}: tensor {n!r} is also in shard {seen[n]!r}")
+                seen[n] = shard
 
     def _open_pickle(self, p: Path) -> None:
         torch = _torch()
         try:
             # weights_only=True: a checkpoint from a stranger can fail, never run code
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            with open_regular(p) as fh:
+                sd = torch.load(fh, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "refused/unreadable"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{p}: refused or unreadable PyTorch checkpoint (weights_only=True): {first}") from None
@@ -306,29 +351,131 @@ class Checkpoint:
         return sum(p.stat().st_size for p in self.files)
 
 
-class SafetensorsWriter:
-    """Write a safetensors file one tensor at a time, atomically (temp file + fsync + rename)."""
+_TMP = re.compile(r"^\.(?P<name>.+)\.lowbit-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[Path] = ()) -> None:
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise CheckpointError(f"{self.path}: the output path is a directory")
-        for i in inputs:
-            same = self.path.resolve() == Path(i).resolve() or (
-                self.path.exists() and Path(i).exists() and os.path.samefile(self.path, i))
-            if same:
-                raise CheckpointError(f"{self.path}: the output would overwrite the input checkpoint")
-        if self.path.exists() and not force:
-            raise CheckpointError(f"{self.path}: already exists (pass force=True, or --force, to replace it)")
-        d = self.path.parent if str(self.path.parent) else Path(".")
-        if not d.is_dir():
-            raise CheckpointError(f"{d}: output directory does not exist")
+
+def temp_path(final: Path) -> Path:
+    """A fresh temporary name beside ``final``, in lowbit's own pattern (so a later run can sweep it)."""
+    return final.with_name(f".{final.name}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def sweep_stale_temporaries(d: Path) -> list[Path]:
+    """Remove temporaries of lowbit's own naming in ``d`` that a killed run left behind: files of
+    this user whose writing process is gone. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(d if str(d) else "."))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP.match(e.name)
+        if not m or not e.is_file(follow_symlinks=False):
+            continue
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data.tmp", dir=d)
+            if hasattr(os, "getuid") and e.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            pid = int(m["pid"])
+            if pid == os.getpid() or _alive(pid):
+                continue
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def check_output(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike] = (),
+                 what: str = "output") -> Path:
+    """The output path, refused (CheckpointError) when it is a directory, any file of the input
+    checkpoint (same path, or the same file by another name), an existing file without ``force``,
+    or in a directory that does not exist."""
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p}: the {what} path is a directory")
+    for i in inputs:
+        same = p.resolve() == Path(i).resolve() or (p.exists() and Path(i).exists() and os.path.samefile(p, i))
+        if same:
+            raise CheckpointError(f"{p}: the {what} would overwrite a file of the input checkpoint")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise CheckpointError(f"{p}: already exists (pass force=True, or --force, to replace it)")
+    d = p.parent if str(p.parent) else Path(".")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: {what} directory does not exist")
+    return p
+
+
+def publish(tmp: Path, final: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``final``: replacing it with ``force``; otherwise atomically
+    refusing a file that appeared there meanwhile (a hard link fails if the name exists)."""
+    if force:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise CheckpointError(f"{final}: a file appeared there while lowbit was writing; it was left as it is "
+                              "(pass --force to replace it)") from None
+    except OSError:  # a file system without hard links: the check and the rename are two steps there
+        if final.exists():
+            raise CheckpointError(f"{final}: already exists (pass --force to replace it)") from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def write_text_file(path: str | os.PathLike, text: str, *, force: bool, inputs: Sequence[str | os.PathLike] = (),
+                    what: str = "report") -> Path:
+    """Write ``text`` (UTF-8; characters it cannot encode escaped) under the same rules as the
+    checkpoint output: temporary file, fsync, then :func:`publish`; nothing is left behind on failure."""
+    p = check_output(path, force=force, inputs=inputs, what=what)
+    tmp = temp_path(p)
+    try:
+        with open(tmp, "x", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, p, force)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot write the {what}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, atomically, in one temporary file.
+
+    The data goes into a temporary file beside the output, after room reserved for the header
+    (``header_reserve`` bytes; the header is padded with spaces to fill it, as safetensors allows).
+    ``commit`` writes the header in front, fsyncs and moves the file into place, so the output
+    needs free space for itself only. A header larger than the reserve is the one case where the
+    data is copied behind it. Without ``force`` an output that appears meanwhile is never replaced.
+    Temporaries left by a killed run in the same directory are removed when the next writer starts.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                 header_reserve: int = 1 << 16) -> None:
+        self.path = check_output(path, force=force, inputs=inputs)
+        self.force = force
+        d = self.path.parent if str(self.path.parent) else Path(".")
+        sweep_stale_temporaries(d)
+        self._reserve = max(16, header_reserve + (-header_reserve % 8))
+        self._tmp = temp_path(self.path)
+        try:
+            self._data = open(self._tmp, "xb")
+            self._data.seek(self._reserve)
         except OSError as e:
             raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
-        self._data_path = Path(tmp)
-        self._data = os.fdopen(fd, "wb")
         self._header: dict[str, Any] = {}
         self._offset = 0
         self._closed = False
@@ -354,36 +501,48 @@ class SafetensorsWriter:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors does
-        final_tmp = None
         try:
-            self._data.flush()
-            self._data.close()
-            fd, final_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
-            with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
-                out.write(struct.pack("<Q", len(raw)))
-                out.write(raw)
-                shutil.copyfileobj(data, out, 1 << 22)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(final_tmp, self.path)
-            final_tmp = None
+            if 8 + len(raw) <= self._reserve:
+                raw += b" " * (self._reserve - 8 - len(raw))
+                self._data.seek(0)
+                self._data.write(struct.pack("<Q", len(raw)) + raw)
+                self._data.flush()
+                os.fsync(self._data.fileno())
+                self._data.close()
+            else:
+                self._copy_behind(raw)
+            publish(self._tmp, self.path, self.force)
             _fsync_dir(self.path.parent)
         except OSError as e:
             raise CheckpointError(f"{self.path}: writing the output failed: {e.strerror or e}") from None
         finally:
-            if final_tmp is not None:
-                Path(final_tmp).unlink(missing_ok=True)
-            self._data_path.unlink(missing_ok=True)
+            self._data.close()
+            self._tmp.unlink(missing_ok=True)
             self._closed = True
         return self.path
+
+    def _copy_behind(self, raw: bytes) -> None:
+        raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors does
+        self._data.flush()
+        self._data.close()
+        final = temp_path(self.path)
+        try:
+            with open(final, "xb") as out, open(self._tmp, "rb") as data:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                data.seek(self._reserve)
+                shutil.copyfileobj(data, out, 1 << 22)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(final, self._tmp)
+        finally:
+            final.unlink(missing_ok=True)
 
     def abort(self) -> None:
         if not self._closed:
             try:
                 self._data.close()
             finally:
-                self._data_path.unlink(missing_ok=True)
+                self._tmp.unlink(missing_ok=True)
                 self._closed = True
 
     def __enter__(self) -> "SafetensorsWriter":

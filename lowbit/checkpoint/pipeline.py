@@ -102,7 +102,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
             except ValueError as e:
                 raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
     keep_approx = collect is not None
-    writer = SafetensorsWriter(output, force=force, inputs=ckpt.files) if output is not None else None
+    # room for the header: each tensor's parts and scheme take well under 2 KiB of JSON
+    reserve = (1 << 16) + 2048 * len(names)
+    writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve) \
+        if output is not None else None
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)

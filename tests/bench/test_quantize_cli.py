@@ -162,7 +162,7 @@ def test_output_rules_existing_needs_force_and_never_over_the_input(tmp_path, ca
     assert main([str(src), "--out", str(out), "--force", "--method", "bf16", "--quiet"]) == 0
     orig = src.read_bytes()
     assert main([str(src), "--out", str(src), "--force", "--quiet"]) == 1
-    assert "overwrite the input" in capsys.readouterr().err and src.read_bytes() == orig
+    assert "of the input checkpoint" in capsys.readouterr().err and src.read_bytes() == orig
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
