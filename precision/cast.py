@@ -48,7 +48,8 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
     """Encode ``x`` in ``fmt``; with ``scaling`` "tensor"/"channel" divide by a float32 scale first.
 
     The scale is ``absmax / max_finite`` (1.0 for an all-zero tensor or
-    channel), so no finite value overflows. ``axis`` is the channel axis
+    channel), so no finite value overflows; float64 input whose scale would
+    exceed the float32 range is a ValueError. ``axis`` is the channel axis
     (kept; every other axis is reduced). NaN/inf in a scaled tensor is a
     ValueError, since it would poison the scale.
     """
@@ -68,8 +69,17 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
         amax = np.max(np.abs(a), axis=red, keepdims=True) if a.size else np.zeros([1] * a.ndim)
     else:
         amax = np.asarray(np.max(np.abs(a)) if a.size else 0.0).reshape(())
-    scale = (amax.astype(np.float64) / fmt.max_finite).astype(np.float32)
-    scale = np.where(scale > np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+    ideal = amax.astype(np.float64) / fmt.max_finite
+    if not np.all(ideal <= np.finfo(np.float32).max):
+        raise ValueError(f"x: values up to {float(np.max(amax)):.4g} need a scale beyond float32 to fit "
+                         f"{fmt.name}; scaled casts keep float32 scales")
+    scale = ideal.astype(np.float32)
+    # tiny tensors get subnormal scales; those carry few bits, so round up where rounding lost
+    # enough that absmax would no longer fit; an all-zero channel gets scale 1
+    up = (scale.astype(np.float64) * fmt.max_finite < amax) & (scale < np.finfo(np.float32).tiny)
+    scale = np.where(up, np.nextafter(scale, np.float32(np.inf)), scale)
+    scale = np.where(amax > 0, np.maximum(scale, np.float32(np.finfo(np.float32).smallest_subnormal)),
+                     np.float32(1.0)).astype(np.float32)
     codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed)
     return Cast(np.asarray(codes), scale, fmt, scaling, axis)
 

@@ -44,6 +44,7 @@ Zero
 
 from __future__ import annotations
 
+import math
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lowbit_encode_f32_byte.argtypes = [p, i64, p, p, i32]
     lib.lowbit_encode_f32_byte.restype = i64
-    lib.lowbit_decode_table.argtypes = [p, i32, i64, p, p, i32]
+    lib.lowbit_decode_table.argtypes = [p, i32, i64, p, i64, p, i32]
     lib.lowbit_decode_table.restype = None
     lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
     lib.lowbit_decode_top16.restype = None
@@ -583,7 +584,7 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
             table = _decode_table(fmt)
             lib = _KERNELS.get() if flat.dtype in (np.uint8, np.uint16) else None
             if lib is not None:  # every code was checked to index the table
-                lib.lowbit_decode_table(flat.ctypes.data, flat.itemsize, flat.size, table.ctypes.data,
+                lib.lowbit_decode_table(flat.ctypes.data, flat.itemsize, flat.size, table.ctypes.data, table.size,
                                         out.ctypes.data, threads())
                 return like(out.reshape(b.shape), bits)
             src = flat if flat.dtype.itemsize <= 2 and flat.dtype.kind == "u" else flat.astype(np.intp)
@@ -697,6 +698,8 @@ def describe(value: float, fmt: FormatLike, **modes: Any) -> str:
     v = fmt.exact_value(code)
     if isinstance(v, float):  # inf or nan
         return f"{pattern} = {v}"
+    if not math.isfinite(value):  # inf saturated to the largest finite value: the error is infinite
+        return f"{pattern} = {float(v)!r} (error {'-' if value > 0 else '+'}inf)"
     neg = v < 0
     if v == 0:
         return f"{pattern} = {'-' if neg or (code & fmt.sign_mask) else '+'}0 (error {_fmt_err(-Fraction(value))})"

@@ -30,6 +30,8 @@ import numpy as np
 from .arrays import real_array
 
 _BLOCK = 1 << 20
+_LARGE = 2.0 ** 200  # squares of values up to this, summed over up to 2^63 elements, stay far from overflow
+_STEP = 2.0 ** 200
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class MetricsAccumulator:
     def __init__(self) -> None:
         self.sxx = self.syy = self.sxy = self.see = self.mx = 0.0
         self.n = self.nonfinite = self.zeroed = 0
+        # the sums of squares are kept for values divided by ``unit`` (a power of two, 1 unless the data
+        # is so large that squares would overflow float64): ratios (SQNR, rel. error, cosine) do not
+        # change, and mse is scaled back at the end
+        self.unit = 1.0
 
     def add(self, reference: Any, approx: Any) -> "MetricsAccumulator":
         x, y = real_array(reference, "reference").reshape(-1), real_array(approx, "approx").reshape(-1)
@@ -65,21 +71,39 @@ class MetricsAccumulator:
                 a = x[i:i + _BLOCK].astype(np.float64)
                 b = y[i:i + _BLOCK].astype(np.float64)
                 e = b - a
+                if a.size and (x.dtype == np.float64 or y.dtype == np.float64):  # only float64 holds such values
+                    top = max(float(np.max(np.abs(np.where(np.isfinite(v), v, 0)))) for v in (a, b))
+                    if top > _LARGE or self.unit > 1:
+                        a, b, e = self._rescaled(a, b, top)
                 self.sxx += float(np.dot(a, a))
                 self.syy += float(np.dot(b, b))
                 self.sxy += float(np.dot(a, b))
                 self.see += float(np.dot(e, e))
                 if e.size:
-                    self.mx = max(self.mx, float(np.max(np.abs(e))))
+                    self.mx = max(self.mx, float(np.max(np.abs(e))) * self.unit)
                 self.nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
                 self.zeroed += int(np.count_nonzero((b == 0) & (a != 0)))
         self.n += x.size
         return self
 
+    def _rescaled(self, a: np.ndarray, b: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The block divided by the running unit, raising the unit (and rescaling the sums) so that
+        ``top`` (the block's largest finite magnitude) divided by it stays at most _LARGE."""
+        unit = self.unit
+        while top / unit > _LARGE:
+            unit *= _STEP
+        if unit != self.unit:
+            f = (self.unit / unit) ** 2
+            self.sxx, self.syy, self.sxy, self.see = self.sxx * f, self.syy * f, self.sxy * f, self.see * f
+            self.unit = unit
+        a, b = a / unit, b / unit
+        return a, b, b - a
+
     def result(self) -> ErrorMetrics:
         see = self.see
+        mse = see / max(self.n, 1) * self.unit * self.unit  # a Python float: inf if the true mse is beyond float64
         return ErrorMetrics(
-            mse=see / max(self.n, 1),
+            mse=mse,
             rel_error=_ratio(math.sqrt(see) if see == see else see, math.sqrt(self.sxx)),
             sqnr_db=sqnr_from_powers(self.sxx, see),
             max_abs_error=self.mx,
@@ -107,7 +131,7 @@ def _cos(sxy: float, sxx: float, syy: float) -> float:
         return 1.0
     if sxx == 0 or syy == 0:
         return 0.0
-    return sxy / math.sqrt(sxx * syy)
+    return sxy / (math.sqrt(sxx) * math.sqrt(syy))  # two roots: the product of the sums could overflow
 
 
 def sqnr_from_powers(signal: float, noise: float) -> float:

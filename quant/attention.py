@@ -95,6 +95,10 @@ def _strides(t: torch.Tensor, n: int) -> ctypes.Array:
     return (ctypes.c_int64 * n)(*t.stride()[:n])
 
 
+_MAX_DIM = 1 << 31
+_MAX_ELEMENTS = 1 << 40
+
+
 def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attn_mask: torch.Tensor | None = None, scale: float | None = None, *,
                    out: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
@@ -126,7 +130,16 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         raise ValueError("int8_attention is not differentiable (it is for inference); call it under "
                          "torch.no_grad(), or use float attention for training")
-    scale = D ** -0.5 if scale is None else float(scale)
+    # broadcast (stride-0) inputs can claim any length without memory; refuse what no scratch could hold
+    if max(B, H, Lq, Lk, D) > _MAX_DIM or B * H * max(Lq, Lk) * max(D, 1) > _MAX_ELEMENTS:
+        raise ValueError(f"int8_attention: shapes {tuple(query.shape)} and {tuple(key.shape)} exceed "
+                         f"{_MAX_ELEMENTS} elements per input")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"int8_attention: attn_mask must be bool (True keeps a key) or floating point (added to the "
+                        f"scores), got {attn_mask.dtype}; an integer 0/1 mask would be added, as torch refuses too")
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"int8_attention: scale must be finite, got {scale}")
+    scale = (D ** -0.5 if D else 1.0) if scale is None else float(scale)
     if attn_mask is not None:
         try:
             attn_mask = torch.broadcast_to(attn_mask, (B, H, Lq, Lk))
@@ -137,7 +150,7 @@ def int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         out = torch.empty(B, Lq, H, D, dtype=torch.float32, device=query.device).transpose(1, 2)
     elif out.shape != (B, H, Lq, D) or out.dtype != torch.float32 or (D > 1 and out.stride(3) != 1):
         raise ValueError(f"int8_attention: out must be float32 {(B, H, Lq, D)} with unit stride along dim")
-    if B * H * Lq == 0:
+    if B * H * Lq == 0 or D == 0:  # nothing to write: a (..., 0)-dim output is empty
         return out
     if Lk == 0:  # nothing to attend to: zero, as for rows whose keys are all masked
         return out.zero_()

@@ -114,18 +114,21 @@ int64_t lowbit_encode_f32_byte(const uint32_t *x, int64_t n, const uint8_t *tabl
     return run_blocks(n, 1, out, nthreads, encode_block, &a);
 }
 
-/* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i]], codes of 1 or 2 bytes (the
- * caller guarantees every code indexes the table) */
+/* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i] & mask], codes of 1 or 2 bytes.
+ * The table has mask + 1 entries (a power of two). The caller checks every code, but another thread
+ * may change the codes while this pass reads them without the GIL: the mask keeps every read inside
+ * the table whatever the codes hold then. */
 struct decode_args {
     const void *codes;
     int width;
     const uint32_t *table;
+    uint32_t mask;
     uint32_t *out;
 };
 
 static inline uint32_t code_at(const struct decode_args *a, int64_t i)
 {
-    return a->width == 1 ? ((const uint8_t *)a->codes)[i] : ((const uint16_t *)a->codes)[i];
+    return (a->width == 1 ? ((const uint8_t *)a->codes)[i] : ((const uint16_t *)a->codes)[i]) & a->mask;
 }
 
 static int64_t decode_block(const void *args, int64_t lo, int64_t hi)
@@ -137,16 +140,19 @@ static int64_t decode_block(const void *args, int64_t lo, int64_t hi)
         const __m512i idx = a->width == 1
             ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)a->codes + i)))
             : _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->codes + i)));
-        _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(idx, (const void *)a->table, 4));
+        const __m512i in = _mm512_and_si512(idx, _mm512_set1_epi32((int)a->mask));
+        _mm512_storeu_si512((void *)(a->out + i), _mm512_i32gather_epi32(in, (const void *)a->table, 4));
     }
 #endif
     for (; i < hi; i++) a->out[i] = a->table[code_at(a, i)];
     return 0;
 }
 
-void lowbit_decode_table(const void *codes, int width, int64_t n, const uint32_t *table, uint32_t *out, int nthreads)
+void lowbit_decode_table(const void *codes, int width, int64_t n, const uint32_t *table, int64_t table_size,
+                         uint32_t *out, int nthreads)
 {
-    const struct decode_args a = {codes, width, table, out};
+    if (table_size < 1 || (table_size & (table_size - 1)) || table_size > 65536) return;
+    const struct decode_args a = {codes, width, table, (uint32_t)(table_size - 1), out};
     run_blocks(n, 4, out, nthreads, decode_block, &a);
 }
 

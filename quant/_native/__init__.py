@@ -77,10 +77,14 @@ def quantize_tokens(x: torch.Tensor, smooth: torch.Tensor | None, half_range: fl
     then defines the result.
     """
     lib = library()
+    if x.dim() != 2:
+        return False
     rows, cols = x.shape
+    # every size is checked here: the C pass writes rows x cols codes and rows scales, trusting them
     if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or (cols > 1 and x.stride(1) != 1)
+            or (rows > 1 and x.stride(0) < cols)
             or not _usable(smooth, cols) or not codes.is_contiguous() or codes.dtype != torch.int8
-            or not _usable(scales, rows)):
+            or codes.device.type != "cpu" or codes.numel() != rows * cols or not _usable(scales, rows)):
         return False
     bad = lib.lowbit_quantize_tokens(x.data_ptr(), rows, cols, x.stride(0) if rows > 1 else cols, _ptr(smooth),
                                      half_range, eps, qmin, qmax, codes.data_ptr(), scales.data_ptr(), threads())
@@ -96,6 +100,8 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
     order. Returns None (``acc`` untouched) when the kernels are unavailable or an argument does not fit.
     """
     lib = library()
+    if acc.dim() != 2:
+        return None
     rows, cols = acc.shape
     if (lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or not acc.is_contiguous()
             or not _usable(row_scale, rows) or not _usable(bias, cols)

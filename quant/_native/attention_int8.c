@@ -107,13 +107,24 @@ typedef struct {
  * used head by head (products, scores, probability codes). Returns the block to free, or NULL. */
 static void *work_alloc(Work *w, int64_t n, int64_t Lq, int64_t Lk, int64_t D)
 {
+    /* every size is computed with overflow checks: hostile (broadcast) shapes can claim any length */
+    const int64_t LIM = (int64_t)1 << 40;
+    if (n < 1 || Lq < 0 || Lk < 0 || D < 0 || Lq > LIM || Lk > LIM || D > LIM) return NULL;
     const int64_t Dg = (D + 3) / 4, Lkp = round_up(Lk, 16), Jg = (Lk + 3) / 4, Dp = round_up(D, 16);
-    const int64_t head[8] = {Lq * 4 * Dg, Lkp * 4 * Dg, Lkp * 4, Lq * 4, Lkp * 4, Dp * 4, Dp * 4, Dp * 4 * Jg};
-    const int64_t shared[4] = {(Lq < QBLOCK ? Lq : QBLOCK) * Lkp * 4, Lkp * 4, 4 * Jg, (Lk > D ? Lk : D) + Dp};
+    int64_t head[8], shared[4], t;
+    int o = 0;
+    o |= __builtin_mul_overflow(Lq, 4 * Dg, &head[0]);
+    o |= __builtin_mul_overflow(Lkp, 4 * Dg, &head[1]);
+    head[2] = Lkp * 4; head[3] = Lq * 4; head[4] = Lkp * 4; head[5] = Dp * 4; head[6] = Dp * 4;
+    o |= __builtin_mul_overflow(Dp * 4, Jg, &head[7]);
+    o |= __builtin_mul_overflow((Lq < QBLOCK ? Lq : QBLOCK) * 4, Lkp, &shared[0]);
+    shared[1] = Lkp * 4; shared[2] = 4 * Jg; shared[3] = (Lk > D ? Lk : D) + Dp;
     int64_t per = 0, total = 0;
-    for (int i = 0; i < 8; i++) per += round_up(head[i], 64);
-    for (int i = 0; i < 4; i++) total += round_up(shared[i], 64);
-    total += n * per;
+    for (int i = 0; i < 8; i++) o |= __builtin_add_overflow(per, round_up(head[i], 64), &per);
+    for (int i = 0; i < 4; i++) o |= __builtin_add_overflow(total, round_up(shared[i], 64), &total);
+    o |= __builtin_mul_overflow(n, per, &t);
+    o |= __builtin_add_overflow(total, t, &total);
+    if (o || total > LIM) return NULL;
     char *block = aligned_alloc(64, (size_t)total), *at = block;
     if (!block) return NULL;
 #define TAKE(size) (at += round_up(size, 64), at - round_up(size, 64))
@@ -417,9 +428,13 @@ static int probs_portable(Work *w, const int32_t *si, float a, const void *mrow,
     else if (kind == MASK_KEEP)
         for (int64_t j = 0; j < Lk; j++) e[j] = ((const uint8_t *)mrow)[j * mstride] ? e[j] : -INFINITY;
     float m = -INFINITY;
-    for (int64_t j = 0; j < Lk; j++) m = e[j] > m ? e[j] : m;
+    int nan = 0;
+    for (int64_t j = 0; j < Lk; j++) {
+        m = e[j] > m ? e[j] : m;
+        nan |= e[j] != e[j]; /* an overflowed score plus a -inf mask: inf - inf */
+    }
+    if (nan || m == INFINITY) return -1;
     if (m == -INFINITY) return 0;
-    if (m == INFINITY) return -1;
     float sm[16] = {0};
     for (int64_t j = Lk; j < 4 * w->Jg; j++) w->p[j] = 0;
     for (int64_t j = 0; j < Lk; j++) {
@@ -461,6 +476,7 @@ static int probs_simd(Work *w, const int32_t *si, float a, const void *mrow, int
     float *e = w->e;
     const __m512 va = _mm512_set1_ps(a), ninf = _mm512_set1_ps(-INFINITY);
     __m512 mx = ninf;
+    __mmask16 nan = 0;
     for (int64_t j = 0; j < Lk; j += 16) {
         const __mmask16 k = Lk - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Lk - j)) - 1);
         const __m512i raw = _mm512_sub_epi32(_mm512_loadu_si512(si + j), _mm512_loadu_si512(w->ksum128 + j));
@@ -473,11 +489,12 @@ static int probs_simd(Work *w, const int32_t *si, float a, const void *mrow, int
         }
         x = _mm512_mask_blend_ps(k, ninf, x);
         _mm512_storeu_ps(e + j, x); /* e has room for whole blocks */
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
         mx = _mm512_max_ps(mx, x);
     }
     const float m = _mm512_reduce_max_ps(mx);
+    if (nan || m == INFINITY) return -1;
     if (m == -INFINITY) return 0;
-    if (m == INFINITY) return -1;
     const __m512 vm = _mm512_set1_ps(m), v255 = _mm512_set1_ps(255.0f);
     __m512 sm = _mm512_setzero_ps();
     for (int64_t j = 0; j < Lk; j += 16) {
@@ -524,6 +541,19 @@ static int64_t kept_keys(const void *mask, int kind, const int64_t *ms, int64_t 
     return 0;
 }
 
+/* 0 when rows [lo, hi) of one head's (rows, D) matrix (row stride rs) hold NaN or inf: the keys and
+ * queries the kernel skips still decide, as in float attention, whether the result is finite */
+static int rows_finite(const float *x, int64_t rs, int64_t lo, int64_t hi, int64_t D)
+{
+    uint32_t worst = 0;
+    for (int64_t r = lo; r < hi; r++)
+        for (int64_t d = 0; d < D; d++) {
+            const uint32_t b = abs_bits(x[r * rs + d]);
+            worst = b > worst ? b : worst;
+        }
+    return worst < 0x7f800000u;
+}
+
 /* set the key count of n heads' buffers (allocated for at least that many keys) */
 static void use_keys(Work *w, int64_t n, int64_t Lk)
 {
@@ -562,6 +592,17 @@ int64_t lowbit_attention_int8(const float *q, const int64_t *qs, const float *k,
             if (!ok) continue;
             const int64_t b = task / (H / hc), h0 = (task % (H / hc)) * hc;
             const int64_t keys = kept_keys(mask, mask_kind, ms, b, H, Lq, Lk);
+            int skipped_finite = 1;
+            for (int64_t hh = 0; hh < hc; hh++) {
+                const int64_t h = h0 + hh;
+                if (keys == 0) skipped_finite &= rows_finite(q + b * qs[0] + h * qs[1], qs[2], 0, Lq, D);
+                skipped_finite &= rows_finite(k + b * ks[0] + h * ks[1], ks[2], keys, Lk, D);
+                skipped_finite &= rows_finite(v + b * vs[0] + h * vs[1], vs[2], keys, Lk, D);
+            }
+            if (!skipped_finite) { /* non-finite input where the kernel would not look: the float path decides */
+                bad++;
+                continue;
+            }
             if (keys == 0) { /* every key masked for every query: zero outputs, as torch */
                 for (int64_t hh = 0; hh < hc; hh++)
                     for (int64_t i = 0; i < Lq; i++)
