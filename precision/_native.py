@@ -45,6 +45,14 @@ except ImportError:  # pragma: no cover - torch is a dependency, but precision w
     torch = None  # type: ignore[assignment]
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+# LOWBIT_SANITIZE=1 builds every kernel with AddressSanitizer and UndefinedBehaviorSanitizer, stopping at
+# the first report (for the sanitizer job: python runs with libasan preloaded, see tests/test_sanitizers.py)
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def _flags() -> list[str]:
+    sanitize = os.environ.get("LOWBIT_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
+    return FLAGS + (SANITIZE_FLAGS if sanitize else [])
 
 
 def enabled() -> bool:
@@ -140,7 +148,7 @@ def _load_checked(dir_path: str, dir_fd: int | None, name: str) -> ctypes.CDLL |
 
 
 def _compile(cc: str, source: Path, out: Path, openmp: bool) -> None:
-    cmd = [cc, *FLAGS, *(["-fopenmp"] if openmp else []), str(source), "-o", str(out)]
+    cmd = [cc, *_flags(), *(["-fopenmp"] if openmp else []), str(source), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise OSError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
@@ -151,7 +159,7 @@ def _build(source: Path) -> ctypes.CDLL:
     if not cc:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(FLAGS), _cpu_identity(),
+    key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(_flags()), _cpu_identity(),
                                     sys.platform]).encode()).hexdigest()[:20]
     name = f"{source.stem}-{key}.so"
     dir_fd = _open_cache()
