@@ -348,18 +348,24 @@ def fuzz(cases: int, seed: int, address_limit: int = ADDRESS_LIMIT) -> dict[str,
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    counts["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    counts["peak_rss_mib"] = _status_kib("VmHWM:", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) // 1024
     return {"seed": seed, **counts, "address_limit_mib": address_limit >> 20, "examples": foreign[:20]}
 
 
-def _vm_size() -> int:
+def _status_kib(field: str, default: int) -> int:
+    """A /proc/self/status field in KiB. VmHWM is this process's own peak RSS: ru_maxrss would also
+    carry the peak of the process it was forked from across exec."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(field):
+                return int(line.split()[1])
     except OSError:
         pass
-    return 8 << 30
+    return default
+
+
+def _vm_size() -> int:
+    return _status_kib("VmSize:", 8 << 20) * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
