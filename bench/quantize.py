@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-ndim", type=int, default=2, help="compress float tensors with at least this many dims")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
+    g.add_argument("--no-metrics", action="store_true",
+                   help="skip the error metrics (same output; the report gives bytes only)")
     g.add_argument("--report", action="append", default=[], metavar="FILE",
                    help="write the report as JSON (.json) or Markdown (.md); may repeat")
     g.add_argument("--eval", action="store_true", help="sentence-embedding cosine of the compressed model against "
@@ -160,7 +162,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
-                                 progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx)
+                                 progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
+                                 metrics=not a.no_metrics)
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs

@@ -40,6 +40,9 @@ from typing import Any
 
 from .metrics import ErrorMetrics, error_metrics
 
+NOT_MEASURED = ErrorMetrics(mse=math.nan, rel_error=math.nan, sqnr_db=math.nan, max_abs_error=math.nan,
+                             cosine=math.nan, nonfinite=0, zeroed=0)
+
 SCHEMA = "lowbit.report/1"
 
 
@@ -69,6 +72,7 @@ class TensorReport:
     nonfinite: int = 0
     zeroed: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    measured: bool = True  # False: the error metrics were skipped (metrics=False); they read NaN
 
     @classmethod
     def measure(cls, name: str, reference: Any, approx: Any, *, method: str, bytes_after: int,
@@ -90,6 +94,15 @@ class TensorReport:
             max_abs_error=m.max_abs_error, cosine=m.cosine, clipped=int(clipped), nonfinite=m.nonfinite,
             zeroed=m.zeroed, details=dict(details or {}),
         )
+
+    @classmethod
+    def unmeasured(cls, name: str, reference: Any, *, method: str, bytes_after: int,
+                   bytes_before: int | None = None) -> "TensorReport":
+        """The row of a tensor whose error was not measured: bytes only, metrics NaN."""
+        row = cls.from_metrics(name, reference, NOT_MEASURED, method=method, bytes_after=bytes_after,
+                               bytes_before=bytes_before)
+        row.measured = False
+        return row
 
     @property
     def ratio(self) -> float:
@@ -137,9 +150,11 @@ class Report:
         before = sum(r.bytes_before for r in self.tensors)
         after = sum(r.bytes_after for r in self.tensors)
         kept = sum(k.bytes for k in self.kept)
-        finite = [r.sqnr_db for r in self.tensors if math.isfinite(r.sqnr_db)]
-        sq = [r.sqnr_db for r in self.tensors if r.sqnr_db == r.sqnr_db]
-        rel = [r.rel_error for r in self.tensors]
+        measured = [r for r in self.tensors if r.measured]
+        finite = [r.sqnr_db for r in measured if math.isfinite(r.sqnr_db)]
+        sq = [r.sqnr_db for r in measured if r.sqnr_db == r.sqnr_db]
+        rel = [r.rel_error for r in measured]
+        none = bool(self.tensors) and not measured  # every metric below is NaN then
         return {
             "tensors": len(self.tensors),
             "kept": len(self.kept),
@@ -149,9 +164,10 @@ class Report:
             "checkpoint_bytes_after": after + kept,
             "percent_saved": 100.0 * (1 - (after + kept) / (before + kept)) if before + kept else 0.0,
             "ratio": before / after if after else float("inf"),
-            "mean_sqnr_db": sum(finite) / len(finite) if finite else float("inf"),
-            "worst_sqnr_db": min(sq) if sq else float("inf"),
-            "mean_rel_error": sum(rel) / len(rel) if rel else 0.0,
+            "mean_sqnr_db": math.nan if none else sum(finite) / len(finite) if finite else float("inf"),
+            "worst_sqnr_db": math.nan if none else min(sq) if sq else float("inf"),
+            "mean_rel_error": math.nan if none else sum(rel) / len(rel) if rel else 0.0,
+            "measured": len(measured),
             "clipped": sum(r.clipped for r in self.tensors),
             "nonfinite": sum(r.nonfinite for r in self.tensors),
             "zeroed": sum(r.zeroed for r in self.tensors),
@@ -187,7 +203,8 @@ class Report:
         u = self._unit
         head = ["tensor", "shape", "dtype", "method", "before", "after", "rel err", "SQNR dB", "max abs", "clipped"]
         body = [[r.name, "x".join(map(str, r.shape)) or "()", r.dtype, r.method, human_bytes(r.bytes_before, u),
-                 human_bytes(r.bytes_after, u), f"{r.rel_error:.4g}", f"{r.sqnr_db:.2f}", f"{r.max_abs_error:.3g}",
+                 human_bytes(r.bytes_after, u), *([f"{r.rel_error:.4g}", f"{r.sqnr_db:.2f}", f"{r.max_abs_error:.3g}"]
+                                                  if r.measured else ["-", "-", "-"]),
                  str(r.clipped)] for r in self.tensors]
         return head, body
 
@@ -204,8 +221,11 @@ class Report:
             f"{human_bytes(t['checkpoint_bytes_after'], u)} "
             + (f"({saved:.1f}% saved)" if saved >= 0 else f"({-saved:.1f}% more)"),
             f"SQNR dB: mean {t['mean_sqnr_db']:.2f} (tensors with nonzero error), worst {t['worst_sqnr_db']:.2f}; "
-            f"mean rel. error {t['mean_rel_error']:.4g}",
+            f"mean rel. error {t['mean_rel_error']:.4g}" if t["measured"] else
+            "error metrics: not measured (metrics=False, --no-metrics)",
         ]
+        if 0 < t["measured"] < t["tensors"]:
+            lines.append(f"error metrics measured on {t['measured']} of {t['tensors']} tensors")
         if t["clipped"] or t["nonfinite"]:
             lines.append(f"clipped values: {t['clipped']}  non-finite outputs: {t['nonfinite']}")
         if t["zeroed"]:

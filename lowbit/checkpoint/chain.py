@@ -174,7 +174,7 @@ def _header(a: np.ndarray, chain: Chain) -> dict[str, Any]:
     return {"version": SCHEME_VERSION, "shape": list(a.shape), "dtype": NP_TO_ST[a.dtype], "chain": chain.describe()}
 
 
-def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compressed:
+def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics: bool) -> Compressed:
     """A row-independent value method on blocks of rows: the same codes and scales as the
     whole-tensor path, with memory near the source tensor plus its codes."""
     method = chain.values
@@ -194,7 +194,8 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compr
             side.setdefault(k, []).append(v)
         scheme = enc.scheme
         deq = enc.values.astype(a.dtype, copy=False)
-        acc.add(a[r0:r1], deq)
+        if metrics:
+            acc.add(a[r0:r1], deq)
         if approx is not None:
             approx[r0:r1] = deq
     whole = EncodedValues(np.concatenate(codes), {k: np.concatenate(v) for k, v in side.items()}, scheme,
@@ -202,22 +203,25 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool) -> Compr
     parts, fields_ = store.store(whole)
     out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
     out["sha256"] = scheme_digest(parts, out)
-    row = TensorReport.from_metrics(name, a, acc.result(), method=" + ".join(out["chain"]),
-                                    bytes_after=parts_nbytes(parts))
+    label = " + ".join(out["chain"])
+    row = TensorReport.from_metrics(name, a, acc.result(), method=label, bytes_after=parts_nbytes(parts)) if metrics \
+        else TensorReport.unmeasured(name, a, method=label, bytes_after=parts_nbytes(parts))
     return Compressed(parts, out, approx, row)
 
 
-def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool = True) -> Compressed:
+def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool = True,
+                    metrics: bool = True) -> Compressed:
     """Apply ``chain`` to one finite floating-point array ``a`` (any float dtype, including bfloat16).
 
     The stored form is the smaller of the chain's form and the dense reconstruction in the
     source dtype. Raises :class:`NotApplied` when a method would save nothing (SVD above the
     break-even rank). ``keep_approx=False`` lets large row-independent integer schemes run
-    block by block without materialising the dequantized tensor (``approx`` is then None)."""
+    block by block without materialising the dequantized tensor (``approx`` is then None).
+    ``metrics=False`` skips the error metrics: the report row carries the bytes only."""
     values = chain.values
     if (chain.structure is None and values is not None and getattr(values, "rows_independent", False)
             and a.ndim == 2 and a.size * 4 > ROW_BLOCK_BYTES):
-        c = _by_rows(name, a, chain, keep_approx)
+        c = _by_rows(name, a, chain, keep_approx, metrics)
         if c.row.bytes_after < a.nbytes:
             return c
     x = a.astype(np.float32, copy=False)  # no copy for float32 sources: peak memory per tensor
@@ -229,7 +233,9 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
                                               "values_part": {}, "values_count": int(a.size)}
     scheme = {**_header(a, chain), **fields_}
     scheme["sha256"] = scheme_digest(parts, scheme)
-    row = TensorReport.measure(name, a, approx, method=" + ".join(scheme["chain"]), bytes_after=parts_nbytes(parts))
+    method = " + ".join(scheme["chain"])
+    row = TensorReport.measure(name, a, approx, method=method, bytes_after=parts_nbytes(parts)) if metrics \
+        else TensorReport.unmeasured(name, a, method=method, bytes_after=parts_nbytes(parts))
     return Compressed(parts, scheme, approx, row)
 
 

@@ -61,7 +61,7 @@ def _progress(total: int, enabled: bool) -> Any:
 def compress_checkpoint(source: Source, output: Source | None, method: Chain | Method | str, *,
                         include: str | None = None, exclude: str | None = None, workers: int = 1,
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
-                        collect: dict[str, np.ndarray] | None = None) -> Report:
+                        collect: dict[str, np.ndarray] | None = None, metrics: bool = True) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -77,8 +77,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     ``report.kept``. ``workers`` tensors are compressed at once in threads; the output bytes do
     not depend on it. ``force`` replaces an existing ``output``; the input is never written.
     ``collect``: if a dict is given, it receives the dense values a reader gets back for every
-    compressed tensor (source dtype). Returns the :class:`~precision.report.Report`: error and
-    bytes per tensor, totals, and ``meta`` (wall time, file sizes).
+    compressed tensor (source dtype). ``metrics=False`` skips the error metrics for users who only
+    want the output (the output bytes are the same; the report says the error was not measured).
+    Returns the :class:`~precision.report.Report`: error and bytes per tensor, totals, and ``meta``
+    (wall time, file sizes).
     """
     chain = Chain.of(method)
     for pat, what in ((include, "include"), (exclude, "exclude")):
@@ -118,7 +120,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
         if not np.isfinite(arr.astype(np.float32, copy=False)).all():
             return arr, None, "holds NaN or inf (kept as is)"
         try:
-            return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx), None
+            return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx, metrics=metrics), None
         except NotApplied as e:
             return arr, None, str(e)
         except ValueError as e:

@@ -25,12 +25,10 @@ typedef int64_t (*block_fn)(const void *args, int64_t lo, int64_t hi);
 
 /* Run f over [0, n) in blocks of BLOCK_BYTES of output (itemsize bytes per element), on nthreads.
  *
- * These loops are so cheap that faulting in the fresh output's pages is most of their time, and on
- * this VM two threads faulting pages at once stall each other in some processes (a bf16 decode of
- * 16M codes took 80 ms on every call instead of 6-9 in contiguous halves or 8 MiB blocks; 2 MiB blocks
- * round-robin stalled less but ran only at par with a single-threaded loop). So one thread faults the
- * pages in, a block at a time, in order, and every thread (that one too, once done) processes each
- * block as soon as its pages are in: page faults never overlap and the work hides behind them. */
+ * These loops are so cheap that faulting in the fresh output's pages is most of their time, and two
+ * threads faulting pages at once can stall each other. So one thread faults the pages in, a block at
+ * a time, in order, and every thread (that one too, once done) processes each block as soon as its
+ * pages are in: page faults never overlap and the work hides behind them. */
 static int64_t run_blocks(int64_t n, int64_t itemsize, void *out, int nthreads, block_fn f, const void *args)
 {
     const int64_t block = BLOCK_BYTES / itemsize;

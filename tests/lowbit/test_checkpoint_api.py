@@ -151,3 +151,18 @@ def test_the_lowbit_package_exposes_the_same_modules():
     assert lowbit.precision is precision and lowbit.quant is quant and lowbit.compress is compress
     assert lowbit.precision.formats is precision.formats and Q2 is QuantSpec
     assert lowbit.compress_checkpoint is compress_checkpoint and lowbit.load is load
+
+
+def test_no_metrics_writes_the_same_bytes_and_says_the_error_was_not_measured(tmp_path, source):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    measured = compress_checkpoint(source, a, "int8", progress=False)
+    skipped = compress_checkpoint(source, b, "int8", progress=False, metrics=False)
+    assert a.read_bytes() == b.read_bytes()
+    assert all(r.measured for r in measured.tensors) and not any(r.measured for r in skipped.tensors)
+    assert skipped.totals["measured"] == 0 and skipped.totals["ratio"] == measured.totals["ratio"]
+    assert "not measured" in skipped.to_table() and "not measured" not in measured.to_table()
+    from precision.report import Report
+
+    back = Report.from_json(skipped.to_json())
+    assert not back.tensors[0].measured and back.totals["bytes_after"] == skipped.totals["bytes_after"]
+    assert main([str(source), "--method", "int8", "--no-metrics", "--quiet"]) == 0

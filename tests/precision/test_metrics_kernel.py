@@ -1,0 +1,70 @@
+"""The one-pass C metrics (precision/_kernels/metrics_kernels.c) against the numpy fallback and an exact sum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import precision.metrics as pm
+from precision import error_metrics
+
+pytestmark = pytest.mark.skipif(pm.KERNELS.get() is None, reason="the metrics C pass is unavailable here")
+
+
+def _numpy_only(x, y):
+    old = pm._C_MIN
+    pm._C_MIN = 1 << 62
+    try:
+        return error_metrics(x, y)
+    finally:
+        pm._C_MIN = old
+
+
+def _data(n, seed, specials=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 20, n))).astype(np.float32)
+    y = (x + rng.standard_normal(n).astype(np.float32) * np.float32(1e-3) * x).astype(np.float32)
+    y[rng.integers(0, n, n // 50)] = 0
+    if specials:
+        y[rng.integers(0, n, 7)] = np.inf
+        y[rng.integers(0, n, 5)] = np.nan
+        x[rng.integers(0, n, 3)] = np.inf
+    return x, y
+
+
+@pytest.mark.parametrize("n", [4096, 65536 * 3 + 17, 1 << 21])
+def test_c_metrics_equal_the_numpy_fallback_and_the_exact_sums(n):
+    x, y = _data(n, n)
+    c, ref = error_metrics(x, y), _numpy_only(x, y)
+    for f in ("mse", "rel_error", "sqnr_db", "cosine"):
+        assert getattr(c, f) == pytest.approx(getattr(ref, f), rel=1e-12, abs=1e-15), f
+    assert (c.max_abs_error, c.nonfinite, c.zeroed) == (ref.max_abs_error, ref.nonfinite, ref.zeroed)
+    a, b = x.astype(np.float64), y.astype(np.float64)
+    exact_see = math.fsum(((b - a) ** 2).tolist())  # products of float32 values are exact in float64
+    assert c.mse * n == pytest.approx(exact_see, rel=1e-13)
+    assert c.cosine == pytest.approx(math.fsum((a * b).tolist()) / math.sqrt(math.fsum((a * a).tolist()) *
+                                                                             math.fsum((b * b).tolist())), rel=1e-13)
+
+
+def test_c_metrics_count_non_finite_and_zeroed_values_as_numpy_does():
+    x, y = _data(200_000, 3, specials=True)
+    c, ref = error_metrics(x, y), _numpy_only(x, y)
+    assert (c.nonfinite, c.zeroed) == (ref.nonfinite, ref.zeroed) and c.nonfinite > 0
+    assert math.isnan(c.mse) and math.isnan(ref.mse)
+    assert c.max_abs_error == ref.max_abs_error  # NaN errors are not maxima; inf ones are
+
+
+def test_c_metrics_do_not_depend_on_the_thread_count():
+    x, y = _data(1 << 20, 5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = error_metrics(x, y)
+        torch.set_num_threads(max(2, before))
+        many = error_metrics(x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert one == many
