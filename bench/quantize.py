@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-ndim", type=int, default=2, help="compress float tensors with at least this many dims")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="busy threads in all, --workers times each tensor's threads (default: the available cores)")
     g.add_argument("--no-metrics", action="store_true",
                    help="skip the error metrics (same output; the report gives bytes only)")
     g.add_argument("--report", action="append", default=[], metavar="FILE",
@@ -147,6 +149,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     chain = build_chain(a)
     if a.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {a.threads}")
     for pat, flag in ((a.include, "--include"), (a.exclude, "--exclude")):
         try:
             check_pattern(pat)
@@ -163,7 +167,7 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
-                                 metrics=not a.no_metrics)
+                                 metrics=not a.no_metrics, threads=a.threads)
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs

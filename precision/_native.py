@@ -26,6 +26,7 @@ passes; :meth:`Library.status` says which is in use and why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 try:  # loaded first: its libgomp then serves the kernels' OpenMP too
     import torch
@@ -61,8 +62,39 @@ def enabled() -> bool:
 
 
 def threads() -> int:
-    """How many threads a kernel may use: torch's intra-op thread count (the core count without torch)."""
-    return torch.get_num_threads() if torch is not None else min(os.cpu_count() or 1, 8)
+    """How many threads a kernel or a parallel numpy pass may use: torch's intra-op thread count
+    (the available cores without torch). :func:`thread_budget` lowers it for a block of work."""
+    return torch.get_num_threads() if torch is not None else min(available_cores(), 8)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def thread_budget(n: int) -> Iterator[None]:
+    """Within the block, torch's intra-op pool (and so lowbit's kernels and parallel passes, see
+    :func:`threads`) and the BLAS under numpy each use at most ``n`` threads; restored afterwards.
+    torch's setting is process-wide: other torch work in the process sees it meanwhile."""
+    old = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it BLAS keeps its own count
+        limits: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=n, user_api="blas")
+    try:
+        with limits:
+            yield
+    finally:
+        if torch is not None and old is not None:
+            torch.set_num_threads(old)
 
 
 def _cpu_identity() -> str:

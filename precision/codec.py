@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -204,7 +203,7 @@ def _parallel(part: Callable[[int, int], None], n: int, out_itemsize: int) -> No
     contiguous halves fault in bursts that collide.
     """
     global _POOL
-    workers = min(os.cpu_count() or 1, 8)
+    workers = min(threads(), 8)  # the thread budget of the caller (see precision._native.thread_budget)
     if n < _PARALLEL_MIN or workers == 1:
         part(0, n)
         return

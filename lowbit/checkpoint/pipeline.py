@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from precision._native import available_cores, thread_budget
 from precision.methods import Method
 from precision.report import KeptTensor, Report
 
@@ -61,7 +62,8 @@ def _progress(total: int, enabled: bool) -> Any:
 def compress_checkpoint(source: Source, output: Source | None, method: Chain | Method | str, *,
                         include: str | None = None, exclude: str | None = None, workers: int = 1,
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
-                        collect: dict[str, np.ndarray] | None = None, metrics: bool = True) -> Report:
+                        collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
+                        threads: int | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -81,6 +83,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     want the output (the output bytes are the same; the report says the error was not measured).
     Returns the :class:`~precision.report.Report`: error and bytes per tensor, totals, and ``meta``
     (wall time, file sizes).
+
+    Threads: at most ``threads`` busy threads in all (default: the cores this process may use).
+    ``workers`` tensors are in flight (capped at ``threads``) and each gets ``threads // workers``
+    threads for torch, lowbit's kernels and the BLAS under numpy (:func:`plan_threads`).
     """
     chain = Chain.of(method)
     for pat, what in ((include, "include"), (exclude, "exclude")):
@@ -90,6 +96,27 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
             raise ValueError(f"{what}: {e}") from None
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer of at least 1, got {workers!r}")
+    workers, per_tensor = plan_threads(workers, threads)
+    with thread_budget(per_tensor):
+        report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
+                           metrics)
+    report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
+    return report
+
+
+def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
+    """(tensors in flight, threads per tensor) so that their product never exceeds ``threads``
+    (default: the cores this process may use)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer of at least 1, got {threads!r}")
+    total = threads if threads is not None else available_cores()
+    workers = max(1, min(workers, total))
+    return workers, max(1, total // workers)
+
+
+def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
+              workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
+              metrics: bool) -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)

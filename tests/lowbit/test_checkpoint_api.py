@@ -166,3 +166,35 @@ def test_no_metrics_writes_the_same_bytes_and_says_the_error_was_not_measured(tm
     back = Report.from_json(skipped.to_json())
     assert not back.tensors[0].measured and back.totals["bytes_after"] == skipped.totals["bytes_after"]
     assert main([str(source), "--method", "int8", "--no-metrics", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("workers, threads, want", [(1, 2, (1, 2)), (2, 2, (2, 1)), (4, 2, (2, 1)), (2, 5, (2, 2)),
+                                                   (3, 1, (1, 1))])
+def test_tensors_in_flight_times_threads_each_never_exceed_the_budget(workers, threads, want):
+    from lowbit.checkpoint.pipeline import plan_threads
+
+    assert plan_threads(workers, threads) == want
+    assert want[0] * want[1] <= threads
+
+
+def test_a_two_worker_run_on_two_cores_uses_one_thread_per_tensor(tmp_path, source, monkeypatch):
+    import threading
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    import lowbit.checkpoint.pipeline as pipeline
+
+    seen, real = [], pipeline.compress_tensor
+
+    def spy(*a, **k):
+        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        seen.append((threading.current_thread().name, torch.get_num_threads(), max(blas, default=1)))
+        return real(*a, **k)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(pipeline, "compress_tensor", spy)
+    rep = compress_checkpoint(source, tmp_path / "o.safetensors", "int8", workers=2, threads=2, progress=False)
+    assert seen and all(t == 1 and b == 1 for _, t, b in seen)
+    assert len({name for name, _, _ in seen}) <= 2  # at most two tensors in flight
+    assert torch.get_num_threads() == before and "2 tensor(s) at once x 1 thread(s)" in rep.meta["threads"]
