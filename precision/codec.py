@@ -68,6 +68,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lowbit_encode_f32_byte.argtypes = [p, i64, p, p, i32]
     lib.lowbit_encode_f32_byte.restype = i64
+    lib.lowbit_encode_f32_ieee8.argtypes = [p, i64, i32, i32, i32, ctypes.c_uint32, i32, i32, p, i32]
+    lib.lowbit_encode_f32_ieee8.restype = None
     lib.lowbit_decode_table.argtypes = [p, i32, i64, p, i64, p, i32]
     lib.lowbit_decode_table.restype = None
     lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
@@ -256,6 +258,23 @@ def _byte_table(fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
         t = np.concatenate([codes.astype(np.uint8), np.zeros(3, np.uint8)])
         _TABLES[key] = t
     return t
+
+
+def _encode_f32_ieee8(a: np.ndarray, fmt: FloatFormat) -> np.ndarray | None:
+    """Nearest-even, ieee-overflow encode of float32 to a signed IEEE-like format of 8 bits or fewer
+    by bit arithmetic in C (see codec_kernels.c); None without the C pass (the table path runs)."""
+    lib = _KERNELS.get()
+    if lib is None:
+        return None
+    m, emax = fmt.mantissa_bits, fmt.max_exponent
+    # the smallest magnitude that rounds to inf: halfway above the largest finite value (a tie goes up,
+    # since the largest finite value has an odd mantissa)
+    threshold = int(np.float32(fmt.max_finite + 2.0 ** (emax - m - 1)).view(np.uint32))
+    b = a.reshape(-1).view(np.uint32)
+    out = np.empty(b.shape, np.uint8)
+    lib.lowbit_encode_f32_ieee8(b.ctypes.data, b.size, fmt.bits, m, fmt.bias, threshold, fmt.inf_code, fmt.nan_code,
+                                out.ctypes.data, threads())
+    return out.reshape(a.shape)
 
 
 def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: str) -> np.ndarray:
@@ -475,6 +494,10 @@ def encode(
                 and overflow == "ieee" and (tdt := _torch_twin(fmt)) is not None \
                 and _torch_kernel_rounds_correctly(fmt, tdt):
             codes = _encode_f32_torch(a, fmt, tdt)
+        elif fmt.bits <= 8 and fmt.specials == "ieee" and fmt.signed and 1 <= fmt.mantissa_bits <= 6 \
+                and 1 <= fmt.bias <= 126 and rounding == "nearest_even" and overflow == "ieee" \
+                and (codes_ := _encode_f32_ieee8(a, fmt)) is not None:
+            codes = codes_
         elif fmt.bits <= 8 and fmt.mantissa_bits <= 6:
             codes = _encode_f32_byte(a, fmt, rounding, overflow)
         elif fmt.exponent_bits == 8 and fmt.bias == 127 and fmt.specials == "ieee" and overflow == "ieee" \

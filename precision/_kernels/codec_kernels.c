@@ -5,8 +5,10 @@
  * algorithm; these loops only index them, with the very index formula of the numpy path, so the
  * results are bit-identical to it (tests check both against each other and against ml_dtypes).
  */
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -110,6 +112,57 @@ int64_t lowbit_encode_f32_byte(const uint32_t *x, int64_t n, const uint8_t *tabl
 {
     const struct encode_args a = {x, table, out};
     return run_blocks(n, 1, out, nthreads, encode_block, &a);
+}
+
+/* ---- float32 -> an 8-bit-or-narrower IEEE-like format (ieee specials: inf and NaN at the top
+ * exponent), nearest-even, ieee overflow, by integer arithmetic on the float32 bits instead of a table
+ * gather: normal results re-bias the exponent and round the dropped bits to nearest even in one add;
+ * subnormal results add a power of two whose float32 ulp is the smallest subnormal, so the float add
+ * itself rounds |x| to nearest even in those units (the sum's low bits are then the code); |x| at or
+ * above the overflow threshold gives inf, NaN gives
+ * the format's canonical NaN; the sign is copied. The same rounding as the exact algorithm (tested over
+ * every float32 pattern against it and ml_dtypes). */
+struct ieee8_args {
+    const uint32_t *x;
+    uint8_t *out;
+    uint32_t shift, rebias, min_normal, threshold, inf_code, nan_code, magic_bits, sign_shift;
+    float magic;
+};
+
+static int64_t ieee8_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct ieee8_args *a = args;
+    const uint32_t *x = a->x;
+    uint8_t *out = a->out;
+    const uint32_t shift = a->shift, rebias = a->rebias, half = (1u << (shift - 1)) - 1;
+    for (int64_t i = lo; i < hi; i++) {
+        const uint32_t b = x[i], v = b & 0x7fffffffu, s = (b >> 31) << a->sign_shift;
+        float f;
+        memcpy(&f, &v, sizeof f);
+        const uint32_t normal = (v + rebias + half + ((v >> shift) & 1u)) >> shift;
+        const float g = f + a->magic; /* the value is discarded below unless |x| is subnormal in the format */
+        uint32_t gb;
+        memcpy(&gb, &g, sizeof gb);
+        const uint32_t sub = gb - a->magic_bits;
+        uint32_t c = v < a->min_normal ? sub : normal;
+        c = v >= a->threshold ? a->inf_code : c;
+        c = v > 0x7f800000u ? a->nan_code : c;
+        out[i] = (uint8_t)(c | s);
+    }
+    return 0;
+}
+
+void lowbit_encode_f32_ieee8(const uint32_t *x, int64_t n, int bits, int mantissa_bits, int bias, uint32_t threshold,
+                             int inf_code, int nan_code, uint8_t *out, int nthreads)
+{
+    /* the float32 whose ulp is 2^(1 - bias - m), the smallest subnormal of the format */
+    const float magic = ldexpf(1.0f, 24 - bias - mantissa_bits);
+    uint32_t magic_bits;
+    memcpy(&magic_bits, &magic, sizeof magic_bits);
+    struct ieee8_args a = {x, out, (uint32_t)(23 - mantissa_bits), (uint32_t)(bias - 127) << 23,
+                           (uint32_t)(128 - bias) << 23, threshold, (uint32_t)inf_code, (uint32_t)nan_code,
+                           magic_bits, (uint32_t)(bits - 1), magic};
+    run_blocks(n, 1, out, nthreads, ieee8_block, &a);
 }
 
 /* ---- codes -> float32 bit patterns by table: out[i] = table[codes[i] & mask], codes of 1 or 2 bytes.

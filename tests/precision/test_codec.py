@@ -288,3 +288,24 @@ def test_custom_format_round_trips_and_matches_oracle():
     np.testing.assert_array_equal(encode(vals[keep], f), codes[keep])
     x = np.linspace(-40, 40, 1001)
     np.testing.assert_array_equal(round_to(x, f), [oracle_round(Fraction(t), f) for t in x])
+
+
+@pytest.mark.needs_codec_c
+@pytest.mark.parametrize("fmt", [get_format("fp8_e5m2"), FloatFormat(4, 3, specials="ieee"), FloatFormat(3, 2, specials="ieee"),
+                                 FloatFormat(5, 1, specials="ieee"), FloatFormat(2, 1, specials="ieee"),
+                                 FloatFormat(4, 2, specials="ieee", bias=3)], ids=str)
+def test_the_c_bit_arithmetic_encode_equals_the_exact_algorithm(fmt):
+    from precision.codec import _encode_f32_ieee8
+
+    bits = np.arange(0, 1 << 32, 4099, dtype=np.uint64).astype(np.uint32)
+    edges = []
+    for v in (fmt.max_finite, fmt.max_finite + 2.0 ** (fmt.max_exponent - fmt.mantissa_bits - 1),
+              2.0 ** fmt.min_exponent, 2.0 ** (fmt.min_exponent - fmt.mantissa_bits), 0.0, np.inf):
+        c = int(np.float32(v).view(np.uint32))
+        edges += [c - 2, c - 1, c, c + 1, c + 2]
+    bits = np.concatenate([bits, np.array([e for e in edges if 0 <= e < 1 << 31], np.uint32)])
+    bits = np.concatenate([bits, bits | np.uint32(1 << 31)])  # both signs
+    x = bits.view(np.float32)
+    got = _encode_f32_ieee8(x, fmt)
+    want = _encode_exact(*_decompose(x), fmt, "nearest_even", "ieee", None).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
