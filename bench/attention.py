@@ -10,7 +10,6 @@ the ratio to torch's float32 attention, and the relative error against it.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from quant.attention import int8_attention, status
 
-from .timing import add_output_options, Table, best_times, write_rows
+from .timing import benchmark_parser, Table, best_times, write_rows
 
 
 def run(repeat: int, batch: int = 32) -> list[dict]:
@@ -51,11 +50,9 @@ def run(repeat: int, batch: int = 32) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.attention", __doc__)
     p.add_argument("--repeat", type=int, default=20, help="timed runs of each, best kept (default 20)")
     p.add_argument("--batch", type=int, default=32, help="sequences per batch (default 32)")
-    add_output_options(p)
     a = p.parse_args(argv)
     if not 1 <= a.batch <= 200:
         p.error("--batch must be from 1 to 200")

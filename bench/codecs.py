@@ -9,7 +9,6 @@ machine's memory-copy bandwidth as the limit (bytes read + written).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import ml_dtypes
@@ -18,7 +17,7 @@ import torch
 
 from precision import decode, encode, get_format
 
-from .timing import add_output_options, best_time, best_times, write_rows
+from .timing import benchmark_parser, best_time, best_times, write_rows
 
 PEERS = {"fp16": (np.float16, torch.float16), "bf16": (ml_dtypes.bfloat16, torch.bfloat16),
          "fp8_e4m3fn": (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
@@ -67,12 +66,10 @@ def run(n: int, repeat: int, formats: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.codecs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.codecs", __doc__)
     p.add_argument("--n", type=int, default=1 << 24, help="elements (default 16M)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement, best kept (default 5)")
     p.add_argument("--formats", nargs="+", default=list(PEERS), choices=list(PEERS))
-    add_output_options(p)
     a = p.parse_args(argv)
     write_rows(run(a.n, a.repeat, a.formats), a.json, a.markdown)
     return 0

@@ -14,7 +14,6 @@ structured against ``ln_structured``, and exact against randomized low rank.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import time
@@ -26,7 +25,7 @@ import torch.nn.utils.prune as tprune
 
 from compress import factorize_model, low_rank, magnitude_prune, prune_model, structured_prune
 
-from .timing import add_output_options, Table, best_pair, write_rows
+from .timing import benchmark_parser, Table, best_pair, write_rows
 
 
 def quality(plot: str | None, only: list[str] | None = None, n_sentences: int = 200) -> list[dict]:
@@ -154,8 +153,7 @@ def speed(n: int, repeat: int, rank: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.compress", __doc__)
     p.add_argument("--plot", default="compress_tradeoff.png", help="PNG path ('' for none)")
     p.add_argument("--size", type=int, default=4096, help="matrix size for the speed part (default 4096)")
     p.add_argument("--rank", type=int, default=512, help="rank for the low-rank speed comparison")
@@ -164,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=200, help="sentences for the cosine (default 200)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    add_output_options(p)
     a = p.parse_args(argv)
     if not 1 <= a.rank < a.size or not 1 <= a.sentences <= 200:
         p.error("--rank must be from 1 to --size - 1, --sentences from 1 to 200")

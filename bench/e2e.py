@@ -12,7 +12,6 @@ tensor (and against a bare ``python -c 'import torch, numpy'`` baseline).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .timing import add_output_options, Table, write_rows
+from .timing import benchmark_parser, Table, write_rows
 
 AO_SCRIPT = r"""
 import os, sys, warnings, torch
@@ -112,10 +111,8 @@ def run(repeat: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.e2e", __doc__)
     p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
-    add_output_options(p)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     write_rows(run(max(1, a.repeat)), a.json, a.markdown)

@@ -8,7 +8,6 @@ tokens against float32, the mean sentence-embedding cosine to float32 on the
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import warnings
@@ -18,7 +17,7 @@ import torch
 from quant import TOKEN_SPEC, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.attention import status as attention_status
 
-from .timing import add_output_options, Table, best_pair, best_time, write_rows
+from .timing import benchmark_parser, Table, best_pair, best_time, write_rows
 
 CONFIGS: dict[str, PTQConfig] = {
     "native W8 per-channel (weight-only)": PTQConfig(),
@@ -87,12 +86,10 @@ def run(repeat: int, only: list[str] | None = None, n_sentences: int = 200) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ptq", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.ptq", __doc__)
     p.add_argument("--repeat", type=int, default=5, help="timed runs per latency, best kept (default 5)")
     p.add_argument("--only", nargs="*", help="substring filter on configuration names")
     p.add_argument("--sentences", type=int, default=200, help="sentences used, half to calibrate (default 200)")
-    add_output_options(p)
     a = p.parse_args(argv)
     if not 4 <= a.sentences <= 200:
         p.error("--sentences must be from 4 to 200")

@@ -14,7 +14,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 
 from lowbit.checkpoint import SafetensorsWriter
 from .e2e import measure, read_speed
-from .timing import add_output_options, Table, write_rows
+from .timing import benchmark_parser, Table, write_rows
 
 COLS = 4096
 
@@ -90,13 +89,11 @@ def run(sizes: list[float], workers: list[int], tensor_mib: int, where: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser("python -m bench.scale", __doc__)
     p.add_argument("--sizes", type=float, nargs="+", default=[4.0], help="checkpoint sizes in GiB (default 4)")
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to run (default 1)")
     p.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor (default 64 MiB)")
     p.add_argument("--dir", default=None, help="where to make the temporary checkpoints (default: system temp)")
-    add_output_options(p)
     a = p.parse_args(argv)
     if any(s <= 0 for s in a.sizes) or a.tensor_mib < 1 or any(w < 1 for w in a.workers):
         p.error("--sizes must be positive, --tensor-mib and --workers at least 1")

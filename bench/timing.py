@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -45,10 +46,13 @@ def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
     return best
 
 
-def add_output_options(p) -> None:
-    """The options every benchmark has for its rows: --json FILE and --markdown FILE."""
+def benchmark_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: its module docstring as help, and the
+    options for its rows, --json FILE and --markdown FILE."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the rows as a Markdown table (as the README quotes them)")
+    return p
 
 
 def markdown(rows: list[dict]) -> str:
