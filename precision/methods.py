@@ -63,7 +63,7 @@ class Method(ABC):
 # ------------------------------------------------------- checks of stored schemes
 # A scheme comes from a file; nothing in it is trusted. Before anything is allocated, every
 # count and shape must be backed by the byte sizes of the stored parts (see ``restore``).
-MAX_DIMS = 32
+MAX_DIMS = 64  # numpy's limit on dimensions: the most any stored shape may have
 UNPROVEN_ELEMENTS = 1 << 20  # a tensor whose stored parts prove no size (everything pruned) may declare this many
 
 

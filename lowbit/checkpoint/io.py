@@ -31,9 +31,10 @@ import numpy as np
 
 from precision.arrays import contiguous
 from precision.dtypes import NP_TO_ST, ST_TO_NP
+from precision.methods import MAX_DIMS
 
 MAX_HEADER = 100 * 1024 * 1024
-MAX_DIMS = 64  # numpy's limit on dimensions
+
 
 
 class CheckpointError(ValueError):
