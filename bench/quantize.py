@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the original on the project's sentence set (MiniLM or a sentence-transformers directory)")
     g.add_argument("--workers", type=int, default=1, help="compress this many tensors in parallel threads "
                    "(output order and bytes are the same; default 1)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where tensors are compressed: this process (default), or Ray tasks (pip install "
+                   "'lowbit[ray]'; same output bytes)")
+    g.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (e.g. "
+                   "ray://head:10001, or auto); default: a local cluster of --threads CPUs started for the job")
     g.add_argument("--rows", type=int, default=40, help="tensor rows shown on the terminal (default 40)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -151,6 +156,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
+    if a.address is not None and a.executor != "ray":
+        raise UsageError("--address applies to --executor ray only")
     for pat, flag in ((a.include, "--include"), (a.exclude, "--exclude")):
         try:
             check_pattern(pat)
@@ -167,7 +174,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
-                                 metrics=not a.no_metrics, threads=a.threads)
+                                 metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
+                                 address=a.address)
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs

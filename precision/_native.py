@@ -31,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -186,12 +187,28 @@ def _compile(cc: str, source: Path, out: Path, openmp: bool) -> None:
         raise OSError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
 
 
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _source_text(source: Path, seen: frozenset[Path] = frozenset()) -> str:
+    """The source and, after it, every local header it includes (``#include "..."``, relative to the
+    including file, recursively): all that the built library depends on, for its cache key."""
+    text = source.read_text()
+    seen = seen | {source.resolve()}
+    parts = [text]
+    for inc in _LOCAL_INCLUDE.findall(text):
+        header = (source.parent / inc)
+        if header.resolve() not in seen:
+            parts.append(_source_text(header, seen))
+    return "\0".join(parts)
+
+
 def _build(source: Path) -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(_flags()), _cpu_identity(),
+    key = hashlib.sha256("\0".join([_source_text(source), cc, version, " ".join(_flags()), _cpu_identity(),
                                     sys.platform]).encode()).hexdigest()[:20]
     name = f"{source.stem}-{key}.so"
     dir_fd = _open_cache()

@@ -129,6 +129,16 @@ def real_array(x: Any, name: str = "x", *, integers: Literal["keep", "float"] = 
     return a
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """True when the real array ``a`` holds no NaN or inf (one pass over the bits of float32 data)."""
+    if not a.size or a.dtype.kind in "iub":
+        return True
+    from .metrics import all_finite_c  # metrics imports this module
+
+    fast = all_finite_c(a)
+    return fast if fast is not None else bool(np.isfinite(a).all())
+
+
 def require_finite(a: np.ndarray, name: str, purpose: str, magnitude: np.ndarray | None = None) -> None:
     """ValueError naming the tensor and counting its NaN/inf values, if it has any.
 
@@ -138,7 +148,7 @@ def require_finite(a: np.ndarray, name: str, purpose: str, magnitude: np.ndarray
     """
     if not a.size or a.dtype.kind in "iu":
         return
-    ok = np.isfinite(np.max(magnitude)) if magnitude is not None else np.isfinite(a).all()
+    ok = np.isfinite(np.max(magnitude)) if magnitude is not None else all_finite(a)
     if not ok:
         bad = int(np.count_nonzero(~np.isfinite(a)))
         raise ValueError(f"{name}: {bad} of {a.size} values are NaN or inf; {purpose} needs finite values")

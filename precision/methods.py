@@ -25,6 +25,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from numpy.typing import DTypeLike
 
+from .metrics import MetricsAccumulator
+
 
 @dataclass
 class EncodedValues:
@@ -115,6 +117,17 @@ class ValueMethod(Method):
     @abstractmethod
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         """Encode ``x`` (any real float dtype; a finite array)."""
+
+    def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
+                        values: bool = True) -> EncodedValues:
+        """``encode(x)`` for a finite float32 ``x``, adding the error of the encoded values against
+        ``x`` to ``acc`` (unless None). A method that can measure while it encodes overrides this to
+        do both in one pass; with ``values=False`` it may leave ``values`` empty when the caller
+        needs only the codes and the error. The codes, side arrays and scheme are those of ``encode``."""
+        enc = self.encode(x, name)
+        if acc is not None:
+            acc.add(x, enc.values)
+        return enc
 
     @classmethod
     @abstractmethod

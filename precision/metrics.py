@@ -36,6 +36,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p = ctypes.c_void_p
     lib.lowbit_metrics_f32.argtypes = [p, p, ctypes.c_int64, p, p, ctypes.c_int]
     lib.lowbit_metrics_f32.restype = ctypes.c_int64
+    lib.lowbit_all_finite_f32.argtypes = [p, ctypes.c_int64, ctypes.c_int]
+    lib.lowbit_all_finite_f32.restype = ctypes.c_int
 
 
 # the one-pass C metrics for float32 data; the numpy blocks below are the fallback (tested equal)
@@ -45,6 +47,13 @@ _C_MIN = 1 << 12  # below this the call costs more than the numpy passes
 _BLOCK = 1 << 20
 _LARGE = 2.0 ** 200  # squares of values up to this, summed over up to 2^63 elements, stay far from overflow
 _STEP = 2.0 ** 200
+
+
+def all_finite_c(a: np.ndarray) -> bool | None:
+    """Whether the contiguous float32 array ``a`` holds no NaN or inf, in one C pass over its bits;
+    None when the kernel is unavailable or ``a`` is not such an array."""
+    lib = KERNELS.get() if a.dtype == np.float32 and a.flags.c_contiguous and a.size >= _C_MIN else None
+    return None if lib is None else bool(lib.lowbit_all_finite_f32(a.ctypes.data, a.size, threads()))
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,12 @@ class MetricsAccumulator:
         if lib.lowbit_metrics_f32(x.ctypes.data, y.ctypes.data, x.size, sums.ctypes.data, counts.ctypes.data,
                                   threads()) != 0:
             return False
+        self.add_sums(sums, counts, x.size)
+        return True
+
+    def add_sums(self, sums: np.ndarray, counts: np.ndarray, n: int) -> "MetricsAccumulator":
+        """Add ``n`` elements whose float32 sums a C pass computed: ``sums`` = (sum x^2, sum y^2,
+        sum xy, sum e^2, max |e|) and ``counts`` = (non-finite y where x is finite, zeroed)."""
         f = 1.0 / (self.unit * self.unit)  # float32 data never needs a unit, but earlier float64 blocks may have set one
         self.sxx += float(sums[0]) * f
         self.syy += float(sums[1]) * f
@@ -119,8 +134,8 @@ class MetricsAccumulator:
         self.mx = max(self.mx, float(sums[4]))
         self.nonfinite += int(counts[0])
         self.zeroed += int(counts[1])
-        self.n += x.size
-        return True
+        self.n += int(n)
+        return self
 
     def _rescaled(self, a: np.ndarray, b: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The block divided by the running unit, raising the unit (and rescaling the sums) so that

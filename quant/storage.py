@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from precision.methods import EncodedValues, ValueMethod, register_method, stored_part
+from precision.metrics import MetricsAccumulator
 
+from ._native.rtn import rtn_blocks
 from .calibrate import METHODS, calibrate
 from .quantize import QParams, dequantize, quantize
 from .spec import PerChannel, PerGroup, QuantSpec
@@ -105,6 +107,25 @@ class IntQuant(ValueMethod):
             side["zero_point"] = qp.zero_point
         return EncodedValues(codes, side, {"kind": self.kind, "spec": self.spec.to_dict()},
                              np.asarray(dequantize(codes, qp), np.float32))
+
+    def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
+                        values: bool = True) -> EncodedValues:
+        """``encode`` with the error measured on the way: minmax calibration of float32 blocks that are
+        consecutive runs of memory (per output channel, groups along the last axis, the whole tensor)
+        runs as one C pass that also accumulates the metrics (same codes, scales and zero points)."""
+        fused = rtn_blocks(x, self.spec, values=values, metrics=acc is not None) \
+            if self.calibration == "minmax" and self.percentile is None else None
+        if fused is None:
+            return super().encode_measured(x, acc, name, values=values)
+        if acc is not None:
+            assert fused.sums is not None and fused.counts is not None
+            acc.add_sums(fused.sums, fused.counts, x.size)
+        pshape = self.spec.params_shape(tuple(x.shape))
+        side = {"scale": fused.scale.reshape(pshape)}
+        if not self.spec.symmetric:
+            side["zero_point"] = fused.zero_point.reshape(pshape)
+        return EncodedValues(fused.codes, side, {"kind": self.kind, "spec": self.spec.to_dict()},
+                             fused.values if fused.values is not None else np.empty(0, np.float32))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],

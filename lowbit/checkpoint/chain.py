@@ -188,18 +188,25 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
     scheme: dict[str, Any] = {}
     for r0 in range(0, a.shape[0], rows_per):
         r1 = min(r0 + rows_per, a.shape[0])
-        enc = store.encode(a[r0:r1].astype(np.float32, copy=False), name)
+        if a.dtype == np.float32:  # measured against the source itself: the method may do both in one pass
+            enc = method.encode_measured(a[r0:r1], acc if metrics else None, name, values=approx is not None)
+            if approx is not None:
+                approx[r0:r1] = enc.values
+        else:
+            enc = store.encode(a[r0:r1].astype(np.float32), name)
+            deq = enc.values.astype(a.dtype, copy=False)
+            if metrics:
+                acc.add(a[r0:r1], deq)
+            if approx is not None:
+                approx[r0:r1] = deq
         codes.append(enc.codes)
         for k, v in enc.side.items():
             side.setdefault(k, []).append(v)
         scheme = enc.scheme
-        deq = enc.values.astype(a.dtype, copy=False)
-        if metrics:
-            acc.add(a[r0:r1], deq)
-        if approx is not None:
-            approx[r0:r1] = deq
-    whole = EncodedValues(np.concatenate(codes), {k: np.concatenate(v) for k, v in side.items()}, scheme,
-                          np.empty(0, np.float32))
+    def joined(pieces: list[np.ndarray]) -> np.ndarray:
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    whole = EncodedValues(joined(codes), {k: joined(v) for k, v in side.items()}, scheme, np.empty(0, np.float32))
     parts, fields_ = store.store(whole)
     out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
     out["sha256"] = scheme_digest(parts, out)
@@ -219,8 +226,7 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
     block by block without materialising the dequantized tensor (``approx`` is then None).
     ``metrics=False`` skips the error metrics: the report row carries the bytes only."""
     values = chain.values
-    if (chain.structure is None and values is not None and getattr(values, "rows_independent", False)
-            and a.ndim == 2 and a.size * 4 > ROW_BLOCK_BYTES):
+    if chain.structure is None and values is not None and getattr(values, "rows_independent", False) and a.ndim == 2:
         c = _by_rows(name, a, chain, keep_approx, metrics)
         if c.row.bytes_after < a.nbytes:
             return c

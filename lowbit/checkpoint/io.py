@@ -488,7 +488,7 @@ class SafetensorsWriter:
         dt = NP_TO_ST.get(a.dtype)
         if dt is None:
             raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        b = a.tobytes()
+        b = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # the bytes in place: no copy
         try:
             self._data.write(b)
         except OSError as e:

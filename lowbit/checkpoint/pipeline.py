@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from precision._native import available_cores, thread_budget
+from precision.arrays import all_finite
 from precision.methods import Method
 from precision.report import KeptTensor, Report
 
@@ -63,7 +64,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         include: str | None = None, exclude: str | None = None, workers: int = 1,
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
-                        threads: int | None = None) -> Report:
+                        threads: int | None = None, executor: str = "local", address: str | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -87,7 +88,17 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     Threads: at most ``threads`` busy threads in all (default: the cores this process may use).
     ``workers`` tensors are in flight (capped at ``threads``) and each gets ``threads // workers``
     threads for torch, lowbit's kernels and the BLAS under numpy (:func:`plan_threads`).
+
+    ``executor="ray"`` compresses each tensor in a Ray task of one CPU instead (needs
+    ``lowbit[ray]``; see :mod:`lowbit.checkpoint.distributed`): on the cluster at ``address``,
+    or without one on a local cluster of ``threads`` CPUs (default: the available cores) started
+    for the job. ``source`` must then be a path every node can read. The output and the report's
+    rows are byte-identical to a local run's; ``workers`` does not apply.
     """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise ValueError("address applies to executor='ray' only")
     chain = Chain.of(method)
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
@@ -97,11 +108,22 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer of at least 1, got {workers!r}")
     workers, per_tensor = plan_threads(workers, threads)
+    if executor == "ray":
+        from .distributed import RaySession
+
+        with RaySession(address, threads or available_cores()) as session:
+            report = _compress(source, output, chain, include, exclude, 1, progress, force, min_ndim, collect,
+                               metrics, session)
+            report.meta["threads"] = f"Ray: {session.cpus()} CPU(s), one thread per task"
+        return report
     with thread_budget(per_tensor):
         report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
                            metrics)
     report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
     return report
+
+
+EXECUTORS = ("local", "ray")
 
 
 def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
@@ -116,7 +138,7 @@ def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
 
 def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
-              metrics: bool) -> Report:
+              metrics: bool, session: Any = None) -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
@@ -139,21 +161,10 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)
 
-    def process(name: str) -> tuple[np.ndarray, Compressed | None, str | None]:
-        arr = ckpt.read(name)
-        reason = reasons[name]
-        if reason is not None:
-            return arr, None, reason
-        if not np.isfinite(arr.astype(np.float32, copy=False)).all():
-            return arr, None, "holds NaN or inf (kept as is)"
-        try:
-            return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx, metrics=metrics), None
-        except NotApplied as e:
-            return arr, None, str(e)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+    def process(name: str) -> Result:
+        return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics)
 
-    def handle(name: str, arr: np.ndarray, c: Compressed | None, reason: str | None) -> None:
+    def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
         if c is not None:
             report.add(c.row)
             schemes[name] = c.scheme
@@ -163,6 +174,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             if collect is not None and c.approx is not None:
                 collect[name] = c.approx
         else:
+            assert arr is not None  # a kept tensor always comes back with its array
             report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
             if writer:
                 writer.add(name, arr)
@@ -170,7 +182,13 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             bar.update(1)
 
     try:
-        for name, res in _in_order(names, process, workers):
+        if session is not None:
+            from .distributed import ray_in_order
+
+            results = ray_in_order(path, names, reasons, chain, keep_approx, metrics, session)
+        else:
+            results = _in_order(names, process, workers)
+        for name, res in results:
             handle(name, *res)
         if writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
@@ -188,6 +206,26 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         report.meta["output"] = str(output)
         report.meta["output_file_bytes"] = Path(output).stat().st_size
     return report
+
+
+Result = tuple[np.ndarray | None, Compressed | None, str | None]
+
+
+def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain, keep_approx: bool,
+                   metrics: bool) -> tuple[np.ndarray, Compressed | None, str | None]:
+    """One tensor of the job: (the source array, its compressed form or None, why it is kept as it
+    is or None). The same call runs in this process or in a Ray task."""
+    arr = ckpt.read(name)
+    if reason is not None:
+        return arr, None, reason
+    if not all_finite(arr if arr.dtype.kind == "f" else arr.astype(np.float32)):
+        return arr, None, "holds NaN or inf (kept as is)"
+    try:
+        return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx, metrics=metrics), None
+    except NotApplied as e:
+        return arr, None, str(e)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
 
 
 def _in_order(names: list[str], fn: Any, workers: int) -> Iterator[tuple[str, Any]]:
