@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -160,9 +161,13 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)
+    # one slot per tensor in flight: the threads compressing and this one writing take turns, so no
+    # more than ``workers`` of them are busy at once (each with at most its share of the threads)
+    slots = threading.BoundedSemaphore(workers)
 
     def process(name: str) -> Result:
-        return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics)
+        with slots:
+            return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics)
 
     def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
         if c is not None:
@@ -189,7 +194,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         else:
             results = _in_order(names, process, workers)
         for name, res in results:
-            handle(name, *res)
+            with slots:
+                handle(name, *res)
         if writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
                                                  "kept": [k.name for k in report.kept]})})

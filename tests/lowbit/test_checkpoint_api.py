@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from bench.quantize import main
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
-from lowbit.checkpoint import Chain, CheckpointError, compress_checkpoint, compress_tensor, load, restore
+from lowbit.checkpoint import Chain, CheckpointError, SafetensorsWriter, compress_checkpoint, compress_tensor, load, restore
 from precision.cast import FloatCast
 from precision.methods import registered_methods
 from quant import PerChannel, PerGroup, QuantSpec
@@ -198,3 +198,39 @@ def test_a_two_worker_run_on_two_cores_uses_one_thread_per_tensor(tmp_path, sour
     assert seen and all(t == 1 and b == 1 for _, t, b in seen)
     assert len({name for name, _, _ in seen}) <= 2  # at most two tensors in flight
     assert torch.get_num_threads() == before and "2 tensor(s) at once x 1 thread(s)" in rep.meta["threads"]
+
+
+def test_reading_compressing_and_writing_never_keep_more_threads_busy_than_the_budget(tmp_path, monkeypatch):
+    """With --workers 2 on 2 threads, the tensors being read and compressed and the tensor being written
+    are never more than two at once, and each compression runs with one thread."""
+    import threading
+
+    import torch
+
+    import lowbit.checkpoint.pipeline as pipeline
+
+    src = tmp_path / "m.safetensors"
+    rng = np.random.default_rng(0)
+    with SafetensorsWriter(src) as w:
+        for i in range(12):
+            w.add(f"l{i}.weight", rng.standard_normal((256, 512)).astype(np.float32))
+        w.commit()
+    lock, active, peak, threads_seen = threading.Lock(), [0], [0], set()
+
+    def busy(fn):
+        def run(*a, **k):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                threads_seen.add(torch.get_num_threads())
+                return fn(*a, **k)
+            finally:
+                with lock:
+                    active[0] -= 1
+        return run
+
+    monkeypatch.setattr(pipeline, "process_tensor", busy(pipeline.process_tensor))
+    monkeypatch.setattr(SafetensorsWriter, "add", busy(SafetensorsWriter.add))
+    compress_checkpoint(src, tmp_path / "o.safetensors", "int8", workers=2, threads=2, progress=False)
+    assert peak[0] == 2 and threads_seen == {1}
