@@ -1,24 +1,35 @@
-"""python -m bench.e2e: MiniLM int8 per-channel end to end, against torch.ao quantize_dynamic.
+"""python -m bench.e2e: checkpoint throughput per method, and MiniLM int8 end to end against torch.ao.
 
-lowbit: ``python -m bench.quantize <MiniLM> --method int8 --out ... --report ...``
-(read, quantize, write, report) in a fresh process. torch.ao: load the same
-model with sentence-transformers, ``quantize_dynamic`` with per-channel int8
-weights, ``torch.save`` its state dict, in a fresh process. Prints wall times
-and their ratio, throughput of checkpoint processed in GB/s against the
-machine's file read speed (measured on the same file in the same run), and
-the peak RSS of each process against the checkpoint size and its largest
-tensor (and against a bare ``python -c 'import torch, numpy'`` baseline).
+Part "throughput": a synthetic sharded float32 checkpoint (``--size`` GiB of
+``--tensor-mib`` MiB tensors, made in a temporary directory) goes through
+``compress_checkpoint`` in this process (after imports and kernel builds) for
+int8 per channel, int4 group 128, fp8_e4m3fn per channel, bf16 and 50%
+magnitude pruning, each with 1 and 2 workers, with the page cache warm and
+cold (the shards evicted with ``posix_fadvise(DONTNEED)`` before each run).
+Printed per run: GB/s of checkpoint processed against the file read speed
+measured the same way (warm or cold) in the same run. Contenders alternate and
+the best of ``--repeat`` runs is kept.
+
+Part "minilm": ``python -m bench.quantize <MiniLM> --method int8 --out ...
+--report ...`` (read, quantize, write, report) in a fresh process against
+torch.ao: load the same model with sentence-transformers, ``quantize_dynamic``
+with per-channel int8 weights, ``torch.save`` its state dict, in a fresh
+process. Printed: wall times and their ratio, throughput, and the peak RSS of
+each process against the checkpoint size and its largest tensor (and against a
+bare ``python -c 'import torch, numpy'`` baseline).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .timing import benchmark_parser, Table, write_rows
 
@@ -33,24 +44,54 @@ q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear: torch.ao.quantiz
 torch.save(q.state_dict(), sys.argv[2])
 """
 
-RSS_SCRIPT = r"""
-import resource, subprocess, sys, time
-t = time.perf_counter()
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-dt = time.perf_counter() - t
-if r.returncode:
-    sys.stderr.write(r.stderr.decode()); sys.exit(r.returncode)
-print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-"""
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a command run in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *cmd], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else ''}")
-    t, rss = out.stdout.split()
-    return float(t), int(rss)
+def _tree(root: int) -> dict[int, tuple[int, int]]:
+    """{pid: (RSS bytes, CPU ticks)} of ``root`` and every process descended from it (from /proc)."""
+    procs: dict[int, tuple[int, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        # after the command name: state ppid ... utime(12) stime(13) ... rss(22) in pages
+        procs[int(entry)] = (int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), int(fields[11]) + int(fields[12]))
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in out:
+            out[pid] = procs[pid][1:]
+            todo += [c for c, v in procs.items() if v[0] == pid]
+    return out
+
+
+def measure(cmd: list[str], interval: float = 0.02) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds) of a command run in a fresh process, counting every
+    process it starts (a Ray cluster's too): the RSS of the whole process tree summed, and its CPU
+    time, sampled every ``interval`` seconds from /proc (the peak is at least the command's own)."""
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        peak, ticks = 0, {}
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            tree = _tree(p.pid)
+            peak = max(peak, sum(r for r, _ in tree.values()))
+            ticks.update({k: c for k, (_, c) in tree.items()})
+            time.sleep(interval)
+        dt = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"{' '.join(cmd)} failed: {lines[-1] if lines else ''}")
+    return dt, max(peak, usage.ru_maxrss * 1024), sum(ticks.values()) / _TICK
 
 
 def read_speed(path: Path, repeat: int = 3) -> float:
@@ -63,6 +104,81 @@ def read_speed(path: Path, repeat: int = 3) -> float:
                 pass
         best = min(best, time.perf_counter() - t)
     return path.stat().st_size / best / 1e9
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (they are clean: the file was written and synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def throughput_methods() -> dict[str, Any]:
+    """The methods of the throughput table: label -> what ``compress_checkpoint`` takes."""
+    from lowbit.checkpoint import Chain
+    from quant import IntQuant, PerGroup, QuantSpec
+
+    return {"int8 per channel": "int8",
+            "int4 group 128": Chain(values=IntQuant(QuantSpec(bits=4, granularity=PerGroup(128)))),
+            "fp8_e4m3fn per channel": "fp8_e4m3fn",
+            "bf16": "bf16",
+            "magnitude 50%": "prune"}
+
+
+def run_throughput(size_gib: float, tensor_mib: int, workers: list[int], repeat: int, where: str | None,
+                   only: list[str] | None = None) -> list[dict]:
+    """One row per (cache state, method, workers): best GB/s of ``repeat`` alternating runs."""
+    from lowbit.checkpoint import compress_checkpoint
+
+    from .scale import make_checkpoint
+
+    methods = {k: v for k, v in throughput_methods().items() if not only or k in only}
+    table = Table([("cache", "cache", "<5"), ("method", "method", "<24"), ("workers", "workers", "7d"),
+                   ("seconds", "s", "6.2f"), ("gbps", "GB/s", "6.3f"), ("read_gbps", "read GB/s", "9.2f"),
+                   ("pct_of_read", "% of read", "9.1f")])
+    rows = []
+    d = Path(tempfile.mkdtemp(prefix="lowbit-e2e-", dir=where))
+    try:
+        idx, _ = make_checkpoint(d, size_gib, tensor_mib)
+        shards = sorted(d.glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in shards)
+        out = d / "out" / "q.safetensors"
+        out.parent.mkdir()
+        for cache in ("warm", "cold"):
+            def prepare() -> None:
+                for f in shards:
+                    evict(f) if cache == "cold" else read_speed(f, repeat=1)
+
+            def read() -> float:
+                prepare()
+                t = time.perf_counter()
+                for f in shards:
+                    read_speed(f, repeat=1)
+                return time.perf_counter() - t
+
+            best: dict[tuple[str, int], float] = {}
+            t_read = float("inf")
+            for _ in range(max(1, repeat)):
+                t_read = min(t_read, read())
+                for label, method in methods.items():
+                    for w in workers:
+                        prepare()
+                        t = time.perf_counter()
+                        compress_checkpoint(idx, out, method, workers=w, progress=False, force=True)
+                        best[label, w] = min(best.get((label, w), float("inf")), time.perf_counter() - t)
+            read_gbps = size / t_read / 1e9
+            for (label, w), t in best.items():
+                rows.append(table.row(dict(part="throughput", cache=cache, method=label, workers=w, seconds=t,
+                                           gbps=size / t / 1e9, read_gbps=read_gbps,
+                                           pct_of_read=100 * size / t / 1e9 / read_gbps)))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"checkpoint: {size / 2**30:.2f} GiB of float32 in {tensor_mib} MiB tensors; GB/s: checkpoint bytes over "
+          "compress_checkpoint's time (read, compress, measure, write, fsync); read GB/s: reading the same shards")
+    return rows
 
 
 def run(repeat: int) -> list[dict]:
@@ -80,7 +196,7 @@ def run(repeat: int) -> list[dict]:
                     f"{d}/q.safetensors", "--force", "--report", f"{d}/r.json", "--quiet"]
         ao_cmd = [sys.executable, "-c", AO_SCRIPT, str(minilm_dir()), f"{d}/ao.pt"]
         base_cmd = [sys.executable, "-c", "import torch, numpy, safetensors"]
-        runs = {k: min((measure(c) for _ in range(repeat)), key=lambda r: r[0])
+        runs = {k: min((measure(c)[:2] for _ in range(repeat)), key=lambda r: r[0])
                 for k, c in (("lowbit", ours_cmd), ("torch.ao", ao_cmd), ("baseline", base_cmd))}
         out_size = Path(f"{d}/q.safetensors").stat().st_size
         t_inproc = json.loads(Path(f"{d}/r.json").read_text())["meta"]["wall_time_s"]
@@ -97,9 +213,9 @@ def run(repeat: int) -> list[dict]:
                            ("baseline", "python -c 'import torch, numpy' (baseline)", 0)):
         t, rss = runs[key]
         g = size / t / 1e9
-        rows.append(table.row(dict(program=name, wall_s=t, gbps=g, pct_of_read=100 * g / gbps_read,
+        rows.append(table.row(dict(part="minilm", program=name, wall_s=t, gbps=g, pct_of_read=100 * g / gbps_read,
                                    peak_rss_mib=rss * mb, output_mib=osz * mb)))
-    rows.append(dict(program="lowbit in-process (after imports)", wall_s=t_inproc, gbps=size / t_inproc / 1e9,
+    rows.append(dict(part="minilm", program="lowbit in-process (after imports)", wall_s=t_inproc, gbps=size / t_inproc / 1e9,
                      pct_of_read=100 * size / t_inproc / 1e9 / gbps_read))
     (t_ours, rss_ours), (t_ao, _), (_, rss_base) = runs["lowbit"], runs["torch.ao"], runs["baseline"]
     print(f"lowbit in-process (read + quantize + write + report, after imports): {t_inproc:.2f} s = "
@@ -113,9 +229,24 @@ def run(repeat: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("python -m bench.e2e", __doc__)
     p.add_argument("--repeat", type=int, default=3, help="runs of each program, best kept (default 3)")
+    p.add_argument("--parts", nargs="+", choices=("throughput", "minilm"), default=["throughput", "minilm"],
+                   help="which parts to run (default both)")
+    p.add_argument("--size", type=float, default=1.0, help="throughput: checkpoint size in GiB (default 1)")
+    p.add_argument("--tensor-mib", type=int, default=64, help="throughput: size of each tensor (default 64 MiB)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="throughput: --workers values (default 1 2)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(throughput_methods()), metavar="METHOD",
+                   help=f"throughput: these methods only (of: {', '.join(throughput_methods())})")
+    p.add_argument("--dir", default=None, help="throughput: where to make the checkpoint (default: system temp)")
     a = p.parse_args(argv)
+    if a.size <= 0 or a.tensor_mib < 1 or any(w < 1 for w in a.workers):
+        p.error("--size must be positive, --tensor-mib and --workers at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    write_rows(run(max(1, a.repeat)), a.json, a.markdown)
+    rows = []
+    if "throughput" in a.parts:
+        rows += run_throughput(a.size, a.tensor_mib, a.workers, a.repeat, a.dir, a.methods)
+    if "minilm" in a.parts:
+        rows += run(max(1, a.repeat))
+    write_rows(rows, a.json, a.markdown)
     return 0
 
 

@@ -7,9 +7,17 @@ process. Printed per run: wall time, throughput of checkpoint processed in
 GB/s against the file read speed measured on the same shards in the same run,
 peak RSS, and the bound ``2 x largest tensor + 600 MB`` it must stay under.
 
+With ``--executors local ray`` each size also runs with ``--executor ray`` (a
+local Ray cluster of ``--ray-cpus`` CPUs started by the job). Ray rows add the
+whole process tree's peak RSS and CPU seconds (Ray's processes included) and
+the overhead per tensor against the local run with as many workers as Ray has
+CPUs (in-process times, cluster start-up excluded; start-up is in the wall time).
+The memory bound applies to local runs (Ray's own processes are not tensors).
+
 Examples:
   python -m bench.scale                      # 4 GiB, 1 worker
   python -m bench.scale --sizes 1 4 8 --workers 1 2
+  python -m bench.scale --sizes 1 --workers 1 2 --executors local ray
 """
 
 from __future__ import annotations
@@ -53,12 +61,14 @@ def make_checkpoint(d: Path, gib: float, tensor_mib: int, shard_gib: float = 1.0
     return idx, per
 
 
-def run(sizes: list[float], workers: list[int], tensor_mib: int, where: str | None) -> list[dict]:
-    """One row per (size, workers); prints the table as it goes."""
-    table = Table([("size_gib", "size GiB", "8.2f"), ("workers", "workers", "7d"), ("wall_s", "wall s", "7.1f"),
-                   ("gbps", "GB/s", "6.3f"), ("read_gbps", "read GB/s", "9.2f"), ("pct_of_read", "% of read", "9.1f"),
+def run(sizes: list[float], workers: list[int], tensor_mib: int, where: str | None,
+        executors: tuple[str, ...] = ("local",), ray_cpus: int = 2) -> list[dict]:
+    """One row per (size, executor, workers); prints the table as it goes."""
+    table = Table([("size_gib", "size GiB", "8.2f"), ("executor", "executor", "<8"), ("workers", "workers", "7d"),
+                   ("wall_s", "wall s", "7.1f"), ("cpu_s", "CPU s", "6.1f"), ("gbps", "GB/s", "6.3f"),
+                   ("read_gbps", "read GB/s", "9.2f"), ("pct_of_read", "% of read", "9.1f"),
                    ("peak_rss_mib", "peak RSS MiB", "12.0f"), ("bound_mib", "bound MiB", "9.0f"),
-                   ("within_bound", "within", ">6")])
+                   ("within_bound", "within", ">6"), ("overhead_ms_per_tensor", "ms/tensor", "9.1f")])
     rows = []
     for gib in sizes:
         d = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=where))
@@ -66,25 +76,37 @@ def run(sizes: list[float], workers: list[int], tensor_mib: int, where: str | No
             idx, largest = make_checkpoint(d, gib, tensor_mib)
             shards = sorted(d.glob("*.safetensors"))
             size = sum(s.stat().st_size for s in shards)
+            tensors = len(json.loads(idx.read_text())["weight_map"])  # every tensor is one task
             t0 = time.perf_counter()
             for s in shards:
                 read_speed(s, repeat=1)
             read_gbps = size / (time.perf_counter() - t0) / 1e9
-            for w in workers:
+            local_in: dict[int, float] = {}
+            runs = [("local", w) for w in workers] * ("local" in executors) + [("ray", ray_cpus)] * ("ray" in executors)
+            for executor, w in runs:
                 out, rep = d / "q.safetensors", d / "r.json"
-                wall, rss = measure([sys.executable, "-m", "bench.quantize", str(idx), "--method", "int8", "--out",
-                                     str(out), "--force", "--report", str(rep), "--quiet", "--workers", str(w)])
+                cmd = [sys.executable, "-m", "bench.quantize", str(idx), "--method", "int8", "--out", str(out),
+                       "--force", "--report", str(rep), "--quiet"]
+                cmd += ["--workers", str(w)] if executor == "local" else ["--executor", "ray", "--threads", str(w)]
+                wall, rss, cpu = measure(cmd)
                 t_in = json.loads(rep.read_text())["meta"]["wall_time_s"]
+                if executor == "local":
+                    local_in[w] = t_in
+                base = local_in.get(w, next(iter(local_in.values()), None))
                 bound = 2 * largest + 600 * 2**20
                 gbps = size / t_in / 1e9
-                rows.append(table.row(dict(size_gib=size / 2**30, workers=w, wall_s=wall, gbps=gbps, read_gbps=read_gbps,
-                                           pct_of_read=100 * gbps / read_gbps, peak_rss_mib=rss / 2**20,
-                                           bound_mib=bound / 2**20, within_bound="yes" if rss < bound else "NO")))
+                rows.append(table.row(dict(
+                    size_gib=size / 2**30, executor=executor, workers=w, wall_s=wall, cpu_s=cpu, gbps=gbps,
+                    read_gbps=read_gbps, pct_of_read=100 * gbps / read_gbps, peak_rss_mib=rss / 2**20,
+                    bound_mib=bound / 2**20 if executor == "local" else None,
+                    within_bound=("yes" if rss < bound else "NO") if executor == "local" else None,
+                    overhead_ms_per_tensor=1e3 * (t_in - base) / tensors if executor == "ray" and base else None)))
                 out.unlink(missing_ok=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
-    print("GB/s: checkpoint bytes over bench.quantize's own processing time (after imports); read GB/s: reading the "
-          "same shards once, right after writing them (page cache warm)")
+    print("GB/s: checkpoint bytes over bench.quantize's own processing time (after imports and, for Ray, after the "
+          "cluster started); read GB/s: reading the same shards once, right after writing them (page cache warm); "
+          "peak RSS and CPU s: the whole process tree, sampled")
     return rows
 
 
@@ -94,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to run (default 1)")
     p.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor (default 64 MiB)")
     p.add_argument("--dir", default=None, help="where to make the temporary checkpoints (default: system temp)")
+    p.add_argument("--executors", nargs="+", choices=("local", "ray"), default=["local"],
+                   help="run locally (--workers values) and/or on a local Ray cluster (default local)")
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     a = p.parse_args(argv)
-    if any(s <= 0 for s in a.sizes) or a.tensor_mib < 1 or any(w < 1 for w in a.workers):
-        p.error("--sizes must be positive, --tensor-mib and --workers at least 1")
-    write_rows(run(a.sizes, a.workers, a.tensor_mib, a.dir), a.json, a.markdown)
+    if any(s <= 0 for s in a.sizes) or a.tensor_mib < 1 or any(w < 1 for w in a.workers) or a.ray_cpus < 1:
+        p.error("--sizes must be positive, --tensor-mib, --workers and --ray-cpus at least 1")
+    write_rows(run(a.sizes, a.workers, a.tensor_mib, a.dir, tuple(a.executors), a.ray_cpus), a.json, a.markdown)
     return 0
 
 

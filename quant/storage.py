@@ -11,7 +11,7 @@ import numpy as np
 from precision.methods import EncodedValues, ValueMethod, register_method, stored_part
 from precision.metrics import MetricsAccumulator
 
-from ._native.rtn import rtn_blocks
+from ._native.rtn import pack_nibbles_c, rtn_blocks
 from .calibrate import METHODS, calibrate
 from .quantize import QParams, dequantize, quantize
 from .spec import PerChannel, PerGroup, QuantSpec
@@ -44,7 +44,10 @@ def pack_codes(codes: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, dict[str
     """Codes as stored: 4 bits or fewer are offset by ``qmin`` to unsigned and packed two per
     byte; wider codes are stored one per byte. Returns (array, info for ``unpack_codes``)."""
     if spec.bits <= 4:
-        return pack_nibbles((codes.astype(np.int16) - spec.qmin).astype(np.uint8)), {"packed": 4, "qmin": spec.qmin}
+        packed = pack_nibbles_c(codes, spec.qmin)
+        if packed is None:
+            packed = pack_nibbles((codes.astype(np.int16) - spec.qmin).astype(np.uint8))
+        return packed, {"packed": 4, "qmin": spec.qmin}
     return codes, {}
 
 

@@ -28,6 +28,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     lib.lowbit_rtn_f32.argtypes = [p, i64, i64, i32, i32, ctypes.c_int, i32, f32, f32, p, p, p, p, p, p, ctypes.c_int]
     lib.lowbit_rtn_f32.restype = i64
+    lib.lowbit_pack_nibbles.argtypes = [p, i64, i32, p, ctypes.c_int]
+    lib.lowbit_pack_nibbles.restype = None
 
 
 KERNELS = Library(Path(__file__).with_name("rtn_kernels.c"), _bind, fallback="numpy")
@@ -82,3 +84,15 @@ def rtn_blocks(x: np.ndarray, spec: QuantSpec, *, values: bool, metrics: bool) -
     if rc != 0:
         return None
     return Blocks(codes, scale, zp, vals, sums, counts)
+
+
+def pack_nibbles_c(codes: np.ndarray, qmin: int) -> np.ndarray | None:
+    """``code - qmin`` of 4-bit-or-narrower codes (int8 or uint8), two per byte, low nibble first, in one
+    C pass; None when the kernel is unavailable (the numpy packing is the reference)."""
+    lib = KERNELS.get()
+    if lib is None or codes.dtype not in (np.int8, np.uint8):
+        return None
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty((flat.size + 1) // 2, np.uint8)
+    lib.lowbit_pack_nibbles(flat.ctypes.data, flat.size, qmin, out.ctypes.data, threads())
+    return out

@@ -177,3 +177,14 @@ int64_t lowbit_rtn_f32(const float *x, int64_t nblocks, int64_t len, int32_t qmi
     }
     return bad ? -2 : 0;
 }
+
+/* Codes of 4 bits or fewer as stored (quant/storage.py pack_codes): code - qmin, two per byte, low
+ * nibble first; an odd count leaves the last high nibble 0. out holds (n + 1) / 2 bytes. */
+void lowbit_pack_nibbles(const int8_t *codes, int64_t n, int32_t qmin, uint8_t *out, int nthreads)
+{
+    const int64_t pairs = n / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (pairs >= (1 << 20))
+    for (int64_t i = 0; i < pairs; i++)
+        out[i] = (uint8_t)(((codes[2 * i] - qmin) & 0x0F) | (((codes[2 * i + 1] - qmin) & 0x0F) << 4));
+    if (n % 2) out[pairs] = (uint8_t)((codes[n - 1] - qmin) & 0x0F);
+}

@@ -52,15 +52,31 @@ def test_compress_benchmark_rows_hold_both_parts(tmp_path):
 
 
 def test_e2e_benchmark_rows_hold_each_program(tmp_path):
-    rows = rows_of(e2e.main, ["--repeat", "1"], tmp_path)
-    lowbit, ao = (next(r for r in rows if r["program"].startswith(p)) for p in ("lowbit bench.quantize", "torch.ao"))
+    rows = rows_of(e2e.main, ["--repeat", "1", "--size", "0.02", "--tensor-mib", "2", "--workers", "1", "2",
+                              "--methods", "int8 per channel", "magnitude 50%", "--dir", str(tmp_path)], tmp_path)
+    minilm = [r for r in rows if r["part"] == "minilm"]
+    lowbit, ao = (next(r for r in minilm if r["program"].startswith(p)) for p in ("lowbit bench.quantize", "torch.ao"))
     assert 0 < lowbit["output_mib"] < ao["output_mib"]
-    assert all(r["wall_s"] > 0 for r in rows)
+    assert all(r["wall_s"] > 0 for r in minilm)
+    speed = [r for r in rows if r["part"] == "throughput"]
+    assert {(r["cache"], r["method"], r["workers"]) for r in speed} == {
+        (c, m, w) for c in ("warm", "cold") for m in ("int8 per channel", "magnitude 50%") for w in (1, 2)}
+    assert all(r["gbps"] > 0 and r["read_gbps"] > 0 for r in speed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # the checkpoint is removed
 
 
 def test_scale_benchmark_stays_within_its_memory_bound(tmp_path):
     rows = rows_of(scale.main, ["--sizes", "0.01", "--tensor-mib", "1", "--dir", str(tmp_path)], tmp_path)
     assert len(rows) == 1 and rows[0]["within_bound"] == "yes" and rows[0]["gbps"] > 0
+
+
+def test_scale_benchmark_runs_ray_against_the_plain_cli(tmp_path):
+    pytest.importorskip("ray", reason="needs lowbit[ray]")
+    rows = rows_of(scale.main, ["--sizes", "0.01", "--tensor-mib", "1", "--dir", str(tmp_path), "--workers", "2",
+                                "--executors", "local", "ray"], tmp_path)
+    local, ray = rows
+    assert (local["executor"], ray["executor"]) == ("local", "ray") and ray["workers"] == 2
+    assert ray["overhead_ms_per_tensor"] is not None and ray["cpu_s"] > 0 and ray["peak_rss_mib"] > local["peak_rss_mib"]
 
 
 @pytest.mark.parametrize("main, argv", [(ptq.main, ["--sentences", "1"]), (compress.main, ["--rank", "0"]),

@@ -134,3 +134,15 @@ def test_checkpoint_tensor_from_the_c_pass_equals_the_numpy_path(monkeypatch):
     np.testing.assert_array_equal(fast.approx, slow.approx)
     for f in ("mse", "sqnr_db", "max_abs_error", "cosine"):
         assert getattr(fast.row, f) == pytest.approx(getattr(slow.row, f), rel=1e-12)
+
+
+@pytest.mark.parametrize("bits, signed", [(4, True), (4, False), (3, True), (2, False)])
+@pytest.mark.parametrize("n", [1, 2, 7, 4096 + 1, (1 << 21) + 3])
+def test_c_nibble_packing_equals_the_numpy_packing(bits, signed, n):
+    from quant.storage import pack_nibbles
+
+    spec = QuantSpec(bits=bits, signed=signed)
+    codes = np.random.default_rng(n).integers(spec.qmin, spec.qmax + 1, n).astype(spec.code_dtype)
+    got = rtn.pack_nibbles_c(codes, spec.qmin)
+    assert got is not None
+    np.testing.assert_array_equal(got, pack_nibbles((codes.astype(np.int16) - spec.qmin).astype(np.uint8)))
