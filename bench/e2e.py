@@ -44,54 +44,16 @@ q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear: torch.ao.quantiz
 torch.save(q.state_dict(), sys.argv[2])
 """
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _tree(root: int) -> dict[int, tuple[int, int]]:
-    """{pid: (RSS bytes, CPU ticks)} of ``root`` and every process descended from it (from /proc)."""
-    procs: dict[int, tuple[int, int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        # after the command name: state ppid ... utime(12) stime(13) ... rss(22) in pages
-        procs[int(entry)] = (int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), int(fields[11]) + int(fields[12]))
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in procs and pid not in out:
-            out[pid] = procs[pid][1:]
-            todo += [c for c, v in procs.items() if v[0] == pid]
-    return out
-
-
 def measure(cmd: list[str], interval: float = 0.02) -> tuple[float, int, float]:
     """(wall seconds, peak RSS bytes, CPU seconds) of a command run in a fresh process, counting every
-    process it starts (a Ray cluster's too): the RSS of the whole process tree summed, and its CPU
-    time, sampled every ``interval`` seconds from /proc (the peak is at least the command's own)."""
-    with tempfile.TemporaryFile() as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        peak, ticks = 0, {}
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            tree = _tree(p.pid)
-            peak = max(peak, sum(r for r, _ in tree.values()))
-            ticks.update({k: c for k, (_, c) in tree.items()})
-            time.sleep(interval)
-        dt = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode:
-            err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"{' '.join(cmd)} failed: {lines[-1] if lines else ''}")
-    return dt, max(peak, usage.ru_maxrss * 1024), sum(ticks.values()) / _TICK
+    process it starts (a Ray cluster's too): see :mod:`bench.proctree`, which runs it (a small
+    process of its own, so the command's peak is not that of a large parent forking it)."""
+    out = subprocess.run([sys.executable, "-m", "bench.proctree", str(interval), *cmd], capture_output=True, text=True)
+    if out.returncode:
+        lines = out.stderr.strip().splitlines()
+        raise RuntimeError(f"{' '.join(cmd)} failed: {lines[-1] if lines else ''}")
+    t, rss, cpu = out.stdout.split()
+    return float(t), int(rss), float(cpu)
 
 
 def read_speed(path: Path, repeat: int = 3) -> float:

@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from precision.arrays import contiguous
-from precision.methods import (UNPROVEN_ELEMENTS, NotApplied, StructureMethod, ValueStore, elements, register_method,
-                               sparse_or_dense, stored_int, stored_part, stored_shape)
+from precision.methods import (UNPROVEN_ELEMENTS, Copy, NotApplied, StructureMethod, ValueStore, elements,
+                               register_method, sparse_or_dense, stored_int, stored_part, stored_shape)
 
 MAX_M = 1024  # N:M group size; in-group positions take log2(m) bits each
 
@@ -224,6 +224,26 @@ class MagnitudePrune(StructureMethod):
         enc = store.encode(np.asarray(r.weight, np.float32), name)
         return sparse_or_dense({"kind": self.kind, "sparsity": self.sparsity}, {"mask": pack_bits(keep)}, enc,
                                keep, store)
+
+    def encode_measured(self, x, store, acc, name="x", *, recon=True):
+        """Values stored as they are (no value method) from a float32 tensor: the C pass selects, packs
+        the mask, gathers the kept values and measures in a few passes (the same parts as ``encode``)."""
+        from ._common import amount_to_count
+        from ._native import magnitude_prune_c
+
+        k = amount_to_count(x.size, self.sparsity, None)
+        sparse_bytes = (x.size + 7) // 8 + 4 * (x.size - k)
+        fused = None
+        if isinstance(store.method, Copy) and store.src_dtype == np.float32 and sparse_bytes < x.nbytes:
+            fused = magnitude_prune_c(x, k, dense=recon, metrics=acc is not None)
+        if fused is None:  # the numpy path, which also decides when dense storage is smaller
+            return super().encode_measured(x, store, acc, name, recon=recon)
+        if acc is not None:
+            assert fused.sums is not None and fused.counts is not None
+            acc.add_sums(fused.sums, fused.counts, x.size)
+        fields_ = {"structure": {"kind": self.kind, "sparsity": self.sparsity}, "values": {"kind": Copy.kind},
+                   "values_part": {}, "values_count": int(fused.values.size)}
+        return {"mask": fused.mask, "values": fused.values}, fields_, fused.dense
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):

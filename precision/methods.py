@@ -246,6 +246,17 @@ class StructureMethod(Method):
     def encode(self, x: np.ndarray, store: ValueStore, name: str = "x") -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray]:
         """(parts, scheme fields, float32 reconstruction) of a float32 tensor ``x``."""
 
+    def encode_measured(self, x: np.ndarray, store: ValueStore, acc: MetricsAccumulator | None, name: str = "x", *,
+                        recon: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:
+        """``encode`` of a finite float32 ``x`` stored from a float32 source, adding the error of the
+        reconstruction against ``x`` to ``acc`` (unless None). A method that can measure while it
+        encodes overrides this to do both in fewer passes; with ``recon=False`` it may return None for
+        the reconstruction. The parts and scheme fields are those of ``encode``."""
+        parts, fields_, r = self.encode(x, store, name)
+        if acc is not None:
+            acc.add(x, r)
+        return parts, fields_, r
+
     @classmethod
     @abstractmethod
     def decode(cls, parts: dict[str, np.ndarray], scheme: dict[str, Any], shape: tuple[int, ...],
@@ -320,6 +331,13 @@ class NoStructure(StructureMethod):
         enc = store.encode(x, name)
         parts, fields_ = store.store(enc)
         return parts, {"structure": {"kind": self.kind}, **fields_}, enc.values
+
+    def encode_measured(self, x, store, acc, name="x", *, recon=True):
+        if isinstance(store.method, Copy):
+            return super().encode_measured(x, store, acc, name, recon=recon)
+        enc = store.method.encode_measured(x, acc, name, values=recon)  # the value method measures as it encodes
+        parts, fields_ = store.store(enc)
+        return parts, {"structure": {"kind": self.kind}, **fields_}, enc.values if enc.values.size == x.size else None
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):

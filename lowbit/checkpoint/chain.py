@@ -222,8 +222,9 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
 
     The stored form is the smaller of the chain's form and the dense reconstruction in the
     source dtype. Raises :class:`NotApplied` when a method would save nothing (SVD above the
-    break-even rank). ``keep_approx=False`` lets large row-independent integer schemes run
-    block by block without materialising the dequantized tensor (``approx`` is then None).
+    break-even rank). ``keep_approx=False`` spares the methods that can skip it the dense
+    reconstruction (``approx`` is then None); large row-independent integer schemes then run
+    block by block without materialising it.
     ``metrics=False`` skips the error metrics: the report row carries the bytes only."""
     values = chain.values
     if chain.structure is None and values is not None and getattr(values, "rows_independent", False) and a.ndim == 2:
@@ -232,17 +233,30 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
             return c
     x = a.astype(np.float32, copy=False)  # no copy for float32 sources: peak memory per tensor
     structure = chain.structure if chain.structure is not None else NoStructure()
-    parts, fields_, recon = structure.encode(x, ValueStore(values, a.dtype), name)
-    approx = recon.astype(a.dtype, copy=False)
+    store = ValueStore(values, a.dtype)
+    acc = MetricsAccumulator() if metrics and a.dtype == np.float32 else None
+    if a.dtype == np.float32:  # measured against the source itself: the method may do both in fewer passes
+        parts, fields_, recon = structure.encode_measured(x, store, acc, name, recon=keep_approx)
+    else:
+        parts, fields_, recon = structure.encode(x, store, name)
     if parts_nbytes(parts) >= a.nbytes:  # the method's form would not be smaller: store its result dense
-        parts, fields_ = {"values": approx}, {"structure": {"kind": "none"}, "values": {"kind": "none"},
-                                              "values_part": {}, "values_count": int(a.size)}
+        if recon is None:
+            parts, fields_, recon = structure.encode(x, store, name)
+        parts, fields_ = {"values": recon.astype(a.dtype, copy=False)}, {
+            "structure": {"kind": "none"}, "values": {"kind": "none"}, "values_part": {}, "values_count": int(a.size)}
+    approx = recon.astype(a.dtype, copy=False) if recon is not None else None
     scheme = {**_header(a, chain), **fields_}
     scheme["sha256"] = scheme_digest(parts, scheme)
     method = " + ".join(scheme["chain"])
-    row = TensorReport.measure(name, a, approx, method=method, bytes_after=parts_nbytes(parts)) if metrics \
-        else TensorReport.unmeasured(name, a, method=method, bytes_after=parts_nbytes(parts))
-    return Compressed(parts, scheme, approx, row)
+    nbytes = parts_nbytes(parts)
+    if not metrics:
+        row = TensorReport.unmeasured(name, a, method=method, bytes_after=nbytes)
+    elif acc is not None:
+        row = TensorReport.from_metrics(name, a, acc.result(), method=method, bytes_after=nbytes)
+    else:
+        assert approx is not None  # encode always reconstructs
+        row = TensorReport.measure(name, a, approx, method=method, bytes_after=nbytes)
+    return Compressed(parts, scheme, approx if keep_approx else None, row)
 
 
 def restore(name: str, scheme: dict[str, Any], parts: dict[str, np.ndarray]) -> np.ndarray:

@@ -56,20 +56,30 @@ def test_quantizers_on_empty_fp16_int_and_tiny_inputs():
     assert ints.scale.shape == (2, 1)
 
 
-def test_scale_benchmark_small_run_stays_within_its_memory_bound(capsys):
+def test_scale_benchmark_small_run_stays_within_its_memory_bound(tmp_path):
     """A small version of `python -m bench.scale` (the multi-GiB runs are `slow`)."""
+    import json
+
     from bench.scale import main as scale_main
 
-    assert scale_main(["--sizes", "0.05", "--tensor-mib", "4", "--workers", "1", "2"]) == 0
-    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
-    assert len(rows) == 2 and all(r[-1] == "yes" for r in rows)
+    out = tmp_path / "rows.json"
+    assert scale_main(["--sizes", "0.05", "--tensor-mib", "4", "--workers", "1", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(r["within_bound"] == "yes" for r in rows)
 
 
 @pytest.mark.slow
 def test_scale_benchmark_1_4_8_gib():
     from bench.scale import main as scale_main
 
-    assert scale_main(["--sizes", "1", "4", "8", "--workers", "1", "2"]) == 0
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/rows.json"
+        assert scale_main(["--sizes", "1", "4", "8", "--workers", "1", "2", "--json", out]) == 0
+        rows = json.loads(open(out).read())
+    assert len(rows) == 6 and all(r["within_bound"] == "yes" for r in rows)
 
 
 def test_input_checkpoint_is_never_opened_for_writing(tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def _peak_rss_of_reading(path: Path, tmp_path: Path) -> tuple[str, int]:
             "try:\n    ck = Checkpoint(sys.argv[1]); [ck.read(n) for n in ck.names()]; msg = 'read'\n"
             "except CheckpointError as e:\n    msg = f'CheckpointError {e}'\n"
             "open(sys.argv[2], 'w').write(msg)")
-    _, rss = measure([sys.executable, "-c", code, str(path), str(result)])
+    _, rss, _ = measure([sys.executable, "-c", code, str(path), str(result)])
     return result.read_text(), rss
 
 

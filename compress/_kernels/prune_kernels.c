@@ -1,0 +1,172 @@
+/* Magnitude pruning of float32 data in a few passes (compress/_native.py).
+ *
+ * Selection: the bit patterns of |x| (x's bits without the sign) order the magnitudes of finite
+ * floats as their values do, so the k-th smallest |x| is found exactly by a radix select on them:
+ * a histogram of the high 16 bits finds the bin holding it, a histogram of the low 16 bits of the
+ * values in that bin finds the value. Ties at that value are pruned in index order, lowest first,
+ * as compress.prune.smallest_k does.
+ *
+ * Apply: every element is pruned when its magnitude bits are below the threshold, or equal to it
+ * and among the first `need` such elements; the mask (1 = kept) is packed eight per byte, first
+ * element in the highest bit (numpy's packbits), the kept values are stored in order, the dense
+ * result (kept values, +0 elsewhere) is written when asked for, and the error metrics of the dense
+ * result against x are accumulated as precision/_kernels/metrics_sums.h defines them. The work is
+ * split into chunks of a multiple of 8 elements: a counting pass gives each chunk its place in the
+ * output and the ties before it, so the result does not depend on the thread count.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../../precision/_kernels/metrics_sums.h"
+
+#define BINS 65536
+#define CHUNK (1 << 16) /* elements per chunk: a multiple of 8 */
+#define RUN 1024
+
+static inline uint32_t mag_bits(const float *x, int64_t i)
+{
+    uint32_t u;
+    memcpy(&u, x + i, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+/* hist[b] = count of elements whose magnitude bits have (bits >> 16) == b when high != 0, or, with
+ * high == 0, (bits & 0xffff) == b among those whose high 16 bits equal `bin`. hist: BINS int64, zeroed
+ * here. Returns 0, or -1 without memory. */
+int lowbit_magnitude_histogram(const float *x, int64_t n, int high, uint32_t bin, int64_t *hist, int nthreads)
+{
+    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > nchunks) nt = nchunks > 0 ? (int)nchunks : 1;
+    int64_t *local = calloc((size_t)nt * BINS, sizeof(int64_t));
+    if (!local) return -1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, tn = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        tn = omp_get_num_threads();
+#endif
+        int64_t *h = local + (int64_t)t * BINS;
+        const int64_t per = (n + tn - 1) / tn, lo = t * per, hi = lo + per < n ? lo + per : n;
+        if (high)
+            for (int64_t i = lo; i < hi; i++)
+                h[mag_bits(x, i) >> 16]++;
+        else
+            for (int64_t i = lo; i < hi; i++) {
+                const uint32_t u = mag_bits(x, i);
+                if ((u >> 16) == bin) h[u & 0xffffu]++;
+            }
+    }
+    memset(hist, 0, BINS * sizeof(int64_t));
+    for (int t = 0; t < nt; t++)
+        for (int64_t b = 0; b < BINS; b++)
+            hist[b] += local[(int64_t)t * BINS + b];
+    free(local);
+    return 0;
+}
+
+/* mask: (n + 7) / 8 bytes; values: room for `capacity` floats; dense: n floats or NULL; sums (5) and
+ * counts (2) or NULL. `thr` is the threshold's magnitude bits, `need` how many elements equal to it
+ * are pruned (in index order). Returns the number of kept elements, -1 without memory, or -2 (nothing
+ * written) when they would not be exactly `capacity`. */
+int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t need, uint8_t *mask, float *values,
+                               int64_t capacity, float *dense, double *sums, int64_t *counts, int nthreads)
+{
+    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+    int64_t *less = calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(int64_t));
+    int64_t *equal = calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(int64_t));
+    Sums *part = sums ? calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(Sums)) : NULL;
+    if (!less || !equal || (sums && !part)) {
+        free(less);
+        free(equal);
+        free(part);
+        return -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        int64_t l = 0, e = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            const uint32_t u = mag_bits(x, i);
+            l += u < thr;
+            e += u == thr;
+        }
+        less[c] = l;
+        equal[c] = e;
+    }
+    /* exclusive prefixes: ties seen before each chunk and kept values written before it */
+    int64_t ties = 0, kept = 0;
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t lo = c * CHUNK, len = (lo + CHUNK < n ? lo + CHUNK : n) - lo;
+        const int64_t t = equal[c], pruned_ties = ties >= need ? 0 : (need - ties < t ? need - ties : t);
+        equal[c] = ties;
+        ties += t;
+        const int64_t k = len - less[c] - pruned_ties;
+        less[c] = kept;
+        kept += k;
+    }
+    if (kept != capacity) {
+        free(less);
+        free(equal);
+        free(part);
+        return -2;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        /* the kept values of this chunk end where the next chunk's begin */
+        const int64_t end = c + 1 < nchunks ? less[c + 1] : kept;
+        int64_t tie = equal[c], out = less[c];
+        float buf[RUN], sink;
+        uint8_t keep[RUN];
+        for (int64_t r = lo; r < hi; r += RUN) {
+            const int64_t m = hi - r < RUN ? hi - r : RUN; /* a multiple of 8 except at the very end */
+            const float *xr = x + r;
+            float *y = dense ? dense + r : buf;
+            int any_tie = 0;
+            for (int64_t i = 0; i < m; i++) { /* vectorized: compares and a select */
+                const uint32_t u = mag_bits(xr, i);
+                keep[i] = u > thr;
+                any_tie |= u == thr;
+            }
+            if (any_tie) /* ties are pruned lowest index first until `need` of them are */
+                for (int64_t i = 0; i < m; i++)
+                    if (mag_bits(xr, i) == thr) keep[i] = tie++ >= need;
+            for (int64_t i = 0; i < m; i++)
+                y[i] = keep[i] ? xr[i] : 0.0f;
+            for (int64_t i = 0; i < m; i += 8) {
+                const int64_t m8 = m - i < 8 ? m - i : 8;
+                uint8_t byte = 0;
+                for (int64_t j = 0; j < m8; j++)
+                    byte |= (uint8_t)(keep[i + j] << (7 - j));
+                mask[(r + i) / 8] = byte;
+            }
+            /* branch-free compaction: every value is written and the position advances when kept;
+             * a write past this chunk's share would race the next chunk, so it goes to a sink */
+            for (int64_t i = 0; i < m; i++) {
+                *(out < end ? values + out : &sink) = xr[i];
+                out += keep[i];
+            }
+            if (part) {
+                Sums sm;
+                block_sums(xr, y, m, &sm);
+                sums_add(part + c, &sm);
+            }
+        }
+    }
+    if (part) {
+        Sums t = {0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c = 0; c < nchunks; c++)
+            sums_add(&t, part + c);
+        sums_store(&t, sums, counts);
+    }
+    free(less);
+    free(equal);
+    free(part);
+    return kept;
+}
