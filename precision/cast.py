@@ -14,9 +14,10 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from .arrays import as_numpy, real_array, require_finite
-from .codec import check_modes, decode, encode
+from .codec import check_modes, decode, decode_table, encode
 from .formats import FloatFormat, FormatLike, get_format
 from .methods import EncodedValues, ValueMethod, register_method, stored_part
+from .metrics import MetricsAccumulator, decode_measure_c
 from .report import Report, TensorReport
 
 SCALINGS = ("none", "tensor", "channel")
@@ -144,6 +145,34 @@ class FloatCast(ValueMethod):
         side = {} if c.scale is None else {"scale": c.scale}
         return EncodedValues(c.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
                              c.values().astype(np.float32, copy=False))
+
+    @property
+    def rows_independent(self) -> bool:
+        """True when rows of a 2-D tensor encode alike alone or together (no scale, or one per row,
+        and no random stream), so large tensors are encoded block by block."""
+        return self.scaling in ("none", "channel") and self.rounding != "stochastic"
+
+    def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
+                        values: bool = True) -> EncodedValues:
+        """``encode`` with the error measured on the way: the codes as ``encode`` makes them, then one C
+        pass decodes them through the format's table, applies the scale and measures (formats of 16 bits
+        or fewer); with ``values=False`` and no metrics, nothing is decoded at all."""
+        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
+                 overflow=self.overflow, seed=self.seed)
+        side = {} if c.scale is None else {"scale": c.scale}
+        scheme = {"kind": self.kind, "format": self.format, "scaling": c.scaling}
+        if acc is None:
+            return EncodedValues(c.codes, side, scheme, c.values().astype(np.float32, copy=False) if values
+                                 else np.empty(0, np.float32))
+        fused = decode_measure_c(c.codes, decode_table(c.fmt), x, c.scale, values=values) \
+            if c.fmt.bits <= 16 and x.dtype == np.float32 else None
+        if fused is None:
+            v = c.values().astype(np.float32, copy=False)
+            acc.add(x, v)
+            return EncodedValues(c.codes, side, scheme, v)
+        vals, sums, counts = fused
+        acc.add_sums(sums, counts, x.size)
+        return EncodedValues(c.codes, side, scheme, vals if vals is not None else np.empty(0, np.float32))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],

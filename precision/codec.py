@@ -539,11 +539,20 @@ def _decode_exact(codes: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     return v
 
 
+def decode_table(fmt: FormatLike) -> np.ndarray:
+    """float32 value of every code of a format of at most 16 bits (``decode(arange(num_codes))``; read-only)."""
+    fmt = get_format(fmt)
+    if fmt.bits > 16:
+        raise ValueError(f"decode_table: {fmt.name} has {fmt.bits}-bit codes; tables cover 16 bits or fewer")
+    return _decode_table(fmt)
+
+
 def _decode_table(fmt: FloatFormat) -> np.ndarray:
     t = _DECODE_TABLES.get(fmt)
     if t is None:
         with np.errstate(over="ignore", invalid="ignore"):  # special codes compute inf/nan on purpose
             t = _decode_exact(np.arange(fmt.num_codes), fmt).astype(np.float32)
+        t.flags.writeable = False
         _DECODE_TABLES[fmt] = t
     return t
 

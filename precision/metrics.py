@@ -38,6 +38,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.lowbit_metrics_f32.restype = ctypes.c_int64
     lib.lowbit_all_finite_f32.argtypes = [p, ctypes.c_int64, ctypes.c_int]
     lib.lowbit_all_finite_f32.restype = ctypes.c_int
+    i64 = ctypes.c_int64
+    lib.lowbit_decode_measure.argtypes = [p, ctypes.c_int, p, i64, p, i64, i64, p, i64, p, p, p, ctypes.c_int]
+    lib.lowbit_decode_measure.restype = i64
 
 
 # the one-pass C metrics for float32 data; the numpy blocks below are the fallback (tested equal)
@@ -54,6 +57,37 @@ def all_finite_c(a: np.ndarray) -> bool | None:
     None when the kernel is unavailable or ``a`` is not such an array."""
     lib = KERNELS.get() if a.dtype == np.float32 and a.flags.c_contiguous and a.size >= _C_MIN else None
     return None if lib is None else bool(lib.lowbit_all_finite_f32(a.ctypes.data, a.size, threads()))
+
+
+def decode_measure_c(codes: np.ndarray, table: np.ndarray, x: np.ndarray, scale: np.ndarray | None, *,
+                     values: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray] | None:
+    """Decode ``codes`` (uint8 or uint16, ``x``'s shape) through ``table`` (float32, one value per code),
+    times ``scale`` (None, one float32, or one per index of axis 0), and measure the result against
+    the float32 array ``x`` in one C pass. Returns (values or None, sums, counts) for
+    :meth:`MetricsAccumulator.add_sums`; None when the kernel is unavailable or an argument does not
+    fit (a code outside the table included)."""
+    lib = KERNELS.get()
+    if (lib is None or codes.dtype not in (np.uint8, np.uint16) or x.dtype != np.float32 or codes.shape != x.shape
+            or table.dtype != np.float32 or x.size == 0):
+        return None
+    codes, x, table = contiguous(codes), contiguous(x), contiguous(table)
+    if scale is None:
+        s, nscale, cols = None, 0, min(x.size, _BLOCK)
+    else:
+        s = contiguous(np.asarray(scale, np.float32)).reshape(-1)
+        if s.size == 1:
+            nscale, cols = 1, min(x.size, _BLOCK)
+        elif x.ndim and s.size == x.shape[0]:
+            nscale, cols = s.size, x.size // x.shape[0]
+        else:
+            return None
+    vals = np.empty(x.shape, np.float32) if values else None
+    sums, counts = np.zeros(5), np.zeros(2, np.int64)
+    rc = lib.lowbit_decode_measure(codes.ctypes.data, codes.itemsize, table.ctypes.data, table.size, x.ctypes.data,
+                                   x.size, cols, None if s is None else s.ctypes.data, nscale,
+                                   None if vals is None else vals.ctypes.data, sums.ctypes.data, counts.ctypes.data,
+                                   threads())
+    return None if rc != 0 else (vals, sums, counts)
 
 
 @dataclass(frozen=True)
@@ -99,10 +133,11 @@ class MetricsAccumulator:
                     top = max(float(np.max(np.abs(np.where(np.isfinite(v), v, 0)))) for v in (a, b))
                     if top > _LARGE or self.unit > 1:
                         a, b, e = self._rescaled(a, b, top)
-                self.sxx += float(np.dot(a, a))
-                self.syy += float(np.dot(b, b))
-                self.sxy += float(np.dot(a, b))
-                self.see += float(np.dot(e, e))
+                # einsum, not dot: BLAS splits a dot among its threads, so its last bits would depend on them
+                self.sxx += float(np.einsum("i,i->", a, a))
+                self.syy += float(np.einsum("i,i->", b, b))
+                self.sxy += float(np.einsum("i,i->", a, b))
+                self.see += float(np.einsum("i,i->", e, e))
                 if e.size:  # fmax: a NaN error is not a maximum (as in the C pass)
                     self.mx = max(self.mx, float(np.fmax.reduce(np.abs(e))) * self.unit)
                 self.nonfinite += int(np.count_nonzero(~np.isfinite(b) & np.isfinite(a)))
@@ -191,9 +226,12 @@ def sqnr_from_powers(signal: float, noise: float) -> float:
         return float("nan")
     if noise == 0:
         return float("inf")
-    if signal == 0:
+    ratio = signal / noise
+    if ratio != ratio:  # inf / inf
+        return float("nan")
+    if ratio == 0:  # no signal, or noise beyond it by more than float64 spans (an inf error)
         return float("-inf")
-    return 10.0 * math.log10(signal / noise)
+    return 10.0 * math.log10(ratio)
 
 
 def mse(reference: Any, approx: Any) -> float:

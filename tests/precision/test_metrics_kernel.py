@@ -68,3 +68,53 @@ def test_c_metrics_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert one == many
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "fp6_e3m2fn", "fp4_e2m1fn"])
+@pytest.mark.parametrize("scaling", ["none", "tensor", "channel"])
+def test_float_cast_measured_in_one_pass_equals_encode_then_measure(fmt, scaling):
+    from precision.cast import FloatCast
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((97, 300)) * np.exp(rng.uniform(-8, 8, (97, 1)))).astype(np.float32)
+    x[3] = 0
+    x[5, :7] = 7e4  # overflows fp16 unscaled: inf values, counted as non-finite
+    method = FloatCast(fmt, scaling=scaling)
+    plain = method.encode(x)
+    acc = pm.MetricsAccumulator()
+    fused = method.encode_measured(x, acc, values=True)
+    np.testing.assert_array_equal(fused.codes, plain.codes)
+    assert fused.side.keys() == plain.side.keys()
+    for k in plain.side:
+        np.testing.assert_array_equal(fused.side[k], plain.side[k])
+    np.testing.assert_array_equal(fused.values.view(np.uint32), plain.values.view(np.uint32))
+    got, ref = acc.result(), _numpy_only(x.astype(np.float64), plain.values.astype(np.float64))
+    assert (got.nonfinite, got.zeroed) == (ref.nonfinite, ref.zeroed)
+    for f in ("mse", "rel_error", "sqnr_db", "cosine", "max_abs_error"):
+        g, r = getattr(got, f), getattr(ref, f)
+        assert (math.isnan(g) and math.isnan(r)) or g == pytest.approx(r, rel=1e-12), f
+    lean = method.encode_measured(x, pm.MetricsAccumulator(), values=False)
+    assert lean.values.size == 0 and np.array_equal(lean.codes, plain.codes)
+
+
+def test_decode_measure_refuses_what_does_not_fit():
+    from precision.codec import decode_table
+
+    x = np.ones((4, 8), np.float32)
+    table = decode_table("fp8_e4m3fn")
+    assert pm.decode_measure_c(np.zeros((4, 8), np.int8), table, x, None, values=False) is None  # signed codes
+    assert pm.decode_measure_c(np.zeros((4, 8), np.uint8), table, x, np.ones(3, np.float32), values=False) is None
+    assert pm.decode_measure_c(np.full((4, 8), 200, np.uint16), decode_table("fp4_e2m1fn"), x, None,
+                               values=False) is None  # codes beyond the table
+
+
+def test_numpy_metrics_do_not_depend_on_the_blas_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    x, y = _data(3 << 20, 11)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)  # float64: always the numpy path
+    got = []
+    for t in (1, 2):
+        with threadpool_limits(t, "blas"):
+            got.append(error_metrics(x64, y64))
+    assert got[0] == got[1]

@@ -79,3 +79,12 @@ def test_minilm_cast_reports_sqnr_follows_the_significand_width():
     assert f8["bytes_after"] == f8["bytes_before"] // 4 + 4 * 40
     exact = [r for r in cast_report(w, "fp16").tensors if r.sqnr_db == math.inf]
     assert len(exact) == 1  # one MiniLM weight is exactly representable in fp16
+
+
+def test_sqnr_of_an_infinite_or_overwhelming_error_is_minus_infinity():
+    from precision.metrics import sqnr_from_powers
+
+    assert sqnr_from_powers(1.0, float("inf")) == float("-inf")
+    assert sqnr_from_powers(1e-300, 1e300) == float("-inf")  # the ratio underflows
+    assert math.isnan(sqnr_from_powers(float("inf"), float("inf")))
+    assert sqnr_from_powers(10.0, 1.0) == pytest.approx(10.0)
