@@ -67,9 +67,11 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
             raise ValueError("scaling='channel' needs at least a 1-D tensor")
         ax = axis % a.ndim
         red = tuple(i for i in range(a.ndim) if i != ax)
-        amax = np.max(np.abs(a), axis=red, keepdims=True) if a.size else np.zeros([1] * a.ndim)
+        # max |a| as max(max a, -min a): two reductions, no |a| temporary (the sign of a zero amax is unused)
+        amax = np.maximum(np.max(a, axis=red, keepdims=True), -np.min(a, axis=red, keepdims=True)) if a.size \
+            else np.zeros([1] * a.ndim)
     else:
-        amax = np.asarray(np.max(np.abs(a)) if a.size else 0.0).reshape(())
+        amax = np.asarray(max(np.max(a), -np.min(a)) if a.size else 0.0).reshape(())
     ideal = amax.astype(np.float64) / fmt.max_finite
     if not np.all(ideal <= np.finfo(np.float32).max):
         raise ValueError(f"x: values up to {float(np.max(amax)):.4g} need a scale beyond float32 to fit "
