@@ -39,7 +39,7 @@ from quant.storage import IntQuant
 
 SCHEME_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-ROW_BLOCK_BYTES = 32 << 20  # float32 bytes of one row block when rows can be quantized independently
+ROW_BLOCK_BYTES = 256 << 20  # float32 bytes of one row block when rows can be encoded independently
 
 __all__ = ["Chain", "Compressed", "NotApplied", "compress_tensor", "restore", "parts_digest", "scheme_digest",
            "SCHEME_VERSION"]
