@@ -29,7 +29,7 @@ from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrun
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
 from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
-from precision import OVERFLOW_MODES, ROUNDING_MODES
+from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
 from precision.arrays import contiguous
 from precision.cast import SCALINGS, FloatCast
 from precision.methods import StructureMethod, ValueMethod
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel for 8-bit and smaller formats")
     g.add_argument("--rounding", choices=ROUNDING_MODES, default="nearest_even")
     g.add_argument("--overflow", choices=OVERFLOW_MODES, default="ieee")
+    g.add_argument("--subnormals", choices=SUBNORMAL_MODES, default="keep",
+                   help="flush: results that round to a subnormal become zero of the same sign (default keep)")
     g.add_argument("--seed", type=int, default=None, help="seed for --rounding stochastic")
     g = p.add_argument_group("integer quantization")
     g.add_argument("--granularity", choices=("tensor", "channel", "group"), default="channel",
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _value_method(name: str, kind: str, a: argparse.Namespace) -> ValueMethod:
     if kind == "float":
         return FloatCast.for_format(name, scaling=a.scaling, rounding=a.rounding, overflow=a.overflow,
-                                    seed=a.seed if a.rounding == "stochastic" else None)
+                                    seed=a.seed if a.rounding == "stochastic" else None, subnormals=a.subnormals)
     granularities: dict[str, Granularity] = {"tensor": PerTensor(), "channel": PerChannel(0), "group": PerGroup(a.group_size)}
     gran = granularities[a.granularity]
     spec = QuantSpec(bits=int(name[3:]), signed=True, symmetric=not a.affine, narrow_range=a.narrow_range,

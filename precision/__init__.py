@@ -7,14 +7,14 @@ Error and memory: :func:`error_metrics` and the shared :class:`Report` type.
 """
 
 from .cast import Cast, cast, cast_report
-from .codec import OVERFLOW_MODES, ROUNDING_MODES, decode, describe, encode, fields, round_to
+from .codec import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES, decode, describe, encode, fields, round_to
 from .formats import FloatFormat, get_format, known_formats, register
 from .metrics import ErrorMetrics, cosine, error_metrics, max_abs_error, mse, rel_error, sqnr_db
 from .report import KeptTensor, Report, TensorReport
 
 __all__ = [
     "FloatFormat", "get_format", "known_formats", "register",
-    "encode", "decode", "round_to", "fields", "describe", "ROUNDING_MODES", "OVERFLOW_MODES",
+    "encode", "decode", "round_to", "fields", "describe", "ROUNDING_MODES", "OVERFLOW_MODES", "SUBNORMAL_MODES",
     "Cast", "cast", "cast_report",
     "ErrorMetrics", "error_metrics", "mse", "rel_error", "sqnr_db", "max_abs_error", "cosine",
     "Report", "TensorReport", "KeptTensor",

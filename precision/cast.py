@@ -45,7 +45,7 @@ class Cast:
 
 
 def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, rounding: str = "nearest_even",
-         overflow: str = "ieee", seed: int | None = None) -> Cast:
+         overflow: str = "ieee", seed: int | None = None, subnormals: str = "keep") -> Cast:
     """Encode ``x`` in ``fmt``; with ``scaling`` "tensor"/"channel" divide by a float32 scale first.
 
     The scale is ``absmax / max_finite`` (1.0 for an all-zero tensor or
@@ -59,7 +59,8 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     a = real_array(x)
     if scaling == "none":
-        return Cast(np.asarray(encode(a, fmt, rounding=rounding, overflow=overflow, seed=seed)), None, fmt, scaling, axis)
+        return Cast(np.asarray(encode(a, fmt, rounding=rounding, overflow=overflow, seed=seed, subnormals=subnormals)),
+                    None, fmt, scaling, axis)
     a = a.astype(np.float32, copy=False) if a.dtype != np.float64 else a
     require_finite(a, "x", "a scaled cast")
     if scaling == "channel":
@@ -83,18 +84,20 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
     scale = np.where(up, np.nextafter(scale, np.float32(np.inf)), scale)
     scale = np.where(amax > 0, np.maximum(scale, np.float32(np.finfo(np.float32).smallest_subnormal)),
                      np.float32(1.0)).astype(np.float32)
-    codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed)
+    codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed,
+                   subnormals=subnormals)
     return Cast(np.asarray(codes), scale, fmt, scaling, axis)
 
 
 def cast_report(tensors: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0,
-                rounding: str = "nearest_even", overflow: str = "ieee", name: str = "x") -> Report:
+                rounding: str = "nearest_even", overflow: str = "ieee", name: str = "x",
+                subnormals: str = "keep") -> Report:
     """Report of storing each tensor in ``fmt`` (a single tensor, or a mapping name -> tensor)."""
     fmt = get_format(fmt)
     items = tensors.items() if isinstance(tensors, Mapping) else [(name, tensors)]
     rep = Report(title=f"cast to {fmt.name}" + ("" if scaling == "none" else f" ({scaling} scale)"))
     for n, t in items:
-        c = cast(t, fmt, scaling=scaling, axis=axis, rounding=rounding, overflow=overflow)
+        c = cast(t, fmt, scaling=scaling, axis=axis, rounding=rounding, overflow=overflow, subnormals=subnormals)
         ref = as_numpy(t, n)
         rep.add(TensorReport.measure(n, ref, c.values(), method=fmt.name + ("" if scaling == "none" else f"/{scaling}"),
                                      bytes_after=c.nbytes))
@@ -108,8 +111,9 @@ class FloatCast(ValueMethod):
 
     ``format``: a registered format name. ``scaling``: ``"none"``, ``"tensor"`` or
     ``"channel"`` (one float32 scale per index of axis 0, the output channel):
-    the scale maps absmax to the format's max finite value. ``rounding`` and
-    ``overflow`` are the codec's modes; ``seed`` is required for stochastic rounding.
+    the scale maps absmax to the format's max finite value. ``rounding``,
+    ``overflow`` and ``subnormals`` are the codec's modes (see :mod:`precision.codec`);
+    ``seed`` is required for stochastic rounding.
     Stored parts: the codes in the format's storage dtype, and ``scale`` when scaled.
     """
 
@@ -119,12 +123,13 @@ class FloatCast(ValueMethod):
     rounding: str = "nearest_even"
     overflow: str = "ieee"
     seed: int | None = None
+    subnormals: str = "keep"
 
     def __post_init__(self) -> None:
         get_format(self.format)  # raises with the list of known formats
         if self.scaling not in SCALINGS:
             raise ValueError(f"FloatCast: scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        check_modes(self.rounding, self.overflow)
+        check_modes(self.rounding, self.overflow, self.subnormals)
         if self.rounding == "stochastic" and self.seed is None:
             raise ValueError("FloatCast: rounding='stochastic' needs a seed (e.g. seed=0) to be reproducible")
         if self.rounding != "stochastic" and self.seed is not None:
@@ -143,7 +148,7 @@ class FloatCast(ValueMethod):
 
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
-                 overflow=self.overflow, seed=self.seed)
+                 overflow=self.overflow, seed=self.seed, subnormals=self.subnormals)
         side = {} if c.scale is None else {"scale": c.scale}
         return EncodedValues(c.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
                              c.values().astype(np.float32, copy=False))
@@ -160,7 +165,7 @@ class FloatCast(ValueMethod):
         pass decodes them through the format's table, applies the scale and measures (formats of 16 bits
         or fewer); with ``values=False`` and no metrics, nothing is decoded at all."""
         c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
-                 overflow=self.overflow, seed=self.seed)
+                 overflow=self.overflow, seed=self.seed, subnormals=self.subnormals)
         side = {} if c.scale is None else {"scale": c.scale}
         scheme = {"kind": self.kind, "format": self.format, "scaling": c.scaling}
         if acc is None:

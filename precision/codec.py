@@ -16,10 +16,19 @@ index, same results), else as chunked numpy passes.
 
 Rounding modes
     ``"nearest_even"`` (default): nearest representable value, ties to the
-    even significand. ``"toward_zero"``: truncate the magnitude.
+    even significand. ``"nearest_away"``: nearest representable value, ties
+    away from zero (the OCP MX reference's default rounding).
+    ``"toward_zero"``: truncate the magnitude.
     ``"stochastic"``: round up with probability equal to the distance from the
     lower neighbour over the gap; needs ``seed`` (int) or ``generator``
     (``numpy.random.Generator``) and is reproducible with it.
+
+Subnormal results
+    ``"keep"`` (default): a result below the format's smallest normal
+    magnitude is its subnormal code. ``"flush"``: a result that rounds to a
+    subnormal code becomes zero of the same sign (+0 in fnuz formats, which
+    have no -0); a value that rounds up to the smallest normal stays normal.
+    Formats without subnormals (fp8_e8m0fnu) are unaffected.
 
 Overflow modes
     ``"ieee"`` (default, as ml_dtypes): a magnitude that rounds beyond
@@ -56,8 +65,9 @@ from .arrays import SMALL_FLOAT_DTYPES, as_numpy, contiguous, is_torch, like, re
 from ._native import Library, threads
 from .formats import FloatFormat, FormatLike, get_format
 
-ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
+ROUNDING_MODES = ("nearest_even", "nearest_away", "toward_zero", "stochastic")
 OVERFLOW_MODES = ("ieee", "saturate")
+SUBNORMAL_MODES = ("keep", "flush")
 
 _CHUNK = 1 << 17  # elements per block: every temporary stays in L2 cache, calls stay few
 
@@ -80,11 +90,13 @@ _KERNELS = Library(Path(__file__).with_name("_kernels") / "codec_kernels.c", _bi
 
 
 # ---------------------------------------------------------------- validation
-def check_modes(rounding: str, overflow: str) -> None:
+def check_modes(rounding: str, overflow: str, subnormals: str = "keep") -> None:
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+    if subnormals not in SUBNORMAL_MODES:
+        raise ValueError(f"subnormals must be one of {SUBNORMAL_MODES}, got {subnormals!r}")
 
 
 def _rng(rounding: str, seed: int | None, generator: np.random.Generator | None) -> np.random.Generator | None:
@@ -161,6 +173,8 @@ def _encode_exact(neg, M, E, kind, fmt: FloatFormat, rounding: str, overflow: st
     if rounding == "nearest_even":
         half = np.uint64(1) << (s - np.uint64(1))
         up = (rem > half) | ((rem == half) & ((r & np.uint64(1)) == 1))
+    elif rounding == "nearest_away":
+        up = rem >= np.uint64(1) << (s - np.uint64(1))
     elif rounding == "toward_zero":
         up = np.zeros(M.shape, bool)
     else:  # stochastic: P(up) = rem / 2**shift, computed with the true shift
@@ -327,6 +341,8 @@ def _encode_f32_top(a: np.ndarray, fmt: FloatFormat, rounding: str) -> np.ndarra
                 np.bitwise_and(t, 1, out=t)
                 np.add(t, (1 << (sh - 1)) - 1, out=t)
                 np.add(t, c, out=t)
+            elif rounding == "nearest_away":  # half an ulp up, then truncate: a tie carries away from zero
+                np.add(c, 1 << (sh - 1), out=t)
             else:
                 t[...] = c
             np.right_shift(t, sh, out=t)
@@ -372,6 +388,9 @@ def _encode_f32_wide(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
                 np.add(r_, half_m1, out=r_)
                 np.add(r_, m_, out=r_)
                 np.right_shift(r_, sh, out=r_)
+            elif rounding == "nearest_away":
+                np.add(m_, half_m1 + 1, out=r_)
+                np.right_shift(r_, sh, out=r_)
             else:
                 np.right_shift(m_, sh, out=r_)
             np.subtract(r_, rebias, out=r_)
@@ -381,7 +400,9 @@ def _encode_f32_wide(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
             if m_.min() < lo_bits:  # zero and subnormal results: scale up exactly, round as floats
                 j = np.flatnonzero(m_ < lo_bits)
                 fa = np.abs(flat[i + j]).astype(np.float64) * sub_scale  # float64: bf16's 2**133 overflows float32
-                sub = (np.rint(fa) if rounding == "nearest_even" else np.trunc(fa)).astype(np.uint32)
+                # fa is |x| in units of the smallest subnormal: below 2**25, so fa + 0.5 is exact
+                sub = (np.rint(fa) if rounding == "nearest_even" else np.floor(fa + 0.5) if rounding == "nearest_away"
+                       else np.trunc(fa)).astype(np.uint32)
                 r_[j] = sub | t_[j]
             if m_.max() > hi_bits:  # overflow, inf, NaN
                 j = np.flatnonzero(m_ > hi_bits)
@@ -472,6 +493,7 @@ def encode(
     overflow: str = "ieee",
     seed: int | None = None,
     generator: np.random.Generator | None = None,
+    subnormals: str = "keep",
 ) -> Any:
     """Round ``x`` to ``fmt`` and return its bit patterns.
 
@@ -479,11 +501,11 @@ def encode(
     float32, float64 or integer dtype, each rounded exactly in one step.
     Returns unsigned codes of ``fmt.storage_dtype`` (uint8 / uint16 / uint32;
     sub-byte formats use one uint8 per code), same shape, same kind as ``x``
-    (a Python int for a scalar). Rounding, overflow, NaN and zero rules: see
-    the module docstring.
+    (a Python int for a scalar). Rounding, subnormal, overflow, NaN and zero
+    rules: see the module docstring.
     """
     fmt = get_format(fmt)
-    check_modes(rounding, overflow)
+    check_modes(rounding, overflow, subnormals)
     rng = _rng(rounding, seed, generator)
     a = real_array(x)
     if a.dtype == np.float32 and rounding != "stochastic":
@@ -509,7 +531,25 @@ def encode(
             codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
     else:
         codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
+    if subnormals == "flush":
+        codes = flush_subnormals(codes, fmt)
     return like(codes, x)
+
+
+def flush_subnormals(codes: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """``codes`` with every subnormal code (exponent field 0, mantissa nonzero) replaced by the zero
+    of its sign (+0 in fnuz formats, whose "-0" pattern is NaN); the array is changed in place where
+    it can be. Formats without subnormals come back as they are."""
+    if not fmt.has_subnormals or fmt.mantissa_bits == 0:
+        return codes
+    c = np.asarray(codes)
+    mag = c & ~np.asarray(fmt.sign_mask, c.dtype) if fmt.signed else c
+    sub = (mag != 0) & (mag < (1 << fmt.mantissa_bits))
+    if not sub.any():
+        return codes
+    zero = 0 if (fmt.specials == "fnuz" or not fmt.signed) else (c & np.asarray(fmt.sign_mask, c.dtype))
+    out = np.where(sub, zero, c).astype(c.dtype)
+    return out
 
 
 _DECODE_TABLES: dict[FloatFormat, np.ndarray] = {}
@@ -631,11 +671,13 @@ def decode(bits: Any, fmt: FormatLike) -> Any:
     return like(out, bits)
 
 
-def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng) -> np.ndarray:
+def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng, subnormals: str = "keep") -> np.ndarray:
     if a.dtype == np.float32 and rounding != "stochastic":
-        codes = encode(a, fmt, rounding=rounding, overflow=overflow)
+        codes = encode(a, fmt, rounding=rounding, overflow=overflow, subnormals=subnormals)
     else:
         codes = _encode_exact(*_decompose(a), fmt, rounding, overflow, rng).astype(fmt.storage_dtype)
+        if subnormals == "flush":
+            codes = flush_subnormals(codes, fmt)
     return decode(codes, fmt)
 
 
@@ -645,14 +687,14 @@ if torch is not None:
         """Rounding in the forward pass, identity gradient (straight-through) backward."""
 
         @staticmethod
-        def forward(ctx, x, fmt, rounding, overflow, rng):  # noqa: D401
+        def forward(ctx, x, fmt, rounding, overflow, rng, subnormals="keep"):  # noqa: D401
             a = real_array(x)
-            v = _round_values(a, fmt, rounding, overflow, rng)
+            v = _round_values(a, fmt, rounding, overflow, rng, subnormals)
             return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
 
 
 def round_to(
@@ -663,6 +705,7 @@ def round_to(
     overflow: str = "ieee",
     seed: int | None = None,
     generator: np.random.Generator | None = None,
+    subnormals: str = "keep",
 ) -> Any:
     """``decode(encode(x))``: ``x`` as stored in ``fmt``, in ``x``'s own type and dtype.
 
@@ -673,19 +716,19 @@ def round_to(
     gradient (d round_to / dx = 1), for simulating low precision in training.
     """
     fmt = get_format(fmt)
-    check_modes(rounding, overflow)
+    check_modes(rounding, overflow, subnormals)
     rng = _rng(rounding, seed, generator)
     if is_torch(x):
         if x.is_complex() or x.dtype == torch.bool:
             real_array(x)  # the one wording for an unsupported dtype
         if not x.is_floating_point():  # integers: round exactly, return float32 (bf16/fp8 values fit)
-            v = _round_values(real_array(x), fmt, rounding, overflow, rng)
+            v = _round_values(real_array(x), fmt, rounding, overflow, rng, subnormals)
             return torch.from_numpy(np.asarray(v)).to(x.device)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _RoundSTE.apply(x, fmt, rounding, overflow, rng)
-        return _RoundSTE.forward(None, x, fmt, rounding, overflow, rng)
+            return _RoundSTE.apply(x, fmt, rounding, overflow, rng, subnormals)
+        return _RoundSTE.forward(None, x, fmt, rounding, overflow, rng, subnormals)
     a = real_array(x)
-    v = np.asarray(_round_values(a, fmt, rounding, overflow, rng))
+    v = np.asarray(_round_values(a, fmt, rounding, overflow, rng, subnormals))
     src = as_numpy(x).dtype
     out_dtype = src if (src.kind == "f" or src in SMALL_FLOAT_DTYPES) else np.dtype(np.float64)
     return like(v.astype(out_dtype), x)

@@ -234,3 +234,27 @@ def test_reading_compressing_and_writing_never_keep_more_threads_busy_than_the_b
     monkeypatch.setattr(SafetensorsWriter, "add", busy(SafetensorsWriter.add))
     compress_checkpoint(src, tmp_path / "o.safetensors", "int8", workers=2, threads=2, progress=False)
     assert peak[0] == 2 and threads_seen == {1}
+
+
+@pytest.mark.parametrize("rounding, subnormals", [("nearest_away", "keep"), ("nearest_even", "flush"),
+                                                  ("nearest_away", "flush")])
+def test_a_float_cast_stores_what_round_to_gives_in_every_mode(tmp_path, rounding, subnormals):
+    from precision import get_format, round_to
+
+    fmt = get_format("fp8_e4m3fn")
+    rng = np.random.default_rng(3)
+    ties = (fmt.min_subnormal * (rng.integers(0, 2000, (64, 48)) + 0.5)).astype(np.float32)  # halfway points
+    ties[::2] *= -1
+    method = FloatCast("fp8_e4m3fn", scaling="none", rounding=rounding, subnormals=subnormals)
+    c = compress_tensor("w", ties, Chain.of(method))
+    want = round_to(ties, fmt, rounding=rounding, subnormals=subnormals)
+    np.testing.assert_array_equal(c.approx.view(np.uint32), want.view(np.uint32))
+    default = compress_tensor("w", ties, Chain.of(FloatCast("fp8_e4m3fn", scaling="none")))
+    assert not np.array_equal(c.approx, default.approx)  # the modes change the stored codes
+    src = tmp_path / "m.safetensors"
+    save_file({"w": ties}, str(src))
+    args = [str(src), "--method", "fp8_e4m3fn", "--scaling", "none", "--rounding", rounding, "--subnormals", subnormals,
+            "--out", str(tmp_path / "o.safetensors"), "--quiet"]
+    assert main(args) == 0
+    np.testing.assert_array_equal(load(tmp_path / "o.safetensors", as_numpy=True)["w"].view(np.uint32),
+                                  want.view(np.uint32))

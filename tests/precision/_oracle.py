@@ -1,4 +1,5 @@
-"""An exact rational oracle for rounding to a FloatFormat (ties to even, ieee overflow)."""
+"""An exact rational oracle for rounding to a FloatFormat (ties to even or away from zero, or toward
+zero; ieee overflow; subnormal results kept or flushed to zero)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,17 @@ def _table(fmt: FloatFormat):
     return [v for v, _ in vals], [c for _, c in vals]
 
 
-def oracle_round(x: Fraction, fmt: FloatFormat) -> float:
+def oracle_round(x: Fraction, fmt: FloatFormat, rounding: str = "nearest_even", subnormals: str = "keep") -> float:
     """Correctly rounded value of exact ``x`` in ``fmt`` as a float (inf/nan for overflow)."""
+    out = _oracle_round(x, fmt, rounding)
+    if subnormals == "flush" and fmt.has_subnormals and out == out and 0 < abs(out) < fmt.min_normal:
+        out = -0.0 if out < 0 else 0.0
+    if out == 0 and (fmt.specials == "fnuz" or not fmt.signed):  # a single zero, without a sign
+        return 0.0
+    return out
+
+
+def _oracle_round(x: Fraction, fmt: FloatFormat, rounding: str) -> float:
     neg = x < 0
     ax = -x if neg else x
     values, codes = _table(fmt)
@@ -45,7 +55,9 @@ def oracle_round(x: Fraction, fmt: FloatFormat) -> float:
             hi = lo + Fraction(2) ** (fmt.max_exponent - fmt.mantissa_bits)
         # parity of the significand: with no mantissa bits every nonzero value's is the implicit 1
         lo_odd = (lo_code & 1) if fmt.mantissa_bits > 0 else int(lo != 0)
-        if ax - lo < hi - ax or (ax - lo == hi - ax and not lo_odd):
+        if rounding == "toward_zero":
+            res = lo
+        elif ax - lo < hi - ax or (ax - lo == hi - ax and rounding == "nearest_even" and not lo_odd):
             res = lo
         else:
             res = hi

@@ -147,8 +147,11 @@ def test_correct_where_both_references_double_round():
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_float64_and_int64_equal_the_rational_oracle(name):
+@pytest.mark.parametrize("rounding, subnormals", [("nearest_even", "keep"), ("nearest_away", "keep"),
+                                                  ("nearest_even", "flush"), ("nearest_away", "flush")])
+def test_float64_and_int64_equal_the_rational_oracle(name, rounding, subnormals):
     fmt = get_format(name)
+    modes = dict(rounding=rounding, subnormals=subnormals)
     rng = np.random.default_rng(1)
     v = decode(np.arange(fmt.num_codes), fmt).astype(np.float64)
     v = np.unique(v[np.isfinite(v)])
@@ -157,17 +160,19 @@ def test_float64_and_int64_equal_the_rational_oracle(name):
     hair = np.concatenate([mids * (1 + 2.0**-40), mids * (1 - 2.0**-40), mids])
     x = np.concatenate([hair, rng.standard_normal(300) * fmt.max_finite / 4])
     x = rng.choice(x, size=min(x.size, 1500), replace=False)
-    got = round_to(x, fmt).astype(np.float64)
-    want = np.array([oracle_round(Fraction(float(t)), fmt) for t in x])
+    got = round_to(x, fmt, **modes).astype(np.float64)
+    want = np.array([oracle_round(Fraction(float(t)), fmt, **modes) for t in x])
     np.testing.assert_array_equal(got, want)
+    real = ~np.isnan(want) & (x != 0)  # flushed zeros keep their sign; the oracle's NaN and -0.0 carry none
+    np.testing.assert_array_equal(np.signbit(got[real]), np.signbit(want[real]))
     ints = np.array([16842753, -16842753, 2**24 + 1, 2**53 + 1, 2**62 + 2**40 + 1, -(2**63), 7, 0, 3], np.int64)
-    gi = round_to(ints, fmt)
-    wi = np.array([oracle_round(Fraction(int(t)), fmt) for t in ints])
+    gi = round_to(ints, fmt, **modes)
+    wi = np.array([oracle_round(Fraction(int(t)), fmt, **modes) for t in ints])
     np.testing.assert_array_equal(gi, wi)
 
 
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away", "toward_zero"])
 def test_float32_fast_paths_equal_the_exact_algorithm(name, rounding):
     fmt = get_format(name)
     bits = np.random.default_rng(7).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
@@ -309,3 +314,38 @@ def test_the_c_bit_arithmetic_encode_equals_the_exact_algorithm(fmt):
     got = _encode_f32_ieee8(x, fmt)
     want = _encode_exact(*_decompose(x), fmt, "nearest_even", "ieee", None).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
+
+
+EXHAUSTIVE = ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fnuz", "fp6_e2m3fn", "fp6_e3m2fn", "fp4_e2m1fn"]
+
+
+@pytest.mark.parametrize("name", [n for n in EXHAUSTIVE if n in ML])
+@pytest.mark.parametrize("rounding", ["nearest_away", "nearest_even"])
+@pytest.mark.parametrize("subnormals", ["keep", "flush"])
+def test_every_float16_value_rounds_as_the_rational_oracle(name, rounding, subnormals):
+    """Exhaustive: every finite float16 pattern (63488 of them, both zeros included) as float32,
+    through the fast paths, against the exact rational answer."""
+    fmt = get_format(name)
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    x = x[np.isfinite(x)]
+    got = round_to(x, fmt, rounding=rounding, subnormals=subnormals, overflow="ieee").astype(np.float64)
+    want = np.array([oracle_round(Fraction(float(t)), fmt, rounding, subnormals) for t in x])
+    np.testing.assert_array_equal(got, want)
+    real = ~np.isnan(want) & (x != 0)  # the oracle's NaN (fn overflow) and Fraction(-0.0) carry no sign
+    np.testing.assert_array_equal(np.signbit(got[real]), np.signbit(want[real]))
+
+
+def test_flushing_changes_only_subnormal_results_and_keeps_the_sign():
+    fmt = get_format("fp8_e4m3fn")
+    x = np.array([fmt.min_subnormal, -3 * fmt.min_subnormal, fmt.min_normal * (1 - 2**-5), fmt.min_normal, 1.0,
+                  -0.0, 0.0], np.float32)
+    kept = encode(x, fmt)
+    flushed = encode(x, fmt, subnormals="flush")
+    np.testing.assert_array_equal(flushed, [0x00, 0x80, kept[2], kept[3], kept[4], 0x80, 0x00])
+    assert kept[2] == int(encode(np.float32(fmt.min_normal), fmt))  # rounds up to the smallest normal: stays
+    fnuz = get_format("fp8_e4m3fnuz")
+    assert int(encode(np.float32(-fnuz.min_subnormal), fnuz, subnormals="flush")) == 0  # +0: 0x80 is its NaN
+    e8m0 = get_format("fp8_e8m0fnu")
+    np.testing.assert_array_equal(encode(x[3:5], e8m0, subnormals="flush"), encode(x[3:5], e8m0))
+    with pytest.raises(ValueError, match="subnormals must be one of"):
+        encode(x, fmt, subnormals="zero")

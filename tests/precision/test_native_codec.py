@@ -29,7 +29,7 @@ def _numpy_path(monkeypatch):
 
 @pytest.mark.needs_codec_c
 @pytest.mark.parametrize("name", BYTE_FORMATS)
-@pytest.mark.parametrize("rounding", ["nearest_even", "toward_zero"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away", "toward_zero"])
 @pytest.mark.parametrize("overflow", ["ieee", "saturate"])
 def test_byte_encode_equals_the_numpy_pass_on_every_table_index(name, rounding, overflow, monkeypatch):
     x = _table_domain()

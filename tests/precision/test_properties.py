@@ -49,10 +49,11 @@ def formats_and_points():
     return st.sampled_from(SIGNED).map(get_format).flatmap(lambda f: st.tuples(st.just(f), hard_point(f)))
 
 
-def assert_correctly_rounded(fmt, x):
-    got = float(round_to(np.float64(x), fmt))
-    want = oracle_round(Fraction(x), fmt)
+def assert_correctly_rounded(fmt, x, rounding="nearest_even", subnormals="keep"):
+    got = float(round_to(np.float64(x), fmt, rounding=rounding, subnormals=subnormals))
+    want = oracle_round(Fraction(x), fmt, rounding, subnormals)
     assert got == want or (np.isnan(got) and np.isnan(want))
+    assert np.isnan(got) or np.signbit(got) == np.signbit(want)
 
 
 @SETTINGS
@@ -65,6 +66,32 @@ def test_nearest_even_is_the_correctly_rounded_value(fp):
 @given(random_formats().flatmap(lambda f: st.tuples(st.just(f), hard_point(f))))
 def test_any_user_format_rounds_correctly(fp):
     assert_correctly_rounded(*fp)
+
+
+@SETTINGS
+@given(formats_and_points(), st.sampled_from(["keep", "flush"]))
+def test_nearest_away_is_the_correctly_rounded_value(fp, subnormals):
+    assert_correctly_rounded(*fp, rounding="nearest_away", subnormals=subnormals)
+
+
+@SETTINGS
+@given(random_formats().flatmap(lambda f: st.tuples(st.just(f), hard_point(f))),
+       st.sampled_from(["nearest_even", "nearest_away"]), st.sampled_from(["keep", "flush"]))
+def test_any_user_format_rounds_correctly_in_every_nearest_mode(fp, rounding, subnormals):
+    assert_correctly_rounded(*fp, rounding=rounding, subnormals=subnormals)
+
+
+@SETTINGS
+@given(formats_and_points())
+def test_nearest_away_differs_from_nearest_even_only_at_ties(fp):
+    fmt, x = fp
+    even = float(round_to(np.float64(x), fmt))
+    away = float(round_to(np.float64(x), fmt, rounding="nearest_away"))
+    if even != away and not (np.isnan(even) and np.isnan(away)):
+        assert abs(away) > abs(even)  # the tie went away from zero instead of to the even neighbour
+        lo, hi = sorted((abs(even), abs(away)))
+        if np.isfinite(hi):
+            assert abs(x) - lo == hi - abs(x)  # and it was a tie
 
 
 @SETTINGS
