@@ -31,6 +31,7 @@ from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
 from precision.arrays import contiguous
+from precision.blocks import BlockCast
 from precision.cast import SCALINGS, FloatCast
 from precision.methods import StructureMethod, ValueMethod
 from precision.report import Report
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: the bundled all-MiniLM-L6-v2 checkpoint.")
     p.add_argument("--method", default="int8", help="a method or a comma-separated chain, structure first: "
                    "a float format (fp16, bf16, fp8_e4m3fn, fp8_e5m2 or any precision format name), int2..int8, "
-                   "prune, svd. Example: prune,int8. Default: int8")
+                   "a block format (mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2), prune, svd. "
+                   "Example: prune,int8. Default: int8")
     g = p.add_argument_group("float formats")
     g.add_argument("--scaling", choices=SCALINGS, default=None,
                    help="scale so absmax maps to max_finite (stored as float32). Default: none for fp16/bf16, "
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _value_method(name: str, kind: str, a: argparse.Namespace) -> ValueMethod:
+    if kind == "block":
+        if a.rounding == "stochastic":
+            raise UsageError(f"{name}: block formats round nearest_even, nearest_away or toward_zero")
+        return BlockCast(name, rounding=a.rounding)
     if kind == "float":
         return FloatCast.for_format(name, scaling=a.scaling, rounding=a.rounding, overflow=a.overflow,
                                     seed=a.seed if a.rounding == "stochastic" else None, subnormals=a.subnormals)

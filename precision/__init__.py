@@ -3,9 +3,11 @@
 Formats: :class:`FloatFormat`, :func:`get_format`, :func:`known_formats`.
 Codecs: :func:`encode`, :func:`decode`, :func:`round_to`, :func:`fields`, :func:`describe`.
 Scaled storage: :func:`cast`, :func:`cast_report`.
+Block-scaled formats (MX): :class:`BlockFormat`, :func:`block_encode`, :func:`block_decode`, :func:`round_to_block`.
 Error and memory: :func:`error_metrics` and the shared :class:`Report` type.
 """
 
+from .blocks import MX_FORMATS, BlockCodes, BlockFormat, block_decode, block_encode, round_to_block
 from .cast import Cast, cast, cast_report
 from .codec import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES, decode, describe, encode, fields, round_to
 from .formats import FloatFormat, get_format, known_formats, register
@@ -16,6 +18,7 @@ __all__ = [
     "FloatFormat", "get_format", "known_formats", "register",
     "encode", "decode", "round_to", "fields", "describe", "ROUNDING_MODES", "OVERFLOW_MODES", "SUBNORMAL_MODES",
     "Cast", "cast", "cast_report",
+    "BlockFormat", "BlockCodes", "MX_FORMATS", "block_encode", "block_decode", "round_to_block",
     "ErrorMetrics", "error_metrics", "mse", "rel_error", "sqnr_db", "max_abs_error", "cosine",
     "Report", "TensorReport", "KeptTensor",
 ]

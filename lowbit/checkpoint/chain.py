@@ -27,6 +27,7 @@ import numpy as np
 import compress  # noqa: F401  (registers the structure methods)
 import quant  # noqa: F401  (registers the integer method)
 from precision import known_formats
+from precision.blocks import MX_FORMATS, BlockCast
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
@@ -88,7 +89,7 @@ class Chain:
             raise ValueError("the method is empty; give e.g. 'int8' or 'prune,int8'")
         kinds = [step_kind(s) for s in steps]
         structure = [i for i, k in enumerate(kinds) if k in ("prune", "svd")]
-        values = [i for i, k in enumerate(kinds) if k in ("float", "int")]
+        values = [i for i, k in enumerate(kinds) if k in ("float", "int", "block")]
         if len(structure) > 1 or len(values) > 1:
             raise ValueError("a chain holds at most one prune/svd step and one float/int step (e.g. prune,int8)")
         if structure and values and structure[0] > values[0]:
@@ -121,6 +122,8 @@ def _default_step(kind: str, name: str) -> Method:
         return LowRankSVD()
     if kind == "float":
         return FloatCast.for_format(name)
+    if kind == "block":
+        return BlockCast(name)
     return IntQuant(QuantSpec(bits=int(name[3:]), granularity=PerChannel(0)))
 
 INT_NAMES = tuple(f"int{b}" for b in range(2, 9))
@@ -128,15 +131,19 @@ INT_NAMES = tuple(f"int{b}" for b in range(2, 9))
 
 def step_kind(name: str) -> str:
     """The kind of a method name: ``"float"`` (any precision format name: fp16, bf16, fp8_e4m3fn ...),
-    ``"int"`` (int2 ... int8), ``"prune"`` or ``"svd"``; ValueError listing the names otherwise."""
+    ``"int"`` (int2 ... int8), ``"block"`` (mxfp4, mxfp8_e4m3 ...), ``"prune"`` or ``"svd"``;
+    ValueError listing the names otherwise."""
     if name in known_formats():
         return "float"
     if name in INT_NAMES:
         return "int"
+    if name in MX_FORMATS:
+        return "block"
     if name in ("prune", "svd"):
         return name
     raise ValueError(f"unknown method {name!r}; use a float format ({', '.join(known_formats())}), "
-                     f"{', '.join(INT_NAMES)}, prune, svd, or a chain such as prune,int8")
+                     f"{', '.join(INT_NAMES)}, a block format ({', '.join(MX_FORMATS)}), prune, svd, "
+                     "or a chain such as prune,int8")
 
 
 @dataclass

@@ -1,0 +1,287 @@
+"""Block-scaled formats: blocks of elements in one :class:`FloatFormat` sharing a power-of-two scale.
+
+OCP Microscaling (MX v1.0): ``block`` consecutive elements along the last axis
+share one scale ``2**s`` stored as an E8M0 code (``s + 127``; 255 is NaN). The
+presets are MXFP8 (e4m3, e5m2), MXFP6 (e3m2, e2m3) and MXFP4 (e2m1), 32
+elements per block.
+
+Scale rules (``s`` for a block whose largest magnitude is ``amax``; ``emax``
+is the exponent of the element format's largest power of two, ``max`` its
+largest value):
+
+* ``"floor"``: ``s = floor(log2(amax)) - emax``, the OCP MX v1.0 rule (section
+  6.3) and torchao's ``ScaleCalculationMode.FLOOR``. Elements above the
+  element range after scaling saturate to ``max``.
+* ``"ceil"``: ``ceil(log2(amax)) - emax`` (torchao ``CEIL``).
+* ``"even"``: ``floor(log2(amax'))`` where ``amax'`` is ``amax`` rounded to the
+  element's mantissa width, half up (torchao ``EVEN``): a block whose amax
+  would round up into the next power of two gets the larger scale.
+* ``"rceil"``: ``ceil(log2(amax / max))``, the smallest scale under which
+  nothing saturates (NVIDIA's ``cvt.rp.satfinite.ue8m0`` and torchao ``RCEIL``),
+  computed exactly (torchao divides and takes the logarithm in float32).
+
+``s`` is clamped to [-127, 127]; a block holding NaN gets the NaN scale (its
+values decode to NaN; its element codes are 0). An all-zero block gets the
+smallest scale, 2**-127. Infinite elements make ``amax`` infinite, which the
+floor rule reads as 2**128 (as torchao does, from the float32 exponent
+field), so they saturate to ``max`` with every finite element of the block
+flushed toward 0.
+
+Elements are ``x / 2**s`` rounded once, exactly, to the element format with the
+given rounding mode (``nearest_even``; ``nearest_away`` is the MX reference's
+default) and saturation. Where torchao differs, lowbit keeps the value the
+spec gives: the E8M0 code 0 means 2**-127 (torchao divides by 2**-126 there),
+and the ``rceil`` exponent is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .arrays import real_array
+from .codec import _decompose, _encode_exact, check_modes, decode, flush_subnormals
+from .formats import FloatFormat, get_format
+from .methods import EncodedValues, ValueMethod, register_method, stored_part
+
+SCALE_RULES = ("floor", "ceil", "even", "rceil")
+E8M0_BIAS = 127
+E8M0_NAN = 255
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """``block`` elements of ``element`` (a float format name or :class:`FloatFormat`) along the last
+    axis share one E8M0 power-of-two scale chosen by ``scale_rule`` (see the module docstring)."""
+
+    element: str
+    block: int = 32
+    scale_rule: str = "floor"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.element)
+        if not fmt.signed or fmt.bits > 8 or fmt.specials == "fnu":
+            raise ValueError(f"BlockFormat: the element format must be a signed float format of at most 8 bits, "
+                             f"got {fmt.name}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"BlockFormat: block must be a positive integer, got {self.block!r}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"BlockFormat: scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+
+    @property
+    def element_format(self) -> FloatFormat:
+        return get_format(self.element)
+
+    @property
+    def emax(self) -> int:
+        """floor(log2) of the element format's largest finite value."""
+        return int(np.floor(np.log2(self.element_format.max_finite)))
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per element: the element's width (fp4 packs two per byte) plus the scale's share."""
+        return self.element_format.bits + 8 / self.block
+
+    def describe(self) -> str:
+        return self.name or f"{self.element_format.name} x{self.block} e8m0/{self.scale_rule}"
+
+
+MX_FORMATS = {
+    "mxfp8_e4m3": BlockFormat("fp8_e4m3fn", 32, "floor", "mxfp8_e4m3"),
+    "mxfp8_e5m2": BlockFormat("fp8_e5m2", 32, "floor", "mxfp8_e5m2"),
+    "mxfp6_e3m2": BlockFormat("fp6_e3m2fn", 32, "floor", "mxfp6_e3m2"),
+    "mxfp6_e2m3": BlockFormat("fp6_e2m3fn", 32, "floor", "mxfp6_e2m3"),
+    "mxfp4": BlockFormat("fp4_e2m1fn", 32, "floor", "mxfp4"),
+}
+
+
+def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
+    """A :class:`BlockFormat`, or a preset by name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
+    ``mxfp6_e2m3``, ``mxfp4``); ValueError listing them otherwise."""
+    if isinstance(fmt, BlockFormat):
+        return fmt
+    if isinstance(fmt, str) and fmt in MX_FORMATS:
+        return MX_FORMATS[fmt]
+    raise ValueError(f"unknown block format {fmt!r}; presets: {', '.join(MX_FORMATS)}")
+
+
+@dataclass
+class BlockCodes:
+    """``codes``: element codes, the input's shape, uint8 (one per element); ``scales``: E8M0 codes,
+    uint8, shape ``(..., last // block)``; ``format``: the :class:`BlockFormat`."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    format: BlockFormat
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored: elements of 4 bits or fewer two per byte, wider ones one per byte, plus scales."""
+        n = self.codes.size
+        per_byte = 2 if self.format.element_format.bits <= 4 else 1
+        return -(-n // per_byte) + self.scales.size
+
+
+def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """The unclamped shared exponent of each block (float64 holding integers; NaN for NaN amax)."""
+    el = fmt.element_format
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m, ex = np.frexp(np.where(np.isfinite(amax), amax, 1.0))  # amax = m * 2**ex, m in [0.5, 1)
+    floor_log2 = np.where(amax > 0, ex - 1, -np.inf).astype(np.float64)
+    floor_log2 = np.where(np.isinf(amax), 128.0, floor_log2)  # the float32 exponent field of inf, as torchao
+    exact_pow2 = m == 0.5
+    rule = fmt.scale_rule
+    if rule == "floor":
+        e = floor_log2 - fmt.emax
+    elif rule == "ceil":
+        e = floor_log2 + ~exact_pow2 - fmt.emax
+    elif rule == "even":  # amax rounded half up to the element's mantissa width carries into the next power
+        carry = m >= 1 - 2.0 ** -(el.mantissa_bits + 2)
+        e = floor_log2 + carry - fmt.emax
+    else:  # rceil: the smallest e with amax <= max * 2**e (every product below is exact in float64)
+        top = el.max_finite
+        e = floor_log2 - np.floor(np.log2(top))
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.where(amax > top * np.exp2(e - 1), e, e - 1)
+            e = np.where(amax > top * np.exp2(e), e + 1, e)
+        e = np.where(np.isinf(amax), 127.0, e)  # torchao: an inf amax takes the largest finite scale
+    return np.where(np.isnan(amax), np.nan, e)
+
+
+def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even",
+                 subnormals: str = "keep") -> BlockCodes:
+    """Encode ``x`` (numpy or torch, float16/bfloat16/float32/float64; last axis a multiple of the block)
+    block by block: E8M0 scales by the format's rule, elements rounded once, exactly, with saturation."""
+    fmt = get_block_format(fmt)
+    check_modes(rounding, "saturate", subnormals)
+    if rounding == "stochastic":
+        raise ValueError("block_encode: stochastic rounding is not offered for block formats")
+    a = real_array(x, "x", integers="float")
+    if a.ndim == 0 or a.shape[-1] % fmt.block:
+        raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
+                         f"the block size {fmt.block}")
+    v = a.astype(np.float64).reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(np.abs(v), axis=-1)  # NaN propagates
+    e = _exponents(amax, fmt)
+    nan = np.isnan(e)
+    e = np.clip(np.where(nan, 0, e), -E8M0_BIAS, E8M0_BIAS).astype(np.int64)
+    scales = np.where(nan, E8M0_NAN, e + E8M0_BIAS).astype(np.uint8)
+    y = np.ldexp(v, -e[..., None])  # exact: a power-of-two scale within float64's range
+    y = np.where(nan[..., None] | np.isnan(y), 0.0, y)  # a NaN block's scale carries the NaN
+    el = fmt.element_format
+    codes = _encode_exact(*_decompose(y.reshape(-1)), el, rounding, "saturate", None).astype(np.uint8)
+    if subnormals == "flush":
+        codes = flush_subnormals(codes, el)
+    return BlockCodes(codes.reshape(a.shape), scales, fmt)
+
+
+def block_decode(b: BlockCodes) -> np.ndarray:
+    """float32 values of ``b``: each element's value times its block's ``2**s`` (NaN for a NaN scale)."""
+    fmt = b.format
+    el = decode(b.codes, fmt.element_format).astype(np.float64)
+    v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
+    s = b.scales.astype(np.int64)
+    out = np.ldexp(v, (s - E8M0_BIAS)[..., None])
+    out = np.where((s == E8M0_NAN)[..., None], np.nan, out)
+    return out.reshape(b.codes.shape).astype(np.float32)  # exact: element values carry few bits
+
+
+def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> np.ndarray:
+    """``block_decode(block_encode(x))``: ``x`` as a block format stores it, float32 (numpy)."""
+    return block_decode(block_encode(x, fmt, rounding=rounding))
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes two per byte, low nibble first (the OCP and compressed-tensors layout); an odd
+    count is padded with a 0 nibble."""
+    flat = codes.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)
+
+
+def unpack_fp4(packed: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` codes of :func:`pack_fp4` output."""
+    out = np.empty(packed.size * 2, np.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:n]
+
+
+@register_method
+@dataclass(frozen=True)
+class BlockCast(ValueMethod):
+    """Store every element in a block-scaled format (the checkpoint method behind ``mxfp4``,
+    ``mxfp8_e4m3`` ...): ``format`` is a preset name, ``rounding`` the element rounding
+    (``nearest_even`` or ``nearest_away``). Blocks run along the last axis, which must be a
+    multiple of the block size. Stored parts: the element codes (4-bit elements two per byte, low
+    nibble first; wider ones one per byte, in the low bits) and ``scale``, one E8M0 code per block."""
+
+    kind: ClassVar[str] = "block"
+    format: str = "mxfp4"
+    rounding: str = "nearest_even"
+
+    def __post_init__(self) -> None:
+        get_block_format(self.format)
+        if self.rounding not in ("nearest_even", "nearest_away", "toward_zero"):
+            raise ValueError(f"BlockCast: rounding must be nearest_even, nearest_away or toward_zero, "
+                             f"got {self.rounding!r}")
+
+    def describe(self) -> str:
+        return self.format + ("" if self.rounding == "nearest_even" else f"/{self.rounding}")
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "x") -> None:
+        b = get_block_format(self.format).block
+        if not shape or shape[-1] % b:
+            raise ValueError(f"{name}: {self.format} needs the last axis to be a multiple of {b}, got shape "
+                             f"{list(shape)}; exclude the tensor (--exclude) or use another method")
+
+    @property
+    def rows_independent(self) -> bool:
+        return True  # blocks run along the last axis: rows never share a scale
+
+    def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
+        self.check_shape(tuple(x.shape), name)
+        b = block_encode(x, self.format, rounding=self.rounding)
+        return EncodedValues(b.codes, {"scale": b.scales}, {"kind": self.kind, "format": self.format},
+                             block_decode(b))
+
+    @classmethod
+    def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
+               src_dtype: np.dtype) -> np.ndarray:
+        fmt = get_block_format(str(scheme.get("format")))
+        if not codes.ndim or codes.shape[-1] % fmt.block:
+            raise ValueError(f"{fmt.describe()}: codes of shape {list(codes.shape)} do not split into blocks of "
+                             f"{fmt.block}")
+        want = (*codes.shape[:-1], codes.shape[-1] // fmt.block)
+        scale = stored_part(side, "scale", np.uint8, int(np.prod(want, dtype=np.int64)))
+        if codes.size and int(codes.max()) >= fmt.element_format.num_codes:
+            raise ValueError(f"a code beyond {fmt.element_format.name} is stored")
+        return block_decode(BlockCodes(codes, scale.reshape(want), fmt))
+
+    @classmethod
+    def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    @classmethod
+    def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        if get_block_format(scheme["format"]).element_format.bits <= 4:
+            return pack_fp4(codes), {"packed": 4}
+        return codes, {}
+
+    @classmethod
+    def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
+        return unpack_fp4(stored, count) if info.get("packed") == 4 else stored
+
+    @classmethod
+    def check_packed(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> None:
+        if not info:
+            super().check_packed(stored, info, count, dtype)
+        elif info != {"packed": 4}:
+            raise ValueError(f"unknown packing {info!r:.80} for block codes")
+        elif stored.dtype != np.uint8 or stored.size != (count + 1) // 2:
+            raise ValueError(f"{stored.size} packed bytes of {stored.dtype} are stored for {count} 4-bit codes")

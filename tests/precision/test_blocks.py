@@ -1,0 +1,231 @@
+"""Block-scaled (MX) formats against torchao's MX reference (to_mx) and an exact rational oracle."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from precision import decode, get_format, round_to
+from precision.blocks import (E8M0_NAN, MX_FORMATS, BlockFormat, block_decode, block_encode, get_block_format,
+                              pack_fp4, round_to_block, unpack_fp4)
+
+ELEMENTS = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
+            "mxfp6_e2m3": "fp6_e2m3", "mxfp4": "float4_e2m1fn_x2"}
+
+
+def adversarial(fmt: BlockFormat, seed: int = 0) -> np.ndarray:
+    """Blocks of 32 float32 values: random at scales 2**-140 .. 2**120, all zero, amax a power of two,
+    a subnormal amax, inf, exact ties of the element grid, values at the saturation edge."""
+    rng = np.random.default_rng(seed)
+    el = fmt.element_format
+    b = fmt.block
+    rows = [rng.standard_normal(b) * 2.0 ** rng.integers(-140, 120) for _ in range(40)]
+    rows.append(np.zeros(b))
+    p = rng.standard_normal(b)
+    p[3] = 2.0 ** 5  # the block's amax is exactly a power of two
+    p = np.clip(p, -31, 31)
+    rows.append(p)
+    rows.append(rng.standard_normal(b) * 1e-42)  # float32 subnormals
+    q = rng.standard_normal(b)
+    q[7] = np.inf
+    rows.append(q)
+    grid = decode(np.arange(el.num_codes), el).astype(np.float64)
+    grid = np.unique(np.abs(grid[np.isfinite(grid)]))
+    mids = (grid[:-1] + grid[1:]) / 2
+    tie = np.concatenate([[el.max_finite], rng.choice(mids, b - 1)]) * rng.choice([-1.0, 1.0], b)
+    for k in (-3, 0, 9):
+        rows.append(tie * 2.0 ** k)  # amax = max * 2**k: the scale is 2**k, every other element a tie
+    edge = np.full(b, el.max_finite * 1.9)
+    edge[0] = el.max_finite * 1.999  # below the next power of two: floor keeps the scale, elements saturate
+    rows.append(edge)
+    return np.stack(rows).astype(np.float32)
+
+
+def torchao_elements(name: str, x: torch.Tensor, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(E8M0 scale codes, element values as float32) from torchao's to_mx."""
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    kernels = pytest.importorskip("torchao.prototype.mx_formats.kernels")
+    config = pytest.importorskip("torchao.prototype.mx_formats.config")
+    dt = ELEMENTS[name]
+    elem = getattr(torch, dt) if hasattr(torch, dt) else dt
+    scale, data = mx.to_mx(x, elem, 32, getattr(config.ScaleCalculationMode, rule.upper()))
+    if name.startswith("mxfp8"):
+        vals = data.to(torch.float32)
+    elif name == "mxfp4":
+        vals = kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data.view(torch.uint8)))
+    elif name == "mxfp6_e2m3":
+        vals = kernels.f6_e2m3_unpacked_to_f32(data)
+    else:
+        vals = kernels.f6_e3m2_unpacked_to_f32(data)
+    return scale.view(torch.uint8).numpy().reshape(x.shape[0], -1), vals.reshape(x.shape).numpy()
+
+
+@pytest.mark.parametrize("name", list(MX_FORMATS))
+@pytest.mark.parametrize("rule", ["floor", "ceil", "even"])
+def test_scales_and_elements_equal_torchao_to_mx(name, rule):
+    fmt = BlockFormat(MX_FORMATS[name].element, 32, rule)
+    x = adversarial(fmt, seed=len(name))
+    ref_scales, ref_vals = torchao_elements(name, torch.from_numpy(x), rule)
+    got = block_encode(x, fmt)
+    np.testing.assert_array_equal(got.scales, ref_scales)
+    els = decode(got.codes, fmt.element_format).reshape(ref_vals.shape)
+    # torchao divides by 2**-126 where the E8M0 code 0 means 2**-127: those blocks' elements are compared
+    # with the oracle below instead
+    same = np.repeat((got.scales != 0) & (got.scales != E8M0_NAN), 32, axis=1)
+    np.testing.assert_array_equal(els[same], ref_vals[same])
+    assert same.mean() > 0.8
+
+
+def _oracle_exponent(amax: Fraction, fmt: BlockFormat) -> int:
+    """The shared exponent from exact rational arithmetic."""
+    if amax == 0:
+        return -127
+    lg = math.floor(math.log2(amax))
+    while Fraction(2) ** lg > amax:
+        lg -= 1
+    while Fraction(2) ** (lg + 1) <= amax:
+        lg += 1
+    rule = fmt.scale_rule
+    top = Fraction(fmt.element_format.max_finite)
+    if rule == "floor":
+        e = lg - fmt.emax
+    elif rule == "ceil":
+        e = lg + (Fraction(2) ** lg != amax) - fmt.emax
+    elif rule == "even":
+        step = Fraction(2) ** (lg - fmt.element_format.mantissa_bits)
+        rounded = (amax / step + Fraction(1, 2)).__floor__() * step
+        e = lg + (rounded >= Fraction(2) ** (lg + 1)) - fmt.emax
+    else:
+        e = -200
+        while top * Fraction(2) ** e < amax:
+            e += 1
+    return max(-127, min(127, e))
+
+
+@pytest.mark.parametrize("name", list(MX_FORMATS))
+@pytest.mark.parametrize("rule", ["floor", "ceil", "even", "rceil"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away"])
+def test_every_block_equals_the_exact_rational_answer(name, rule, rounding):
+    fmt = BlockFormat(MX_FORMATS[name].element, 32, rule)
+    x = adversarial(fmt, seed=7)
+    x = x[np.isfinite(x).all(axis=1)]
+    got = block_encode(x, fmt, rounding=rounding)
+    vals = block_decode(got)
+    el = fmt.element_format
+    for i, row in enumerate(x):
+        amax = max(Fraction(float(abs(v))) for v in row)
+        e = _oracle_exponent(amax, fmt)
+        assert int(got.scales[i, 0]) == e + 127, (i, e)
+        want = round_to(np.array([float(Fraction(float(v)) / Fraction(2) ** e) for v in row]), el,
+                        rounding=rounding, overflow="saturate")
+        np.testing.assert_array_equal(vals[i], (want.astype(np.float64) * 2.0 ** e).astype(np.float32))
+        if rule == "rceil":
+            assert np.all(np.abs(want) < el.max_finite) or np.abs(row).max() == el.max_finite * 2.0 ** e or \
+                np.all(np.abs(row.astype(np.float64)) <= el.max_finite * 2.0 ** e)  # rceil never saturates
+
+
+def test_rceil_matches_torchao_where_its_float32_division_is_exact():
+    fmt = BlockFormat("fp8_e4m3fn", 32, "rceil")
+    x = adversarial(fmt, seed=3)
+    ref_scales, _ = torchao_elements("mxfp8_e4m3", torch.from_numpy(x), "rceil")
+    got = block_encode(x, fmt)
+    amax = np.abs(x).max(axis=1).astype(np.float64)
+    exact = (np.float32(amax) / np.float32(448.0)).astype(np.float64) * 448.0 == amax
+    exact &= np.isfinite(amax) & (got.scales[:, 0] != 0)
+    assert exact.sum() >= 10
+    np.testing.assert_array_equal(got.scales[exact], ref_scales[exact])
+
+
+def test_nan_blocks_decode_to_nan_and_others_are_untouched():
+    x = np.ones((2, 64), np.float32)
+    x[0, 40] = np.nan
+    b = block_encode(x, "mxfp8_e4m3")
+    assert b.scales.tolist() == [[127 - 8, E8M0_NAN], [127 - 8, 127 - 8]]
+    v = block_decode(b)
+    assert np.isnan(v[0, 32:]).all() and (v[0, :32] == 1).all() and (v[1] == 1).all()
+    assert (b.codes[0, 32:] == 0).all()
+
+
+def test_stored_bytes_are_the_packed_elements_and_one_scale_per_block():
+    x = np.random.default_rng(0).standard_normal((16, 256)).astype(np.float32)
+    b4 = block_encode(x, "mxfp4")
+    assert b4.nbytes * 8 / x.size == pytest.approx(4.25)
+    assert block_encode(x, "mxfp8_e4m3").nbytes * 8 / x.size == pytest.approx(8.25)
+    assert block_encode(x, "mxfp6_e2m3").nbytes * 8 / x.size == pytest.approx(8.25)  # fp6: one code per byte
+    assert MX_FORMATS["mxfp4"].bits_per_element == 4.25
+    packed = pack_fp4(b4.codes)
+    assert packed.size == x.size // 2
+    assert (packed[0] & 0x0F) == b4.codes.reshape(-1)[0] and (packed[0] >> 4) == b4.codes.reshape(-1)[1]
+    np.testing.assert_array_equal(unpack_fp4(packed, x.size), b4.codes.reshape(-1))
+    np.testing.assert_array_equal(unpack_fp4(pack_fp4(np.arange(7, dtype=np.uint8)), 7), np.arange(7))
+
+
+def test_bad_block_formats_and_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple of the block size 32"):
+        block_encode(np.ones((2, 48), np.float32), "mxfp4")
+    with pytest.raises(ValueError, match="unknown block format"):
+        get_block_format("mxfp3")
+    with pytest.raises(ValueError, match="at most 8 bits"):
+        BlockFormat("bf16")
+    with pytest.raises(ValueError, match="scale_rule"):
+        BlockFormat("fp4_e2m1fn", 32, "nearest")
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        BlockFormat("fp4_e2m1fn", 0)
+
+
+def test_torch_and_bfloat16_inputs_encode_as_their_float32_values():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    a = block_encode(x, "mxfp4")
+    b = block_encode(x.float().numpy(), "mxfp4")
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    assert get_format("fp4_e2m1fn").bits == 4
+
+
+@pytest.mark.parametrize("name", list(MX_FORMATS))
+def test_a_checkpoint_stores_the_block_codes_and_reads_back_what_the_report_measured(tmp_path, name):
+    from safetensors.numpy import save_file
+
+    from bench.quantize import main
+    from lowbit.checkpoint import Checkpoint, compress_checkpoint, load
+
+    rng = np.random.default_rng(1)
+    w = {"a.weight": (rng.standard_normal((64, 96)) * 0.05).astype(np.float32),
+         "odd.weight": rng.standard_normal((8, 40)).astype(np.float32)}  # 40 is no multiple of 32
+    src = tmp_path / "m.safetensors"
+    save_file(w, str(src))
+    out = tmp_path / "q.safetensors"
+    rep = compress_checkpoint(src, out, name, progress=False, exclude="odd")
+    back = load(out, as_numpy=True)
+    want = round_to_block(w["a.weight"], name)
+    np.testing.assert_array_equal(back["a.weight"], want)
+    row = rep.tensors[0]
+    fmt = MX_FORMATS[name]
+    assert row.bytes_after == w["a.weight"].size * fmt.bits_per_element / 8 if fmt.element_format.bits <= 4 \
+        else row.bytes_after == w["a.weight"].size + w["a.weight"].size // 32
+    err = want.astype(np.float64) - w["a.weight"]
+    assert row.mse == pytest.approx(float(np.mean(err ** 2)), rel=1e-12)
+    parts = Checkpoint(out).names()
+    assert "a.weight::scale" in parts and "a.weight::values" in parts
+    np.testing.assert_array_equal(back["odd.weight"], w["odd.weight"])  # excluded: kept bit for bit
+    assert main([str(src), "--method", name, "--quiet"]) == 1  # odd.weight does not split into blocks
+
+
+def test_the_cli_takes_nearest_away_for_block_formats(tmp_path):
+    from safetensors.numpy import save_file
+
+    from bench.quantize import main
+    from lowbit.checkpoint import load
+
+    ties = np.array([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5], np.float32)  # amax 6: scale 1, the rest ties
+    x = (np.tile(ties, 8) * np.repeat([1, -1], 32)).reshape(2, 32).astype(np.float32)
+    save_file({"w": x}, str(tmp_path / "m.safetensors"))
+    assert main([str(tmp_path / "m.safetensors"), "--method", "mxfp4", "--rounding", "nearest_away",
+                 "--out", str(tmp_path / "q.safetensors"), "--quiet"]) == 0
+    got = load(tmp_path / "q.safetensors", as_numpy=True)["w"]
+    np.testing.assert_array_equal(got, round_to_block(x, "mxfp4", rounding="nearest_away"))
+    assert not np.array_equal(got, round_to_block(x, "mxfp4"))
