@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .arrays import real_array
-from .codec import _decompose, _encode_exact, check_modes, decode, flush_subnormals
+from .codec import check_modes, decode, encode
 from .formats import FloatFormat, get_format
 from .methods import EncodedValues, ValueMethod, register_method, stored_part
 
@@ -163,31 +163,36 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     if a.ndim == 0 or a.shape[-1] % fmt.block:
         raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
                          f"the block size {fmt.block}")
-    v = a.astype(np.float64).reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
+    # float32 holds float16 and bfloat16 exactly; float64 keeps its own precision on the exact path
+    work = a if a.dtype == np.float64 else a.astype(np.float32, copy=False)
+    v = work.reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
     with np.errstate(invalid="ignore"):
-        amax = np.max(np.abs(v), axis=-1)  # NaN propagates
+        amax = np.max(np.abs(v), axis=-1).astype(np.float64)  # NaN propagates
     e = _exponents(amax, fmt)
     nan = np.isnan(e)
-    e = np.clip(np.where(nan, 0, e), -E8M0_BIAS, E8M0_BIAS).astype(np.int64)
+    e = np.clip(np.where(nan, 0, e), -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
     scales = np.where(nan, E8M0_NAN, e + E8M0_BIAS).astype(np.uint8)
-    y = np.ldexp(v, -e[..., None])  # exact: a power-of-two scale within float64's range
-    y = np.where(nan[..., None] | np.isnan(y), 0.0, y)  # a NaN block's scale carries the NaN
+    # x / 2**e is exact: 2**-e is a normal float32 here (e <= 126 for any finite amax, and an inf amax
+    # only saturates), and a quotient below float32's normal range rounds to 0 in every element format
+    # either way; so the element codes come from the codec's float32 paths in one rounding
+    y = v * np.ldexp(np.ones(e.shape, v.dtype), -e)[..., None]
+    if nan.any():
+        y = np.where(nan[..., None], v.dtype.type(0), y)  # a NaN block's scale carries the NaN
     el = fmt.element_format
-    codes = _encode_exact(*_decompose(y.reshape(-1)), el, rounding, "saturate", None).astype(np.uint8)
-    if subnormals == "flush":
-        codes = flush_subnormals(codes, el)
-    return BlockCodes(codes.reshape(a.shape), scales, fmt)
+    codes = np.asarray(encode(y.reshape(a.shape), el, rounding=rounding, overflow="saturate", subnormals=subnormals))
+    return BlockCodes(codes.astype(np.uint8, copy=False), scales, fmt)
 
 
 def block_decode(b: BlockCodes) -> np.ndarray:
     """float32 values of ``b``: each element's value times its block's ``2**s`` (NaN for a NaN scale)."""
     fmt = b.format
-    el = decode(b.codes, fmt.element_format).astype(np.float64)
+    el = np.asarray(decode(b.codes, fmt.element_format))
     v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
-    s = b.scales.astype(np.int64)
-    out = np.ldexp(v, (s - E8M0_BIAS)[..., None])
-    out = np.where((s == E8M0_NAN)[..., None], np.nan, out)
-    return out.reshape(b.codes.shape).astype(np.float32)  # exact: element values carry few bits
+    s = b.scales.astype(np.int32)
+    # 2**(s - 127) as float32 (2**-127 is subnormal but exact); element values carry so few bits that
+    # every product is exact in float32
+    factor = np.where(s == E8M0_NAN, np.float32(np.nan), np.ldexp(np.ones(s.shape, np.float32), s - E8M0_BIAS))
+    return (v * factor[..., None]).reshape(b.codes.shape)
 
 
 def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> np.ndarray:

@@ -85,3 +85,13 @@ def test_benchmarks_refuse_bad_options(main, argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_blocks_benchmark_rows_hold_speed_and_agreement_with_torchao(tmp_path):
+    pytest.importorskip("torchao", reason="the MX reference is torchao's")
+    from bench import blocks
+
+    rows = rows_of(blocks.main, ["--rows", "64", "--cols", "256", "--repeat", "1", "--formats", "mxfp4",
+                                 "mxfp8_e4m3"], tmp_path)
+    assert [r["format"] for r in rows] == ["mxfp4", "mxfp8_e4m3"]
+    assert all(r["identical"] == "yes" and r["lowbit_gels"] > 0 and r["torchao_gels"] > 0 for r in rows)

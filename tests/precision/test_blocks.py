@@ -229,3 +229,12 @@ def test_the_cli_takes_nearest_away_for_block_formats(tmp_path):
     got = load(tmp_path / "q.safetensors", as_numpy=True)["w"]
     np.testing.assert_array_equal(got, round_to_block(x, "mxfp4", rounding="nearest_away"))
     assert not np.array_equal(got, round_to_block(x, "mxfp4"))
+
+
+def test_float64_input_takes_the_exact_path_and_agrees_with_float32():
+    x = adversarial(MX_FORMATS["mxfp6_e3m2"], seed=5)
+    x = x[np.isfinite(x).all(axis=1)]
+    for name in MX_FORMATS:
+        a, b = block_encode(x, name), block_encode(x.astype(np.float64), name)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scales, b.scales)
