@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .arrays import real_array
+from .arrays import is_torch, real_array, torch
 from .codec import check_modes, decode, encode
 from .formats import FloatFormat, get_format
 from .methods import EncodedValues, ValueMethod, register_method, stored_part
@@ -195,9 +195,30 @@ def block_decode(b: BlockCodes) -> np.ndarray:
     return (v * factor[..., None]).reshape(b.codes.shape)
 
 
-def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> np.ndarray:
-    """``block_decode(block_encode(x))``: ``x`` as a block format stores it, float32 (numpy)."""
+def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> Any:
+    """``block_decode(block_encode(x))``: ``x`` as a block format stores it. numpy in, float32 numpy
+    out; a torch tensor comes back as a tensor of its dtype and device, differentiable with a
+    straight-through gradient (d/dx = 1), for training with block-format weights."""
+    if is_torch(x) and x.is_floating_point():
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _BlockSTE.apply(x, fmt, rounding)
+        return _BlockSTE.forward(None, x, fmt, rounding)
     return block_decode(block_encode(x, fmt, rounding=rounding))
+
+
+if torch is not None:
+
+    class _BlockSTE(torch.autograd.Function):
+        """Block-format rounding forward; identity gradient backward (straight-through)."""
+
+        @staticmethod
+        def forward(ctx, x, fmt, rounding):  # noqa: D401
+            v = block_decode(block_encode(x.detach(), fmt, rounding=rounding))
+            return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None, None
 
 
 def pack_fp4(codes: np.ndarray) -> np.ndarray:
