@@ -7,7 +7,7 @@ Block-scaled formats (MX): :class:`BlockFormat`, :func:`block_encode`, :func:`bl
 Error and memory: :func:`error_metrics` and the shared :class:`Report` type.
 """
 
-from .blocks import MX_FORMATS, BlockCodes, BlockFormat, block_decode, block_encode, round_to_block
+from .blocks import BLOCK_FORMATS, MX_FORMATS, BlockCodes, BlockFormat, block_decode, block_encode, round_to_block
 from .cast import Cast, cast, cast_report
 from .codec import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES, decode, describe, encode, fields, round_to
 from .formats import FloatFormat, get_format, known_formats, register
@@ -18,7 +18,7 @@ __all__ = [
     "FloatFormat", "get_format", "known_formats", "register",
     "encode", "decode", "round_to", "fields", "describe", "ROUNDING_MODES", "OVERFLOW_MODES", "SUBNORMAL_MODES",
     "Cast", "cast", "cast_report",
-    "BlockFormat", "BlockCodes", "MX_FORMATS", "block_encode", "block_decode", "round_to_block",
+    "BlockFormat", "BlockCodes", "MX_FORMATS", "BLOCK_FORMATS", "block_encode", "block_decode", "round_to_block",
     "ErrorMetrics", "error_metrics", "mse", "rel_error", "sqnr_db", "max_abs_error", "cosine",
     "Report", "TensorReport", "KeptTensor",
 ]

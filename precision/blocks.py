@@ -1,4 +1,4 @@
-"""Block-scaled formats: blocks of elements in one :class:`FloatFormat` sharing a power-of-two scale.
+"""Block-scaled formats: blocks of elements sharing one scale, from one spec (:class:`BlockFormat`).
 
 OCP Microscaling (MX v1.0): ``block`` consecutive elements along the last axis
 share one scale ``2**s`` stored as an E8M0 code (``s + 127``; 255 is NaN). The
@@ -32,6 +32,19 @@ given rounding mode (``nearest_even``; ``nearest_away`` is the MX reference's
 default) and saturation. Where torchao differs, lowbit keeps the value the
 spec gives: the E8M0 code 0 means 2**-127 (torchao divides by 2**-126 there),
 and the ``rceil`` exponent is exact.
+
+GGUF (llama.cpp) blocks: 32 integer elements share one float16 scale ``d``,
+computed and applied in float32 exactly as ggml's reference quantizers (and
+the ``gguf`` package's) do, so the blocks are bit-identical to theirs:
+
+* ``q8_0`` (rule ``"amax"``): ``d = amax / 127``; ``q = round(x * (1 / d))``,
+  halves away from zero, int8; a reader gets ``q * fp16(d)``.
+* ``q4_0`` (rule ``"signed_max"``): ``m`` is the block's value of largest
+  magnitude (the first such, with its sign), ``d = m / -8``;
+  ``q = clamp(trunc(x * (1 / d) + 8.5), 0, 15) - 8``; a reader gets ``q * fp16(d)``.
+
+The elements are quantized with the float32 ``d`` and the reader scales by its
+float16 rounding, as in ggml; the error a report gives is of what the reader gets.
 """
 
 from __future__ import annotations
@@ -41,38 +54,66 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .arrays import is_torch, real_array, torch
+from .arrays import is_torch, real_array, require_finite, torch
 from .codec import check_modes, decode, encode
 from .formats import FloatFormat, get_format
 from .methods import EncodedValues, ValueMethod, register_method, stored_part
 
-SCALE_RULES = ("floor", "ceil", "even", "rceil")
+SCALE_RULES = ("floor", "ceil", "even", "rceil")  # E8M0 scales
+GGUF_RULES = ("amax", "signed_max")  # float16 scales, integer elements
+INT_ELEMENTS = {"int8": (-127, 127), "int4": (-8, 7)}
 E8M0_BIAS = 127
 E8M0_NAN = 255
 
 
 @dataclass(frozen=True)
 class BlockFormat:
-    """``block`` elements of ``element`` (a float format name or :class:`FloatFormat`) along the last
-    axis share one E8M0 power-of-two scale chosen by ``scale_rule`` (see the module docstring)."""
+    """``block`` elements along the last axis share one scale stored in ``scale`` format.
+
+    ``element``: a float format name (with ``scale="e8m0"`` and a rule of :data:`SCALE_RULES`) or
+    ``"int8"`` / ``"int4"`` (with ``scale="fp16"`` and a rule of :data:`GGUF_RULES`). See the module
+    docstring for each rule."""
 
     element: str
     block: int = 32
     scale_rule: str = "floor"
     name: str = ""
+    scale: str = "e8m0"
 
     def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"BlockFormat: block must be a positive integer, got {self.block!r}")
+        if self.scale == "fp16":
+            if self.element not in INT_ELEMENTS or self.scale_rule not in GGUF_RULES:
+                raise ValueError(f"BlockFormat: fp16 scales take int8/int4 elements and a rule of {GGUF_RULES}")
+            if (self.element, self.scale_rule) not in (("int8", "amax"), ("int4", "signed_max")):
+                raise ValueError("BlockFormat: the GGUF rules are amax for int8 (Q8_0) and signed_max for int4 (Q4_0)")
+            return
+        if self.scale != "e8m0":
+            raise ValueError(f"BlockFormat: scale must be e8m0 or fp16, got {self.scale!r}")
         fmt = get_format(self.element)
         if not fmt.signed or fmt.bits > 8 or fmt.specials == "fnu":
             raise ValueError(f"BlockFormat: the element format must be a signed float format of at most 8 bits, "
                              f"got {fmt.name}")
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise ValueError(f"BlockFormat: block must be a positive integer, got {self.block!r}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"BlockFormat: scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
 
     @property
+    def is_int(self) -> bool:
+        return self.element in INT_ELEMENTS
+
+    @property
+    def element_bits(self) -> int:
+        return {"int8": 8, "int4": 4}[self.element] if self.is_int else self.element_format.bits
+
+    @property
+    def scale_bits(self) -> int:
+        return 16 if self.scale == "fp16" else 8
+
+    @property
     def element_format(self) -> FloatFormat:
+        if self.is_int:
+            raise ValueError(f"{self.describe()}: integer elements have no float format")
         return get_format(self.element)
 
     @property
@@ -82,11 +123,11 @@ class BlockFormat:
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per element: the element's width (fp4 packs two per byte) plus the scale's share."""
-        return self.element_format.bits + 8 / self.block
+        """Stored bits per element: 4-bit elements two per byte, wider ones a byte each, plus the scale's share."""
+        return (4 if self.element_bits <= 4 else 8) + self.scale_bits / self.block
 
     def describe(self) -> str:
-        return self.name or f"{self.element_format.name} x{self.block} e8m0/{self.scale_rule}"
+        return self.name or f"{self.element} x{self.block} {self.scale}/{self.scale_rule}"
 
 
 MX_FORMATS = {
@@ -96,33 +137,56 @@ MX_FORMATS = {
     "mxfp6_e2m3": BlockFormat("fp6_e2m3fn", 32, "floor", "mxfp6_e2m3"),
     "mxfp4": BlockFormat("fp4_e2m1fn", 32, "floor", "mxfp4"),
 }
+GGUF_FORMATS = {
+    "q8_0": BlockFormat("int8", 32, "amax", "q8_0", "fp16"),
+    "q4_0": BlockFormat("int4", 32, "signed_max", "q4_0", "fp16"),
+}
+BLOCK_FORMATS = {**MX_FORMATS, **GGUF_FORMATS}
 
 
 def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
     """A :class:`BlockFormat`, or a preset by name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
-    ``mxfp6_e2m3``, ``mxfp4``); ValueError listing them otherwise."""
+    ``mxfp6_e2m3``, ``mxfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
     if isinstance(fmt, BlockFormat):
         return fmt
-    if isinstance(fmt, str) and fmt in MX_FORMATS:
-        return MX_FORMATS[fmt]
-    raise ValueError(f"unknown block format {fmt!r}; presets: {', '.join(MX_FORMATS)}")
+    if isinstance(fmt, str) and fmt in BLOCK_FORMATS:
+        return BLOCK_FORMATS[fmt]
+    raise ValueError(f"unknown block format {fmt!r}; presets: {', '.join(BLOCK_FORMATS)}")
 
 
 @dataclass
 class BlockCodes:
-    """``codes``: element codes, the input's shape, uint8 (one per element); ``scales``: E8M0 codes,
-    uint8, shape ``(..., last // block)``; ``format``: the :class:`BlockFormat`."""
+    """``codes``: element codes, the input's shape, one per element (uint8 float codes, or int8 integers);
+    ``scales``: one per block, shape ``(..., last // block)``: E8M0 codes (uint8) or float16 bit
+    patterns (uint16); ``format``: the :class:`BlockFormat`."""
 
     codes: np.ndarray
     scales: np.ndarray
     format: BlockFormat
 
+    def gguf_blocks(self) -> np.ndarray:
+        """The blocks in GGUF's byte layout, uint8 of shape ``(blocks, 34)`` for Q8_0 (float16 ``d``, then
+        32 int8) or ``(blocks, 18)`` for Q4_0 (float16 ``d``, then 16 bytes: element ``i`` offset by 8 in
+        the low nibble of byte ``i``, element ``i + 16`` in its high nibble), as llama.cpp reads them."""
+        fmt = self.format
+        if fmt.scale != "fp16":
+            raise ValueError(f"{fmt.describe()} has no GGUF block layout")
+        d = np.ascontiguousarray(self.scales).view(np.uint16).reshape(-1, 1).view(np.uint8)
+        q = self.codes.reshape(-1, fmt.block)
+        if fmt.element == "int8":
+            body = q.view(np.uint8)
+        else:
+            u = (q.astype(np.int16) + 8).astype(np.uint8)
+            half = fmt.block // 2
+            body = u[:, :half] | (u[:, half:] << np.uint8(4))
+        return np.concatenate([d, body], axis=1)
+
     @property
     def nbytes(self) -> int:
         """Bytes as stored: elements of 4 bits or fewer two per byte, wider ones one per byte, plus scales."""
         n = self.codes.size
-        per_byte = 2 if self.format.element_format.bits <= 4 else 1
-        return -(-n // per_byte) + self.scales.size
+        per_byte = 2 if self.format.element_bits <= 4 else 1
+        return -(-n // per_byte) + self.scales.nbytes
 
 
 def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -157,6 +221,10 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     block by block: E8M0 scales by the format's rule, elements rounded once, exactly, with saturation."""
     fmt = get_block_format(fmt)
     check_modes(rounding, "saturate", subnormals)
+    if fmt.scale == "fp16":
+        if rounding != "nearest_even" or subnormals != "keep":
+            raise ValueError(f"block_encode: {fmt.describe()} rounds as ggml does; rounding and subnormals do not apply")
+        return _gguf_encode(x, fmt)
     if rounding == "stochastic":
         raise ValueError("block_encode: stochastic rounding is not offered for block formats")
     a = real_array(x, "x", integers="float")
@@ -183,9 +251,40 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     return BlockCodes(codes.astype(np.uint8, copy=False), scales, fmt)
 
 
+def _gguf_encode(x: Any, fmt: BlockFormat) -> BlockCodes:
+    """Q8_0 / Q4_0 blocks with ggml's float32 arithmetic, step for step (see the module docstring)."""
+    a = real_array(x, "x", integers="float")
+    if a.ndim == 0 or a.shape[-1] % fmt.block:
+        raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
+                         f"the block size {fmt.block}")
+    require_finite(a, "x", f"{fmt.describe()} quantization")
+    v = a.astype(np.float32, copy=False).reshape(-1, fmt.block)
+    if fmt.scale_rule == "amax":
+        d = np.abs(v).max(axis=1, keepdims=True) / np.float32(127)
+    else:
+        at = np.abs(v).argmax(axis=-1)[:, None]
+        d = np.take_along_axis(v, at, axis=-1) / np.float32(-8)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        t = v * inv
+        if fmt.scale_rule == "amax":
+            mag = np.abs(t)
+            whole = np.floor(mag)
+            q = (np.sign(t) * (whole + np.floor(np.float32(2) * (mag - whole)))).astype(np.int8)  # halves away
+        else:
+            q = (np.trunc(t + np.float32(8.5)).astype(np.uint8).clip(0, 15).astype(np.int16) - 8).astype(np.int8)
+        scales = d.astype(np.float16).view(np.uint16)
+    shape = (*a.shape[:-1], a.shape[-1] // fmt.block)
+    return BlockCodes(q.reshape(a.shape), scales.reshape(shape), fmt)
+
+
 def block_decode(b: BlockCodes) -> np.ndarray:
-    """float32 values of ``b``: each element's value times its block's ``2**s`` (NaN for a NaN scale)."""
+    """float32 values of ``b``: each element's value times its block's scale (NaN for a NaN E8M0 scale)."""
     fmt = b.format
+    if fmt.scale == "fp16":
+        d = b.scales.view(np.float16).astype(np.float32)
+        v = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
+        return (v * d[..., None]).reshape(b.codes.shape)
     el = np.asarray(decode(b.codes, fmt.element_format))
     v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
     s = b.scales.astype(np.int32)
@@ -242,17 +341,20 @@ def unpack_fp4(packed: np.ndarray, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class BlockCast(ValueMethod):
     """Store every element in a block-scaled format (the checkpoint method behind ``mxfp4``,
-    ``mxfp8_e4m3`` ...): ``format`` is a preset name, ``rounding`` the element rounding
-    (``nearest_even`` or ``nearest_away``). Blocks run along the last axis, which must be a
-    multiple of the block size. Stored parts: the element codes (4-bit elements two per byte, low
-    nibble first; wider ones one per byte, in the low bits) and ``scale``, one E8M0 code per block."""
+    ``mxfp8_e4m3``, ``q8_0`` ...): ``format`` is a preset name, ``rounding`` the element rounding of
+    the MX formats (``nearest_even`` or ``nearest_away``; GGUF blocks round as ggml does). Blocks run
+    along the last axis, which must be a multiple of the block size. Stored parts: the element codes
+    (4-bit elements two per byte, low nibble first, int4 offset by 8; wider ones one per byte, fp6 in
+    the low bits) and ``scale``, one per block: the E8M0 byte, or the float16 scale."""
 
     kind: ClassVar[str] = "block"
     format: str = "mxfp4"
     rounding: str = "nearest_even"
 
     def __post_init__(self) -> None:
-        get_block_format(self.format)
+        fmt = get_block_format(self.format)
+        if fmt.scale == "fp16" and self.rounding != "nearest_even":
+            raise ValueError(f"BlockCast: {self.format} rounds as ggml does; rounding does not apply")
         if self.rounding not in ("nearest_even", "nearest_away", "toward_zero"):
             raise ValueError(f"BlockCast: rounding must be nearest_even, nearest_away or toward_zero, "
                              f"got {self.rounding!r}")
@@ -273,8 +375,8 @@ class BlockCast(ValueMethod):
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         self.check_shape(tuple(x.shape), name)
         b = block_encode(x, self.format, rounding=self.rounding)
-        return EncodedValues(b.codes, {"scale": b.scales}, {"kind": self.kind, "format": self.format},
-                             block_decode(b))
+        scale = b.scales.view(np.float16) if b.format.scale == "fp16" else b.scales
+        return EncodedValues(b.codes, {"scale": scale}, {"kind": self.kind, "format": self.format}, block_decode(b))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
@@ -284,30 +386,39 @@ class BlockCast(ValueMethod):
             raise ValueError(f"{fmt.describe()}: codes of shape {list(codes.shape)} do not split into blocks of "
                              f"{fmt.block}")
         want = (*codes.shape[:-1], codes.shape[-1] // fmt.block)
-        scale = stored_part(side, "scale", np.uint8, int(np.prod(want, dtype=np.int64)))
-        if codes.size and int(codes.max()) >= fmt.element_format.num_codes:
+        scale = stored_part(side, "scale", np.float16 if fmt.scale == "fp16" else np.uint8,
+                            int(np.prod(want, dtype=np.int64)))
+        if fmt.is_int:
+            lo, hi = INT_ELEMENTS[fmt.element]
+            if codes.size and (int(codes.min()) < lo - 1 or int(codes.max()) > hi):
+                raise ValueError(f"a code beyond {fmt.element} is stored")
+        elif codes.size and int(codes.max()) >= fmt.element_format.num_codes:
             raise ValueError(f"a code beyond {fmt.element_format.name} is stored")
         return block_decode(BlockCodes(codes, scale.reshape(want), fmt))
 
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
-        return np.dtype(np.uint8)
+        return np.dtype(np.int8 if get_block_format(str(scheme.get("format"))).is_int else np.uint8)
 
     @classmethod
     def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        if get_block_format(scheme["format"]).element_format.bits <= 4:
-            return pack_fp4(codes), {"packed": 4}
+        fmt = get_block_format(scheme["format"])
+        if fmt.element_bits <= 4:
+            offset = 8 if fmt.is_int else 0  # int4 codes as unsigned nibbles, as compressed-tensors stores them
+            return pack_fp4((codes.astype(np.int16) + offset).astype(np.uint8)), {"packed": 4, "offset": offset}
         return codes, {}
 
     @classmethod
     def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
-        return unpack_fp4(stored, count) if info.get("packed") == 4 else stored
+        if info.get("packed") != 4:
+            return stored
+        return (unpack_fp4(stored, count).astype(np.int16) - info["offset"]).astype(dtype)
 
     @classmethod
     def check_packed(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> None:
         if not info:
             super().check_packed(stored, info, count, dtype)
-        elif info != {"packed": 4}:
+        elif info not in ({"packed": 4, "offset": 0}, {"packed": 4, "offset": 8}):
             raise ValueError(f"unknown packing {info!r:.80} for block codes")
         elif stored.dtype != np.uint8 or stored.size != (count + 1) // 2:
             raise ValueError(f"{stored.size} packed bytes of {stored.dtype} are stored for {count} 4-bit codes")

@@ -27,7 +27,7 @@ import numpy as np
 import compress  # noqa: F401  (registers the structure methods)
 import quant  # noqa: F401  (registers the integer method)
 from precision import known_formats
-from precision.blocks import MX_FORMATS, BlockCast
+from precision.blocks import BLOCK_FORMATS, BlockCast
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
@@ -137,12 +137,12 @@ def step_kind(name: str) -> str:
         return "float"
     if name in INT_NAMES:
         return "int"
-    if name in MX_FORMATS:
+    if name in BLOCK_FORMATS:
         return "block"
     if name in ("prune", "svd"):
         return name
     raise ValueError(f"unknown method {name!r}; use a float format ({', '.join(known_formats())}), "
-                     f"{', '.join(INT_NAMES)}, a block format ({', '.join(MX_FORMATS)}), prune, svd, "
+                     f"{', '.join(INT_NAMES)}, a block format ({', '.join(BLOCK_FORMATS)}), prune, svd, "
                      "or a chain such as prune,int8")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from precision import decode, get_format, round_to
-from precision.blocks import (E8M0_NAN, MX_FORMATS, BlockFormat, block_decode, block_encode, get_block_format,
+from precision.blocks import (BLOCK_FORMATS, E8M0_NAN, MX_FORMATS, BlockFormat, block_decode, block_encode, get_block_format,
                               pack_fp4, round_to_block, unpack_fp4)
 
 ELEMENTS = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
@@ -238,3 +238,55 @@ def test_float64_input_takes_the_exact_path_and_agrees_with_float32():
         a, b = block_encode(x, name), block_encode(x.astype(np.float64), name)
         np.testing.assert_array_equal(a.codes, b.codes)
         np.testing.assert_array_equal(a.scales, b.scales)
+
+
+def _gguf_inputs() -> np.ndarray:
+    rng = np.random.default_rng(11)
+    rows = [rng.standard_normal(64) * 10.0 ** rng.integers(-30, 30) for _ in range(30)]
+    rows.append(np.zeros(64))
+    rows.append(np.full(64, -3.5))  # a constant negative block
+    r = rng.standard_normal(64)
+    r[5], r[40] = -4.0, 4.0  # equal magnitudes of both signs: the first one sets Q4_0's sign
+    rows.append(r)
+    t = (rng.integers(-127, 128, 64) + 0.5) / 127 * 3  # products near halves
+    t[0] = 3
+    rows.append(t)
+    rows.append(np.array([65504 * 127 * 4] + [1.0] * 63))  # a scale beyond float16: inf, as ggml stores it
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_gguf_blocks_are_byte_identical_to_the_gguf_package(name):
+    gguf = pytest.importorskip("gguf")
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
+    x = _gguf_inputs()
+    b = block_encode(x, name)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.quantize(x, qtype)
+        back = gguf.quants.dequantize(ref, qtype)
+    np.testing.assert_array_equal(b.gguf_blocks().reshape(ref.shape), ref)
+    got = block_decode(b)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(back))
+    ok = ~np.isnan(back)
+    np.testing.assert_array_equal(got[ok], back[ok])
+    assert b.nbytes == ref.nbytes
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_gguf_presets_in_a_checkpoint_read_back_as_ggml_dequantizes(tmp_path, name):
+    gguf = pytest.importorskip("gguf")
+    from safetensors.numpy import save_file
+
+    from bench.quantize import main
+    from lowbit.checkpoint import load
+
+    w = (np.random.default_rng(2).standard_normal((48, 128)) * 0.05).astype(np.float32)
+    save_file({"w": w}, str(tmp_path / "m.safetensors"))
+    assert main([str(tmp_path / "m.safetensors"), "--method", name, "--out", str(tmp_path / "q.safetensors"),
+                 "--quiet"]) == 0
+    qtype = getattr(gguf.GGMLQuantizationType, name.upper())
+    want = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+    np.testing.assert_array_equal(load(tmp_path / "q.safetensors", as_numpy=True)["w"], want)
+    assert BLOCK_FORMATS[name].bits_per_element == (8.5 if name == "q8_0" else 4.5)
+    with pytest.raises(ValueError, match="rounds as ggml does"):
+        block_encode(w, name, rounding="nearest_away")
