@@ -1,11 +1,14 @@
-"""python -m bench.blocks: MX quantize throughput of lowbit against torchao's reference ``to_mx``.
+"""python -m bench.blocks: MX and NVFP4 quantize throughput of lowbit against torchao's references.
 
-For each MX preset, on the same float32 weight (4096 x 4096 by default) in the
-same run: lowbit ``block_encode`` (E8M0 scales and element codes) and torchao
-``to_mx`` with the floor scale rule (its pure-torch CPU path), in G elements/s,
-alternating the two, best of ``--repeat`` runs. Each row also says whether the
-two gave the same scales and element values on that weight (the E8M0 code 0
-aside, where torchao divides by 2**-126 instead of 2**-127).
+For each MX preset and NVFP4, on the same float32 weight (4096 x 4096 by
+default) in the same run: lowbit ``block_encode`` (scales and element codes)
+and torchao's pure-torch CPU path, ``to_mx`` with the floor scale rule or
+``nvfp4_quantize`` with a per-tensor scale from the tensor's amax, in G
+elements/s, alternating the two, best of ``--repeat`` runs. Each row also
+says whether the two gave the same scales and element values on that weight
+(the E8M0 code 0 aside, where torchao divides by 2**-126 instead of 2**-127;
+for NVFP4, elements where torchao's rounded reciprocal rounds them twice are
+counted in ``elements_differ``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import numpy as np
 import torch
 
 from precision import decode
-from precision.blocks import MX_FORMATS, block_encode
+from precision.blocks import BLOCK_FORMATS, MX_FORMATS, block_encode
 
 from .timing import Table, benchmark_parser, best_times, write_rows
 
 TORCHAO = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
-           "mxfp6_e2m3": "fp6_e2m3", "mxfp4": "float4_e2m1fn_x2"}
+           "mxfp6_e2m3": "fp6_e2m3", "mxfp4": "float4_e2m1fn_x2", "nvfp4": "nvfp4"}
 
 
 def _torchao_values(name: str, scale: torch.Tensor, data: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -27,7 +30,7 @@ def _torchao_values(name: str, scale: torch.Tensor, data: torch.Tensor, shape: t
 
     if name.startswith("mxfp8"):
         return data.to(torch.float32).numpy()
-    if name == "mxfp4":
+    if name in ("mxfp4", "nvfp4"):
         return kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data.view(torch.uint8))).reshape(shape).numpy()
     f = kernels.f6_e2m3_unpacked_to_f32 if name == "mxfp6_e2m3" else kernels.f6_e3m2_unpacked_to_f32
     return f(data).reshape(shape).numpy()
@@ -36,6 +39,7 @@ def _torchao_values(name: str, scale: torch.Tensor, data: torch.Tensor, shape: t
 def run(rows: int, cols: int, repeat: int, formats: list[str]) -> list[dict]:
     """One row per format: G elements/s of both, their ratio, and whether they agree."""
     try:
+        from torchao.prototype.mx_formats import nvfp4_tensor as nv
         from torchao.prototype.mx_formats.mx_tensor import to_mx
     except ImportError:
         raise SystemExit("bench.blocks needs torchao (pip install 'lowbit[test]')") from None
@@ -43,22 +47,31 @@ def run(rows: int, cols: int, repeat: int, formats: list[str]) -> list[dict]:
     xn = x.numpy()
     n = x.numel()
     table = Table([("format", "format", "<11"), ("lowbit_gels", "lowbit", "8.3f"), ("torchao_gels", "torchao", "8.3f"),
-                   ("speedup", "speedup", "8.2f"), ("identical", "identical", ">9")])
+                   ("speedup", "speedup", "8.2f"), ("scales_identical", "scales", ">6"),
+                   ("elements_differ", "elements differ", "15d")])
     out = []
     for name in formats:
-        dt = TORCHAO[name]
-        elem = getattr(torch, dt) if hasattr(torch, dt) else dt
-        t = best_times({"lowbit": lambda: block_encode(xn, name), "torchao": lambda: to_mx(x, elem, 32)}, repeat)
+        fmt = BLOCK_FORMATS[name]
+        if name == "nvfp4":
+            def ref() -> tuple:
+                return nv.nvfp4_quantize(x, 16, nv.per_tensor_amax_to_scale(x.abs().max()))
+        else:
+            dt = TORCHAO[name]
+            elem = getattr(torch, dt) if hasattr(torch, dt) else dt
+
+            def ref() -> tuple:
+                return to_mx(x, elem, 32)
+        t = best_times({"lowbit": lambda: block_encode(xn, name), "torchao": ref}, repeat)
         ours = block_encode(xn, name)
-        scale, data = to_mx(x, elem, 32)
+        scale, data = ref()
         ref_scales = scale.view(torch.uint8).numpy().reshape(ours.scales.shape)
         ref_vals = _torchao_values(name, scale, data, tuple(x.shape))
-        ok = (ours.scales != 0).repeat(32, axis=-1)
-        same = bool(np.array_equal(ours.scales, ref_scales)
-                    and np.array_equal(decode(ours.codes, MX_FORMATS[name].element_format)[ok], ref_vals[ok]))
+        ok = (ours.scales != 0).repeat(fmt.block, axis=-1)  # E8M0 code 0: torchao's 2**-126 (module docstring)
         g = {k: n / v / 1e9 for k, v in t.items()}
-        out.append(table.row(dict(format=name, lowbit_gels=g["lowbit"], torchao_gels=g["torchao"],
-                                  speedup=g["lowbit"] / g["torchao"], identical="yes" if same else "NO")))
+        out.append(table.row(dict(
+            format=name, lowbit_gels=g["lowbit"], torchao_gels=g["torchao"], speedup=g["lowbit"] / g["torchao"],
+            scales_identical="yes" if np.array_equal(ours.scales, ref_scales) else "NO",
+            elements_differ=int(np.count_nonzero(decode(ours.codes, fmt.element_format)[ok] != ref_vals[ok])))))
     print(f"{rows}x{cols} float32; G elements/s, best of {repeat}, measured alternately; torch threads "
           f"{torch.get_num_threads()}")
     return out
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096, help="a multiple of 32 (default 4096)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per contender, best kept (default 5)")
-    p.add_argument("--formats", nargs="+", default=list(MX_FORMATS), choices=list(MX_FORMATS))
+    p.add_argument("--formats", nargs="+", default=[*MX_FORMATS, "nvfp4"], choices=[*MX_FORMATS, "nvfp4"])
     a = p.parse_args(argv)
     if a.rows < 1 or a.cols < 32 or a.cols % 32:
         p.error("--rows must be positive and --cols a positive multiple of 32")

@@ -3,7 +3,7 @@
 Formats: :class:`FloatFormat`, :func:`get_format`, :func:`known_formats`.
 Codecs: :func:`encode`, :func:`decode`, :func:`round_to`, :func:`fields`, :func:`describe`.
 Scaled storage: :func:`cast`, :func:`cast_report`.
-Block-scaled formats (MX): :class:`BlockFormat`, :func:`block_encode`, :func:`block_decode`, :func:`round_to_block`.
+Block-scaled formats (MX, NVFP4, GGUF): :class:`BlockFormat`, :func:`block_encode`, :func:`block_decode`, :func:`round_to_block`.
 Error and memory: :func:`error_metrics` and the shared :class:`Report` type.
 """
 

@@ -45,6 +45,20 @@ the ``gguf`` package's) do, so the blocks are bit-identical to theirs:
 
 The elements are quantized with the float32 ``d`` and the reader scales by its
 float16 rounding, as in ggml; the error a report gives is of what the reader gets.
+
+NVFP4 (NVIDIA): 16 fp4 e2m1 elements share one fp8 e4m3 scale, under one
+float32 scale per tensor, with the scales computed in float32 as torchao's
+``nvfp4_quantize`` (two-level) does: ``t = amax(tensor) / (448 * 6)``; each
+block's scale is ``e4m3(clamp(amax(block) / 6 / t, 2**-6, 448))`` (an all-zero
+tensor takes ``t = 1``). Elements are ``x / (scale * t)`` rounded once,
+exactly, to fp4 with saturation: the divisor is exact in float64, and a
+float64 quotient that is not the exact one cannot fall on an fp4 midpoint, so
+rounding it to fp4 is the single correct rounding (its float32 rounding
+serves too, except where that lands on a midpoint; those elements are redone
+from the float64 quotient). torchao multiplies ``x`` by
+a rounded reciprocal first and rounds twice; the tests list where the two
+differ and check lowbit against a rational oracle. A reader gets
+``fp4 * scale * t`` rounded once to float32.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ from .methods import EncodedValues, ValueMethod, register_method, stored_part
 
 SCALE_RULES = ("floor", "ceil", "even", "rceil")  # E8M0 scales
 GGUF_RULES = ("amax", "signed_max")  # float16 scales, integer elements
+NVFP4_EPS = 2.0 ** -6  # the smallest normal e4m3 value: the floor of an NVFP4 block scale
 INT_ELEMENTS = {"int8": (-127, 127), "int4": (-8, 7)}
 E8M0_BIAS = 127
 E8M0_NAN = 255
@@ -83,6 +98,10 @@ class BlockFormat:
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"BlockFormat: block must be a positive integer, got {self.block!r}")
+        if self.scale == "e4m3":
+            if self.element != "fp4_e2m1fn" or self.scale_rule != "amax" or self.block != 16:
+                raise ValueError("BlockFormat: e4m3 scales are NVFP4's: fp4_e2m1fn elements, blocks of 16, rule amax")
+            return
         if self.scale == "fp16":
             if self.element not in INT_ELEMENTS or self.scale_rule not in GGUF_RULES:
                 raise ValueError(f"BlockFormat: fp16 scales take int8/int4 elements and a rule of {GGUF_RULES}")
@@ -90,7 +109,7 @@ class BlockFormat:
                 raise ValueError("BlockFormat: the GGUF rules are amax for int8 (Q8_0) and signed_max for int4 (Q4_0)")
             return
         if self.scale != "e8m0":
-            raise ValueError(f"BlockFormat: scale must be e8m0 or fp16, got {self.scale!r}")
+            raise ValueError(f"BlockFormat: scale must be e8m0, fp16 or e4m3, got {self.scale!r}")
         fmt = get_format(self.element)
         if not fmt.signed or fmt.bits > 8 or fmt.specials == "fnu":
             raise ValueError(f"BlockFormat: the element format must be a signed float format of at most 8 bits, "
@@ -123,7 +142,8 @@ class BlockFormat:
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per element: 4-bit elements two per byte, wider ones a byte each, plus the scale's share."""
+        """Stored bits per element: 4-bit elements two per byte, wider ones a byte each, plus the scale's
+        share (NVFP4's 4 bytes per tensor come on top)."""
         return (4 if self.element_bits <= 4 else 8) + self.scale_bits / self.block
 
     def describe(self) -> str:
@@ -137,16 +157,17 @@ MX_FORMATS = {
     "mxfp6_e2m3": BlockFormat("fp6_e2m3fn", 32, "floor", "mxfp6_e2m3"),
     "mxfp4": BlockFormat("fp4_e2m1fn", 32, "floor", "mxfp4"),
 }
+NV_FORMATS = {"nvfp4": BlockFormat("fp4_e2m1fn", 16, "amax", "nvfp4", "e4m3")}
 GGUF_FORMATS = {
     "q8_0": BlockFormat("int8", 32, "amax", "q8_0", "fp16"),
     "q4_0": BlockFormat("int4", 32, "signed_max", "q4_0", "fp16"),
 }
-BLOCK_FORMATS = {**MX_FORMATS, **GGUF_FORMATS}
+BLOCK_FORMATS = {**MX_FORMATS, **NV_FORMATS, **GGUF_FORMATS}
 
 
 def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
     """A :class:`BlockFormat`, or a preset by name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
-    ``mxfp6_e2m3``, ``mxfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
+    ``mxfp6_e2m3``, ``mxfp4``, ``nvfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
     if isinstance(fmt, BlockFormat):
         return fmt
     if isinstance(fmt, str) and fmt in BLOCK_FORMATS:
@@ -158,11 +179,13 @@ def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
 class BlockCodes:
     """``codes``: element codes, the input's shape, one per element (uint8 float codes, or int8 integers);
     ``scales``: one per block, shape ``(..., last // block)``: E8M0 codes (uint8) or float16 bit
-    patterns (uint16); ``format``: the :class:`BlockFormat`."""
+    patterns (uint16) or e4m3 codes (uint8); ``format``: the :class:`BlockFormat`; ``tensor_scale``:
+    NVFP4's float32 scale per tensor (None otherwise)."""
 
     codes: np.ndarray
     scales: np.ndarray
     format: BlockFormat
+    tensor_scale: float | None = None
 
     def gguf_blocks(self) -> np.ndarray:
         """The blocks in GGUF's byte layout, uint8 of shape ``(blocks, 34)`` for Q8_0 (float16 ``d``, then
@@ -186,7 +209,7 @@ class BlockCodes:
         """Bytes as stored: elements of 4 bits or fewer two per byte, wider ones one per byte, plus scales."""
         n = self.codes.size
         per_byte = 2 if self.format.element_bits <= 4 else 1
-        return -(-n // per_byte) + self.scales.nbytes
+        return -(-n // per_byte) + self.scales.nbytes + (4 if self.tensor_scale is not None else 0)
 
 
 def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -227,6 +250,8 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
         return _gguf_encode(x, fmt)
     if rounding == "stochastic":
         raise ValueError("block_encode: stochastic rounding is not offered for block formats")
+    if fmt.scale == "e4m3":
+        return _nvfp4_encode(x, fmt, rounding, subnormals)
     a = real_array(x, "x", integers="float")
     if a.ndim == 0 or a.shape[-1] % fmt.block:
         raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
@@ -278,9 +303,40 @@ def _gguf_encode(x: Any, fmt: BlockFormat) -> BlockCodes:
     return BlockCodes(q.reshape(a.shape), scales.reshape(shape), fmt)
 
 
+def _nvfp4_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: str) -> BlockCodes:
+    """NVFP4: the scales as torchao computes them, the elements rounded once (module docstring)."""
+    a = real_array(x, "x", integers="float")
+    if a.ndim == 0 or a.shape[-1] % fmt.block:
+        raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
+                         f"the block size {fmt.block}")
+    require_finite(a, "x", "NVFP4 quantization")
+    v = a.astype(np.float32, copy=False).reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
+    amax_t = np.float32(np.abs(v).max()) if v.size else np.float32(0)
+    t = amax_t / np.float32(448.0 * 6.0) if amax_t > 0 else np.float32(1)
+    block = np.abs(v).max(axis=-1) / np.float32(6.0)
+    scaled = np.clip(block / t, np.float32(NVFP4_EPS), np.float32(448.0)).astype(np.float32)
+    s8 = np.asarray(encode(scaled, "fp8_e4m3fn", overflow="saturate")).astype(np.uint8)
+    divisor = np.asarray(decode(s8, "fp8_e4m3fn")).astype(np.float64) * float(t)  # exact: 4 bits times 24
+    y = (v.astype(np.float64) / divisor[..., None]).reshape(a.shape)
+    # the float32 rounding of the quotient rounds to fp4 as the quotient does, unless it lands on an fp4
+    # midpoint (a float32 with at most 2 mantissa bits) it did not equal: those few take the float64 path
+    y32 = y.astype(np.float32)
+    el = fmt.element_format
+    codes = np.asarray(encode(y32, el, rounding=rounding, overflow="saturate", subnormals=subnormals)).astype(np.uint8)
+    redo = ((y32.view(np.uint32) & np.uint32(0x1FFFFF)) == 0) & (y32 != y)
+    if redo.any():
+        codes[redo] = np.asarray(encode(y[redo], el, rounding=rounding, overflow="saturate", subnormals=subnormals))
+    return BlockCodes(codes, s8, fmt, float(t))
+
+
 def block_decode(b: BlockCodes) -> np.ndarray:
     """float32 values of ``b``: each element's value times its block's scale (NaN for a NaN E8M0 scale)."""
     fmt = b.format
+    if fmt.scale == "e4m3":
+        el = np.asarray(decode(b.codes, fmt.element_format)).astype(np.float64)
+        s = np.asarray(decode(b.scales, "fp8_e4m3fn")).astype(np.float64) * float(b.tensor_scale or 1.0)
+        v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block) * s[..., None]
+        return v.reshape(b.codes.shape).astype(np.float32)
     if fmt.scale == "fp16":
         d = b.scales.view(np.float16).astype(np.float32)
         v = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
@@ -375,8 +431,10 @@ class BlockCast(ValueMethod):
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         self.check_shape(tuple(x.shape), name)
         b = block_encode(x, self.format, rounding=self.rounding)
-        scale = b.scales.view(np.float16) if b.format.scale == "fp16" else b.scales
-        return EncodedValues(b.codes, {"scale": scale}, {"kind": self.kind, "format": self.format}, block_decode(b))
+        side = {"scale": b.scales.view(np.float16) if b.format.scale == "fp16" else b.scales}
+        if b.tensor_scale is not None:
+            side["tensor_scale"] = np.array([b.tensor_scale], np.float32)
+        return EncodedValues(b.codes, side, {"kind": self.kind, "format": self.format}, block_decode(b))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
@@ -394,7 +452,12 @@ class BlockCast(ValueMethod):
                 raise ValueError(f"a code beyond {fmt.element} is stored")
         elif codes.size and int(codes.max()) >= fmt.element_format.num_codes:
             raise ValueError(f"a code beyond {fmt.element_format.name} is stored")
-        return block_decode(BlockCodes(codes, scale.reshape(want), fmt))
+        t = None
+        if fmt.scale == "e4m3":
+            t = float(stored_part(side, "tensor_scale", np.float32, 1)[0])
+            if not np.isfinite(t) or t <= 0:
+                raise ValueError("the stored NVFP4 tensor scale is not a positive finite number")
+        return block_decode(BlockCodes(codes, scale.reshape(want), fmt, t))
 
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:

@@ -92,6 +92,7 @@ def test_blocks_benchmark_rows_hold_speed_and_agreement_with_torchao(tmp_path):
     from bench import blocks
 
     rows = rows_of(blocks.main, ["--rows", "64", "--cols", "256", "--repeat", "1", "--formats", "mxfp4",
-                                 "mxfp8_e4m3"], tmp_path)
-    assert [r["format"] for r in rows] == ["mxfp4", "mxfp8_e4m3"]
-    assert all(r["identical"] == "yes" and r["lowbit_gels"] > 0 and r["torchao_gels"] > 0 for r in rows)
+                                 "mxfp8_e4m3", "nvfp4"], tmp_path)
+    assert [r["format"] for r in rows] == ["mxfp4", "mxfp8_e4m3", "nvfp4"]
+    assert all(r["scales_identical"] == "yes" and r["lowbit_gels"] > 0 and r["torchao_gels"] > 0 for r in rows)
+    assert rows[0]["elements_differ"] == rows[1]["elements_differ"] == 0

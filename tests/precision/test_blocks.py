@@ -290,3 +290,92 @@ def test_gguf_presets_in_a_checkpoint_read_back_as_ggml_dequantizes(tmp_path, na
     assert BLOCK_FORMATS[name].bits_per_element == (8.5 if name == "q8_0" else 4.5)
     with pytest.raises(ValueError, match="rounds as ggml does"):
         block_encode(w, name, rounding="nearest_away")
+
+
+def _nvfp4_inputs() -> np.ndarray:
+    """Blocks of 16 at scales 2**-20 .. 2**20, zeros, ties of the fp4 grid under a scale, a constant block."""
+    rng = np.random.default_rng(4)
+    rows = [rng.standard_normal(64) * 2.0 ** rng.integers(-20, 20) for _ in range(20)]
+    rows.append(np.zeros(64))
+    rows.append(np.full(64, 0.75))
+    grid_mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    tie = np.concatenate([[6.0], rng.choice(grid_mids, 15)])
+    rows.append(np.tile(tie, 4) * rng.choice([-1.0, 1.0], 64) * 0.37)
+    return np.stack(rows).astype(np.float32)
+
+
+def _exact_nvfp4_values(x: np.ndarray, b, rounding: str) -> np.ndarray:
+    el = get_format("fp4_e2m1fn")
+    s = decode(b.scales, "fp8_e4m3fn").astype(np.float64)
+    out = np.empty(x.shape)
+    for idx in np.ndindex(*x.shape):
+        blk = idx[:-1] + (idx[-1] // 16,)
+        d = Fraction(float(s[blk])) * Fraction(b.tensor_scale)
+        q = Fraction(float(x[idx])) / d
+        from tests.precision._oracle import oracle_round
+        r = oracle_round(q, el, rounding)
+        r = max(-el.max_finite, min(el.max_finite, r))  # saturation
+        out[idx] = float(Fraction(r) * d)
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away"])
+def test_nvfp4_equals_the_exact_rational_answer(rounding):
+    x = _nvfp4_inputs()
+    b = block_encode(x, "nvfp4", rounding=rounding)
+    np.testing.assert_array_equal(block_decode(b), _exact_nvfp4_values(x, b, rounding))
+
+
+def test_nvfp4_scales_equal_torchao_and_elements_differ_only_where_it_rounds_twice():
+    nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
+    kernels = pytest.importorskip("torchao.prototype.mx_formats.kernels")
+    x = _nvfp4_inputs()
+    xt = torch.from_numpy(x)
+    pts = nv.per_tensor_amax_to_scale(xt.abs().max())
+    scales, data = nv.nvfp4_quantize(xt, 16, pts)
+    b = block_encode(x, "nvfp4")
+    assert b.tensor_scale == float(pts)
+    np.testing.assert_array_equal(b.scales, scales.view(torch.uint8).numpy().reshape(b.scales.shape))
+    ref = kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data.view(torch.uint8))).reshape(x.shape).numpy()
+    mine = decode(b.codes, "fp4_e2m1fn")
+    differ = mine != ref
+    # where they differ, torchao's product with a rounded reciprocal crossed an fp4 midpoint; the oracle
+    # test above shows lowbit's value is the exact one
+    assert differ.mean() < 0.01
+    assert np.array_equal(block_decode(b), _exact_nvfp4_values(x, b, "nearest_even"))
+
+
+def test_nvfp4_in_a_checkpoint_costs_4_5_bits_plus_4_bytes(tmp_path):
+    from safetensors.numpy import save_file
+
+    from lowbit.checkpoint import compress_checkpoint, load
+
+    w = (np.random.default_rng(5).standard_normal((64, 128)) * 0.02).astype(np.float32)
+    save_file({"w": w}, str(tmp_path / "m.safetensors"))
+    rep = compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", "nvfp4", progress=False)
+    assert rep.tensors[0].bytes_after == w.size * 4.5 / 8 + 4
+    np.testing.assert_array_equal(load(tmp_path / "q.safetensors", as_numpy=True)["w"], round_to_block(w, "nvfp4"))
+    assert BLOCK_FORMATS["nvfp4"].bits_per_element == 4.5
+
+
+def test_nvfp4_quotients_whose_float32_rounding_lands_on_a_midpoint_round_from_the_exact_quotient():
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((64, 16)) * 0.1).astype(np.float32)
+    x[:, 0] = np.abs(x[:, 0]) + 1  # each block's amax is its first element
+    x[0, 0] = 7.77  # the tensor's amax
+    first = block_encode(x, "nvfp4")
+    d = decode(first.scales, "fp8_e4m3fn").astype(np.float64)[:, 0] * first.tensor_scale
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    hits = 0
+    for i in range(1, 64):
+        for j in range(1, 16):
+            m = rng.choice(mids) * rng.choice([-1, 1])
+            v = np.float32(m * d[i])
+            q = float(v) / d[i]
+            if np.float32(q) == m and q != m and abs(v) < x[i, 0]:
+                x[i, j] = v
+                hits += 1
+    assert hits > 10  # enough quotients that are not midpoints but look like one in float32
+    b = block_encode(x, "nvfp4")
+    np.testing.assert_array_equal(b.scales, first.scales)
+    np.testing.assert_array_equal(block_decode(b), _exact_nvfp4_values(x, b, "nearest_even"))
