@@ -333,14 +333,14 @@ def block_decode(b: BlockCodes) -> np.ndarray:
     """float32 values of ``b``: each element's value times its block's scale (NaN for a NaN E8M0 scale)."""
     fmt = b.format
     if fmt.scale == "e4m3":
-        el = np.asarray(decode(b.codes, fmt.element_format)).astype(np.float64)
+        e64 = np.asarray(decode(b.codes, fmt.element_format)).astype(np.float64)
         s = np.asarray(decode(b.scales, "fp8_e4m3fn")).astype(np.float64) * float(b.tensor_scale or 1.0)
-        v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block) * s[..., None]
-        return v.reshape(b.codes.shape).astype(np.float32)
+        w = e64.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block) * s[..., None]
+        return w.reshape(b.codes.shape).astype(np.float32)
     if fmt.scale == "fp16":
         d = b.scales.view(np.float16).astype(np.float32)
-        v = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
-        return (v * d[..., None]).reshape(b.codes.shape)
+        q = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
+        return (q * d[..., None]).reshape(b.codes.shape)
     el = np.asarray(decode(b.codes, fmt.element_format))
     v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
     s = b.scales.astype(np.int32)
