@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from precision import decode
-from precision.blocks import BLOCK_FORMATS, MX_FORMATS, block_encode
+from precision.blocks import BLOCK_FORMATS, block_encode
 
 from .timing import Table, benchmark_parser, best_times, write_rows
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096, help="a multiple of 32 (default 4096)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per contender, best kept (default 5)")
-    p.add_argument("--formats", nargs="+", default=[*MX_FORMATS, "nvfp4"], choices=[*MX_FORMATS, "nvfp4"])
+    p.add_argument("--formats", nargs="+", default=list(TORCHAO), choices=list(TORCHAO))
     a = p.parse_args(argv)
     if a.rows < 1 or a.cols < 32 or a.cols % 32:
         p.error("--rows must be positive and --cols a positive multiple of 32")

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: the bundled all-MiniLM-L6-v2 checkpoint.")
     p.add_argument("--method", default="int8", help="a method or a comma-separated chain, structure first: "
                    "a float format (fp16, bf16, fp8_e4m3fn, fp8_e5m2 or any precision format name), int2..int8, "
-                   "a block format (mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, nvfp4, q8_0, q4_0), prune, svd. "
+                   "a block format (mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8, nvfp4, q8_0, q4_0), prune, "
+                   "svd. "
                    "Example: prune,int8. Default: int8")
     g = p.add_argument_group("float formats")
     g.add_argument("--scaling", choices=SCALINGS, default=None,

@@ -2,8 +2,9 @@
 
 OCP Microscaling (MX v1.0): ``block`` consecutive elements along the last axis
 share one scale ``2**s`` stored as an E8M0 code (``s + 127``; 255 is NaN). The
-presets are MXFP8 (e4m3, e5m2), MXFP6 (e3m2, e2m3) and MXFP4 (e2m1), 32
-elements per block.
+presets are MXFP8 (e4m3, e5m2), MXFP6 (e3m2, e2m3), MXFP4 (e2m1) and MXINT8
+(int8 read as a fixed-point number with 6 fraction bits, at most 127/64, so
+``emax`` is 0; codes are clamped to +-127), 32 elements per block.
 
 Scale rules (``s`` for a block whose largest magnitude is ``amax``; ``emax``
 is the exponent of the element format's largest power of two, ``max`` its
@@ -102,6 +103,10 @@ class BlockFormat:
             if self.element != "fp4_e2m1fn" or self.scale_rule != "amax" or self.block != 16:
                 raise ValueError("BlockFormat: e4m3 scales are NVFP4's: fp4_e2m1fn elements, blocks of 16, rule amax")
             return
+        if self.scale == "e8m0" and self.element == "int8":
+            if self.scale_rule not in ("floor", "ceil", "rceil"):
+                raise ValueError("BlockFormat: MXINT8 takes the floor, ceil or rceil scale rule")
+            return
         if self.scale == "fp16":
             if self.element not in INT_ELEMENTS or self.scale_rule not in GGUF_RULES:
                 raise ValueError(f"BlockFormat: fp16 scales take int8/int4 elements and a rule of {GGUF_RULES}")
@@ -136,9 +141,14 @@ class BlockFormat:
         return get_format(self.element)
 
     @property
+    def element_max(self) -> float:
+        """The largest element value (MXINT8's int8 is a fixed-point 1.6 number: 127 / 64)."""
+        return 127 / 64 if self.is_int else self.element_format.max_finite
+
+    @property
     def emax(self) -> int:
-        """floor(log2) of the element format's largest finite value."""
-        return int(np.floor(np.log2(self.element_format.max_finite)))
+        """floor(log2) of the largest element value."""
+        return int(np.floor(np.log2(self.element_max)))
 
     @property
     def bits_per_element(self) -> float:
@@ -156,6 +166,7 @@ MX_FORMATS = {
     "mxfp6_e3m2": BlockFormat("fp6_e3m2fn", 32, "floor", "mxfp6_e3m2"),
     "mxfp6_e2m3": BlockFormat("fp6_e2m3fn", 32, "floor", "mxfp6_e2m3"),
     "mxfp4": BlockFormat("fp4_e2m1fn", 32, "floor", "mxfp4"),
+    "mxint8": BlockFormat("int8", 32, "floor", "mxint8"),
 }
 NV_FORMATS = {"nvfp4": BlockFormat("fp4_e2m1fn", 16, "amax", "nvfp4", "e4m3")}
 GGUF_FORMATS = {
@@ -167,7 +178,7 @@ BLOCK_FORMATS = {**MX_FORMATS, **NV_FORMATS, **GGUF_FORMATS}
 
 def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
     """A :class:`BlockFormat`, or a preset by name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
-    ``mxfp6_e2m3``, ``mxfp4``, ``nvfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
+    ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``, ``nvfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
     if isinstance(fmt, BlockFormat):
         return fmt
     if isinstance(fmt, str) and fmt in BLOCK_FORMATS:
@@ -214,7 +225,6 @@ class BlockCodes:
 
 def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """The unclamped shared exponent of each block (float64 holding integers; NaN for NaN amax)."""
-    el = fmt.element_format
     with np.errstate(divide="ignore", invalid="ignore"):
         m, ex = np.frexp(np.where(np.isfinite(amax), amax, 1.0))  # amax = m * 2**ex, m in [0.5, 1)
     floor_log2 = np.where(amax > 0, ex - 1, -np.inf).astype(np.float64)
@@ -226,10 +236,10 @@ def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     elif rule == "ceil":
         e = floor_log2 + ~exact_pow2 - fmt.emax
     elif rule == "even":  # amax rounded half up to the element's mantissa width carries into the next power
-        carry = m >= 1 - 2.0 ** -(el.mantissa_bits + 2)
+        carry = m >= 1 - 2.0 ** -(fmt.element_format.mantissa_bits + 2)
         e = floor_log2 + carry - fmt.emax
     else:  # rceil: the smallest e with amax <= max * 2**e (every product below is exact in float64)
-        top = el.max_finite
+        top = fmt.element_max
         e = floor_log2 - np.floor(np.log2(top))
         with np.errstate(invalid="ignore", over="ignore"):
             e = np.where(amax > top * np.exp2(e - 1), e, e - 1)
@@ -271,6 +281,15 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     y = v * np.ldexp(np.ones(e.shape, v.dtype), -e)[..., None]
     if nan.any():
         y = np.where(nan[..., None], v.dtype.type(0), y)  # a NaN block's scale carries the NaN
+    if fmt.is_int:  # MXINT8: y in units of 2**-6, rounded, clamped to +-127
+        t = (y * y.dtype.type(64)).reshape(a.shape)
+        if rounding == "nearest_even":
+            q = np.rint(t)
+        elif rounding == "nearest_away":
+            q = np.copysign(np.floor(np.abs(t) + t.dtype.type(0.5)), t)  # t + 0.5 is exact below 2**22
+        else:
+            q = np.trunc(t)
+        return BlockCodes(np.clip(q, -127, 127).astype(np.int8), scales, fmt)
     el = fmt.element_format
     codes = np.asarray(encode(y.reshape(a.shape), el, rounding=rounding, overflow="saturate", subnormals=subnormals))
     return BlockCodes(codes.astype(np.uint8, copy=False), scales, fmt)
@@ -341,7 +360,7 @@ def block_decode(b: BlockCodes) -> np.ndarray:
         d = b.scales.view(np.float16).astype(np.float32)
         q = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
         return (q * d[..., None]).reshape(b.codes.shape)
-    el = np.asarray(decode(b.codes, fmt.element_format))
+    el = b.codes.astype(np.float32) / np.float32(64) if fmt.is_int else np.asarray(decode(b.codes, fmt.element_format))
     v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
     s = b.scales.astype(np.int32)
     # 2**(s - 127) as float32 (2**-127 is subnormal but exact); element values carry so few bits that

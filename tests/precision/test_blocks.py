@@ -13,6 +13,7 @@ from precision import decode, get_format, round_to
 from precision.blocks import (BLOCK_FORMATS, E8M0_NAN, MX_FORMATS, BlockFormat, block_decode, block_encode, get_block_format,
                               pack_fp4, round_to_block, unpack_fp4)
 
+MXFP = [n for n, f in MX_FORMATS.items() if not f.is_int]
 ELEMENTS = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
             "mxfp6_e2m3": "fp6_e2m3", "mxfp4": "float4_e2m1fn_x2"}
 
@@ -64,7 +65,7 @@ def torchao_elements(name: str, x: torch.Tensor, rule: str) -> tuple[np.ndarray,
     return scale.view(torch.uint8).numpy().reshape(x.shape[0], -1), vals.reshape(x.shape).numpy()
 
 
-@pytest.mark.parametrize("name", list(MX_FORMATS))
+@pytest.mark.parametrize("name", MXFP)
 @pytest.mark.parametrize("rule", ["floor", "ceil", "even"])
 def test_scales_and_elements_equal_torchao_to_mx(name, rule):
     fmt = BlockFormat(MX_FORMATS[name].element, 32, rule)
@@ -106,7 +107,7 @@ def _oracle_exponent(amax: Fraction, fmt: BlockFormat) -> int:
     return max(-127, min(127, e))
 
 
-@pytest.mark.parametrize("name", list(MX_FORMATS))
+@pytest.mark.parametrize("name", MXFP)
 @pytest.mark.parametrize("rule", ["floor", "ceil", "even", "rceil"])
 @pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away"])
 def test_every_block_equals_the_exact_rational_answer(name, rule, rounding):
@@ -186,7 +187,7 @@ def test_torch_and_bfloat16_inputs_encode_as_their_float32_values():
     assert get_format("fp4_e2m1fn").bits == 4
 
 
-@pytest.mark.parametrize("name", list(MX_FORMATS))
+@pytest.mark.parametrize("name", MXFP)
 def test_a_checkpoint_stores_the_block_codes_and_reads_back_what_the_report_measured(tmp_path, name):
     from safetensors.numpy import save_file
 
@@ -234,7 +235,7 @@ def test_the_cli_takes_nearest_away_for_block_formats(tmp_path):
 def test_float64_input_takes_the_exact_path_and_agrees_with_float32():
     x = adversarial(MX_FORMATS["mxfp6_e3m2"], seed=5)
     x = x[np.isfinite(x).all(axis=1)]
-    for name in MX_FORMATS:
+    for name in MX_FORMATS:  # MXINT8 included
         a, b = block_encode(x, name), block_encode(x.astype(np.float64), name)
         np.testing.assert_array_equal(a.codes, b.codes)
         np.testing.assert_array_equal(a.scales, b.scales)
@@ -379,3 +380,63 @@ def test_nvfp4_quotients_whose_float32_rounding_lands_on_a_midpoint_round_from_t
     b = block_encode(x, "nvfp4")
     np.testing.assert_array_equal(b.scales, first.scales)
     np.testing.assert_array_equal(block_decode(b), _exact_nvfp4_values(x, b, "nearest_even"))
+
+
+
+@pytest.mark.parametrize("rule", ["floor", "ceil", "rceil"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away"])
+def test_mxint8_equals_the_exact_rational_answer(rule, rounding):
+    fmt = BlockFormat("int8", 32, rule)
+    x = adversarial(MX_FORMATS["mxfp8_e4m3"], seed=9)
+    x = x[np.isfinite(x).all(axis=1)]
+    b = block_encode(x, fmt, rounding=rounding)
+    vals = block_decode(b)
+    assert b.codes.dtype == np.int8 and np.abs(b.codes).max() <= 127
+    for i, row in enumerate(x):
+        amax = max(Fraction(float(abs(v))) for v in row)
+        if amax == 0:
+            e = -127
+        else:
+            lg = math.floor(math.log2(amax))
+            while Fraction(2) ** lg > amax:
+                lg -= 1
+            while Fraction(2) ** (lg + 1) <= amax:
+                lg += 1
+            if rule == "floor":
+                e = lg
+            elif rule == "ceil":
+                e = lg + (Fraction(2) ** lg != amax)
+            else:
+                e = -200
+                while Fraction(127, 64) * Fraction(2) ** e < amax:
+                    e += 1
+            e = max(-127, min(127, e))
+        assert int(b.scales[i, 0]) == e + 127
+        for j, v in enumerate(row):
+            t = Fraction(float(v)) / Fraction(2) ** e * 64
+            fl = math.floor(t)
+            frac = t - fl
+            if frac > Fraction(1, 2) or (frac == Fraction(1, 2) and (rounding == "nearest_away" and t > 0
+                                                                   or rounding == "nearest_even" and fl % 2)):
+                q = fl + 1
+            else:
+                q = fl
+            if frac == Fraction(1, 2) and rounding == "nearest_away" and t < 0:
+                q = fl
+            q = max(-127, min(127, q))
+            assert int(b.codes[i, j]) == q, (i, j, float(t), q)
+            assert vals[i, j] == np.float32(float(Fraction(q, 64) * Fraction(2) ** e))
+
+
+def test_mxint8_in_a_checkpoint_costs_8_25_bits(tmp_path):
+    from safetensors.numpy import save_file
+
+    from lowbit.checkpoint import compress_checkpoint, load
+
+    w = (np.random.default_rng(6).standard_normal((32, 64)) * 0.02).astype(np.float32)
+    save_file({"w": w}, str(tmp_path / "m.safetensors"))
+    rep = compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", "mxint8", progress=False)
+    assert rep.tensors[0].bytes_after == w.size * 8.25 / 8
+    np.testing.assert_array_equal(load(tmp_path / "q.safetensors", as_numpy=True)["w"], round_to_block(w, "mxint8"))
+    with pytest.raises(ValueError, match="MXINT8 takes"):
+        BlockFormat("int8", 32, "even")
