@@ -330,22 +330,24 @@ def _nvfp4_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: str) -> B
                          f"the block size {fmt.block}")
     require_finite(a, "x", "NVFP4 quantization")
     v = a.astype(np.float32, copy=False).reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
-    amax_t = np.float32(np.abs(v).max()) if v.size else np.float32(0)
+    block_amax = np.abs(v).max(axis=-1)
+    amax_t = np.float32(block_amax.max()) if v.size else np.float32(0)
     t = amax_t / np.float32(448.0 * 6.0) if amax_t > 0 else np.float32(1)
-    block = np.abs(v).max(axis=-1) / np.float32(6.0)
+    block = block_amax / np.float32(6.0)
     scaled = np.clip(block / t, np.float32(NVFP4_EPS), np.float32(448.0)).astype(np.float32)
     s8 = np.asarray(encode(scaled, "fp8_e4m3fn", overflow="saturate")).astype(np.uint8)
     divisor = np.asarray(decode(s8, "fp8_e4m3fn")).astype(np.float64) * float(t)  # exact: 4 bits times 24
-    y = (v.astype(np.float64) / divisor[..., None]).reshape(a.shape)
+    y = np.divide(v, divisor[..., None], dtype=np.float64).reshape(-1)
     # the float32 rounding of the quotient rounds to fp4 as the quotient does, unless it lands on an fp4
     # midpoint (a float32 with at most 2 mantissa bits) it did not equal: those few take the float64 path
     y32 = y.astype(np.float32)
     el = fmt.element_format
     codes = np.asarray(encode(y32, el, rounding=rounding, overflow="saturate", subnormals=subnormals)).astype(np.uint8)
-    redo = ((y32.view(np.uint32) & np.uint32(0x1FFFFF)) == 0) & (y32 != y)
-    if redo.any():
+    short = np.flatnonzero((y32.view(np.uint32) & np.uint32(0x1FFFFF)) == 0)
+    redo = short[y32[short] != y[short]]
+    if redo.size:
         codes[redo] = np.asarray(encode(y[redo], el, rounding=rounding, overflow="saturate", subnormals=subnormals))
-    return BlockCodes(codes, s8, fmt, float(t))
+    return BlockCodes(codes.reshape(a.shape), s8, fmt, float(t))
 
 
 def block_decode(b: BlockCodes) -> np.ndarray:
