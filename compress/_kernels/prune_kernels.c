@@ -81,12 +81,8 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
     int64_t *less = calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(int64_t));
     int64_t *equal = calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(int64_t));
     Sums *part = sums ? calloc((size_t)(nchunks > 0 ? nchunks : 1), sizeof(Sums)) : NULL;
-    if (!less || !equal || (sums && !part)) {
-        free(less);
-        free(equal);
-        free(part);
-        return -1;
-    }
+    int64_t result = -1;
+    if (!less || !equal || (sums && !part)) goto done;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         const int64_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
@@ -111,10 +107,8 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
         kept += k;
     }
     if (kept != capacity) {
-        free(less);
-        free(equal);
-        free(part);
-        return -2;
+        result = -2;
+        goto done;
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nchunks > 1)
     for (int64_t c = 0; c < nchunks; c++) {
@@ -159,14 +153,11 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
             }
         }
     }
-    if (part) {
-        Sums t = {0, 0, 0, 0, 0, 0, 0};
-        for (int64_t c = 0; c < nchunks; c++)
-            sums_add(&t, part + c);
-        sums_store(&t, sums, counts);
-    }
+    if (part) sums_reduce_store(part, nchunks, sums, counts);
+    result = kept;
+done:
     free(less);
     free(equal);
     free(part);
-    return kept;
+    return result;
 }

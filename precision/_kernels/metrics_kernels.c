@@ -23,11 +23,8 @@ int64_t lowbit_metrics_f32(const float *x, const float *y, int64_t n, double *ou
         const int64_t lo = k * BLOCK, hi = lo + BLOCK < n ? lo + BLOCK : n;
         block_sums(x + lo, y + lo, hi - lo, part + k);
     }
-    Sums t = {0, 0, 0, 0, 0, 0, 0};
-    for (int64_t k = 0; k < nb; k++)
-        sums_add(&t, part + k);
+    sums_reduce_store(part, nb, out, counts);
     free(part);
-    sums_store(&t, out, counts);
     return 0;
 }
 
@@ -88,10 +85,7 @@ int64_t lowbit_decode_measure(const void *codes, int width, const float *table, 
             }
         }
     }
-    Sums t = {0, 0, 0, 0, 0, 0, 0};
-    for (int64_t c = 0; c < nchunks; c++)
-        sums_add(&t, part + c);
+    sums_reduce_store(part, nchunks, out, counts);
     free(part);
-    sums_store(&t, out, counts);
     return bad ? -2 : 0;
 }

@@ -79,4 +79,14 @@ static inline void sums_store(const Sums *t, double *out, int64_t *counts)
     counts[1] = t->zeroed;
 }
 
+/* the sums of n parts added in order (so the total does not depend on which thread made which part),
+ * stored to out/counts */
+static inline void sums_reduce_store(const Sums *part, int64_t n, double *out, int64_t *counts)
+{
+    Sums t = {0, 0, 0, 0, 0, 0, 0};
+    for (int64_t c = 0; c < n; c++)
+        sums_add(&t, part + c);
+    sums_store(&t, out, counts);
+}
+
 #endif

@@ -169,11 +169,8 @@ int64_t lowbit_rtn_f32(const float *x, int64_t nblocks, int64_t len, int32_t qmi
         }
     }
     if (part) {
-        Sums t = {0, 0, 0, 0, 0, 0, 0};
-        for (int64_t c = 0; c < nchunks; c++)
-            sums_add(&t, part + c);
+        sums_reduce_store(part, nchunks, sums, counts);
         free(part);
-        sums_store(&t, sums, counts);
     }
     return bad ? -2 : 0;
 }

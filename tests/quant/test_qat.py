@@ -66,10 +66,7 @@ def _digits():
     return X, y, perm[:1300], perm[1300:]
 
 
-def test_qat_recovers_the_accuracy_that_4bit_ptq_loses_on_digits():
-    """Train an MLP on scikit-learn's digits, quantize weights to 4 bits per tensor:
-    PTQ loses accuracy, QAT fine-tuning wins it back."""
-    X, y, tr, te = _digits()
+def _trained_digits_mlp(X, y, tr):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
                               torch.nn.Linear(64, 10))
@@ -78,6 +75,14 @@ def test_qat_recovers_the_accuracy_that_4bit_ptq_loses_on_digits():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(X[tr]), y[tr]).backward()
         opt.step()
+    return net
+
+
+def test_qat_recovers_the_accuracy_that_4bit_ptq_loses_on_digits():
+    """Train an MLP on scikit-learn's digits, quantize weights to 4 bits per tensor:
+    PTQ loses accuracy, QAT fine-tuning wins it back."""
+    X, y, tr, te = _digits()
+    net = _trained_digits_mlp(X, y, tr)
 
     def acc(m):
         with torch.no_grad():
@@ -106,14 +111,7 @@ def test_training_through_mxfp4_weights_recovers_what_mxfp4_ptq_loses_on_digits(
     from precision.blocks import round_to_block
 
     X, y, tr, te = _digits()
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                              torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(800):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(X[tr]), y[tr]).backward()
-        opt.step()
+    net = _trained_digits_mlp(X, y, tr)
 
     def forward(m, x, mx):
         for layer in m:
