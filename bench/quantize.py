@@ -27,6 +27,7 @@ import numpy as np
 from compress.lowrank import METHODS as SVD_METHODS
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
+from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-ndim", type=int, default=2, help="compress float tensors with at least this many dims")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
+    g.add_argument("--format", choices=("lowbit", "gguf"), default="lowbit",
+                   help="--out as lowbit's safetensors (default; read back by lowbit.load) or a GGUF file "
+                   "(q8_0, q4_0, fp16, bf16; kept tensors in their own types)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="busy threads in all, --workers times each tensor's threads (default: the available cores)")
     g.add_argument("--no-metrics", action="store_true",
@@ -170,6 +174,11 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
     if a.address is not None and a.executor != "ray":
         raise UsageError("--address applies to --executor ray only")
+    if a.format == "gguf":
+        try:
+            gguf_type_of_chain(chain)
+        except ValueError as e:
+            raise UsageError(f"--format gguf: {e}") from None
     for pat, flag in ((a.include, "--include"), (a.exclude, "--exclude")):
         try:
             check_pattern(pat)
@@ -187,7 +196,7 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
-                                 address=a.address)
+                                 address=a.address, format=a.format)
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs

@@ -17,10 +17,12 @@ import numpy as np
 
 from precision._native import available_cores, thread_budget
 from precision.arrays import all_finite
-from precision.methods import Method
+from precision.dtypes import ST_TO_NP
+from precision.methods import Method, ValueStore
 from precision.report import KeptTensor, Report
 
 from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
+from .gguf import GGUFWriter, gguf_type_of_chain
 from .io import Checkpoint, CheckpointError, SafetensorsWriter
 
 Source = str | os.PathLike
@@ -65,7 +67,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         include: str | None = None, exclude: str | None = None, workers: int = 1,
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
-                        threads: int | None = None, executor: str = "local", address: str | None = None) -> Report:
+                        threads: int | None = None, executor: str = "local", address: str | None = None,
+                        format: str = "lowbit") -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -95,12 +98,20 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     or without one on a local cluster of ``threads`` CPUs (default: the available cores) started
     for the job. ``source`` must then be a path every node can read. The output and the report's
     rows are byte-identical to a local run's; ``workers`` does not apply.
+
+    ``format``: ``"lowbit"`` (safetensors with lowbit's stored parts and schemes, read back by
+    :func:`load`) or ``"gguf"`` (a GGUF file of q8_0/q4_0 blocks or fp16/bf16 tensors, with the kept
+    tensors in their own types; see :mod:`lowbit.checkpoint.gguf`).
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if address is not None and executor != "ray":
         raise ValueError("address applies to executor='ray' only")
     chain = Chain.of(method)
+    if format == "gguf":
+        gguf_type_of_chain(chain)  # a method GGUF cannot carry is refused before any work
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
             check_pattern(pat)
@@ -114,17 +125,18 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
 
         with RaySession(address, threads or available_cores()) as session:
             report = _compress(source, output, chain, include, exclude, 1, progress, force, min_ndim, collect,
-                               metrics, session)
+                               metrics, session, format)
             report.meta["threads"] = f"Ray: {session.cpus()} CPU(s), one thread per task"
         return report
     with thread_budget(per_tensor):
         report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
-                           metrics)
+                           metrics, None, format)
     report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
     return report
 
 
 EXECUTORS = ("local", "ray")
+FORMATS = ("lowbit", "gguf")
 
 
 def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
@@ -139,7 +151,7 @@ def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
 
 def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
-              metrics: bool, session: Any = None) -> Report:
+              metrics: bool, session: Any = None, format: str = "lowbit") -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
@@ -156,8 +168,11 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     keep_approx = collect is not None
     # room for the header: each tensor's parts and scheme take well under 2 KiB of JSON
     reserve = (1 << 16) + 2048 * len(names)
-    writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve) \
-        if output is not None else None
+    gguf_type = gguf_type_of_chain(chain) if format == "gguf" else None  # refused before any work
+    writer: Any = None
+    if output is not None:
+        writer = GGUFWriter(output, force=force, inputs=ckpt.inputs) if format == "gguf" else \
+            SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)
@@ -173,7 +188,14 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if c is not None:
             report.add(c.row)
             schemes[name] = c.scheme
-            if writer:
+            if isinstance(writer, GGUFWriter):
+                if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
+                    writer.add_kept(name, c.parts["values"])
+                else:
+                    assert gguf_type is not None  # set whenever the writer is a GGUFWriter
+                    codes = ValueStore.codes(c.parts, c.scheme, ST_TO_NP[c.scheme["dtype"]])
+                    writer.add_compressed(name, tuple(c.scheme["shape"]), gguf_type, codes, c.parts)
+            elif writer:
                 for part, v in c.parts.items():
                     writer.add(f"{name}::{part}", v)
             if collect is not None and c.approx is not None:
@@ -181,7 +203,9 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         else:
             assert arr is not None  # a kept tensor always comes back with its array
             report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
-            if writer:
+            if isinstance(writer, GGUFWriter):
+                writer.add_kept(name, arr)
+            elif writer:
                 writer.add(name, arr)
         if bar:
             bar.update(1)
@@ -196,7 +220,9 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         for name, res in results:
             with slots:
                 handle(name, *res)
-        if writer:
+        if isinstance(writer, GGUFWriter):
+            writer.commit({"lowbit.source": str(path)})
+        elif writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
                                                  "kept": [k.name for k in report.kept]})})
     except BaseException:
