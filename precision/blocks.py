@@ -47,7 +47,13 @@ the ``gguf`` package's) do, so the blocks are bit-identical to theirs:
 The elements are quantized with the float32 ``d`` and the reader scales by its
 float16 rounding, as in ggml; the error a report gives is of what the reader gets.
 
-NVFP4 (NVIDIA): 16 fp4 e2m1 elements share one fp8 e4m3 scale, under one
+Float scales (rule ``"fit"``, scale ``fp32``, ``fp16``, ``bf16`` or ``e4m3``): each
+block's scale is the smallest value of the scale format under which the
+block's amax fits the element range (``amax / scale <= max``, found exactly),
+so nothing saturates after the scale is rounded; an all-zero block takes 1.
+Elements are ``x / scale`` rounded once, exactly, as for NVFP4 below.
+
+NVFP4 (NVIDIA, rule ``"nvfp4"``): 16 fp4 e2m1 elements share one fp8 e4m3 scale, under one
 float32 scale per tensor, with the scales computed in float32 as torchao's
 ``nvfp4_quantize`` (two-level) does: ``t = amax(tensor) / (448 * 6)``; each
 block's scale is ``e4m3(clamp(amax(block) / 6 / t, 2**-6, 448))`` (an all-zero
@@ -77,6 +83,7 @@ from .methods import EncodedValues, ValueMethod, register_method, stored_part
 SCALE_RULES = ("floor", "ceil", "even", "rceil")  # E8M0 scales
 GGUF_RULES = ("amax", "signed_max")  # float16 scales, integer elements
 NVFP4_EPS = 2.0 ** -6  # the smallest normal e4m3 value: the floor of an NVFP4 block scale
+FLOAT_SCALES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "e4m3": "fp8_e4m3fn"}  # rule "fit": scale formats
 INT_ELEMENTS = {"int8": (-127, 127), "int4": (-8, 7)}
 E8M0_BIAS = 127
 E8M0_NAN = 255
@@ -99,9 +106,15 @@ class BlockFormat:
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"BlockFormat: block must be a positive integer, got {self.block!r}")
-        if self.scale == "e4m3":
-            if self.element != "fp4_e2m1fn" or self.scale_rule != "amax" or self.block != 16:
-                raise ValueError("BlockFormat: e4m3 scales are NVFP4's: fp4_e2m1fn elements, blocks of 16, rule amax")
+        if self.scale_rule == "nvfp4":
+            if self.element != "fp4_e2m1fn" or self.scale != "e4m3" or self.block != 16:
+                raise ValueError("BlockFormat: the nvfp4 rule takes fp4_e2m1fn elements, blocks of 16 and e4m3 scales")
+            return
+        if self.scale_rule == "fit":
+            if self.scale not in FLOAT_SCALES or self.is_int:
+                raise ValueError(f"BlockFormat: the fit rule takes a float element format and a scale of "
+                                 f"{tuple(FLOAT_SCALES)}")
+            self._check_float_element()
             return
         if self.scale == "e8m0" and self.element == "int8":
             if self.scale_rule not in ("floor", "ceil", "rceil"):
@@ -114,13 +127,29 @@ class BlockFormat:
                 raise ValueError("BlockFormat: the GGUF rules are amax for int8 (Q8_0) and signed_max for int4 (Q4_0)")
             return
         if self.scale != "e8m0":
-            raise ValueError(f"BlockFormat: scale must be e8m0, fp16 or e4m3, got {self.scale!r}")
+            raise ValueError(f"BlockFormat: scale must be e8m0, {', '.join(FLOAT_SCALES)} (rule fit) or e4m3 "
+                             f"(rule nvfp4), got {self.scale!r}")
+        self._check_float_element()
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"BlockFormat: scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+
+    def _check_float_element(self) -> None:
         fmt = get_format(self.element)
         if not fmt.signed or fmt.bits > 8 or fmt.specials == "fnu":
             raise ValueError(f"BlockFormat: the element format must be a signed float format of at most 8 bits, "
                              f"got {fmt.name}")
-        if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"BlockFormat: scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"element": self.element, "block": self.block, "scale_rule": self.scale_rule, "scale": self.scale,
+                "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "BlockFormat":
+        """A format from :meth:`to_dict` output (untrusted: every field is checked)."""
+        if not isinstance(d, dict) or set(d) != {"element", "block", "scale_rule", "scale", "name"} \
+                or not all(isinstance(d[k], str) for k in ("element", "scale_rule", "scale", "name")):
+            raise ValueError(f"not a block format: {d!r:.120}")
+        return cls(d["element"], d["block"], d["scale_rule"], d["name"], d["scale"])
 
     @property
     def is_int(self) -> bool:
@@ -132,7 +161,7 @@ class BlockFormat:
 
     @property
     def scale_bits(self) -> int:
-        return 16 if self.scale == "fp16" else 8
+        return {"fp32": 32, "fp16": 16, "bf16": 16}.get(self.scale, 8)
 
     @property
     def element_format(self) -> FloatFormat:
@@ -168,7 +197,7 @@ MX_FORMATS = {
     "mxfp4": BlockFormat("fp4_e2m1fn", 32, "floor", "mxfp4"),
     "mxint8": BlockFormat("int8", 32, "floor", "mxint8"),
 }
-NV_FORMATS = {"nvfp4": BlockFormat("fp4_e2m1fn", 16, "amax", "nvfp4", "e4m3")}
+NV_FORMATS = {"nvfp4": BlockFormat("fp4_e2m1fn", 16, "nvfp4", "nvfp4", "e4m3")}
 GGUF_FORMATS = {
     "q8_0": BlockFormat("int8", 32, "amax", "q8_0", "fp16"),
     "q4_0": BlockFormat("int4", 32, "signed_max", "q4_0", "fp16"),
@@ -176,13 +205,15 @@ GGUF_FORMATS = {
 BLOCK_FORMATS = {**MX_FORMATS, **NV_FORMATS, **GGUF_FORMATS}
 
 
-def get_block_format(fmt: "BlockFormat | str") -> BlockFormat:
+def get_block_format(fmt: "BlockFormat | str | dict") -> BlockFormat:
     """A :class:`BlockFormat`, or a preset by name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
     ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``, ``nvfp4``, ``q8_0``, ``q4_0``); ValueError listing them otherwise."""
     if isinstance(fmt, BlockFormat):
         return fmt
     if isinstance(fmt, str) and fmt in BLOCK_FORMATS:
         return BLOCK_FORMATS[fmt]
+    if isinstance(fmt, dict):
+        return BlockFormat.from_dict(fmt)
     raise ValueError(f"unknown block format {fmt!r}; presets: {', '.join(BLOCK_FORMATS)}")
 
 
@@ -254,14 +285,14 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     block by block: E8M0 scales by the format's rule, elements rounded once, exactly, with saturation."""
     fmt = get_block_format(fmt)
     check_modes(rounding, "saturate", subnormals)
-    if fmt.scale == "fp16":
+    if fmt.scale_rule in GGUF_RULES:
         if rounding != "nearest_even" or subnormals != "keep":
             raise ValueError(f"block_encode: {fmt.describe()} rounds as ggml does; rounding and subnormals do not apply")
         return _gguf_encode(x, fmt)
     if rounding == "stochastic":
         raise ValueError("block_encode: stochastic rounding is not offered for block formats")
-    if fmt.scale == "e4m3":
-        return _nvfp4_encode(x, fmt, rounding, subnormals)
+    if fmt.scale_rule in ("nvfp4", "fit"):
+        return _float_scaled_encode(x, fmt, rounding, subnormals)
     a = real_array(x, "x", integers="float")
     if a.ndim == 0 or a.shape[-1] % fmt.block:
         raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
@@ -322,43 +353,63 @@ def _gguf_encode(x: Any, fmt: BlockFormat) -> BlockCodes:
     return BlockCodes(q.reshape(a.shape), scales.reshape(shape), fmt)
 
 
-def _nvfp4_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: str) -> BlockCodes:
-    """NVFP4: the scales as torchao computes them, the elements rounded once (module docstring)."""
+def _quotient_codes(y: np.ndarray, el: FloatFormat, rounding: str, subnormals: str) -> np.ndarray:
+    """Codes of the float64 quotients ``y`` in ``el``, rounded once, with saturation. The float32
+    rounding of a quotient rounds to ``el`` as the quotient does, unless it lands on one of ``el``'s
+    midpoints (a float32 with at most ``mantissa_bits + 1`` mantissa bits) that the quotient is not:
+    those few are redone from the float64 value."""
+    y32 = y.astype(np.float32)
+    codes = np.asarray(encode(y32, el, rounding=rounding, overflow="saturate", subnormals=subnormals)).astype(np.uint8)
+    short = np.flatnonzero((y32.view(np.uint32) & np.uint32((1 << (22 - el.mantissa_bits)) - 1)) == 0)
+    redo = short[y32[short] != y[short]]
+    if redo.size:
+        codes[redo] = np.asarray(encode(y[redo], el, rounding=rounding, overflow="saturate", subnormals=subnormals))
+    return codes
+
+
+def _float_scaled_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: str) -> BlockCodes:
+    """Rules ``nvfp4`` and ``fit``: float block scales (module docstring), elements rounded once."""
     a = real_array(x, "x", integers="float")
     if a.ndim == 0 or a.shape[-1] % fmt.block:
         raise ValueError(f"block_encode: the last axis ({a.shape[-1] if a.ndim else 'none'}) must be a multiple of "
                          f"the block size {fmt.block}")
-    require_finite(a, "x", "NVFP4 quantization")
+    require_finite(a, "x", f"{fmt.describe()} quantization")
     v = a.astype(np.float32, copy=False).reshape(*a.shape[:-1], a.shape[-1] // fmt.block, fmt.block)
     block_amax = np.abs(v).max(axis=-1)
-    amax_t = np.float32(block_amax.max()) if v.size else np.float32(0)
-    t = amax_t / np.float32(448.0 * 6.0) if amax_t > 0 else np.float32(1)
-    block = block_amax / np.float32(6.0)
-    scaled = np.clip(block / t, np.float32(NVFP4_EPS), np.float32(448.0)).astype(np.float32)
-    s8 = np.asarray(encode(scaled, "fp8_e4m3fn", overflow="saturate")).astype(np.uint8)
-    divisor = np.asarray(decode(s8, "fp8_e4m3fn")).astype(np.float64) * float(t)  # exact: 4 bits times 24
-    y = np.divide(v, divisor[..., None], dtype=np.float64).reshape(-1)
-    # the float32 rounding of the quotient rounds to fp4 as the quotient does, unless it lands on an fp4
-    # midpoint (a float32 with at most 2 mantissa bits) it did not equal: those few take the float64 path
-    y32 = y.astype(np.float32)
     el = fmt.element_format
-    codes = np.asarray(encode(y32, el, rounding=rounding, overflow="saturate", subnormals=subnormals)).astype(np.uint8)
-    short = np.flatnonzero((y32.view(np.uint32) & np.uint32(0x1FFFFF)) == 0)
-    redo = short[y32[short] != y[short]]
-    if redo.size:
-        codes[redo] = np.asarray(encode(y[redo], el, rounding=rounding, overflow="saturate", subnormals=subnormals))
-    return BlockCodes(codes.reshape(a.shape), s8, fmt, float(t))
+    t = None
+    if fmt.scale_rule == "nvfp4":
+        amax_t = np.float32(block_amax.max()) if v.size else np.float32(0)
+        t32 = amax_t / np.float32(448.0 * 6.0) if amax_t > 0 else np.float32(1)
+        scaled = np.clip((block_amax / np.float32(6.0)) / t32, np.float32(NVFP4_EPS), np.float32(448.0))
+        scales = np.asarray(encode(scaled.astype(np.float32), "fp8_e4m3fn", overflow="saturate")).astype(np.uint8)
+        t = float(t32)
+        divisor = np.asarray(decode(scales, "fp8_e4m3fn")).astype(np.float64) * t  # exact: 4 bits times 24
+    else:
+        sfmt = get_format(FLOAT_SCALES[fmt.scale])
+        amax = block_amax.astype(np.float64)
+        top = float(el.max_finite)
+        scales = np.asarray(encode(amax / top, sfmt, rounding="toward_zero", overflow="saturate"))
+        low = np.asarray(decode(scales, sfmt)).astype(np.float64) * top < amax  # exact: few bits times 24
+        scales = np.where(low, scales + 1, scales)  # the next value up (positive codes are in order)
+        scales = np.where(amax == 0, np.asarray(encode(np.float32(1), sfmt)), scales).astype(sfmt.storage_dtype)
+        divisor = np.asarray(decode(scales, sfmt)).astype(np.float64)
+        if not np.all(np.isfinite(divisor)):
+            raise ValueError(f"x: values up to {float(amax.max()):.4g} need block scales beyond {sfmt.name}'s range")
+    y = np.divide(v, divisor[..., None], dtype=np.float64).reshape(-1)
+    codes = _quotient_codes(y, el, rounding, subnormals)
+    return BlockCodes(codes.reshape(a.shape), scales, fmt, t)
 
 
 def block_decode(b: BlockCodes) -> np.ndarray:
     """float32 values of ``b``: each element's value times its block's scale (NaN for a NaN E8M0 scale)."""
     fmt = b.format
-    if fmt.scale == "e4m3":
+    if fmt.scale_rule in ("nvfp4", "fit"):
         e64 = np.asarray(decode(b.codes, fmt.element_format)).astype(np.float64)
-        s = np.asarray(decode(b.scales, "fp8_e4m3fn")).astype(np.float64) * float(b.tensor_scale or 1.0)
+        s = np.asarray(decode(b.scales, FLOAT_SCALES[fmt.scale])).astype(np.float64) * float(b.tensor_scale or 1.0)
         w = e64.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block) * s[..., None]
         return w.reshape(b.codes.shape).astype(np.float32)
-    if fmt.scale == "fp16":
+    if fmt.scale_rule in GGUF_RULES:
         d = b.scales.view(np.float16).astype(np.float32)
         q = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
         return (q * d[..., None]).reshape(b.codes.shape)
@@ -425,19 +476,27 @@ class BlockCast(ValueMethod):
     the low bits) and ``scale``, one per block: the E8M0 byte, or the float16 scale."""
 
     kind: ClassVar[str] = "block"
-    format: str = "mxfp4"
+    format: "str | BlockFormat" = "mxfp4"
     rounding: str = "nearest_even"
 
     def __post_init__(self) -> None:
         fmt = get_block_format(self.format)
-        if fmt.scale == "fp16" and self.rounding != "nearest_even":
+        if fmt.scale_rule in GGUF_RULES and self.rounding != "nearest_even":
             raise ValueError(f"BlockCast: {self.format} rounds as ggml does; rounding does not apply")
         if self.rounding not in ("nearest_even", "nearest_away", "toward_zero"):
             raise ValueError(f"BlockCast: rounding must be nearest_even, nearest_away or toward_zero, "
                              f"got {self.rounding!r}")
 
     def describe(self) -> str:
-        return self.format + ("" if self.rounding == "nearest_even" else f"/{self.rounding}")
+        return get_block_format(self.format).describe() + ("" if self.rounding == "nearest_even" else f"/{self.rounding}")
+
+    @property
+    def _stored_format(self) -> "str | dict[str, Any]":
+        """The format as the scheme records it: a preset's name, or a custom format's fields."""
+        return self.format if isinstance(self.format, str) else self.format.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": self._stored_format, "rounding": self.rounding}
 
     def check_shape(self, shape: tuple[int, ...], name: str = "x") -> None:
         b = get_block_format(self.format).block
@@ -452,21 +511,22 @@ class BlockCast(ValueMethod):
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
         self.check_shape(tuple(x.shape), name)
         b = block_encode(x, self.format, rounding=self.rounding)
-        side = {"scale": b.scales.view(np.float16) if b.format.scale == "fp16" else b.scales}
+        side = {"scale": b.scales.view(np.float16) if b.format.scale_rule in GGUF_RULES else b.scales}
         if b.tensor_scale is not None:
             side["tensor_scale"] = np.array([b.tensor_scale], np.float32)
-        return EncodedValues(b.codes, side, {"kind": self.kind, "format": self.format}, block_decode(b))
+        return EncodedValues(b.codes, side, {"kind": self.kind, "format": self._stored_format}, block_decode(b))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
                src_dtype: np.dtype) -> np.ndarray:
-        fmt = get_block_format(str(scheme.get("format")))
+        fmt = _scheme_format(scheme)
         if not codes.ndim or codes.shape[-1] % fmt.block:
             raise ValueError(f"{fmt.describe()}: codes of shape {list(codes.shape)} do not split into blocks of "
                              f"{fmt.block}")
         want = (*codes.shape[:-1], codes.shape[-1] // fmt.block)
-        scale = stored_part(side, "scale", np.float16 if fmt.scale == "fp16" else np.uint8,
-                            int(np.prod(want, dtype=np.int64)))
+        scale_dtype = np.float16 if fmt.scale_rule in GGUF_RULES else get_format(FLOAT_SCALES[fmt.scale]).storage_dtype \
+            if fmt.scale_rule in ("nvfp4", "fit") else np.uint8
+        scale = stored_part(side, "scale", scale_dtype, int(np.prod(want, dtype=np.int64)))
         if fmt.is_int:
             lo, hi = INT_ELEMENTS[fmt.element]
             if codes.size and (int(codes.min()) < lo - 1 or int(codes.max()) > hi):
@@ -474,7 +534,7 @@ class BlockCast(ValueMethod):
         elif codes.size and int(codes.max()) >= fmt.element_format.num_codes:
             raise ValueError(f"a code beyond {fmt.element_format.name} is stored")
         t = None
-        if fmt.scale == "e4m3":
+        if fmt.scale_rule == "nvfp4":
             t = float(stored_part(side, "tensor_scale", np.float32, 1)[0])
             if not np.isfinite(t) or t <= 0:
                 raise ValueError("the stored NVFP4 tensor scale is not a positive finite number")
@@ -482,11 +542,11 @@ class BlockCast(ValueMethod):
 
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
-        return np.dtype(np.int8 if get_block_format(str(scheme.get("format"))).is_int else np.uint8)
+        return np.dtype(np.int8 if _scheme_format(scheme).is_int else np.uint8)
 
     @classmethod
     def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        fmt = get_block_format(scheme["format"])
+        fmt = _scheme_format(scheme)
         if fmt.element_bits <= 4:
             offset = 8 if fmt.is_int else 0  # int4 codes as unsigned nibbles, as compressed-tensors stores them
             return pack_fp4((codes.astype(np.int16) + offset).astype(np.uint8)), {"packed": 4, "offset": offset}
@@ -506,3 +566,10 @@ class BlockCast(ValueMethod):
             raise ValueError(f"unknown packing {info!r:.80} for block codes")
         elif stored.dtype != np.uint8 or stored.size != (count + 1) // 2:
             raise ValueError(f"{stored.size} packed bytes of {stored.dtype} are stored for {count} 4-bit codes")
+
+
+def _scheme_format(scheme: dict[str, Any]) -> BlockFormat:
+    f = scheme.get("format")
+    if not isinstance(f, (str, dict)):
+        raise ValueError(f"scheme field format must name or describe a block format, got {f!r:.80}")
+    return get_block_format(f)

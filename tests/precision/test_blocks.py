@@ -440,3 +440,55 @@ def test_mxint8_in_a_checkpoint_costs_8_25_bits(tmp_path):
     np.testing.assert_array_equal(load(tmp_path / "q.safetensors", as_numpy=True)["w"], round_to_block(w, "mxint8"))
     with pytest.raises(ValueError, match="MXINT8 takes"):
         BlockFormat("int8", 32, "even")
+
+
+FIT = [BlockFormat("fp8_e4m3fn", 32, "fit", scale="bf16"), BlockFormat("fp4_e2m1fn", 16, "fit", scale="fp32"),
+       BlockFormat("fp6_e2m3fn", 32, "fit", scale="fp16"), BlockFormat("fp8_e5m2", 16, "fit", scale="e4m3")]
+
+
+@pytest.mark.parametrize("fmt", FIT, ids=lambda f: f.describe())
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away"])
+def test_fitted_float_scales_are_the_smallest_that_fit_and_elements_round_once(fmt, rounding):
+    from tests.precision._oracle import oracle_round
+
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((12, 64)) * np.exp(rng.uniform(-6, 6, (12, 1)))).astype(np.float32)
+    x[0] = 0
+    b = block_encode(x, fmt, rounding=rounding)
+    sfmt = get_format({"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "e4m3": "fp8_e4m3fn"}[fmt.scale])
+    el = fmt.element_format
+    top = Fraction(float(el.max_finite))
+    svals = decode(b.scales, sfmt).astype(np.float64)
+    vals = block_decode(b)
+    for idx in np.ndindex(*b.scales.shape):
+        blk = x[idx[0], idx[1] * fmt.block:(idx[1] + 1) * fmt.block]
+        amax = max(Fraction(float(abs(v))) for v in blk)
+        s = Fraction(float(svals[idx]))
+        if amax == 0:
+            assert s == 1
+            continue
+        assert s * top >= amax  # fits: nothing saturates
+        below = Fraction(float(decode(np.array([int(b.scales[idx]) - 1]), sfmt)[0]))
+        assert below * top < amax  # and the next smaller scale would not
+        for j, v in enumerate(blk):
+            want = oracle_round(Fraction(float(v)) / s, el, rounding)
+            assert vals[idx[0], idx[1] * fmt.block + j] == np.float32(float(Fraction(want) * s))
+
+
+def test_a_custom_block_format_is_stored_and_read_back(tmp_path):
+    from safetensors.numpy import save_file
+
+    from lowbit.checkpoint import Chain, compress_checkpoint, load
+    from precision.blocks import BlockCast
+
+    fmt = BlockFormat("fp8_e4m3fn", 16, "fit", scale="bf16")
+    w = (np.random.default_rng(13).standard_normal((32, 64)) * 0.03).astype(np.float32)
+    save_file({"w": w}, str(tmp_path / "m.safetensors"))
+    rep = compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "q.safetensors", Chain(None, BlockCast(fmt)),
+                              progress=False)
+    np.testing.assert_array_equal(load(tmp_path / "q.safetensors", as_numpy=True)["w"], round_to_block(w, fmt))
+    assert rep.tensors[0].bytes_after == w.size + w.size // 16 * 2
+    with pytest.raises(ValueError, match="beyond fp16"):
+        block_encode(np.array([[1e30] * 32], np.float32), BlockFormat("fp8_e4m3fn", 32, "fit", scale="fp16"))
+    with pytest.raises(ValueError, match="not a block format"):
+        get_block_format({"element": "fp8_e4m3fn"})
