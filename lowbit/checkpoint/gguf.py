@@ -34,7 +34,7 @@ import numpy as np
 
 from precision.blocks import BlockCodes, get_block_format
 
-from .io import CheckpointError, _fsync_dir, check_output, publish, sweep_stale_temporaries, temp_path
+from .io import CheckpointError, TemporaryOutput, _fsync_dir, publish, temp_path
 
 MAGIC = 0x46554747  # "GGUF" read as a little-endian uint32
 VERSION = 3
@@ -64,23 +64,14 @@ def _string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-class GGUFWriter:
+class GGUFWriter(TemporaryOutput):
     """Write tensors to a GGUF file one at a time, atomically (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()):
-        self.path = check_output(path, force=force, inputs=inputs)
-        self.force = force
-        d = self.path.parent if str(self.path.parent) else Path(".")
-        sweep_stale_temporaries(d)
-        self._tmp = temp_path(self.path)
-        try:
-            self._data = open(self._tmp, "xb")
-        except OSError as e:
-            raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
+        super().__init__(path, force=force, inputs=inputs)
         self._infos: list[tuple[str, tuple[int, ...], str, int]] = []
         self._names: set[str] = set()
         self._offset = 0
-        self._closed = False
 
     def _add_bytes(self, name: str, shape: tuple[int, ...], gtype: str, data: np.ndarray) -> None:
         if name in self._names:
@@ -145,11 +136,3 @@ class GGUFWriter:
             self._tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
         return self.path
-
-    def abort(self) -> None:
-        if not self._closed:
-            try:
-                self._data.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
-                self._closed = True

@@ -453,7 +453,42 @@ def write_text_file(path: str | os.PathLike, text: str, *, force: bool, inputs: 
     return p
 
 
-class SafetensorsWriter:
+class TemporaryOutput:
+    """An output file written through a temporary file beside it: ``path`` follows
+    :func:`check_output`'s rules, temporaries a killed run left in that directory are removed,
+    and :meth:`abort` (or leaving a ``with`` block on an error) removes what was written."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False,
+                 inputs: Sequence[str | os.PathLike] = ()) -> None:
+        self.path = check_output(path, force=force, inputs=inputs)
+        self.force = force
+        d = self.path.parent if str(self.path.parent) else Path(".")
+        sweep_stale_temporaries(d)
+        self._tmp = temp_path(self.path)
+        try:
+            self._data = open(self._tmp, "xb")
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
+        self._closed = False
+
+    def abort(self) -> None:
+        if not self._closed:
+            try:
+                self._data.close()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+                self._closed = True
+
+    def __enter__(self) -> "TemporaryOutput":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+class SafetensorsWriter(TemporaryOutput):
     """Write a safetensors file one tensor at a time, atomically, in one temporary file.
 
     The data goes into a temporary file beside the output, after room reserved for the header
@@ -466,20 +501,11 @@ class SafetensorsWriter:
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
                  header_reserve: int = 1 << 16) -> None:
-        self.path = check_output(path, force=force, inputs=inputs)
-        self.force = force
-        d = self.path.parent if str(self.path.parent) else Path(".")
-        sweep_stale_temporaries(d)
+        super().__init__(path, force=force, inputs=inputs)
         self._reserve = max(16, header_reserve + (-header_reserve % 8))
-        self._tmp = temp_path(self.path)
-        try:
-            self._data = open(self._tmp, "xb")
-            self._data.seek(self._reserve)
-        except OSError as e:
-            raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
+        self._data.seek(self._reserve)  # a seek past the end only moves the position
         self._header: dict[str, Any] = {}
         self._offset = 0
-        self._closed = False
 
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self._header:
@@ -538,21 +564,8 @@ class SafetensorsWriter:
         finally:
             final.unlink(missing_ok=True)
 
-    def abort(self) -> None:
-        if not self._closed:
-            try:
-                self._data.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
-                self._closed = True
-
     def __enter__(self) -> "SafetensorsWriter":
         return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def _fsync_dir(d: Path) -> None:
