@@ -434,7 +434,10 @@ def block_decode(b: BlockCodes) -> np.ndarray:
 def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> Any:
     """``block_decode(block_encode(x))``: ``x`` as a block format stores it. numpy in, float32 numpy
     out; a torch tensor comes back as a tensor of its dtype and device, differentiable with a
-    straight-through gradient (d/dx = 1), for training with block-format weights."""
+    straight-through gradient (d/dx = 1), for training with block-format weights. Like
+    :func:`precision.round_to`, the tensor path computes on the CPU through numpy (a copy each way
+    for a GPU tensor, and a graph break under ``torch.compile``); a torch-native path for both is
+    the subject of the training-path issue."""
     if is_torch(x) and x.is_floating_point():
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockSTE.apply(x, fmt, rounding)
