@@ -31,7 +31,7 @@ def _tree(root: int) -> dict[int, tuple[int, int]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # ended meanwhile
-        # after the command name: state ppid ... utime(12) stime(13) ... rss(22) in pages
+        # after the command name, fields[0] is the state; then ppid [1], utime [11], stime [12], rss in pages [21]
         procs[int(entry)] = (int(fields[1]), int(fields[21]) * _PAGE, int(fields[11]) + int(fields[12]))
     out, todo = {}, [root]
     while todo:
