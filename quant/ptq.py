@@ -21,7 +21,9 @@ from precision.outputs import compare_outputs
 from precision.report import Report, TensorReport, nbytes
 
 from .backends.torch_ao import check_spec
+from .awq import AWQ
 from .calibrate import METHODS, calibrate
+from .gptq import GPTQ
 from .hooks import collect_inputs, linear_layers
 from .modules import TOKEN_SPEC, QuantizedLinear
 from .quantize import dequantize, quantize
@@ -51,8 +53,14 @@ class PTQConfig:
       shown on the calibration data in two passes and checked bit for bit, else not fused).
     * ``int8_attention``: also run attention's two products on int8 codes in the Hugging Face
       transformers models inside the copy (:mod:`quant.attention`).
-    * ``backend``: ``"native"`` (lowbit) or ``"torch.ao"``; the SmoothQuant, GELU and attention
-      passes need ``"native"``.
+    * ``gptq``: quantize the weights with GPTQ (:class:`quant.gptq.GPTQ`) instead of rounding to
+      nearest: layer by layer in forward order on the calibration data, with ``weight_calibration``
+      choosing each group's scale before the sweep. Same stored form as round to nearest.
+    * ``awq``: search an AWQ input scale per group of layers sharing an input
+      (:class:`quant.awq.AWQ`), folded into the operation before it where that provably keeps the
+      float model's output; composes with ``gptq`` or round to nearest.
+    * ``backend``: ``"native"`` (lowbit) or ``"torch.ao"``; the SmoothQuant, GELU, attention, GPTQ
+      and AWQ passes need ``"native"``.
 
     Presets: :attr:`W8`, :attr:`W8A8_DYNAMIC`, :attr:`W8A8_FAST` and :attr:`W4_G128`.
     """
@@ -66,6 +74,8 @@ class PTQConfig:
     smoothquant: float | None = None
     gelu_in_place: bool = False
     int8_attention: bool = False
+    gptq: GPTQ | None = None
+    awq: AWQ | None = None
     backend: str = "native"
 
     W8: ClassVar["PTQConfig"]
@@ -89,7 +99,8 @@ class PTQConfig:
             raise ValueError(f"PTQConfig: percentile must be in (0, 100], got {self.percentile}")
         native_only = [n for n, on in (("smoothquant", self.smoothquant is not None),
                                        ("gelu_in_place", self.gelu_in_place),
-                                       ("int8_attention", self.int8_attention)) if on]
+                                       ("int8_attention", self.int8_attention),
+                                       ("gptq", self.gptq is not None), ("awq", self.awq is not None)) if on]
         if native_only and self.backend != "native":
             raise ValueError(f"PTQConfig: {', '.join(native_only)} needs backend='native'")
         if self.smoothquant is not None:
@@ -97,6 +108,15 @@ class PTQConfig:
                 raise ValueError("PTQConfig: smoothquant applies to quantized activations; set activations= too")
             if not 0 <= self.smoothquant <= 1:
                 raise ValueError(f"PTQConfig: smoothquant (alpha) must be in [0, 1], got {self.smoothquant}")
+        if self.gptq is not None and not isinstance(self.gptq, GPTQ):
+            raise TypeError(f"PTQConfig: gptq must be a quant.GPTQ value or None, got {type(self.gptq).__name__}")
+        if self.awq is not None and not isinstance(self.awq, AWQ):
+            raise TypeError(f"PTQConfig: awq must be a quant.AWQ value or None, got {type(self.awq).__name__}")
+        if self.smoothquant is not None and (self.gptq is not None or self.awq is not None):
+            raise ValueError("PTQConfig: smoothquant does not combine with gptq/awq (both rescale the inputs); "
+                             "use awq= for activation-aware scaling of the weights")
+        if (self.gptq is not None or self.awq is not None) and self.weight_calibration in ("moving_average", "entropy"):
+            raise ValueError("PTQConfig: gptq and awq choose weight scales with minmax, percentile or mse")
         if self.backend == "torch.ao":
             check_spec(self.weights, self.activations)
 
@@ -104,12 +124,14 @@ class PTQConfig:
     def needs_calibration(self) -> bool:
         """Whether :func:`ptq` needs calibration data for this config."""
         return ((self.activations is not None and self.activation_mode == "static")
-                or self.smoothquant is not None or self.gelu_in_place)
+                or self.smoothquant is not None or self.gelu_in_place or self.gptq is not None or self.awq is not None)
 
     def describe(self) -> str:
         return (f"weights {self.weights.describe()}"
                 + (f", activations {self.activations.describe()} {self.activation_mode}" if self.activations else "")
-                + (f", SmoothQuant alpha={self.smoothquant}" if self.smoothquant is not None else ""))
+                + (f", SmoothQuant alpha={self.smoothquant}" if self.smoothquant is not None else "")
+                + (f", {self.awq.describe()}" if self.awq is not None else "")
+                + (f", {self.gptq.describe()}" if self.gptq is not None else ""))
 
 
 PTQConfig.W8 = PTQConfig()
@@ -137,7 +159,7 @@ def ptq(model: nn.Module, config: PTQConfig = PTQConfig.W8, calibration_data: It
         raise ValueError("ptq: the model has no nn.Linear layers to quantize")
     calib = list(calibration_data) if calibration_data is not None else []
     if config.needs_calibration and not calib:
-        raise ValueError("ptq: this config (static activations, smoothquant or gelu_in_place) needs "
+        raise ValueError("ptq: this config (static activations, smoothquant, gelu_in_place, gptq or awq) needs "
                          "calibration_data, an iterable of model inputs")
     t0 = time.perf_counter()
     model.eval()
@@ -171,6 +193,15 @@ def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.M
     qmodel = copy.deepcopy(model)
     layers = linear_layers(qmodel)
     acts = config.activations
+    solved: dict[str, Any] = {}
+    if config.gptq is not None or config.awq is not None:  # before the activation observers: AWQ may fold into inputs
+        from .solve import Solver, solve_layers
+
+        solver = Solver(spec=config.weights, calibration=config.weight_calibration, gptq=config.gptq, awq=config.awq)
+        solved, unreached = solve_layers(qmodel, layers, calib, solver)
+        if unreached:
+            raise ValueError(f"ptq: the calibration data never reaches {', '.join(unreached[:5])}"
+                             f"{' ...' if len(unreached) > 5 else ''}; GPTQ/AWQ need every layer's inputs")
     smooth_s = smoothing_vectors(qmodel, layers, calib, config.smoothquant) if config.smoothquant is not None else {}
     act_qp: dict[str, Any] = {}
     if acts is not None and config.activation_mode == "static":
@@ -182,17 +213,30 @@ def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.M
     rep = Report(title=f"ptq native: {config.describe()}")
     for n, m in layers:
         w = m.weight.detach().float().cpu().numpy()
-        ws = w * smooth_s[n][None, :] if n in smooth_s else w
-        qp = calibrate(ws, config.weights, config.weight_calibration, percentile=percentile, name=n + ".weight")
-        codes = np.asarray(quantize(ws, qp, name=n + ".weight"))
+        sol = solved.get(n)
+        inv: np.ndarray | None = None
+        if sol is not None:  # GPTQ / AWQ: the codes are chosen; the error is against the weight in the same coordinates
+            codes, qp, ws = sol.codes, sol.qparams, sol.reference.numpy()
+            if sol.input_scale is not None:
+                inv = sol.input_scale.numpy()
+        else:
+            ws = w * smooth_s[n][None, :] if n in smooth_s else w
+            qp = calibrate(ws, config.weights, config.weight_calibration, percentile=percentile, name=n + ".weight")
+            codes = np.asarray(quantize(ws, qp, name=n + ".weight"))
+            if n in smooth_s:
+                inv = (1.0 / smooth_s[n]).astype(np.float32)
         mode = None if acts is None else config.activation_mode
-        inv = (1.0 / smooth_s[n]).astype(np.float32) if n in smooth_s else None
         q = QuantizedLinear(codes, qp, m.bias, mode, act_qp.get(n), acts or TOKEN_SPEC, inv)
         qmodel.set_submodule(n, q)
         before = nbytes(m.weight) + (nbytes(m.bias) if m.bias is not None else 0)
         deq = np.asarray(dequantize(codes, qp))
         if n in smooth_s:  # the weight the layer effectively applies to the unscaled input
-            deq = deq / smooth_s[n][None, :]
-        rep.add(TensorReport.measure(n, w, deq, method=config.weights.describe(), bytes_before=before,
-                                     bytes_after=q.stored_bytes, details={"kernel": q.kernel}))
+            deq, ws = deq / smooth_s[n][None, :], w
+        elif inv is not None:
+            deq = deq * inv[None, :]
+        details: dict[str, Any] = {"kernel": q.kernel}
+        if sol is not None and sol.awq is not None:
+            details["awq"] = sol.awq
+        rep.add(TensorReport.measure(n, ws, deq, method=config.weights.describe(), bytes_before=before,
+                                     bytes_after=q.stored_bytes, details=details))
     return qmodel, rep

@@ -1,0 +1,167 @@
+"""AWQ-class activation-aware scaling (Lin et al. 2023), searched on a layer group's inputs.
+
+Weights that meet large activations matter most. AWQ multiplies input feature ``j`` of
+every layer in a group (layers that read one input, such as Q, K and V) by
+``s_j = mean|x_j| ** alpha`` (normalised to a geometric mean of 1) and divides the input by
+the same ``s``, which leaves the float model unchanged but gives the salient weights a
+finer grid. ``alpha`` is searched on a grid of ``grid`` points in [0, 1): the one whose
+quantized group output ``X (Q(W·s)/s)ᵀ`` is closest (squared error) to the float output
+``X Wᵀ``, on a sample of at most ``sample_tokens`` input rows; ``alpha = 0`` is plain
+round to nearest, so the search never loses to it on that sample.
+
+The division of the input is folded into the operation that produces it, where one
+provably exists (:func:`fold_candidates`): a normalisation layer's weight and bias, a
+Linear's output rows, or the value projection inside an attention module whose output
+is linear in it. Each fold is checked on a calibration batch (the model's output must
+not change beyond float rounding) and undone otherwise: a post-LayerNorm transformer's
+LayerNorm also feeds the residual stream, so it cannot take the scale. Where nothing can
+take it, ``runtime_scales=True`` keeps ``1/s`` as the quantized layer's ``input_scale``
+(one multiply per call, as SmoothQuant's); otherwise the group is left unscaled.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from precision.outputs import model_output, run_model
+
+from .calibrate import calibrate
+from .quantize import fake_quantize
+from .spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ's settings: ``grid`` values of alpha searched (``i / grid``, i < grid), the input rows
+    sampled for the search (``sample_tokens``), and whether a group whose input scale cannot be
+    folded keeps it as a runtime multiply (``runtime_scales``; models only, not checkpoints)."""
+
+    grid: int = 20
+    sample_tokens: int = 4096
+    runtime_scales: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("grid", "sample_tokens"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"AWQ: {f} must be a positive integer, got {v!r}")
+        if not isinstance(self.runtime_scales, bool):
+            raise TypeError(f"AWQ: runtime_scales must be True or False, got {self.runtime_scales!r}")
+
+    def describe(self) -> str:
+        return f"AWQ grid={self.grid}"
+
+
+def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return torch.as_tensor(fake_quantize(w, calibrate(w, spec)))
+
+
+@torch.no_grad()
+def search_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
+                 grid: int = 20) -> tuple[torch.Tensor, float]:
+    """The per-input-feature scale ``s`` (float32, (in,)) and its alpha that minimise the squared error
+    of the group's outputs on the sample rows ``x`` (tokens, in) when every weight (out_k, in) is
+    quantized as ``Q(W·s)/s`` with minmax ``spec`` params (see the module docstring)."""
+    ref = [x @ w.T for w in weights]
+    base = mean_abs.clamp_min(1e-8)
+    best, best_s, best_alpha = float("inf"), torch.ones_like(base), 0.0
+    for i in range(grid):
+        alpha = i / grid
+        s = base.pow(alpha).clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, r in zip(weights, ref):
+            wq = _fake_quant(w * s, spec) / s
+            err += float(((x @ wq.T - r) ** 2).sum())
+        if err < best:
+            best, best_s, best_alpha = err, s.clone(), alpha
+    return best_s.float(), best_alpha
+
+
+# ---------------------------------------------------------------- folding the input scale
+def producers(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: Any) -> dict[str, str]:
+    """For each layer, the module whose forward output (or first output) is the very tensor the
+    layer reads, found by running ``batch`` once (weak references, as :func:`shared_inputs`)."""
+    made: list[tuple[weakref.ref, str]] = []
+    found: dict[str, str] = {}
+    names = {id(m): n for n, m in layers}
+
+    def post(name: str):
+        def hook(mod, args, out):
+            t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+            if isinstance(t, torch.Tensor):
+                made.append((weakref.ref(t), name))
+        return hook
+
+    def pre(mod, args):
+        n = names[id(mod)]
+        if n in found or not args:
+            return
+        for ref, who in reversed(made):
+            if ref() is args[0]:
+                found[n] = who
+                return
+
+    hooks = [m.register_forward_hook(post(n)) for n, m in model.named_modules() if n]
+    hooks += [m.register_forward_pre_hook(pre) for _, m in layers]
+    try:
+        run_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def fold_candidates(model: nn.Module, producer: str, features: int) -> list[tuple[str, nn.Module]]:
+    """Modules that could take a division of the producer's output by ``s`` (features,): the producer
+    itself when it is a normalisation layer (1-D weight of that size) or a Linear with that many
+    outputs; else its child value projection (``value``/``v_proj``) when it has that many outputs."""
+    mod = model.get_submodule(producer)
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.Linear) and mod.out_features == features:
+        return [(producer, mod)]
+    if not isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.ndim == 1 and w.numel() == features:
+        return [(producer, mod)]
+    out = []
+    for child in ("value", "v_proj"):
+        c = getattr(mod, child, None)
+        if isinstance(c, nn.Linear) and c.out_features == features:
+            out.append((f"{producer}.{child}", c))
+    return out
+
+
+def _divide(mod: nn.Module, s: torch.Tensor) -> None:
+    w = mod.weight
+    if w.ndim == 1:
+        w.div_(s.to(w.dtype))
+    else:
+        w.div_(s.to(w.dtype)[:, None])
+    b = getattr(mod, "bias", None)
+    if isinstance(b, torch.Tensor):
+        b.div_(s.to(b.dtype))
+
+
+@torch.no_grad()
+def try_fold(model: nn.Module, target: nn.Module, group: Sequence[nn.Linear], s: torch.Tensor, batch: Any,
+             tolerance: float = 1e-4) -> bool:
+    """Divide ``target``'s output by ``s`` and multiply the group's weight columns by ``s``; keep the
+    change if the model's output on ``batch`` moves by at most ``tolerance`` (relative to its largest
+    magnitude), else undo it exactly (the saved tensors are restored) and return False."""
+    saved = [(p, p.detach().clone()) for p in [target.weight, getattr(target, "bias", None)] + [m.weight for m in group]
+             if isinstance(p, torch.Tensor)]
+    before = model_output(run_model(model, batch)).float()
+    _divide(target, s)
+    for m in group:
+        m.weight.mul_(s.to(m.weight.dtype))
+    after = model_output(run_model(model, batch)).float()
+    if float((after - before).abs().max()) <= tolerance * max(float(before.abs().max()), 1e-30):
+        return True
+    for p, v in saved:
+        p.copy_(v)
+    return False
+

@@ -1,0 +1,201 @@
+"""Sequential calibration: compress a model's layers in forward order, each on the inputs that
+the layers compressed before it produce.
+
+GPTQ, AWQ, SparseGPT and Wanda all solve one layer at a time from statistics of its
+inputs. The papers take those inputs from the model *as compressed so far*, so that
+each layer corrects for the error of the layers before it. :func:`calibrate_in_order`
+does that for any ``nn.Module``, with no knowledge of its architecture:
+
+* the layers are grouped by shared input (Q, K and V read the same tensor: one group)
+  and ordered by the forward pass (:func:`quant.hooks.shared_inputs`);
+* for each group in turn, the calibration batches run through the model until they
+  reach the group, where a pre-hook adds the input rows to a :class:`LayerInputs` and
+  stops the forward pass (the rest of the model is not run);
+* ``solve(group, inputs)`` then compresses the group in place, and the next group's
+  inputs come from the model with it compressed.
+
+Memory: one group's statistics at a time (its ``in x in`` float64 Hessian, and a bounded
+sample of input rows when asked), never the model's activations. Padding tokens (where a
+batch's ``attention_mask`` is 0) are left out of the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from precision.outputs import run_model
+
+from .gptq import Hessian
+from .hooks import shared_inputs
+
+
+class _Reached(Exception):
+    """Raised by the capture hook to end a forward pass once the group's input is seen."""
+
+
+class LayerInputs:
+    """Statistics of one group's input rows (tokens, features): the :class:`Hessian`, the mean
+    |x| per feature, and up to ``keep_rows`` rows themselves (float32, for searches that need
+    the layer's outputs, such as AWQ's)."""
+
+    def __init__(self, features: int, keep_rows: int = 0) -> None:
+        self.hessian = Hessian(features)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.keep_rows = keep_rows
+        self._rows: list[torch.Tensor] = []
+        self._kept = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.hessian.add(x)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        if self._kept < self.keep_rows:
+            take = x[: self.keep_rows - self._kept].clone()
+            self._rows.append(take)
+            self._kept += take.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.hessian.n
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.abs_sum.shape[0])
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as (tokens, features) without the padding positions: ``mask`` (batch, sequence) of 0/1
+    applies when ``x`` is (batch, sequence, features) of the same leading shape."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch (tokenizer output), else None."""
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.ndim == 2:
+            return m
+    return None
+
+
+def repeated_blocks(model: nn.Module, names: Sequence[str]) -> list[str] | None:
+    """The names of the children of the ``nn.ModuleList`` of same-type modules (a transformer's
+    layers) that holds the most of ``names``, or None when there is none with two or more."""
+    best: tuple[int, list[str]] | None = None
+    for pname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
+            children = [f"{pname}.{i}" if pname else str(i) for i in range(len(mod))]
+            covered = sum(1 for n in names if any(n.startswith(c + ".") for c in children))
+            if covered and (best is None or covered > best[0]):
+                best = (covered, children)
+    return best[1] if best else None
+
+
+def _block_index(name: str, blocks: list[str]) -> int | None:
+    for i, c in enumerate(blocks):
+        if name.startswith(c + "."):
+            return i
+    return None
+
+
+def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list[tuple[Callable[[], Any], Any]]) -> None:
+    """Run each ``(call, mask)`` until ``first`` is reached, adding its input rows to ``inputs``."""
+    mask: list[torch.Tensor | None] = [None]
+
+    def capture(mod: nn.Module, args: tuple) -> None:
+        inputs.add(token_rows(args[0], mask[0]))
+        raise _Reached
+
+    hook = first.register_forward_pre_hook(capture)
+    try:
+        for call, m in runs:
+            mask[0] = m
+            try:
+                call()
+            except _Reached:
+                pass
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batches: list[Any],
+                       solve: Callable[[list[str], LayerInputs], None], *, keep_rows: int = 0) -> list[str]:
+    """Call ``solve(group names, inputs)`` for every group of ``layers`` (layers sharing one input),
+    in forward order, each on the inputs that ``batches`` give it with the groups before it already
+    solved (``solve`` changes the model in place). Returns the names of the layers the batches never
+    reach (they are not solved).
+
+    Where the groups lie in the repeated blocks of a transformer (:func:`repeated_blocks`), the
+    inputs of the first block are captured once and each block then runs on its own cached inputs
+    (the outputs of the blocks before it, solved), as llm-compressor's sequential pipeline does;
+    the model before and after the blocks, or one with no such blocks, runs from its inputs up to
+    each group. Both give the same inputs; the block path runs a fraction of the model per group."""
+    if not batches:
+        raise ValueError("sequential calibration needs calibration batches (an iterable of model inputs)")
+    mods = dict(layers)
+    groups = shared_inputs(model, layers, batches[0])
+    reached = {n for g in groups for n in g}
+    masks = [batch_mask(b) for b in batches]
+    whole = [((lambda b=b: run_model(model, b)), m) for b, m in zip(batches, masks)]
+
+    def do(group: list[str], runs: list[tuple[Callable[[], Any], Any]]) -> None:
+        inputs = LayerInputs(mods[group[0]].weight.shape[1], keep_rows)
+        _capture(model, mods[group[0]], inputs, runs)
+        if inputs.n == 0:
+            raise ValueError(f"the calibration batches give no tokens to {group[0]} (all padding?)")
+        solve(group, inputs)
+
+    blocks = repeated_blocks(model, list(reached))
+    index = [_block_index(g[0], blocks) for g in groups] if blocks else []
+    inner = [i for i, b in enumerate(index) if b is not None]
+    if not blocks or not inner or any(index[i] is None for i in range(inner[0], inner[-1] + 1)) \
+            or any(index[a] > index[b] for a, b in zip(inner, inner[1:])):  # type: ignore[operator]
+        for group in groups:
+            do(group, whole)
+        return [n for n, _ in layers if n not in reached]
+    for group in groups[:inner[0]]:
+        do(group, whole)
+    cached: list[tuple[tuple, dict]] = []
+    first_block = model.get_submodule(blocks[0])
+
+    def keep(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        cached.append((args, kwargs))
+        raise _Reached
+
+    hook = first_block.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        for call, _ in whole:
+            try:
+                call()
+            except _Reached:
+                pass
+    finally:
+        hook.remove()
+    for bi, child in enumerate(blocks):
+        block = model.get_submodule(child)
+        runs = [((lambda a=a, k=k: block(*a, **k)), m) for (a, k), m in zip(cached, masks)]
+        for gi in inner:
+            if index[gi] == bi:
+                do(groups[gi], runs)
+        if bi + 1 < len(blocks):
+            for i, (a, k) in enumerate(cached):
+                out = block(*a, **k)
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                if a:
+                    cached[i] = ((h,) + tuple(a[1:]), k)
+                else:
+                    cached[i] = (a, {**k, "hidden_states": h})
+    for group in groups[inner[-1] + 1:]:
+        do(group, whole)
+    return [n for n, _ in layers if n not in reached]

@@ -1,0 +1,179 @@
+"""Calibrated layer solvers applied in forward order: AWQ scaling, SparseGPT or a given pruning
+mask (Wanda's), then GPTQ or round to nearest, one group of layers at a time.
+
+:func:`solve_layers` is the one driver behind ``ptq`` (``PTQConfig(gptq=..., awq=...)``),
+``compress.prune_model`` (``method="wanda"`` / ``"sparsegpt"``) and the checkpoint job's
+calibrated methods. It changes the model it is given in place (each layer's weight becomes
+the float weight it now computes with, AWQ scales are folded where they fold) and returns a
+:class:`LayerSolution` per layer: the integer codes and params in the stored form of round to
+nearest, the kept mask, and what AWQ did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .awq import AWQ, fold_candidates, producers, search_scale, try_fold
+from .calibrate import calibrate
+from .gptq import GPTQ, Pruning, obs_sweep
+from .quantize import QParams, dequantize, quantize
+from .sequential import LayerInputs, calibrate_in_order
+from .spec import QuantSpec
+
+MaskRule = Callable[[torch.Tensor, LayerInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """What :func:`solve_layers` does to each layer (each step optional; at least one is needed):
+
+    * ``awq``: search and apply an AWQ input scale (needs ``spec``);
+    * ``sparsegpt``: prune inside the OBS sweep (:class:`~quant.gptq.Pruning`), jointly with GPTQ
+      when ``gptq`` is set too; or ``mask``: a function ``(weight (out, in), inputs) -> kept mask``
+      applied before quantizing (Wanda's score), with no weight update;
+    * ``spec`` (calibrated by ``calibration``): quantize, with ``gptq`` or by rounding to nearest.
+    """
+
+    spec: QuantSpec | None = None
+    calibration: str = "minmax"
+    gptq: GPTQ | None = None
+    awq: AWQ | None = None
+    sparsegpt: Pruning | None = None
+    mask: MaskRule | None = None
+    mask_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.spec is None and (self.gptq is not None or self.awq is not None):
+            raise ValueError("Solver: gptq and awq quantize; give spec= too")
+        if self.sparsegpt is not None and self.mask is not None:
+            raise ValueError("Solver: give sparsegpt= or mask=, not both")
+        if self.mask is not None and self.gptq is not None:
+            raise ValueError("Solver: GPTQ's updates would refill a fixed mask; use sparsegpt= for a joint "
+                             "pruned and GPTQ-quantized layer, or round to nearest after the mask")
+        if self.spec is None and self.sparsegpt is None and self.mask is None:
+            raise ValueError("Solver: nothing to do; give spec=, sparsegpt= or mask=")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.gptq is not None or self.sparsegpt is not None
+
+    def describe(self) -> str:
+        steps = [s for s in (self.awq and self.awq.describe(), self.mask_name or None,
+                             self.sparsegpt and "SparseGPT", self.gptq and self.gptq.describe()) if s]
+        if self.spec is not None and self.gptq is None:
+            steps.append("RTN")
+        return " + ".join(steps)
+
+
+@dataclass
+class LayerSolution:
+    """One solved layer. ``values``: the float32 weight (out, in) the layer now computes with (on
+    the integer grid when quantized; AWQ-scaled when the scale was folded). ``reference``: the float
+    weight it approximates, in the same coordinates (the source weight, AWQ-scaled when folded).
+    ``codes``/``qparams``: the stored form (None unquantized). ``keep``: the kept mask (None dense).
+    ``input_scale``: ``1/s`` to multiply inputs by at run time (AWQ with nothing to fold into).
+    ``awq``: where the AWQ scale went (a module name, ``"runtime"``) or why not (``"none: ..."``)."""
+
+    values: torch.Tensor
+    reference: torch.Tensor
+    codes: np.ndarray | None = None
+    qparams: QParams | None = None
+    keep: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    awq: str | None = None
+    damp: float | None = None
+
+
+def _quantize_rtn(w: torch.Tensor, spec: QuantSpec, calibration: str) -> tuple[np.ndarray, QParams, torch.Tensor]:
+    a = np.ascontiguousarray(w.numpy())
+    qp = calibrate(a, spec, calibration)
+    codes = np.asarray(quantize(a, qp))
+    return codes, qp, torch.from_numpy(np.asarray(dequantize(codes, qp)))
+
+
+@torch.no_grad()
+def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batches: list[Any],
+                 solver: Solver) -> tuple[dict[str, LayerSolution], list[str]]:
+    """Solve every layer of ``layers`` (Linear modules of ``model``) in forward order on ``batches``
+    (see the module docstring). Returns ``(solutions by layer name, layers never reached)``."""
+    mods = dict(layers)
+    awq = solver.awq
+    made_by = producers(model, layers, batches[0]) if awq is not None else {}
+    out: dict[str, LayerSolution] = {}
+
+    def solve(group: list[str], inputs: LayerInputs) -> None:
+        ws = [mods[n].weight.detach().float().clone() for n in group]
+        refs = [w.clone() for w in ws]
+        h = inputs.hessian.matrix if solver.needs_hessian else None
+        scale: torch.Tensor | None = None
+        where: str | None = None
+        if awq is not None:
+            assert solver.spec is not None
+            s, alpha = search_scale(ws, inputs.rows, inputs.mean_abs, solver.spec, awq.grid)
+            where = "none: alpha 0 (plain rounding was best)"
+            if alpha > 0:
+                where = "none: nothing to fold into"
+                prod = made_by.get(group[0])
+                for tname, target in (fold_candidates(model, prod, s.numel()) if prod else []):
+                    if try_fold(model, target, [mods[n] for n in group], s, batches[0]):
+                        where = tname
+                        break
+                if where.startswith("none") and awq.runtime_scales:
+                    where = "runtime"
+                if not where.startswith("none"):
+                    scale = s
+                    ws = [w * s for w in ws]
+                    if where != "runtime":
+                        refs = [w.clone() for w in ws]
+                    if h is not None:
+                        h = h / (s.double()[:, None] * s.double()[None, :])
+        for n, w, ref in zip(group, ws, refs):
+            out[n] = LayerSolution(values=w, reference=ref, awq=where)
+        if solver.gptq is not None and solver.sparsegpt is None:  # rows are independent: one sweep for the group
+            sizes = [w.shape[0] for w in ws]
+            assert h is not None and solver.spec is not None
+            r = obs_sweep(torch.cat(ws), h, spec=solver.spec, calibration=solver.calibration,
+                          damp=solver.gptq.damp, block_size=solver.gptq.block_size, act_order=solver.gptq.act_order)
+            assert r.qparams is not None
+            for n, v, sc, zp in zip(group, r.values.split(sizes), *_split_params(r.qparams, sizes)):
+                qp = QParams(sc, zp, solver.spec, tuple(v.shape))
+                out[n].values, out[n].qparams, out[n].damp = v.contiguous(), qp, r.damp
+                out[n].codes = np.asarray(quantize(np.ascontiguousarray(v.numpy()), qp))
+        else:
+            for n, w in zip(group, ws):
+                sol = out[n]
+                if solver.sparsegpt is not None:
+                    assert h is not None
+                    g = solver.gptq
+                    r = obs_sweep(w, h, spec=solver.spec if g is not None else None, calibration=solver.calibration,
+                                  pruning=solver.sparsegpt, damp=g.damp if g else 0.01,
+                                  block_size=g.block_size if g else 128, act_order=g.act_order if g else False)
+                    sol.values, sol.keep, sol.damp = r.values, r.keep, r.damp
+                    if r.qparams is not None:
+                        sol.qparams = r.qparams
+                        sol.codes = np.asarray(quantize(np.ascontiguousarray(r.values.numpy()), r.qparams))
+                elif solver.mask is not None:
+                    sol.keep = solver.mask(w, inputs).to(torch.bool)
+                    sol.values = torch.where(sol.keep, w, torch.zeros((), dtype=w.dtype))
+                if solver.spec is not None and sol.codes is None:
+                    sol.codes, sol.qparams, sol.values = _quantize_rtn(sol.values, solver.spec, solver.calibration)
+        for n in group:
+            sol = out[n]
+            if scale is not None and where == "runtime":
+                sol.input_scale = (1.0 / scale).float()
+            w_eff = sol.values / scale if sol.input_scale is not None else sol.values
+            mods[n].weight.copy_(w_eff.to(mods[n].weight.dtype))
+
+    skipped = calibrate_in_order(model, layers, batches, solve, keep_rows=awq.sample_tokens if awq else 0)
+    return out, skipped
+
+
+def _split_params(qp: QParams, sizes: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    bounds = np.cumsum([0] + sizes)
+    return ([qp.scale[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            [qp.zero_point[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
