@@ -11,6 +11,7 @@ the model they are given.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any, Iterable
 
@@ -21,12 +22,16 @@ from torch import nn
 from precision.outputs import output_error
 from precision.report import Report, TensorReport, nbytes
 
+from quant.gptq import GPTQ
+from quant.spec import QuantSpec
+
 from .lowrank import low_rank
 from .prune import global_magnitude_prune, magnitude_prune, nm_prune, slice_norms
 from ._common import amount_to_count, smallest_k
 from .storage import Structured
 
-PRUNE_METHODS = ("magnitude", "global", "nm", "ffn", "heads")
+PRUNE_METHODS = ("magnitude", "global", "nm", "ffn", "heads", "wanda", "wanda_nm", "sparsegpt", "sparsegpt_nm")
+CALIBRATED_METHODS = ("wanda", "wanda_nm", "sparsegpt", "sparsegpt_nm")
 
 
 def _linears(model: nn.Module, include: str | None, exclude: str | None) -> list[tuple[str, nn.Linear]]:
@@ -50,7 +55,9 @@ def _attach_output_error(rep: Report, model, new, eval_data) -> None:
 @torch.no_grad()
 def prune_model(model: nn.Module, sparsity: float, *, method: str = "magnitude", n: int = 2, m: int = 4,
                 norm: int = 2, include: str | None = None, exclude: str | None = None,
-                eval_data: Iterable[Any] | None = None) -> tuple[nn.Module, Report]:
+                eval_data: Iterable[Any] | None = None, calibration_data: Iterable[Any] | None = None,
+                quantize: QuantSpec | None = None, calibration: str = "minmax",
+                gptq: GPTQ | None = None) -> tuple[nn.Module, Report]:
     """Prune a copy of ``model``.
 
     ``method``:
@@ -67,9 +74,14 @@ def prune_model(model: nn.Module, sparsity: float, *, method: str = "magnitude",
     """
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    if method not in CALIBRATED_METHODS and (calibration_data is not None or quantize is not None or gptq is not None):
+        raise ValueError(f"prune_model: calibration_data, quantize and gptq apply to {', '.join(CALIBRATED_METHODS)}")
     new = copy.deepcopy(model)
-    rep = Report(title=f"prune_model {method}" + ("" if method == "nm" else f" {sparsity:.0%}"))
-    if method in ("magnitude", "nm", "global"):
+    rep = Report(title=f"prune_model {method}" + ("" if method.endswith("nm") else f" {sparsity:.0%}"))
+    if method in CALIBRATED_METHODS:
+        _prune_calibrated(model, new, method, sparsity, n, m, include, exclude, calibration_data, quantize,
+                          calibration, gptq, rep)
+    elif method in ("magnitude", "nm", "global"):
         layers = _linears(new, include, exclude)
         if not layers:
             raise ValueError("prune_model: no nn.Linear layers matched")
@@ -90,6 +102,52 @@ def prune_model(model: nn.Module, sparsity: float, *, method: str = "magnitude",
         _prune_heads(new, sparsity, norm, rep)
     _attach_output_error(rep, model, new, eval_data)
     return new, rep
+
+
+def _prune_calibrated(model: nn.Module, new: nn.Module, method: str, sparsity: float, n: int, m: int,
+                      include: str | None, exclude: str | None, calibration_data: Iterable[Any] | None,
+                      spec: QuantSpec | None, calibration: str, gptq: GPTQ | None, rep: Report) -> None:
+    from precision.methods import Solution, ValueStore, parts_nbytes
+    from quant.gptq import Pruning
+    from quant.solve import Solver, solve_layers
+    from quant.storage import IntQuant
+
+    from .calibrated import wanda_mask
+    from .storage import MagnitudePrune, NMPrune
+
+    nm = method.endswith("_nm")
+    if not nm:
+        amount_to_count(1, sparsity, None)  # the same check of sparsity as every method
+    layers = _linears(new, include, exclude)
+    if not layers:
+        raise ValueError("prune_model: no nn.Linear layers matched")
+    batches = list(calibration_data) if calibration_data is not None else []
+    if not batches:
+        raise ValueError(f"prune_model(method={method!r}) needs calibration_data, an iterable of model inputs")
+    if method.startswith("wanda"):
+        if gptq is not None:
+            raise ValueError("prune_model: gptq applies to sparsegpt (GPTQ would refill Wanda's fixed mask)")
+        solver = Solver(spec=spec, calibration=calibration, mask_name="Wanda",
+                        mask=functools.partial(wanda_mask, sparsity=None if nm else sparsity, n=n if nm else 0,
+                                               m=m if nm else 0))
+    else:
+        solver = Solver(spec=spec, calibration=calibration, gptq=gptq,
+                        sparsegpt=Pruning(n=n, m=m) if nm else Pruning(float(sparsity)))
+    originals = {name: lin.weight.detach().float().numpy().copy() for name, lin in layers}
+    solved, unreached = solve_layers(new, layers, batches, solver)
+    if unreached:
+        raise ValueError(f"prune_model: the calibration data never reaches {', '.join(unreached[:5])}")
+    structure = NMPrune(n, m) if nm else MagnitudePrune(float(sparsity))
+    store = ValueStore(IntQuant(spec, calibration) if spec is not None else None, np.dtype(np.float32))
+    label = (f"{method.split('_')[0]} {n}:{m}" if nm else f"{method} {sparsity:.0%}") + \
+        (f" + {spec.describe()}{' GPTQ' if gptq is not None else ''}" if spec is not None else "")
+    for name, lin in layers:
+        sol = solved[name]
+        assert sol.keep is not None
+        solution = Solution(sol.values.numpy(), sol.keep.numpy(), sol.qparams)
+        parts, _, recon = structure.encode_solved(solution, store, name)
+        rep.add(TensorReport.measure(name, originals[name], recon, method=label, bytes_before=nbytes(lin.weight),
+                                     bytes_after=parts_nbytes(parts)))
 
 
 def _shrink_linear(lin: nn.Linear, kept: torch.Tensor, axis: int) -> nn.Linear:

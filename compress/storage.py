@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from precision.arrays import contiguous
-from precision.methods import (UNPROVEN_ELEMENTS, Copy, NotApplied, StructureMethod, ValueStore, elements,
+from precision.methods import (UNPROVEN_ELEMENTS, Copy, NotApplied, Solution, StructureMethod, ValueStore, elements,
                                register_method, sparse_or_dense, stored_int, stored_part, stored_shape)
 
 MAX_M = 1024  # N:M group size; in-group positions take log2(m) bits each
@@ -245,11 +245,26 @@ class MagnitudePrune(StructureMethod):
                    "values_part": {}, "values_count": int(fused.values.size)}
         return {"mask": fused.mask, "values": fused.values}, fields_, fused.dense
 
+    def encode_solved(self, solution, store, name="x"):
+        """The solver's mask and values (e.g. SparseGPT's or Wanda's), stored as :meth:`encode` stores
+        its own: a bitmask and the kept values, or every value dense when that is not larger."""
+        keep = _solved_mask(solution, name)
+        enc = store.encode_solved(solution, name)
+        return sparse_or_dense({"kind": self.kind, "sparsity": self.sparsity}, {"mask": pack_bits(keep)}, enc,
+                               keep, store)
+
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
         n = elements(shape)
         keep = unpack_bits(stored_part(parts, "mask", np.uint8, (n + 7) // 8), n).reshape(shape)
         return _sparse_decode(keep, {k: v for k, v in parts.items() if k != "mask"}, scheme, shape, src_dtype)
+
+
+def _solved_mask(solution: Solution, name: str) -> np.ndarray:
+    keep = solution.keep
+    if keep is None or keep.shape != solution.values.shape or keep.dtype != np.bool_:
+        raise ValueError(f"{name}: a pruned solution needs a bool kept mask of the tensor's shape")
+    return keep
 
 
 def _sparse_decode(keep: np.ndarray, parts: dict[str, np.ndarray], scheme: dict[str, Any], shape: tuple[int, ...],
@@ -296,6 +311,20 @@ class NMPrune(StructureMethod):
         enc = store.encode(np.asarray(r.weight, np.float32), name)
         return sparse_or_dense({"kind": self.kind, "n": self.n, "m": self.m},
                                {"positions": np.asarray(r.storage.positions)}, enc, keep, store)
+
+    def encode_solved(self, solution, store, name="x"):
+        """The solver's N:M mask and values (SparseGPT's or Wanda's); ValueError unless the mask keeps
+        exactly ``n`` of every ``m`` consecutive elements along the last axis."""
+        keep = _solved_mask(solution, name)
+        self.check_shape(keep.shape, name)
+        groups = keep.reshape(-1, self.m)
+        if not (groups.sum(1) == self.n).all():
+            raise ValueError(f"{name}: the solver's mask is not {self.n}:{self.m}")
+        pos = np.nonzero(groups)[1].reshape(-1, self.n) if self.n else np.zeros((groups.shape[0], 0), np.int64)
+        enc = store.encode_solved(solution, name)
+        st = NM.from_dense(solution.values, self.n, self.m, pos)
+        return sparse_or_dense({"kind": self.kind, "n": self.n, "m": self.m},
+                               {"positions": np.asarray(st.positions)}, enc, keep, store)
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
@@ -355,6 +384,20 @@ class StructuredPrune(StructureMethod):
         return ({"kept": pack_bits(keep), **parts},
                 {"structure": {"kind": self.kind, "axis": int(r.axis), "small_shape": list(small.shape)}, **fields_},
                 recon)
+
+    def encode_solved(self, solution, store, name="x"):
+        """The solver's N:M mask and values (SparseGPT's or Wanda's); ValueError unless the mask keeps
+        exactly ``n`` of every ``m`` consecutive elements along the last axis."""
+        keep = _solved_mask(solution, name)
+        self.check_shape(keep.shape, name)
+        groups = keep.reshape(-1, self.m)
+        if not (groups.sum(1) == self.n).all():
+            raise ValueError(f"{name}: the solver's mask is not {self.n}:{self.m}")
+        pos = np.nonzero(groups)[1].reshape(-1, self.n) if self.n else np.zeros((groups.shape[0], 0), np.int64)
+        enc = store.encode_solved(solution, name)
+        st = NM.from_dense(solution.values, self.n, self.m, pos)
+        return sparse_or_dense({"kind": self.kind, "n": self.n, "m": self.m},
+                               {"positions": np.asarray(st.positions)}, enc, keep, store)
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):

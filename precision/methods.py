@@ -44,6 +44,23 @@ class EncodedValues:
     values: np.ndarray
 
 
+@dataclass
+class Solution:
+    """What a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided for one tensor, for a method to
+    store instead of deciding itself.
+
+    ``values``: the float32 values to store (the tensor's shape; on the integer grid of ``qparams``
+    and zero where ``keep`` is False). ``keep``: the kept mask (bool, the tensor's shape) or None.
+    ``qparams``: the integer params (``quant.QParams``) the values lie on, or None. ``reference``:
+    the float tensor the error is measured against (None: the source tensor; AWQ gives the scaled
+    weight, whose input was divided by the same scale)."""
+
+    values: np.ndarray
+    keep: np.ndarray | None = None
+    qparams: Any = None
+    reference: np.ndarray | None = None
+
+
 class Method(ABC):
     """Base of every method config: a name in the registry and a JSON form."""
 
@@ -129,6 +146,14 @@ class ValueMethod(Method):
             acc.add(x, enc.values)
         return enc
 
+    def encode_solved(self, solution: Solution, name: str = "x") -> EncodedValues:
+        """Store ``solution.values`` with the params a solver chose. Methods with no params to give
+        encode the values as they are; a method that cannot take ``solution.qparams`` refuses."""
+        if solution.qparams is not None:
+            raise ValueError(f"{name}: a {self.describe()} tensor cannot store integer params chosen by a solver; "
+                             "use an integer method (int2 ... int8) with it")
+        return self.encode(solution.values, name)
+
     @classmethod
     @abstractmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],
@@ -203,6 +228,11 @@ class ValueStore:
             return self.method.encode(x.astype(self.src_dtype, copy=False), name)
         return self.method.encode(x, name)
 
+    def encode_solved(self, solution: Solution, name: str = "x") -> EncodedValues:
+        if isinstance(self.method, Copy):
+            return self.method.encode(solution.values.astype(self.src_dtype, copy=False), name)
+        return self.method.encode_solved(solution, name)
+
     def store(self, enc: EncodedValues, keep: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(parts, scheme fields) of ``enc``; ``keep`` (bool, the tensor's shape) stores only those codes
         (1-D); without it the codes keep the tensor's shape unless the method packs them."""
@@ -256,6 +286,12 @@ class StructureMethod(Method):
         if acc is not None:
             acc.add(x, r)
         return parts, fields_, r
+
+    def encode_solved(self, solution: Solution, store: ValueStore,
+                      name: str = "x") -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray]:
+        """``encode`` of what a solver decided (the kept mask and the values): (parts, scheme fields,
+        float32 reconstruction). Methods that choose no mask of their own refuse a solution with one."""
+        raise ValueError(f"{name}: {self.describe()} cannot store what a calibrated solver decided")
 
     @classmethod
     @abstractmethod
@@ -338,6 +374,13 @@ class NoStructure(StructureMethod):
         enc = store.method.encode_measured(x, acc, name, values=recon)  # the value method measures as it encodes
         parts, fields_ = store.store(enc)
         return parts, {"structure": {"kind": self.kind}, **fields_}, enc.values if enc.values.size == x.size else None
+
+    def encode_solved(self, solution, store, name="x"):
+        if solution.keep is not None:
+            raise ValueError(f"{name}: a pruned solution needs a prune method (magnitude or nm) to store its mask")
+        enc = store.encode_solved(solution, name)
+        parts, fields_ = store.store(enc)
+        return parts, {"structure": {"kind": self.kind}, **fields_}, enc.values
 
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):

@@ -67,10 +67,8 @@ class GPTQ:
 
 
 class Hessian:
-    """The running ``2 XᵀX / n`` of a layer's inputs (float64), fed batch by batch with :meth:`add`.
-
-    ``n`` counts the rows (tokens) seen; :attr:`matrix` is the mean; ``sq_norms`` (the diagonal
-    times n / 2) are the squared column norms ``‖X_j‖²`` that Wanda scores with."""
+    """The running ``2 XᵀX / n`` of a layer's inputs (float64), fed batch by batch with :meth:`add`;
+    ``n`` counts the rows (tokens) seen and :attr:`matrix` is the mean."""
 
     def __init__(self, features: int) -> None:
         self.sum = torch.zeros(features, features, dtype=torch.float64)
@@ -87,10 +85,6 @@ class Hessian:
         if self.n == 0:
             raise ValueError("no calibration inputs reached this layer")
         return self.sum * (2.0 / self.n)
-
-    @property
-    def sq_norms(self) -> torch.Tensor:
-        return torch.diagonal(self.sum).clone()
 
 
 @dataclass(frozen=True)

@@ -38,29 +38,36 @@ class _Reached(Exception):
 
 
 class LayerInputs:
-    """Statistics of one group's input rows (tokens, features): the :class:`Hessian`, the mean
-    |x| per feature, and up to ``keep_rows`` rows themselves (float32, for searches that need
-    the layer's outputs, such as AWQ's)."""
+    """Statistics of one group's input rows (tokens, features): the squared norm and the mean |x| of
+    each feature, the :class:`Hessian` (unless ``hessian=False``), and up to ``keep_rows`` rows
+    themselves (float32, for searches that need the layer's outputs, such as AWQ's)."""
 
-    def __init__(self, features: int, keep_rows: int = 0) -> None:
-        self.hessian = Hessian(features)
+    def __init__(self, features: int, keep_rows: int = 0, hessian: bool = True) -> None:
+        self._hessian = Hessian(features) if hessian else None
         self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.sq_sum = torch.zeros(features, dtype=torch.float64)
+        self.n = 0
         self.keep_rows = keep_rows
         self._rows: list[torch.Tensor] = []
         self._kept = 0
 
+    @property
+    def hessian(self) -> Hessian:
+        if self._hessian is None:
+            raise ValueError("this layer's Hessian was not collected (hessian=False)")
+        return self._hessian
+
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        self.hessian.add(x)
+        if self._hessian is not None:
+            self._hessian.add(x)
+        self.n += x.shape[0]
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.sq_sum += x.square().sum(0, dtype=torch.float64)
         if self._kept < self.keep_rows:
             take = x[: self.keep_rows - self._kept].clone()
             self._rows.append(take)
             self._kept += take.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.hessian.n
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -130,7 +137,8 @@ def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list
 
 @torch.no_grad()
 def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batches: list[Any],
-                       solve: Callable[[list[str], LayerInputs], None], *, keep_rows: int = 0) -> list[str]:
+                       solve: Callable[[list[str], LayerInputs], None], *, keep_rows: int = 0,
+                       hessian: bool = True) -> list[str]:
     """Call ``solve(group names, inputs)`` for every group of ``layers`` (layers sharing one input),
     in forward order, each on the inputs that ``batches`` give it with the groups before it already
     solved (``solve`` changes the model in place). Returns the names of the layers the batches never
@@ -150,7 +158,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
     whole = [((lambda b=b: run_model(model, b)), m) for b, m in zip(batches, masks)]
 
     def do(group: list[str], runs: list[tuple[Callable[[], Any], Any]]) -> None:
-        inputs = LayerInputs(mods[group[0]].weight.shape[1], keep_rows)
+        inputs = LayerInputs(mods[group[0]].weight.shape[1], keep_rows, hessian)
         _capture(model, mods[group[0]], inputs, runs)
         if inputs.n == 0:
             raise ValueError(f"the calibration batches give no tokens to {group[0]} (all padding?)")

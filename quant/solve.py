@@ -169,7 +169,8 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
             w_eff = sol.values / scale if sol.input_scale is not None else sol.values
             mods[n].weight.copy_(w_eff.to(mods[n].weight.dtype))
 
-    skipped = calibrate_in_order(model, layers, batches, solve, keep_rows=awq.sample_tokens if awq else 0)
+    skipped = calibrate_in_order(model, layers, batches, solve, keep_rows=awq.sample_tokens if awq else 0,
+                                 hessian=solver.needs_hessian)
     return out, skipped
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from precision.methods import EncodedValues, ValueMethod, register_method, stored_part
+from precision.methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 from precision.metrics import MetricsAccumulator
 
 from ._native.rtn import pack_nibbles_c, rtn_blocks
@@ -104,6 +104,24 @@ class IntQuant(ValueMethod):
             qp = calibrate(x, self.spec, self.calibration, name=name)
         else:
             qp = calibrate(x, self.spec, self.calibration, percentile=self.percentile, name=name)
+        codes = np.asarray(quantize(x, qp, name=name))
+        side = {"scale": qp.scale}
+        if not self.spec.symmetric:
+            side["zero_point"] = qp.zero_point
+        return EncodedValues(codes, side, {"kind": self.kind, "spec": self.spec.to_dict()},
+                             np.asarray(dequantize(codes, qp), np.float32))
+
+    def encode_solved(self, solution: Solution, name: str = "x") -> EncodedValues:
+        """The codes of ``solution.values`` under the solver's ``solution.qparams`` (a
+        :class:`~quant.QParams` of this ``spec``; e.g. GPTQ's), instead of calibrating: values on that
+        grid give back the solver's codes exactly. Without params, as :meth:`encode`."""
+        qp = solution.qparams
+        if qp is None:
+            return self.encode(solution.values, name)
+        if not isinstance(qp, QParams) or qp.spec != self.spec:
+            raise ValueError(f"{name}: the solver's params are for {getattr(getattr(qp, 'spec', None), 'describe', lambda: qp)()}, "
+                             f"not {self.spec.describe()}")
+        x = np.ascontiguousarray(solution.values, np.float32)
         codes = np.asarray(quantize(x, qp, name=name))
         side = {"scale": qp.scale}
         if not self.spec.symmetric:
