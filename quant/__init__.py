@@ -7,6 +7,9 @@ Quantizers: :class:`StaticQuantizer`, :class:`DynamicQuantizer`.
 Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`.
 Models: :func:`ptq` (model, :class:`PTQConfig`, calibration data), presets ``PTQConfig.W8``,
 ``W8A8_DYNAMIC``, ``W8A8_FAST``, ``W4_G128``; the activation spec :data:`TOKEN_SPEC`.
+Beyond round to nearest: :class:`GPTQ` and :class:`AWQ` (``PTQConfig(gptq=..., awq=...)``), the OBS
+sweep :func:`~quant.gptq.obs_sweep` that SparseGPT shares, and :func:`~quant.solve.solve_layers`,
+which applies them layer by layer in forward order.
 Attention: :func:`int8_attention` (both products on int8 codes; ``PTQConfig(int8_attention=True)``).
 Checkpoints: :class:`~quant.storage.IntQuant`, the integer method of ``lowbit.checkpoint``.
 """
@@ -21,9 +24,12 @@ from .ptq import PTQConfig, ptq
 from .modules import TOKEN_SPEC, QuantizedLinear
 from .attention import int8_attention
 from .storage import IntQuant
+from .gptq import GPTQ
+from .awq import AWQ
 
 __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
     "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
     "FakeQuantize", "prepare_qat", "convert", "ptq", "PTQConfig", "QuantizedLinear", "TOKEN_SPEC", "int8_attention", "IntQuant",
+    "GPTQ", "AWQ",
 ]

@@ -6,8 +6,8 @@ every layer in a group (layers that read one input, such as Q, K and V) by
 the same ``s``, which leaves the float model unchanged but gives the salient weights a
 finer grid. ``alpha`` is searched on a grid of ``grid`` points in [0, 1): the one whose
 quantized group output ``X (Q(W·s)/s)ᵀ`` is closest (squared error) to the float output
-``X Wᵀ``, on a sample of at most ``sample_tokens`` input rows; ``alpha = 0`` is plain
-round to nearest, so the search never loses to it on that sample.
+``X Wᵀ`` over all calibration tokens (computed from ``XᵀX``, the layer's Hessian);
+``alpha = 0`` is plain round to nearest, so the search never loses to it on that data.
 
 The division of the input is folded into the operation that produces it, where one
 provably exists (:func:`fold_candidates`): a normalisation layer's weight and bias, a
@@ -37,19 +37,16 @@ from .spec import QuantSpec
 
 @dataclass(frozen=True)
 class AWQ:
-    """AWQ's settings: ``grid`` values of alpha searched (``i / grid``, i < grid), the input rows
-    sampled for the search (``sample_tokens``), and whether a group whose input scale cannot be
-    folded keeps it as a runtime multiply (``runtime_scales``; models only, not checkpoints)."""
+    """AWQ's settings: ``grid`` values of alpha searched (``i / grid``, i < grid), and whether a
+    group whose input scale cannot be folded keeps it as a runtime multiply (``runtime_scales``;
+    models only: a checkpoint has no place for it, so there such a group stays unscaled)."""
 
     grid: int = 20
-    sample_tokens: int = 4096
     runtime_scales: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("grid", "sample_tokens"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"AWQ: {f} must be a positive integer, got {v!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"AWQ: grid must be a positive integer, got {self.grid!r}")
         if not isinstance(self.runtime_scales, bool):
             raise TypeError(f"AWQ: runtime_scales must be True or False, got {self.runtime_scales!r}")
 
@@ -62,22 +59,23 @@ def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
+def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
                  grid: int = 20) -> tuple[torch.Tensor, float]:
-    """The per-input-feature scale ``s`` (float32, (in,)) and its alpha that minimise the squared error
-    of the group's outputs on the sample rows ``x`` (tokens, in) when every weight (out_k, in) is
-    quantized as ``Q(W·s)/s`` with minmax ``spec`` params (see the module docstring)."""
-    ref = [x @ w.T for w in weights]
-    base = mean_abs.clamp_min(1e-8)
+    """The per-input-feature scale ``s`` (float32, (in,)) and its alpha that minimise the group's
+    output error ``Σ_k ‖X (Q(W_k·s)/s − W_k)ᵀ‖²`` over the calibration rows, computed from their
+    ``hessian`` ``∝ XᵀX`` (in, in) as ``Σ rows of D H Dᵀ`` with ``D = Q(W·s)/s − W``, each weight
+    (out_k, in) quantized with minmax ``spec`` params (see the module docstring)."""
+    h = hessian.float()
+    base = mean_abs.float().clamp_min(1e-8)
     best, best_s, best_alpha = float("inf"), torch.ones_like(base), 0.0
     for i in range(grid):
         alpha = i / grid
         s = base.pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
-        for w, r in zip(weights, ref):
-            wq = _fake_quant(w * s, spec) / s
-            err += float(((x @ wq.T - r) ** 2).sum())
+        for w in weights:
+            d = _fake_quant(w * s, spec) / s - w
+            err += float(((d @ h) * d).sum(dtype=torch.float64))
         if err < best:
             best, best_s, best_alpha = err, s.clone(), alpha
     return best_s.float(), best_alpha

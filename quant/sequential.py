@@ -14,8 +14,8 @@ does that for any ``nn.Module``, with no knowledge of its architecture:
 * ``solve(group, inputs)`` then compresses the group in place, and the next group's
   inputs come from the model with it compressed.
 
-Memory: one group's statistics at a time (its ``in x in`` float64 Hessian, and a bounded
-sample of input rows when asked), never the model's activations. Padding tokens (where a
+Memory: one group's statistics at a time (its ``in x in`` float64 Hessian), never the model's
+activations except the inputs of the one transformer block being solved. Padding tokens (where a
 batch's ``attention_mask`` is 0) are left out of the statistics.
 """
 
@@ -39,17 +39,13 @@ class _Reached(Exception):
 
 class LayerInputs:
     """Statistics of one group's input rows (tokens, features): the squared norm and the mean |x| of
-    each feature, the :class:`Hessian` (unless ``hessian=False``), and up to ``keep_rows`` rows
-    themselves (float32, for searches that need the layer's outputs, such as AWQ's)."""
+    each feature, and the :class:`Hessian` (unless ``hessian=False``)."""
 
-    def __init__(self, features: int, keep_rows: int = 0, hessian: bool = True) -> None:
+    def __init__(self, features: int, hessian: bool = True) -> None:
         self._hessian = Hessian(features) if hessian else None
         self.abs_sum = torch.zeros(features, dtype=torch.float64)
         self.sq_sum = torch.zeros(features, dtype=torch.float64)
         self.n = 0
-        self.keep_rows = keep_rows
-        self._rows: list[torch.Tensor] = []
-        self._kept = 0
 
     @property
     def hessian(self) -> Hessian:
@@ -64,18 +60,10 @@ class LayerInputs:
         self.n += x.shape[0]
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.sq_sum += x.square().sum(0, dtype=torch.float64)
-        if self._kept < self.keep_rows:
-            take = x[: self.keep_rows - self._kept].clone()
-            self._rows.append(take)
-            self._kept += take.shape[0]
 
     @property
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.n, 1)).float()
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.abs_sum.shape[0])
 
 
 def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -137,8 +125,7 @@ def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list
 
 @torch.no_grad()
 def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batches: list[Any],
-                       solve: Callable[[list[str], LayerInputs], None], *, keep_rows: int = 0,
-                       hessian: bool = True) -> list[str]:
+                       solve: Callable[[list[str], LayerInputs], None], *, hessian: bool = True) -> list[str]:
     """Call ``solve(group names, inputs)`` for every group of ``layers`` (layers sharing one input),
     in forward order, each on the inputs that ``batches`` give it with the groups before it already
     solved (``solve`` changes the model in place). Returns the names of the layers the batches never
@@ -158,7 +145,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
     whole = [((lambda b=b: run_model(model, b)), m) for b, m in zip(batches, masks)]
 
     def do(group: list[str], runs: list[tuple[Callable[[], Any], Any]]) -> None:
-        inputs = LayerInputs(mods[group[0]].weight.shape[1], keep_rows, hessian)
+        inputs = LayerInputs(mods[group[0]].weight.shape[1], hessian)
         _capture(model, mods[group[0]], inputs, runs)
         if inputs.n == 0:
             raise ValueError(f"the calibration batches give no tokens to {group[0]} (all padding?)")

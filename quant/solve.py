@@ -60,7 +60,7 @@ class Solver:
 
     @property
     def needs_hessian(self) -> bool:
-        return self.gptq is not None or self.sparsegpt is not None
+        return self.gptq is not None or self.sparsegpt is not None or self.awq is not None
 
     def describe(self) -> str:
         steps = [s for s in (self.awq and self.awq.describe(), self.mask_name or None,
@@ -104,6 +104,7 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
     mods = dict(layers)
     awq = solver.awq
     made_by = producers(model, layers, batches[0]) if awq is not None else {}
+    probe = first_rows(batches[0], 4)  # the batch a fold is checked on: a few samples suffice
     out: dict[str, LayerSolution] = {}
 
     def solve(group: list[str], inputs: LayerInputs) -> None:
@@ -114,14 +115,17 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
         where: str | None = None
         if awq is not None:
             assert solver.spec is not None
-            s, alpha = search_scale(ws, inputs.rows, inputs.mean_abs, solver.spec, awq.grid)
+            s, alpha = search_scale(ws, inputs.hessian.sum, inputs.mean_abs, solver.spec, awq.grid)
             where = "none: alpha 0 (plain rounding was best)"
             if alpha > 0:
                 where = "none: nothing to fold into"
                 prod = made_by.get(group[0])
                 for tname, target in (fold_candidates(model, prod, s.numel()) if prod else []):
-                    if try_fold(model, target, [mods[n] for n in group], s, batches[0]):
+                    if try_fold(model, target, [mods[n] for n in group], s, probe):
                         where = tname
+                        if tname in out:  # an already solved Linear: its rows scale, so do its row scales
+                            _divide_rows(out[tname], s)
+                            target.weight.copy_(out[tname].values.to(target.weight.dtype))
                         break
                 if where.startswith("none") and awq.runtime_scales:
                     where = "runtime"
@@ -169,9 +173,31 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
             w_eff = sol.values / scale if sol.input_scale is not None else sol.values
             mods[n].weight.copy_(w_eff.to(mods[n].weight.dtype))
 
-    skipped = calibrate_in_order(model, layers, batches, solve, keep_rows=awq.sample_tokens if awq else 0,
-                                 hessian=solver.needs_hessian)
+    skipped = calibrate_in_order(model, layers, batches, solve, hessian=solver.needs_hessian)
     return out, skipped
+
+
+def first_rows(batch: Any, k: int) -> Any:
+    """The first ``k`` samples of a batch (a tensor, or a dict/tuple of tensors sharing the batch axis)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:k] if batch.ndim else batch
+    if isinstance(batch, dict):
+        return {n: first_rows(v, k) for n, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(first_rows(v, k) for v in batch)
+    return batch
+
+
+def _divide_rows(sol: LayerSolution, s: torch.Tensor) -> None:
+    """Divide output row j of a solved layer by ``s[j]``: exactly its row's scales (codes unchanged)."""
+    sol.reference = sol.reference / s[:, None]
+    if sol.qparams is None or sol.codes is None:
+        sol.values = sol.values / s[:, None]
+        return
+    qp = sol.qparams
+    scale = (torch.from_numpy(qp.scale) / s.reshape((-1,) + (1,) * (qp.scale.ndim - 1))).numpy().astype(np.float32)
+    sol.qparams = QParams(scale, qp.zero_point, qp.spec, qp.shape)
+    sol.values = torch.from_numpy(np.asarray(dequantize(sol.codes, sol.qparams), np.float32))
 
 
 def _split_params(qp: QParams, sizes: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
