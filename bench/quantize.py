@@ -10,6 +10,8 @@ Examples:
   python -m bench.quantize --method fp8_e4m3fn --scaling channel --overflow saturate
   python -m bench.quantize --method prune,int8 --prune magnitude --sparsity 0.5 --out pruned_int8.safetensors
   python -m bench.quantize --method svd --rank-ratio 0.5 --eval
+  python -m bench.quantize --method int4 --granularity group --affine --calibration mse --gptq --eval
+  python -m bench.quantize --method prune,int8 --prune sparsegpt:2:4 --calibration-data my_text.txt
 
 Exit codes: 0 success, 2 usage error, 1 any other failure (one line naming the file or tensor).
 """
@@ -27,6 +29,7 @@ import numpy as np
 from compress.lowrank import METHODS as SVD_METHODS
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
+from lowbit.checkpoint.calibrated import PRUNERS, Calibrated, load_model, read_texts, solve, solver_for, text_batches
 from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
@@ -36,7 +39,7 @@ from precision.blocks import BlockCast
 from precision.cast import SCALINGS, FloatCast
 from precision.methods import StructureMethod, ValueMethod
 from precision.report import Report
-from quant import PerChannel, PerGroup, PerTensor, QuantSpec
+from quant import AWQ, GPTQ, PerChannel, PerGroup, PerTensor, QuantSpec
 from quant.spec import Granularity
 from quant.storage import IntQuant
 
@@ -83,9 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration", choices=CALIBRATIONS, default="minmax")
     g.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile")
     g = p.add_argument_group("pruning")
-    g.add_argument("--prune", default="magnitude", help="magnitude, structured, or N:M such as 2:4")
+    g.add_argument("--prune", default="magnitude", help="magnitude, structured, N:M such as 2:4, or from calibration "
+                   "data: wanda, sparsegpt (at --sparsity), wanda:N:M, sparsegpt:N:M (e.g. sparsegpt:2:4)")
     g.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1] (default 0.5)")
     g.add_argument("--norm", type=int, choices=(1, 2), default=2, help="row norm for structured pruning")
+    g = p.add_argument_group("calibrated methods (need a model directory and calibration text)")
+    g.add_argument("--gptq", action="store_true", help="solve the integer step with GPTQ (same stored form as RTN)")
+    g.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian "
+                   "diagonal (default 0.01)")
+    g.add_argument("--no-act-order", action="store_true", help="GPTQ in storage order instead of act-order")
+    g.add_argument("--awq", action="store_true", help="AWQ input scales, folded into the preceding LayerNorm or "
+                   "Linear where that keeps the model's output")
+    g.add_argument("--calibration-data", metavar="FILE", help="UTF-8 text, one sample per line (default for the "
+                   "bundled MiniLM: the even lines of the project's sentence file)")
+    g.add_argument("--calibration-samples", type=int, default=128, metavar="N",
+                   help="use the first N samples of --calibration-data (default 128)")
     g = p.add_argument_group("low rank (svd)")
     g.add_argument("--rank-ratio", type=float, default=None, help="fraction of parameters kept (default 0.5)")
     g.add_argument("--energy", type=float, default=None, help="fraction of squared singular-value energy kept")
@@ -145,13 +160,59 @@ def _structure_method(kind: str, a: argparse.Namespace) -> StructureMethod:
         ratio = None if a.energy is not None else (0.5 if a.rank_ratio is None else a.rank_ratio)
         return LowRankSVD(ratio=ratio, energy=a.energy, method=a.svd_method, force=a.force_svd)
     nm = a.prune.split(":")
+    if nm[0] in PRUNERS:  # the mask comes from calibration data; the prune step stores it
+        nm = nm[1:]
+        if not nm:
+            return MagnitudePrune(a.sparsity)
     if len(nm) == 2 and all(t.isdigit() for t in nm):
         return NMPrune(int(nm[0]), int(nm[1]))
     if a.prune == "magnitude":
         return MagnitudePrune(a.sparsity)
     if a.prune == "structured":
         return StructuredPrune(a.sparsity, axis=0, norm=a.norm)
-    raise UsageError(f"--prune must be magnitude, structured or N:M (e.g. 2:4), got {a.prune!r}")
+    raise UsageError(f"--prune must be magnitude, structured, N:M (e.g. 2:4), wanda, sparsegpt, wanda:N:M or "
+                     f"sparsegpt:N:M, got {a.prune!r}")
+
+
+def calibrated_of(a: argparse.Namespace) -> Calibrated | None:
+    """The calibrated methods the arguments ask for (None: none)."""
+    pruner = a.prune.split(":")[0] if "prune" in [t.strip() for t in a.method.split(",")] else None
+    pruning = pruner if pruner in PRUNERS else None
+    if not (pruning or a.gptq or a.awq):
+        if a.calibration_data is not None:
+            raise UsageError("--calibration-data applies to --gptq, --awq and --prune wanda/sparsegpt")
+        return None
+    try:
+        return Calibrated(pruning=pruning, gptq=GPTQ(damp=a.gptq_damp, act_order=not a.no_act_order) if a.gptq else None,
+                          awq=AWQ() if a.awq else None)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated, path: Path) -> dict[str, Any]:
+    """Load the model of the checkpoint ``path``, tokenize the calibration text, and solve."""
+    if a.executor != "local":
+        raise UsageError("the calibrated methods run with --executor local")
+    if a.calibration_samples < 1:
+        raise UsageError(f"--calibration-samples must be at least 1, got {a.calibration_samples}")
+    from .models import minilm_dir, sentences
+
+    d = path if path.is_dir() else path.parent
+    if a.calibration_data is not None:
+        texts = read_texts(a.calibration_data, a.calibration_samples)
+    elif a.checkpoint is None:
+        texts = sentences()[::2][:a.calibration_samples]  # the odd ones stay held out
+    else:
+        raise UsageError(f"{calibrated.describe()} needs calibration text: give --calibration-data FILE")
+    try:
+        model, tok = load_model(minilm_dir() if a.checkpoint is None else d)
+    except Exception as e:  # noqa: BLE001 - transformers and sentence-transformers raise many kinds
+        raise CheckpointError(f"{d}: the calibrated methods need a model directory that sentence-transformers or "
+                              f"transformers loads ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        return solve(model, chain, calibrated, text_batches(tok, texts), include=a.include, exclude=a.exclude)
+    except ValueError as e:
+        raise CheckpointError(f"{d}: {e}") from None
 
 
 def build_chain(a: argparse.Namespace) -> Chain:
@@ -191,12 +252,21 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     else:
         path = Path(a.checkpoint)
     inputs = check_reports(a, path)
+    calibrated = calibrated_of(a)
+    if calibrated is not None:
+        try:
+            solver_for(chain, calibrated)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
+    solutions = solve_calibrated(a, chain, calibrated, path) if calibrated is not None else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
-                                 address=a.address, format=a.format)
+                                 address=a.address, format=a.format, solutions=solutions)
+    if calibrated is not None:
+        report.meta["calibrated"] = calibrated.describe()
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs

@@ -8,6 +8,7 @@ the metrics of ``precision.metrics`` accumulated in float64.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from typing import Any, Iterable
 
@@ -18,12 +19,20 @@ from .metrics import MetricsAccumulator, error_metrics
 
 
 def run_model(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on one batch: a dict is passed as one argument (sentence-transformers
-    features), a tuple/list is unpacked, anything else is passed as is."""
+    """Call ``model`` on one batch: a tuple/list is unpacked; a dict (or a tokenizer's
+    ``BatchEncoding``) is passed as keyword arguments when every key names a parameter of the
+    model's ``forward`` (a transformers model), else as one argument (sentence-transformers
+    features); anything else is passed as is."""
     if isinstance(batch, (tuple, list)):
         return model(*batch)
-    if isinstance(batch, Mapping):  # sentence-transformers adds outputs to its feature dict: keep ours clean
-        return model(copy.copy(batch))
+    if isinstance(batch, Mapping):
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        if batch and all(isinstance(k, str) and k in params for k in batch):
+            return model(**batch)
+        return model(copy.copy(batch))  # sentence-transformers adds outputs to its feature dict: keep ours clean
     return model(batch)
 
 

@@ -83,8 +83,9 @@ def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_ab
 
 # ---------------------------------------------------------------- folding the input scale
 def producers(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: Any) -> dict[str, str]:
-    """For each layer, the module whose forward output (or first output) is the very tensor the
-    layer reads, found by running ``batch`` once (weak references, as :func:`shared_inputs`)."""
+    """For each layer, the module that made the very tensor the layer reads (its forward output, or
+    first output): the innermost such module, not the outer ones that pass the tensor on as it is.
+    Found by running ``batch`` once (weak references, as :func:`shared_inputs`)."""
     made: list[tuple[weakref.ref, str]] = []
     found: dict[str, str] = {}
     names = {id(m): n for n, m in layers}
@@ -100,7 +101,7 @@ def producers(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: 
         n = names[id(mod)]
         if n in found or not args:
             return
-        for ref, who in reversed(made):
+        for ref, who in made:  # the first match made it; outer modules that return it as is come after
             if ref() is args[0]:
                 found[n] = who
                 return

@@ -44,3 +44,40 @@ def _minilm_session() -> Any:
 def minilm_model(_minilm_session: Any) -> Any:
     """The real all-MiniLM-L6-v2 sentence-transformers model (a private copy per test module)."""
     return copy.deepcopy(_minilm_session)
+
+
+def _tiny_bert() -> Any:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                     intermediate_size=128, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def _token_batches(n: int = 3, seed: int = 1) -> list[dict]:
+    """Batches of random token ids with padding at the end of some rows (attention_mask 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, 30000, (4, 16), generator=g)
+        mask = torch.ones(4, 16, dtype=torch.long)
+        mask[1, 10:] = 0
+        mask[3, 5:] = 0
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture
+def tiny_bert() -> Any:
+    """A random-init 2-layer BERT (hidden 64, FFN 128, MiniLM's vocabulary), fresh per test."""
+    return _tiny_bert()
+
+
+@pytest.fixture
+def token_batches() -> list[dict]:
+    """Three batches (4 x 16 tokens, some padded) of model inputs for ``tiny_bert``."""
+    return _token_batches()

@@ -30,9 +30,9 @@ from precision import known_formats
 from precision.blocks import BLOCK_FORMATS, BlockCast
 from precision.cast import FloatCast
 from precision.dtypes import NP_TO_ST, ST_TO_NP
-from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, StructureMethod, ValueMethod,
-                               ValueStore, parts_nbytes, stored_shape, structure_method_class)
-from precision.metrics import MetricsAccumulator
+from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, Solution, StructureMethod,
+                               ValueMethod, ValueStore, parts_nbytes, stored_shape, structure_method_class)
+from precision.metrics import MetricsAccumulator, error_metrics
 from precision.report import TensorReport
 from compress.storage import LowRankSVD, MagnitudePrune
 from quant.spec import PerChannel, QuantSpec
@@ -224,7 +224,7 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
 
 
 def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool = True,
-                    metrics: bool = True) -> Compressed:
+                    metrics: bool = True, solution: Solution | None = None) -> Compressed:
     """Apply ``chain`` to one finite floating-point array ``a`` (any float dtype, including bfloat16).
 
     The stored form is the smaller of the chain's form and the dense reconstruction in the
@@ -232,7 +232,13 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
     break-even rank). ``keep_approx=False`` spares the methods that can skip it the dense
     reconstruction (``approx`` is then None); large row-independent integer schemes then run
     block by block without materialising it.
-    ``metrics=False`` skips the error metrics: the report row carries the bytes only."""
+    ``metrics=False`` skips the error metrics: the report row carries the bytes only.
+    ``solution``: what a calibrated solver decided for this tensor (GPTQ's codes and params,
+    SparseGPT's or Wanda's mask; :func:`lowbit.checkpoint.calibrated.solve`), stored in the chain's
+    own form instead of the chain deciding; the error is measured against ``solution.reference``
+    (default: ``a``)."""
+    if solution is not None:
+        return _compress_solved(name, a, chain, solution, keep_approx, metrics)
     values = chain.values
     if chain.structure is None and values is not None and getattr(values, "rows_independent", False) and a.ndim == 2:
         c = _by_rows(name, a, chain, keep_approx, metrics)
@@ -263,6 +269,29 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
     else:
         assert approx is not None  # encode always reconstructs
         row = TensorReport.measure(name, a, approx, method=method, bytes_after=nbytes)
+    return Compressed(parts, scheme, approx if keep_approx else None, row)
+
+
+def _compress_solved(name: str, a: np.ndarray, chain: Chain, solution: Solution, keep_approx: bool,
+                     metrics: bool) -> Compressed:
+    if solution.values.shape != a.shape:
+        raise ValueError(f"the solution has shape {list(solution.values.shape)}, the tensor {list(a.shape)}")
+    structure = chain.structure if chain.structure is not None else NoStructure()
+    store = ValueStore(chain.values, a.dtype)
+    parts, fields_, recon = structure.encode_solved(solution, store, name)
+    if parts_nbytes(parts) >= a.nbytes:
+        parts, fields_ = {"values": recon.astype(a.dtype, copy=False)}, {
+            "structure": {"kind": "none"}, "values": {"kind": "none"}, "values_part": {}, "values_count": int(a.size)}
+    approx = recon.astype(a.dtype, copy=False)
+    scheme = {**_header(a, chain), **fields_}
+    scheme["sha256"] = scheme_digest(parts, scheme)
+    method = " + ".join(scheme["chain"])
+    nbytes = parts_nbytes(parts)
+    if metrics:
+        ref = a if solution.reference is None else solution.reference
+        row = TensorReport.from_metrics(name, a, error_metrics(ref, approx), method=method, bytes_after=nbytes)
+    else:
+        row = TensorReport.unmeasured(name, a, method=method, bytes_after=nbytes)
     return Compressed(parts, scheme, approx if keep_approx else None, row)
 
 

@@ -11,14 +11,14 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from precision._native import available_cores, thread_budget
 from precision.arrays import all_finite
 from precision.dtypes import ST_TO_NP
-from precision.methods import Method, ValueStore
+from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
 from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
@@ -68,7 +68,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
                         threads: int | None = None, executor: str = "local", address: str | None = None,
-                        format: str = "lowbit") -> Report:
+                        format: str = "lowbit", solutions: Mapping[str, Solution] | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -102,6 +102,13 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     ``format``: ``"lowbit"`` (safetensors with lowbit's stored parts and schemes, read back by
     :func:`load`) or ``"gguf"`` (a GGUF file of q8_0/q4_0 blocks or fp16/bf16 tensors, with the kept
     tensors in their own types; see :mod:`lowbit.checkpoint.gguf`).
+
+    ``solutions``: what a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided, by parameter name
+    of the model it ran on (:func:`lowbit.checkpoint.calibrated.solve`). Each name is matched to one
+    checkpoint tensor (the same name, or one that ends with the other after a ``.``); a selected
+    tensor stores the solution in the chain's form, a tensor not selected (a LayerNorm weight an
+    AWQ scale was folded into) is written with the solution's values, and a solution that matches
+    no tensor, or more than one, is an error. Local executor only.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -120,6 +127,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer of at least 1, got {workers!r}")
     workers, per_tensor = plan_threads(workers, threads)
+    if solutions is not None and executor != "local":
+        raise ValueError("solutions apply to executor='local' only (the solved values live in this process)")
     if executor == "ray":
         from .distributed import RaySession
 
@@ -130,7 +139,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
         return report
     with thread_budget(per_tensor):
         report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
-                           metrics, None, format)
+                           metrics, None, format, solutions)
     report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
     return report
 
@@ -151,11 +160,17 @@ def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
 
 def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
-              metrics: bool, session: Any = None, format: str = "lowbit") -> Report:
+              metrics: bool, session: Any = None, format: str = "lowbit",
+              solutions: Mapping[str, Solution] | None = None) -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
     names = ckpt.names()
+    solved = match_solutions(solutions, names, path) if solutions else {}
+    for n, sol in solved.items():
+        if tuple(sol.values.shape) != tuple(ckpt.info(n)[1]):
+            raise CheckpointError(f"{path}: tensor {n!r} has shape {list(ckpt.info(n)[1])}, its solution "
+                                  f"{list(sol.values.shape)}")
     reasons = {}
     for n in names:
         dtype, shape = ckpt.info(n)
@@ -182,7 +197,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
 
     def process(name: str) -> Result:
         with slots:
-            return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics)
+            return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics, solved.get(name))
 
     def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
         if c is not None:
@@ -244,20 +259,44 @@ Result = tuple[np.ndarray | None, Compressed | None, str | None]
 
 
 def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain, keep_approx: bool,
-                   metrics: bool) -> tuple[np.ndarray, Compressed | None, str | None]:
+                   metrics: bool, solution: Solution | None = None) -> tuple[np.ndarray, Compressed | None, str | None]:
     """One tensor of the job: (the source array, its compressed form or None, why it is kept as it
-    is or None). The same call runs in this process or in a Ray task."""
+    is or None). The same call runs in this process or in a Ray task. A tensor not compressed but
+    given a ``solution`` comes back with the solution's values in its own dtype."""
     arr = ckpt.read(name)
     if reason is not None:
+        if solution is not None:
+            return (solution.values.astype(arr.dtype), None,
+                    f"{reason}; values rewritten by the calibrated solver (e.g. an AWQ scale folded in)")
         return arr, None, reason
     if not all_finite(arr if arr.dtype.kind == "f" else arr.astype(np.float32)):
         return arr, None, "holds NaN or inf (kept as is)"
     try:
-        return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx, metrics=metrics), None
+        return arr, compress_tensor(name, arr, chain, keep_approx=keep_approx, metrics=metrics,
+                                    solution=solution), None
     except NotApplied as e:
         return arr, None, str(e)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
+
+
+def match_solutions(solutions: Mapping[str, Solution], names: list[str], path: Path) -> dict[str, Solution]:
+    """Solutions keyed by checkpoint tensor name: a model parameter name matches the tensor of the same
+    name or one that ends with it (or that it ends with) after a ``.``; exactly one must match."""
+    exact = set(names)
+    out: dict[str, Solution] = {}
+    for key, sol in solutions.items():
+        if key in exact:
+            hits = [key]
+        else:
+            hits = [n for n in names if key.endswith("." + n) or n.endswith("." + key)]
+        if len(hits) != 1:
+            raise CheckpointError(f"{path}: the solution for {key!r} matches {len(hits)} tensors of the checkpoint"
+                                  + (f" ({', '.join(hits[:3])})" if hits else "") + "; it must match exactly one")
+        if hits[0] in out:
+            raise CheckpointError(f"{path}: two solutions match tensor {hits[0]!r}")
+        out[hits[0]] = sol
+    return out
 
 
 def _in_order(names: list[str], fn: Any, workers: int) -> Iterator[tuple[str, Any]]:

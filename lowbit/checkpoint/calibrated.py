@@ -1,0 +1,182 @@
+"""Calibrated checkpoint jobs: GPTQ, AWQ, SparseGPT and Wanda decide, the chain's methods store.
+
+A calibrated method needs the model, not only its tensors: it runs calibration text through
+the model and solves the layers in forward order (:func:`quant.solve.solve_layers`). The job
+is then two steps, and the stored form stays the chain's own (the RTN integer form, bitmask
+or N:M plus values), so every reader takes the result unchanged::
+
+    model = ...  # the model whose checkpoint is compressed, e.g. a sentence-transformers model
+    batches = text_batches(model, texts)
+    solutions = solve(model, "prune,int4", Calibrated(pruning="sparsegpt", gptq=GPTQ()), batches)
+    compress_checkpoint(checkpoint, "out.safetensors", chain, solutions=solutions)
+
+``python -m bench.quantize MODEL_DIR --method int4 --gptq --calibration-data FILE`` does both.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from compress.storage import MagnitudePrune, NMPrune
+from precision.methods import Method, Solution
+from quant.awq import AWQ
+from quant.gptq import GPTQ, Pruning
+from quant.solve import Solver, solve_layers
+from quant.storage import IntQuant
+
+from .chain import Chain
+
+PRUNERS = ("wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What a checkpoint job solves from calibration data (each optional, at least one):
+
+    * ``pruning``: ``"wanda"`` or ``"sparsegpt"`` chooses the mask of the chain's prune step
+      (``MagnitudePrune(sparsity)``: that fraction unstructured; ``NMPrune(n, m)``: N:M);
+    * ``gptq``: the chain's integer step is solved by GPTQ (jointly with SparseGPT when both);
+    * ``awq``: an AWQ input scale per group of layers, folded into the operation before it where
+      that provably keeps the model's output (a checkpoint has no runtime scales).
+    """
+
+    pruning: str | None = None
+    gptq: GPTQ | None = None
+    awq: AWQ | None = None
+
+    def __post_init__(self) -> None:
+        if self.pruning is not None and self.pruning not in PRUNERS:
+            raise ValueError(f"Calibrated: pruning must be one of {PRUNERS} or None, got {self.pruning!r}")
+        if self.gptq is not None and not isinstance(self.gptq, GPTQ):
+            raise TypeError(f"Calibrated: gptq must be a quant.GPTQ value, got {type(self.gptq).__name__}")
+        if self.awq is not None:
+            if not isinstance(self.awq, AWQ):
+                raise TypeError(f"Calibrated: awq must be a quant.AWQ value, got {type(self.awq).__name__}")
+            if self.awq.runtime_scales:
+                raise ValueError("Calibrated: a checkpoint has no place for runtime input scales; "
+                                 "use AWQ(runtime_scales=False)")
+        if self.pruning is None and self.gptq is None and self.awq is None:
+            raise ValueError("Calibrated: give pruning=, gptq= or awq=")
+        if self.pruning == "wanda" and self.gptq is not None:
+            raise ValueError("Calibrated: GPTQ's updates would refill Wanda's mask; use pruning='sparsegpt' "
+                             "with gptq for a joint pass")
+
+    def describe(self) -> str:
+        return " + ".join(s for s in (self.awq and self.awq.describe(), self.pruning,
+                                      self.gptq and self.gptq.describe()) if s)
+
+
+def solver_for(chain: Chain, calibrated: Calibrated) -> Solver:
+    """The layer solver that ``calibrated`` asks of ``chain`` (ValueError if the chain cannot store it)."""
+    values, structure = chain.values, chain.structure
+    spec, calibration = None, "minmax"
+    if values is not None:
+        if isinstance(values, IntQuant):
+            if values.percentile is not None:
+                raise ValueError("calibrated methods choose scales with minmax or mse, not percentile")
+            spec, calibration = values.spec, values.calibration
+        elif calibrated.gptq is not None or calibrated.awq is not None:
+            raise ValueError(f"GPTQ and AWQ solve integer weights; the chain's value step is {values.describe()}")
+    elif calibrated.gptq is not None or calibrated.awq is not None:
+        raise ValueError("GPTQ and AWQ solve integer weights; add an integer step (e.g. int4)")
+    if calibrated.pruning is not None:
+        if isinstance(structure, MagnitudePrune):
+            pruning = Pruning(float(structure.sparsity))
+            nm = (0, 0)
+        elif isinstance(structure, NMPrune):
+            pruning, nm = Pruning(n=structure.n, m=structure.m), (structure.n, structure.m)
+        else:
+            raise ValueError(f"{calibrated.pruning} chooses the mask of a prune step (magnitude sparsity or N:M); "
+                             f"the chain's structure step is {structure.describe() if structure else 'none'}")
+        if calibrated.pruning == "sparsegpt":
+            return Solver(spec=spec, calibration=calibration, gptq=calibrated.gptq, awq=calibrated.awq,
+                          sparsegpt=pruning)
+        from compress.calibrated import wanda_mask
+
+        def mask(w: torch.Tensor, inputs: Any) -> torch.Tensor:
+            return wanda_mask(w, inputs, None if nm[1] else pruning.sparsity, n=nm[0], m=nm[1])
+        return Solver(spec=spec, calibration=calibration, awq=calibrated.awq, mask=mask, mask_name="Wanda")
+    if structure is not None:
+        raise ValueError(f"the chain prunes with {structure.describe()}; give pruning='wanda' or 'sparsegpt' to "
+                         "solve its mask from calibration data, or drop the calibrated methods")
+    return Solver(spec=spec, calibration=calibration, gptq=calibrated.gptq, awq=calibrated.awq)
+
+
+@torch.no_grad()
+def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated, batches: Iterable[Any], *,
+          include: str | None = None, exclude: str | None = None) -> dict[str, Solution]:
+    """Solve every ``nn.Linear`` weight of ``model`` (on a copy; ``model`` is untouched) whose
+    parameter name matches ``include`` and not ``exclude`` (regular expressions), in forward order
+    on ``batches`` (model inputs, as ``ptq`` takes them). Returns ``{parameter name: Solution}`` for
+    :func:`~lowbit.checkpoint.compress_checkpoint` (``solutions=``): the solved weights, and every
+    other parameter whose values changed (the LayerNorm or value-projection an AWQ scale was folded
+    into)."""
+    chain = Chain.of(method)
+    solver = solver_for(chain, calibrated)
+    work = copy.deepcopy(model).eval()
+    layers = [(n, m) for n, m in work.named_modules() if type(m) is nn.Linear
+              and (include is None or re.search(include, n + ".weight"))
+              and not (exclude and re.search(exclude, n + ".weight"))]
+    if not layers:
+        raise ValueError("solve: no nn.Linear layer of the model is selected")
+    data = list(batches)
+    if not data:
+        raise ValueError("solve: no calibration batches")
+    solved, unreached = solve_layers(work, layers, data, solver)
+    if unreached:
+        raise ValueError(f"solve: the calibration data never reaches {', '.join(unreached[:5])}")
+    out: dict[str, Solution] = {}
+    for n, sol in solved.items():
+        out[n + ".weight"] = Solution(sol.values.numpy(), None if sol.keep is None else sol.keep.numpy(),
+                                      sol.qparams, sol.reference.numpy())
+    before = dict(model.named_parameters())
+    for n, p in work.named_parameters():
+        if n not in out and not torch.equal(p, before[n]):
+            out[n] = Solution(p.detach().float().numpy().copy())
+    return out
+
+
+# ------------------------------------------------------------------ models and text for the CLI
+def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """(model, tokenizer-like) from a directory: a sentence-transformers model when it has
+    ``modules.json``, else a transformers ``AutoModel`` with its ``AutoTokenizer``; offline."""
+    d = Path(model_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if (d / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        m = SentenceTransformer(str(d), device="cpu")
+        return m, m
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoModel.from_pretrained(str(d), local_files_only=True).eval(), \
+        AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+
+
+def read_texts(path: str | os.PathLike, samples: int | None = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (the first ``samples`` of them)."""
+    lines = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no calibration text (the file has no non-empty line)")
+    return lines[:samples] if samples is not None else lines
+
+
+def text_batches(model: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[Any]:
+    """Tokenized batches of ``texts`` for ``model`` (a sentence-transformers model tokenizes itself;
+    otherwise ``model`` is the tokenizer: padded, truncated to ``max_length`` tokens)."""
+    tok = getattr(model, "tokenize", None)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        out.append(tok(chunk) if tok is not None else
+                   dict(model(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")))
+    return out
