@@ -53,7 +53,12 @@ def _tiny_bert() -> Any:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                      intermediate_size=128, max_position_embeddings=64)
-    return BertModel(cfg).eval()
+    model = BertModel(cfg).eval()
+    with torch.no_grad():  # the init leaves biases at 0 and LayerNorms at 1: give them values a trained model has
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape) * 0.05)
+    return model
 
 
 def _token_batches(n: int = 3, seed: int = 1) -> list[dict]:
@@ -73,7 +78,8 @@ def _token_batches(n: int = 3, seed: int = 1) -> list[dict]:
 
 @pytest.fixture
 def tiny_bert() -> Any:
-    """A random-init 2-layer BERT (hidden 64, FFN 128, MiniLM's vocabulary), fresh per test."""
+    """A random-init 2-layer BERT (hidden 64, FFN 128, MiniLM's vocabulary; biases and LayerNorms
+    perturbed), fresh per test."""
     return _tiny_bert()
 
 
