@@ -4,7 +4,8 @@ Weights (the 36 encoder Linear layers): round to nearest (absmax, minmax, MSE cl
 AWQ and AWQ + GPTQ at W4 group 128 (symmetric and affine), W3 group 128 and W8 per channel.
 Pruning: magnitude, Wanda and SparseGPT at 50% unstructured and 2:4, 2:4 with int8, and 50%
 with W4 group 128 jointly (SparseGPT + GPTQ in one sweep). When llm-compressor imports, its
-GPTQ runs in the same process on the same data as the peer.
+GPTQ and SparseGPT run in the same process on the same data as the peers (their ``stored MiB``
+is not measured: llm-compressor keeps fake-quantized float weights in the model).
 
 Calibration: the even sentences of the project's file (100); the cosine is the mean
 sentence-embedding cosine to float32 on the 100 odd sentences, never seen in calibration.
@@ -63,7 +64,7 @@ def weight_configs() -> dict[str, PTQConfig]:
 def prune_configs() -> dict[str, dict[str, Any]]:
     """The pruning rows: name -> keyword arguments of ``prune_model`` (sparsity 0.5)."""
     cal = ("wanda", "wanda_nm", "sparsegpt", "sparsegpt_nm")
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         "50% magnitude": dict(method="magnitude"),
         "50% Wanda": dict(method="wanda"),
         "50% SparseGPT": dict(method="sparsegpt"),
@@ -89,25 +90,40 @@ def _stored_mib(model: torch.nn.Module) -> float:
     return total / 2**20
 
 
-def _llmcompressor_gptq(model: Any, texts: list[str], symmetric: bool) -> Callable[[], Any] | None:
-    try:
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-        from datasets import Dataset
-        from llmcompressor import oneshot
-        from llmcompressor.modifiers.quantization import GPTQModifier
-    except ImportError:
-        return None
+def _llmcompressor(model: Any, texts: list[str], recipe: Callable[[], Any]) -> Callable[[], Any]:
+    """A call that runs llm-compressor's ``oneshot`` with ``recipe()`` on a copy of the model's BERT."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
     enc = [model.tokenizer(t, truncation=True, max_length=128) for t in texts]
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in enc])
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=128, actorder="static"))
 
     def run() -> Any:
         m = copy.deepcopy(model)
-        oneshot(model=m[0].auto_model, dataset=ds, recipe=GPTQModifier(config_groups={"g": scheme}, ignore=[]),
-                num_calibration_samples=len(ds), max_seq_length=128, pipeline="basic")
+        oneshot(model=m[0].auto_model, dataset=ds, recipe=recipe(), num_calibration_samples=len(ds),
+                max_seq_length=128, pipeline="basic")
         return m
     return run
+
+
+def peer_recipes() -> dict[str, Callable[[], Any]] | None:
+    """llm-compressor's GPTQ and SparseGPT for the peer rows, or None when it is not installed."""
+    try:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+        from llmcompressor.modifiers.quantization import GPTQModifier
+    except ImportError:
+        return None
+
+    def gptq(symmetric: bool) -> Callable[[], Any]:
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=128,
+                                actorder="static")
+        return lambda: GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)},
+                                    ignore=[])
+    return {"W4 g128 sym GPTQ act-order (static)": gptq(True),
+            "W4 g128 affine GPTQ act-order (static)": gptq(False),
+            "50% SparseGPT": lambda: SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"]),
+            "2:4 SparseGPT": lambda: SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"])}
 
 
 def run(only: list[str] | None = None, peer: bool = True) -> list[dict]:
@@ -139,17 +155,14 @@ def run(only: list[str] | None = None, peer: bool = True) -> list[dict]:
             t0 = time.perf_counter()
             q, _ = ptq(model, config, calib if config.needs_calibration else None, eval_data=[])
             add(name, "lowbit", q, time.perf_counter() - t0, _stored_mib(q))
-    if peer:
-        for sym in (True, False):
-            name = f"W4 g128 {'sym' if sym else 'affine'} GPTQ act-order (static)"
-            fn = _llmcompressor_gptq(model, calib_texts, sym) if want(name) else None
-            if fn is None:
-                if want(name):
-                    print(f"  ({name}: llm-compressor is not installed; peer row skipped)")
-                continue
-            t0 = time.perf_counter()
-            q = fn()
-            add(name, "llm-compressor", q, time.perf_counter() - t0, float("nan"))
+    recipes = peer_recipes() if peer else None
+    if peer and recipes is None:
+        print("  (llm-compressor is not installed: no peer rows)")
+    peers = {n: r for n, r in (recipes or {}).items() if want(n)}
+    for name in [n for n in peers if "GPTQ" in n]:
+        t0 = time.perf_counter()
+        q = _llmcompressor(model, calib_texts, peers[name])()
+        add(name, "llm-compressor", q, time.perf_counter() - t0, float("nan"))
     for name, kw in prune_configs().items():
         if want(name):
             kw = dict(kw)
@@ -157,6 +170,10 @@ def run(only: list[str] | None = None, peer: bool = True) -> list[dict]:
             t0 = time.perf_counter()
             q, rep = prune_model(model, 0.5, calibration_data=calib if cal else None, **kw)
             add(name, "lowbit", q, time.perf_counter() - t0, rep.totals["bytes_after"] / 2**20)
+            if name in peers:  # the peer right after lowbit's row, on the same data
+                t0 = time.perf_counter()
+                q = _llmcompressor(model, calib_texts, peers[name])()
+                add(name, "llm-compressor", q, time.perf_counter() - t0, float("nan"))
     print("cosine: mean sentence-embedding cosine to float32 on the held-out sentences")
     return rows
 

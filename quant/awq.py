@@ -126,7 +126,7 @@ def fold_candidates(model: nn.Module, producer: str, features: int) -> list[tupl
         return [(producer, mod)]
     if not isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.ndim == 1 and w.numel() == features:
         return [(producer, mod)]
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for child in ("value", "v_proj"):
         c = getattr(mod, child, None)
         if isinstance(c, nn.Linear) and c.out_features == features:
@@ -135,7 +135,7 @@ def fold_candidates(model: nn.Module, producer: str, features: int) -> list[tupl
 
 
 def _divide(mod: nn.Module, s: torch.Tensor) -> None:
-    w = mod.weight
+    w = getattr(mod, "weight")
     if w.ndim == 1:
         w.div_(s.to(w.dtype))
     else:
@@ -151,7 +151,8 @@ def try_fold(model: nn.Module, target: nn.Module, group: Sequence[nn.Linear], s:
     """Divide ``target``'s output by ``s`` and multiply the group's weight columns by ``s``; keep the
     change if the model's output on ``batch`` moves by at most ``tolerance`` (relative to its largest
     magnitude), else undo it exactly (the saved tensors are restored) and return False."""
-    saved = [(p, p.detach().clone()) for p in [target.weight, getattr(target, "bias", None)] + [m.weight for m in group]
+    saved = [(p, p.detach().clone()) for p in [getattr(target, "weight"), getattr(target, "bias", None)]
+             + [m.weight for m in group]
              if isinstance(p, torch.Tensor)]
     before = model_output(run_model(model, batch)).float()
     _divide(target, s)

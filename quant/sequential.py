@@ -21,6 +21,7 @@ batch's ``attention_mask`` is 0) are left out of the statistics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -103,7 +104,10 @@ def _block_index(name: str, blocks: list[str]) -> int | None:
     return None
 
 
-def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list[tuple[Callable[[], Any], Any]]) -> None:
+Run = tuple[Callable[[], Any], Any]  # a call that runs (part of) the model on one batch, and the batch's mask
+
+
+def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list[Run]) -> None:
     """Run each ``(call, mask)`` until ``first`` is reached, adding its input rows to ``inputs``."""
     mask: list[torch.Tensor | None] = [None]
 
@@ -142,10 +146,10 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
     groups = shared_inputs(model, layers, batches[0])
     reached = {n for g in groups for n in g}
     masks = [batch_mask(b) for b in batches]
-    whole = [((lambda b=b: run_model(model, b)), m) for b, m in zip(batches, masks)]
+    whole: list[Run] = [(functools.partial(run_model, model, b), m) for b, m in zip(batches, masks)]
 
-    def do(group: list[str], runs: list[tuple[Callable[[], Any], Any]]) -> None:
-        inputs = LayerInputs(mods[group[0]].weight.shape[1], hessian)
+    def do(group: list[str], runs: list[Run]) -> None:
+        inputs = LayerInputs(getattr(mods[group[0]], "weight").shape[1], hessian)
         _capture(model, mods[group[0]], inputs, runs)
         if inputs.n == 0:
             raise ValueError(f"the calibration batches give no tokens to {group[0]} (all padding?)")
@@ -179,7 +183,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
         hook.remove()
     for bi, child in enumerate(blocks):
         block = model.get_submodule(child)
-        runs = [((lambda a=a, k=k: block(*a, **k)), m) for (a, k), m in zip(cached, masks)]
+        runs: list[Run] = [(functools.partial(block, *a, **k), m) for (a, k), m in zip(cached, masks)]
         for gi in inner:
             if index[gi] == bi:
                 do(groups[gi], runs)

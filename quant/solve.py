@@ -125,7 +125,8 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
                         where = tname
                         if tname in out:  # an already solved Linear: its rows scale, so do its row scales
                             _divide_rows(out[tname], s)
-                            target.weight.copy_(out[tname].values.to(target.weight.dtype))
+                            weight = getattr(target, "weight")
+                            weight.copy_(out[tname].values.to(weight.dtype))
                         break
                 if where.startswith("none") and awq.runtime_scales:
                     where = "runtime"
@@ -170,7 +171,7 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
             sol = out[n]
             if scale is not None and where == "runtime":
                 sol.input_scale = (1.0 / scale).float()
-            w_eff = sol.values / scale if sol.input_scale is not None else sol.values
+            w_eff = sol.values / scale if sol.input_scale is not None and scale is not None else sol.values
             mods[n].weight.copy_(w_eff.to(mods[n].weight.dtype))
 
     skipped = calibrate_in_order(model, layers, batches, solve, hessian=solver.needs_hessian)

@@ -173,7 +173,7 @@ def read_texts(path: str | os.PathLike, samples: int | None = None) -> list[str]
 def text_batches(model: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[Any]:
     """Tokenized batches of ``texts`` for ``model`` (a sentence-transformers model tokenizes itself;
     otherwise ``model`` is the tokenizer: padded, truncated to ``max_length`` tokens)."""
-    tok = model.tokenize if isinstance(model, nn.Module) else None  # a tokenizer's own tokenize splits words
+    tok = getattr(model, "tokenize") if isinstance(model, nn.Module) else None  # a tokenizer's own tokenize splits words
     out = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
