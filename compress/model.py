@@ -116,6 +116,7 @@ def _prune_calibrated(model: nn.Module, new: nn.Module, method: str, sparsity: f
     from .storage import MagnitudePrune, NMPrune
 
     nm = method.endswith("_nm")
+    quantizer = IntQuant(spec, calibration) if spec is not None else None
     if not nm:
         amount_to_count(1, sparsity, None)  # the same check of sparsity as every method
     layers = _linears(new, include, exclude)
@@ -127,18 +128,18 @@ def _prune_calibrated(model: nn.Module, new: nn.Module, method: str, sparsity: f
     if method.startswith("wanda"):
         if gptq is not None:
             raise ValueError("prune_model: gptq applies to sparsegpt (GPTQ would refill Wanda's fixed mask)")
-        solver = Solver(spec=spec, calibration=calibration, mask_name="Wanda",
+        solver = Solver(quantizer=quantizer, mask_name="Wanda",
                         mask=functools.partial(wanda_mask, sparsity=None if nm else sparsity, n=n if nm else 0,
                                                m=m if nm else 0))
     else:
-        solver = Solver(spec=spec, calibration=calibration, gptq=gptq,
+        solver = Solver(quantizer=quantizer, gptq=gptq,
                         sparsegpt=Pruning(n=n, m=m) if nm else Pruning(float(sparsity)))
     originals = {name: lin.weight.detach().float().numpy().copy() for name, lin in layers}
     solved, unreached = solve_layers(new, layers, batches, solver)
     if unreached:
         raise ValueError(f"prune_model: the calibration data never reaches {', '.join(unreached[:5])}")
     structure = NMPrune(n, m) if nm else MagnitudePrune(float(sparsity))
-    store = ValueStore(IntQuant(spec, calibration) if spec is not None else None, np.dtype(np.float32))
+    store = ValueStore(quantizer, np.dtype(np.float32))
     label = (f"{method.split('_')[0]} {n}:{m}" if nm else f"{method} {sparsity:.0%}") + \
         (f" + {spec.describe()}{' GPTQ' if gptq is not None else ''}" if spec is not None else "")
     for name, lin in layers:

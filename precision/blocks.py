@@ -78,7 +78,7 @@ import numpy as np
 from .arrays import is_torch, real_array, require_finite, torch
 from .codec import check_modes, decode, encode
 from .formats import FloatFormat, get_format
-from .methods import EncodedValues, ValueMethod, register_method, stored_part
+from .methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 
 SCALE_RULES = ("floor", "ceil", "even", "rceil")  # E8M0 scales
 GGUF_RULES = ("amax", "signed_max")  # float16 scales, integer elements
@@ -306,24 +306,67 @@ def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_e
     nan = np.isnan(e)
     e = np.clip(np.where(nan, 0, e), -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
     scales = np.where(nan, E8M0_NAN, e + E8M0_BIAS).astype(np.uint8)
+    codes = encode_elements(v, scales, fmt, rounding=rounding, subnormals=subnormals)
+    return BlockCodes(codes.reshape(a.shape), scales, fmt)
+
+
+def encode_elements(v: np.ndarray, scales: np.ndarray, fmt: BlockFormat, tensor_scale: float | None = None, *,
+                    rounding: str = "nearest_even", subnormals: str = "keep") -> np.ndarray:
+    """The element codes of ``v`` (finite, shape ``(..., blocks, k)``: ``k`` elements of each block, the
+    whole block or part of it) under the given block ``scales`` (``(..., blocks)``, as :func:`block_encode`
+    stores them) and NVFP4's ``tensor_scale``: each element rounded once, exactly, with saturation. This is
+    the element step of :func:`block_encode`, which chooses the scales first; GPTQ rounds one column at a
+    time under scales chosen up front. GGUF blocks are refused (ggml rounds with the float32 scale it
+    stores as float16)."""
+    if fmt.scale_rule in GGUF_RULES:
+        raise ValueError(f"{fmt.describe()}: ggml rounds with a float32 scale it then stores as float16; "
+                         "elements under given scales are not defined for it")
+    el = None if fmt.is_int else fmt.element_format
+    if fmt.scale_rule in ("nvfp4", "fit"):
+        assert el is not None
+        divisor = np.asarray(decode(scales, FLOAT_SCALES[fmt.scale])).astype(np.float64) * float(tensor_scale or 1.0)
+        y = np.divide(v, divisor[..., None], dtype=np.float64).reshape(-1)
+        return _quotient_codes(y, el, rounding, subnormals).reshape(v.shape)
+    s = scales.astype(np.int32)
+    nan = s == E8M0_NAN
+    work = v if v.dtype == np.float64 else v.astype(np.float32, copy=False)
     # x / 2**e is exact: 2**-e is a normal float32 here (e <= 126 for any finite amax, and an inf amax
     # only saturates), and a quotient below float32's normal range rounds to 0 in every element format
     # either way; so the element codes come from the codec's float32 paths in one rounding
-    y = v * np.ldexp(np.ones(e.shape, v.dtype), -e)[..., None]
+    y = work * np.ldexp(np.ones(s.shape, work.dtype), -np.where(nan, 0, s - E8M0_BIAS))[..., None]
     if nan.any():
-        y = np.where(nan[..., None], v.dtype.type(0), y)  # a NaN block's scale carries the NaN
+        y = np.where(nan[..., None], work.dtype.type(0), y)  # a NaN block's scale carries the NaN
     if fmt.is_int:  # MXINT8: y in units of 2**-6, rounded, clamped to +-127
-        t = (y * y.dtype.type(64)).reshape(a.shape)
+        t = y * y.dtype.type(64)
         if rounding == "nearest_even":
             q = np.rint(t)
         elif rounding == "nearest_away":
             q = np.copysign(np.floor(np.abs(t) + t.dtype.type(0.5)), t)  # t + 0.5 is exact below 2**22
         else:
             q = np.trunc(t)
-        return BlockCodes(np.clip(q, -127, 127).astype(np.int8), scales, fmt)
-    el = fmt.element_format
-    codes = np.asarray(encode(y.reshape(a.shape), el, rounding=rounding, overflow="saturate", subnormals=subnormals))
-    return BlockCodes(codes.astype(np.uint8, copy=False), scales, fmt)
+        return np.clip(q, -127, 127).astype(np.int8)
+    assert el is not None
+    return np.asarray(encode(y, el, rounding=rounding, overflow="saturate", subnormals=subnormals)).astype(
+        np.uint8, copy=False)
+
+
+def decode_elements(codes: np.ndarray, scales: np.ndarray, fmt: BlockFormat,
+                    tensor_scale: float | None = None) -> np.ndarray:
+    """float32 values of element ``codes`` (``(..., blocks, k)``) under block ``scales`` (``(..., blocks)``):
+    the arithmetic of :func:`block_decode`, for whole blocks or parts of them."""
+    if fmt.scale_rule in ("nvfp4", "fit"):
+        e64 = np.asarray(decode(codes, fmt.element_format)).astype(np.float64)
+        s = np.asarray(decode(scales, FLOAT_SCALES[fmt.scale])).astype(np.float64) * float(tensor_scale or 1.0)
+        return (e64 * s[..., None]).astype(np.float32)
+    if fmt.scale_rule in GGUF_RULES:
+        d = scales.view(np.float16).astype(np.float32)
+        return codes.astype(np.float32) * d[..., None]
+    el = codes.astype(np.float32) / np.float32(64) if fmt.is_int else np.asarray(decode(codes, fmt.element_format))
+    s = scales.astype(np.int32)
+    # 2**(s - 127) as float32 (2**-127 is subnormal but exact); element values carry so few bits that
+    # every product is exact in float32
+    factor = np.where(s == E8M0_NAN, np.float32(np.nan), np.ldexp(np.ones(s.shape, np.float32), s - E8M0_BIAS))
+    return el * factor[..., None]
 
 
 def _gguf_encode(x: Any, fmt: BlockFormat) -> BlockCodes:
@@ -393,7 +436,6 @@ def _float_scaled_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: st
         scaled = np.clip((block_amax / np.float32(6.0)) / t32, np.float32(NVFP4_EPS), np.float32(448.0))
         scales = np.asarray(encode(scaled.astype(np.float32), "fp8_e4m3fn", overflow="saturate")).astype(np.uint8)
         t = float(t32)
-        divisor = np.asarray(decode(scales, "fp8_e4m3fn")).astype(np.float64) * t  # exact: 4 bits times 24
     else:
         sfmt = get_format(FLOAT_SCALES[fmt.scale])
         amax = block_amax.astype(np.float64)
@@ -402,33 +444,17 @@ def _float_scaled_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: st
         low = np.asarray(decode(scales, sfmt)).astype(np.float64) * top < amax  # exact: few bits times 24
         scales = np.where(low, scales + 1, scales)  # the next value up (positive codes are in order)
         scales = np.where(amax == 0, np.asarray(encode(np.float32(1), sfmt)), scales).astype(sfmt.storage_dtype)
-        divisor = np.asarray(decode(scales, sfmt)).astype(np.float64)
-        if not np.all(np.isfinite(divisor)):
+        if not np.all(np.isfinite(np.asarray(decode(scales, sfmt)))):
             raise ValueError(f"x: values up to {float(amax.max()):.4g} need block scales beyond {sfmt.name}'s range")
-    y = np.divide(v, divisor[..., None], dtype=np.float64).reshape(-1)
-    codes = _quotient_codes(y, el, rounding, subnormals)
+    codes = encode_elements(v, scales, fmt, t, rounding=rounding, subnormals=subnormals)
     return BlockCodes(codes.reshape(a.shape), scales, fmt, t)
 
 
 def block_decode(b: BlockCodes) -> np.ndarray:
     """float32 values of ``b``: each element's value times its block's scale (NaN for a NaN E8M0 scale)."""
     fmt = b.format
-    if fmt.scale_rule in ("nvfp4", "fit"):
-        e64 = np.asarray(decode(b.codes, fmt.element_format)).astype(np.float64)
-        s = np.asarray(decode(b.scales, FLOAT_SCALES[fmt.scale])).astype(np.float64) * float(b.tensor_scale or 1.0)
-        w = e64.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block) * s[..., None]
-        return w.reshape(b.codes.shape).astype(np.float32)
-    if fmt.scale_rule in GGUF_RULES:
-        d = b.scales.view(np.float16).astype(np.float32)
-        q = b.codes.astype(np.float32).reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
-        return (q * d[..., None]).reshape(b.codes.shape)
-    el = b.codes.astype(np.float32) / np.float32(64) if fmt.is_int else np.asarray(decode(b.codes, fmt.element_format))
-    v = el.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
-    s = b.scales.astype(np.int32)
-    # 2**(s - 127) as float32 (2**-127 is subnormal but exact); element values carry so few bits that
-    # every product is exact in float32
-    factor = np.where(s == E8M0_NAN, np.float32(np.nan), np.ldexp(np.ones(s.shape, np.float32), s - E8M0_BIAS))
-    return (v * factor[..., None]).reshape(b.codes.shape)
+    v = b.codes.reshape(*b.codes.shape[:-1], b.codes.shape[-1] // fmt.block, fmt.block)
+    return decode_elements(v, b.scales, fmt, b.tensor_scale).reshape(b.codes.shape)
 
 
 def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> Any:
@@ -527,6 +553,27 @@ class BlockCast(ValueMethod):
         if b.tensor_scale is not None:
             side["tensor_scale"] = np.array([b.tensor_scale], np.float32)
         return EncodedValues(b.codes, side, {"kind": self.kind, "format": self._stored_format}, block_decode(b))
+
+    def encode_solved(self, solution: Solution, name: str = "x") -> EncodedValues:
+        """The element codes of ``solution.values`` under the solver's block scales (``solution.qparams``, the
+        :class:`BlockCodes` of the source, whose scales GPTQ kept), not scales from the values themselves.
+        Values on that grid give back the solver's codes exactly. Without params, as :meth:`encode`."""
+        b = solution.qparams
+        if b is None:
+            return self.encode(solution.values, name)
+        fmt = get_block_format(self.format)
+        if not isinstance(b, BlockCodes) or b.format != fmt or b.codes.shape != solution.values.shape:
+            raise ValueError(f"{name}: the solver's params are not {fmt.describe()} blocks of this tensor")
+        x = np.ascontiguousarray(solution.values, np.float32)
+        v = x.reshape(*x.shape[:-1], x.shape[-1] // fmt.block, fmt.block)
+        # nearest, whatever the method's rounding: values on the grid divide back to within float32
+        # rounding of an element's value, which a directed rounding could push to its neighbour
+        codes = encode_elements(v, b.scales, fmt, b.tensor_scale).reshape(x.shape)
+        got = BlockCodes(codes, b.scales, fmt, b.tensor_scale)
+        side = {"scale": got.scales.view(np.float16) if fmt.scale_rule in GGUF_RULES else got.scales}
+        if got.tensor_scale is not None:
+            side["tensor_scale"] = np.array([got.tensor_scale], np.float32)
+        return EncodedValues(got.codes, side, {"kind": self.kind, "format": self._stored_format}, block_decode(got))
 
     @classmethod
     def decode(cls, codes: np.ndarray, side: dict[str, np.ndarray], scheme: dict[str, Any],

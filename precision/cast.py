@@ -16,7 +16,7 @@ import numpy as np
 from .arrays import as_numpy, real_array, require_finite
 from .codec import check_modes, decode, decode_table, encode
 from .formats import FloatFormat, FormatLike, get_format
-from .methods import EncodedValues, ValueMethod, register_method, stored_part
+from .methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 from .metrics import MetricsAccumulator, decode_measure_c
 from .report import Report, TensorReport
 
@@ -152,6 +152,25 @@ class FloatCast(ValueMethod):
         side = {} if c.scale is None else {"scale": c.scale}
         return EncodedValues(c.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
                              c.values().astype(np.float32, copy=False))
+
+    def encode_solved(self, solution: Solution, name: str = "x") -> EncodedValues:
+        """The codes of ``solution.values`` under the solver's ``solution.qparams``: the :class:`Cast` of
+        the source whose scale the solver kept (GPTQ), instead of a scale from the values themselves.
+        Values on that grid give back the solver's codes exactly. Without params, as :meth:`encode`."""
+        c = solution.qparams
+        if c is None:
+            return self.encode(solution.values, name)
+        if not isinstance(c, Cast) or c.fmt.name != get_format(self.format).name or c.scaling != self.scaling:
+            raise ValueError(f"{name}: the solver's params are not a {self.describe()} cast")
+        x = np.ascontiguousarray(solution.values, np.float32)
+        # nearest, whatever the method's rounding: values on the grid divide back to within float32
+        # rounding of a code's value, which a directed rounding could push to its neighbour
+        codes = encode(x if c.scale is None else x / c.scale, self.format, rounding="nearest_even",
+                       overflow=self.overflow, subnormals=self.subnormals)
+        got = Cast(np.asarray(codes), c.scale, c.fmt, c.scaling, c.axis)
+        side = {} if c.scale is None else {"scale": c.scale}
+        return EncodedValues(got.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
+                             got.values().astype(np.float32, copy=False))
 
     @property
     def rows_independent(self) -> bool:

@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,17 +55,23 @@ class AWQ:
         return f"AWQ grid={self.grid}"
 
 
-def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    return torch.as_tensor(fake_quantize(w, calibrate(w, spec)))
+def _fake_quant(w: torch.Tensor, quantizer: Any) -> torch.Tensor:
+    """``w`` as the quantizer stores it, for the search: an integer spec with minmax params (as the
+    paper's search), a float or block method through its own encoding."""
+    spec = getattr(quantizer, "spec", quantizer)
+    if isinstance(spec, QuantSpec):
+        return torch.as_tensor(fake_quantize(w, calibrate(w, spec)))
+    return torch.from_numpy(np.asarray(quantizer.encode(np.ascontiguousarray(w.numpy())).values, np.float32))
 
 
 @torch.no_grad()
-def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
+def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, quantizer: Any,
                  grid: int = 20) -> tuple[torch.Tensor, float]:
     """The per-input-feature scale ``s`` (float32, (in,)) and its alpha that minimise the group's
     output error ``Σ_k ‖X (Q(W_k·s)/s − W_k)ᵀ‖²`` over the calibration rows, computed from their
     ``hessian`` ``∝ XᵀX`` (in, in) as ``Σ rows of D H Dᵀ`` with ``D = Q(W·s)/s − W``, each weight
-    (out_k, in) quantized with minmax ``spec`` params (see the module docstring)."""
+    (out_k, in) quantized by ``quantizer`` (an integer ``QuantSpec`` or ``IntQuant`` with minmax params,
+    or a float or block value method; see the module docstring)."""
     h = hessian.float()
     base = mean_abs.float().clamp_min(1e-8)
     best, best_s, best_alpha = float("inf"), torch.ones_like(base), 0.0
@@ -74,7 +81,7 @@ def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_ab
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
         for w in weights:
-            d = _fake_quant(w * s, spec) / s - w
+            d = _fake_quant(w * s, quantizer) / s - w
             err += float(((d @ h) * d).sum(dtype=torch.float64))
         if err < best:
             best, best_s, best_alpha = err, s.clone(), alpha

@@ -106,21 +106,189 @@ class Pruning:
 
 @dataclass
 class SweepResult:
-    """``values``: the compressed weight (float32, (out, in)); ``qparams``: the integer params it lies
-    on (None without quantization); ``keep``: the kept mask (None without pruning); ``damp``: the
-    damping that made ``H`` positive definite (a multiple of the asked one when it had to grow)."""
+    """``values``: the compressed weight (float32, (out, in)); ``qparams``: what the value method
+    stores besides the codes (``QParams`` for integers, the float cast's ``Cast`` or the block format's
+    ``BlockCodes`` for float formats; None without quantization); ``keep``: the kept mask (None without
+    pruning); ``damp``: the damping that made ``H`` positive definite (a multiple of the asked one when
+    it had to grow)."""
 
     values: torch.Tensor
-    qparams: QParams | None
+    qparams: Any
     keep: torch.Tensor | None
     damp: float
 
 
-def _row_params(w: torch.Tensor, spec: QuantSpec, calibration: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of ``w`` (out, k) from ``calibrate``: the params RTN gives a
-    group (or a channel) holding these values."""
-    qp = calibrate(np.ascontiguousarray(w.numpy()), replace(spec, granularity=PerChannel(0)), calibration)
-    return torch.from_numpy(qp.scale.reshape(-1)), torch.from_numpy(qp.zero_point.reshape(-1).astype(np.float32))
+class Grid:
+    """The values one column may take: ``group`` consecutive columns share params, set up front for
+    every group from the weights in storage order (:meth:`fit_all`) or, where ``lazy``, when the sweep
+    reaches a group's first column (:meth:`fit`); :meth:`round` puts a column on its group's grid and
+    :meth:`params` is what the value method stores besides the codes."""
+
+    group: int
+    lazy: bool = False
+
+    def fit_all(self, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def fit(self, g: int, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def round(self, col: torch.Tensor, g: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> Any:
+        raise NotImplementedError
+
+    def fitted_values(self) -> torch.Tensor:
+        """The weights given to :meth:`fit_all`, on the grid (round to nearest, float32)."""
+        raise NotImplementedError
+
+
+class IntGrid(Grid):
+    """An integer ``spec`` per channel or per group along the input axis, params by ``calibration``,
+    rounded by lowbit's one rule ``clamp(rint(w · (1/s)) + z, qmin, qmax)`` (:mod:`quant.quantize`)."""
+
+    lazy = True
+
+    def __init__(self, spec: QuantSpec, calibration: str, shape: tuple[int, int]) -> None:
+        if calibration not in METHODS or calibration in ("moving_average", "entropy"):
+            raise ValueError(f"GPTQ: calibration must be minmax, percentile or mse, got {calibration!r}")
+        rows, cols = shape
+        self.spec, self.calibration, self.shape = spec, calibration, shape
+        self.group = _group_size(spec, cols)
+        n = cols // self.group
+        self.scale, self.zero, self.inv = torch.ones(n, rows), torch.zeros(n, rows), torch.ones(n, rows)
+        self.lo, self.hi = torch.zeros(n, rows), torch.zeros(n, rows)  # qmin - z, qmax - z: the clamp of v = q - z
+
+    def _set(self, g: slice | int, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.scale[g], self.zero[g] = scale, zero
+        self.inv[g] = 1.0 / self.scale[g]  # float32, as quant.quantize computes it
+        self.lo[g], self.hi[g] = self.spec.qmin - self.zero[g], self.spec.qmax - self.zero[g]
+
+    def fit_all(self, w: torch.Tensor) -> None:  # RTN's own params, in one call
+        rows, cols = self.shape
+        qp = calibrate(np.ascontiguousarray(w.numpy()), self.spec, self.calibration)
+        self._set(slice(None), torch.from_numpy(qp.scale.reshape(rows, -1).T.copy()),
+                  torch.from_numpy(qp.zero_point.reshape(rows, -1).T.astype(np.float32)))
+
+    def fit(self, g: int, w: torch.Tensor) -> None:
+        qp = calibrate(np.ascontiguousarray(w.numpy()), replace(self.spec, granularity=PerChannel(0)), self.calibration)
+        self._set(g, torch.from_numpy(qp.scale.reshape(-1)), torch.from_numpy(qp.zero_point.reshape(-1).astype(np.float32)))
+
+    def round(self, col: torch.Tensor, g: int) -> torch.Tensor:
+        v = torch.round(col * self.inv[g])  # rint(x * (1/s)), ties to even
+        return v.clamp_(self.lo[g], self.hi[g]).mul_(self.scale[g])
+
+    def params(self) -> QParams:
+        pshape = self.spec.params_shape(self.shape)
+        return QParams(self.scale.T.numpy().reshape(pshape), self.zero.T.numpy().astype(np.int32).reshape(pshape),
+                       self.spec, self.shape)
+
+
+class FloatGrid(Grid):
+    """A float format (``precision.cast.FloatCast``): its scale (none, per tensor or per output channel)
+    from the weights up front, each column divided by it, rounded in the format and multiplied back,
+    with the cast's rounding and subnormal modes and saturation (the arithmetic of ``precision.cast``)."""
+
+    def __init__(self, method: Any, shape: tuple[int, int]) -> None:
+        if method.rounding == "stochastic":
+            raise ValueError("GPTQ rounds deterministically; stochastic rounding does not apply")
+        self.method, self.shape, self.group = method, shape, shape[1]
+        self.cast: Any = None
+
+    def fit_all(self, w: torch.Tensor) -> None:
+        from precision.cast import cast
+
+        m = self.method
+        self.cast = cast(np.ascontiguousarray(w.numpy()), m.format, scaling=m.scaling, axis=0, rounding=m.rounding,
+                         overflow=m.overflow, subnormals=m.subnormals)
+        s = self.cast.scale
+        self.row_scale = None if s is None else np.broadcast_to(s, (self.shape[0], 1))[:, 0].copy()
+
+    def round(self, col: torch.Tensor, g: int) -> torch.Tensor:
+        from precision.codec import decode, encode
+
+        m = self.method
+        x = col.numpy()
+        if self.row_scale is not None:
+            x = x / self.row_scale
+        # saturate, whatever the cast's overflow mode: the error feedback can carry a weight past the
+        # range its scale was set for, and the largest finite value is that weight's nearest
+        v = np.asarray(decode(encode(x, m.format, rounding=m.rounding, overflow="saturate", subnormals=m.subnormals),
+                              m.format), np.float32)
+        return torch.from_numpy(v * self.row_scale if self.row_scale is not None else v)
+
+    def params(self) -> Any:
+        return self.cast
+
+    def fitted_values(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.cast.values(), np.float32))
+
+
+class BlockGrid(Grid):
+    """A block-scaled format (``precision.blocks.BlockCast``: MX, NVFP4): every block's scale (and
+    NVFP4's tensor scale) from the weights up front by the format's rule, each column's elements then
+    rounded once under its block's scale (:func:`precision.blocks.encode_elements`)."""
+
+    def __init__(self, method: Any, shape: tuple[int, int]) -> None:
+        from precision.blocks import GGUF_RULES, get_block_format
+
+        self.method, self.shape = method, shape
+        self.fmt = get_block_format(method.format)
+        if self.fmt.scale_rule in GGUF_RULES:
+            raise ValueError(f"GPTQ: {self.fmt.describe()} blocks round as ggml does, which GPTQ does not; "
+                             "use int8/int4 per group or an MX/NVFP4 format")
+        if shape[1] % self.fmt.block:
+            raise ValueError(f"{self.fmt.describe()} needs an input axis that is a multiple of {self.fmt.block}")
+        self.group = self.fmt.block
+        self.codes: Any = None
+
+    def fit_all(self, w: torch.Tensor) -> None:
+        from precision.blocks import block_encode
+
+        self.codes = block_encode(np.ascontiguousarray(w.numpy()), self.fmt, rounding=self.method.rounding)
+
+    def round(self, col: torch.Tensor, g: int) -> torch.Tensor:
+        from precision.blocks import decode_elements, encode_elements
+
+        b = self.codes
+        v = col.numpy().reshape(-1, 1, 1)
+        sc = b.scales[:, g:g + 1]
+        codes = encode_elements(v, sc, self.fmt, b.tensor_scale, rounding=self.method.rounding)
+        return torch.from_numpy(decode_elements(codes, sc, self.fmt, b.tensor_scale).reshape(-1))
+
+    def params(self) -> Any:
+        return self.codes
+
+    def fitted_values(self) -> torch.Tensor:
+        from precision.blocks import block_decode
+
+        return torch.from_numpy(block_decode(self.codes))
+
+
+def grid_for(method: Any, shape: tuple[int, int]) -> Grid:
+    """The grid of a value method (``IntQuant``, ``FloatCast``, ``BlockCast``) or an integer
+    ``QuantSpec`` (minmax params) for a weight of ``shape`` (out, in)."""
+    from precision.blocks import BlockCast
+    from precision.cast import FloatCast
+
+    from .storage import IntQuant
+
+    if isinstance(method, QuantSpec):
+        return IntGrid(method, "minmax", shape)
+    if isinstance(method, IntQuant):
+        if method.percentile is not None:
+            return IntGrid(method.spec, "percentile", shape) if method.percentile == 99.99 else _no_percentile()
+        return IntGrid(method.spec, method.calibration, shape)
+    if isinstance(method, FloatCast):
+        return FloatGrid(method, shape)
+    if isinstance(method, BlockCast):
+        return BlockGrid(method, shape)
+    raise ValueError(f"GPTQ rounds to an integer, float or block format; got {type(method).__name__}")
+
+
+def _no_percentile() -> Grid:
+    raise ValueError("GPTQ takes the default percentile (99.99) only; use calibration='mse' or 'minmax'")
 
 
 def _group_size(spec: QuantSpec, columns: int) -> int:
@@ -164,34 +332,37 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
                      f"{d / 10:g} x its mean diagonal; give more (or more varied) calibration data")
 
 
-def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: QuantSpec | None = None,
-              calibration: str = "minmax", pruning: Pruning | None = None, damp: float = 0.01,
-              block_size: int = 128, act_order: bool = False) -> SweepResult:
+def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, quantizer: Any = None, calibration: str = "minmax",
+              pruning: Pruning | None = None, damp: float = 0.01, block_size: int = 128,
+              act_order: bool = False) -> SweepResult:
     """One GPTQ / SparseGPT sweep over the columns of ``weight`` (out, in) with ``hessian`` (in, in).
 
-    ``spec`` (with ``calibration``, one of ``quant.METHODS``): round every column to that integer
-    grid (GPTQ); ``pruning``: prune inside the sweep (SparseGPT); both: the joint pass of the
-    SparseGPT paper. At least one is needed. Returns a :class:`SweepResult`; the input tensors
-    are not modified.
+    ``quantizer``: round every column to a grid (GPTQ): an integer ``QuantSpec`` (params by
+    ``calibration``: minmax, percentile or mse), or a value method (``IntQuant``, ``FloatCast``,
+    ``BlockCast`` for MX and NVFP4); ``pruning``: prune inside the sweep (SparseGPT); both: the joint
+    pass of the SparseGPT paper. At least one is needed. Returns a :class:`SweepResult`; the input
+    tensors are not modified.
     """
-    if spec is None and pruning is None:
-        raise ValueError("obs_sweep: give spec= (quantize), pruning= (prune) or both")
-    if calibration not in METHODS or calibration in ("moving_average", "entropy"):
-        raise ValueError(f"obs_sweep: calibration must be minmax, percentile or mse, got {calibration!r}")
+    if quantizer is None and pruning is None:
+        raise ValueError("obs_sweep: give quantizer= (quantize), pruning= (prune) or both")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"obs_sweep: weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} "
                          f"and {tuple(hessian.shape)}")
     rows, cols = weight.shape
+    grid: Grid | None = None
+    if quantizer is not None:
+        grid = IntGrid(quantizer, calibration, (rows, cols)) if isinstance(quantizer, QuantSpec) \
+            else grid_for(quantizer, (rows, cols))
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    group = _group_size(spec, cols) if spec is not None else cols
+    group = grid.group if grid is not None else cols
     if pruning is not None and pruning.m and cols % pruning.m:
         raise ValueError(f"{pruning.n}:{pruning.m} pruning needs an input axis that is a multiple of {pruning.m}")
-    if spec is not None and group < cols:  # a group never straddles two lazy blocks (its scale sees updated columns)
+    if grid is not None and group < cols:  # a group never straddles two lazy blocks (its params see updated columns)
         block = group * max(1, block_size // group)
     else:
         block = block_size
@@ -199,29 +370,10 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: QuantSpec | 
         block = max(pruning.m, block - block % pruning.m)
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
-    ngroups = cols // group
-    scale = torch.ones(ngroups, rows)
-    zero = torch.zeros(ngroups, rows)
-    inv = torch.ones(ngroups, rows)  # 1/s in float32, as quant.quantize computes it
-    lo = torch.zeros(ngroups, rows)  # qmin - z and qmax - z: the clamp of the rounded v = q - z
-    hi = torch.zeros(ngroups, rows)
-    qmin, qmax = (spec.qmin, spec.qmax) if spec is not None else (0, 0)
-
-    def set_params(g: int, wg: torch.Tensor) -> None:
-        assert spec is not None
-        scale[g], zero[g] = _row_params(wg, spec, calibration)
-        inv[g] = 1.0 / scale[g]
-        lo[g], hi[g] = qmin - zero[g], qmax - zero[g]
-
-    static = spec is not None and (act_order or group == cols)
-    if static:  # every group's params from the weights in storage order, before the sweep: RTN's own params
-        assert spec is not None
-        qp0 = calibrate(np.ascontiguousarray(w.numpy()), spec, calibration)
-        scale.copy_(torch.from_numpy(qp0.scale.reshape(rows, ngroups).T.copy()))
-        zero.copy_(torch.from_numpy(qp0.zero_point.reshape(rows, ngroups).T.astype(np.float32)))
-        inv.copy_(1.0 / scale)
-        lo.copy_(qmin - zero)
-        hi.copy_(qmax - zero)
+    static = grid is not None and (act_order or group == cols or not grid.lazy)
+    if static:  # every group's params from the weights in storage order, before the sweep: RTN's own
+        assert grid is not None
+        grid.fit_all(w)
     if perm is not None:
         w = w[:, perm]
         h = h[perm][:, perm]
@@ -255,12 +407,11 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: QuantSpec | 
                                                 True)
             col = w1[i]
             q = col.masked_fill(mask1[i], 0.0) if mask1 is not None else col
-            if spec is not None:
+            if grid is not None:
                 g = col_group[c]
                 if not static and c % group == 0:  # the group's params from the weights as updated so far
-                    set_params(g, torch.cat([w1[i:], wt[b1:]])[:group].T)
-                v = torch.round(q * inv[g])  # lowbit's one rounding rule: rint(x * (1/s)), ties to even
-                q = v.clamp_(lo[g], hi[g]).mul_(scale[g])
+                    grid.fit(g, torch.cat([w1[i:], wt[b1:]])[:group].T)
+                q = grid.round(q, g)
             e = (col - q).div_(d1[i])
             w1[i:].addr_(u1[i, i:], e, alpha=-1)
             w1[i] = q
@@ -280,10 +431,7 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: QuantSpec | 
         if keep is not None:
             keep = keep[:, back]
     w = w.contiguous()
-    qp = None
-    if spec is not None:
-        pshape = spec.params_shape((rows, cols))
-        qp = QParams(scale.T.numpy().reshape(pshape), zero.T.numpy().astype(np.int32).reshape(pshape), spec, (rows, cols))
+    qp = grid.params() if grid is not None else None
     if keep is not None:
         w = torch.where(keep, w, torch.zeros((), dtype=w.dtype))
     return SweepResult(w, qp, keep, used_damp)
@@ -297,7 +445,7 @@ def gptq(weight: Any, hessian: torch.Tensor, spec: QuantSpec, config: GPTQ = GPT
     from .quantize import quantize
 
     w = torch.as_tensor(weight).detach().float().cpu()
-    r = obs_sweep(w, hessian, spec=spec, calibration=calibration, damp=config.damp,
+    r = obs_sweep(w, hessian, quantizer=spec, calibration=calibration, damp=config.damp,
                   block_size=config.block_size, act_order=config.act_order)
     assert r.qparams is not None
     codes = np.asarray(quantize(r.values.numpy(), r.qparams))

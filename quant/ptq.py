@@ -196,8 +196,11 @@ def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.M
     solved: dict[str, Any] = {}
     if config.gptq is not None or config.awq is not None:  # before the activation observers: AWQ may fold into inputs
         from .solve import Solver, solve_layers
+        from .storage import IntQuant
 
-        solver = Solver(spec=config.weights, calibration=config.weight_calibration, gptq=config.gptq, awq=config.awq)
+        solver = Solver(quantizer=IntQuant(config.weights, config.weight_calibration,
+                                           config.percentile if config.weight_calibration == "percentile" else None),
+                        gptq=config.gptq, awq=config.awq)
         solved, unreached = solve_layers(qmodel, layers, calib, solver)
         if unreached:
             raise ValueError(f"ptq: the calibration data never reaches {', '.join(unreached[:5])}"

@@ -20,11 +20,19 @@ from torch import nn
 
 from .awq import AWQ, fold_candidates, producers, search_scale, try_fold
 from .calibrate import calibrate
-from .gptq import GPTQ, Pruning, obs_sweep
+from .gptq import GPTQ, Pruning, grid_for, obs_sweep
 from .quantize import QParams, dequantize, quantize
 from .sequential import LayerInputs, calibrate_in_order
-from .spec import QuantSpec
+from .storage import IntQuant
 
+def _quantizers() -> tuple[type, ...]:
+    from precision.blocks import BlockCast
+    from precision.cast import FloatCast
+
+    return IntQuant, FloatCast, BlockCast
+
+
+QUANTIZERS = _quantizers()
 MaskRule = Callable[[torch.Tensor, LayerInputs], torch.Tensor]
 
 
@@ -32,15 +40,16 @@ MaskRule = Callable[[torch.Tensor, LayerInputs], torch.Tensor]
 class Solver:
     """What :func:`solve_layers` does to each layer (each step optional; at least one is needed):
 
-    * ``awq``: search and apply an AWQ input scale (needs ``spec``);
+    * ``awq``: search and apply an AWQ input scale (needs ``quantizer``);
     * ``sparsegpt``: prune inside the OBS sweep (:class:`~quant.gptq.Pruning`), jointly with GPTQ
       when ``gptq`` is set too; or ``mask``: a function ``(weight (out, in), inputs) -> kept mask``
       applied before quantizing (Wanda's score), with no weight update;
-    * ``spec`` (calibrated by ``calibration``): quantize, with ``gptq`` or by rounding to nearest.
+    * ``quantizer``: the value method to quantize with (``quant.IntQuant``, or for the checkpoint
+      path also ``precision.cast.FloatCast`` and ``precision.blocks.BlockCast``), with ``gptq`` or by
+      rounding to nearest.
     """
 
-    spec: QuantSpec | None = None
-    calibration: str = "minmax"
+    quantizer: Any = None
     gptq: GPTQ | None = None
     awq: AWQ | None = None
     sparsegpt: Pruning | None = None
@@ -48,15 +57,18 @@ class Solver:
     mask_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.spec is None and (self.gptq is not None or self.awq is not None):
-            raise ValueError("Solver: gptq and awq quantize; give spec= too")
+        if self.quantizer is None and (self.gptq is not None or self.awq is not None):
+            raise ValueError("Solver: gptq and awq quantize; give quantizer= too")
+        if self.quantizer is not None and not isinstance(self.quantizer, QUANTIZERS):
+            raise TypeError(f"Solver: quantizer must be an IntQuant, FloatCast or BlockCast, got "
+                            f"{type(self.quantizer).__name__}")
         if self.sparsegpt is not None and self.mask is not None:
             raise ValueError("Solver: give sparsegpt= or mask=, not both")
         if self.mask is not None and self.gptq is not None:
             raise ValueError("Solver: GPTQ's updates would refill a fixed mask; use sparsegpt= for a joint "
                              "pruned and GPTQ-quantized layer, or round to nearest after the mask")
-        if self.spec is None and self.sparsegpt is None and self.mask is None:
-            raise ValueError("Solver: nothing to do; give spec=, sparsegpt= or mask=")
+        if self.quantizer is None and self.sparsegpt is None and self.mask is None:
+            raise ValueError("Solver: nothing to do; give quantizer=, sparsegpt= or mask=")
 
     @property
     def needs_hessian(self) -> bool:
@@ -65,7 +77,7 @@ class Solver:
     def describe(self) -> str:
         steps = [s for s in (self.awq and self.awq.describe(), self.mask_name or None,
                              self.sparsegpt and "SparseGPT", self.gptq and self.gptq.describe()) if s]
-        if self.spec is not None and self.gptq is None:
+        if self.quantizer is not None and self.gptq is None:
             steps.append("RTN")
         return " + ".join(steps)
 
@@ -75,25 +87,35 @@ class LayerSolution:
     """One solved layer. ``values``: the float32 weight (out, in) the layer now computes with (on
     the integer grid when quantized; AWQ-scaled when the scale was folded). ``reference``: the float
     weight it approximates, in the same coordinates (the source weight, AWQ-scaled when folded).
-    ``codes``/``qparams``: the stored form (None unquantized). ``keep``: the kept mask (None dense).
+    ``qparams``: what the quantizer stores besides the codes (``QParams``, a float cast's ``Cast``,
+    ``BlockCodes``; None unquantized) and ``codes`` the integer codes (``QParams`` only). ``keep``: the kept mask (None dense).
     ``input_scale``: ``1/s`` to multiply inputs by at run time (AWQ with nothing to fold into).
     ``awq``: where the AWQ scale went (a module name, ``"runtime"``) or why not (``"none: ..."``)."""
 
     values: torch.Tensor
     reference: torch.Tensor
     codes: np.ndarray | None = None
-    qparams: QParams | None = None
+    qparams: Any = None
     keep: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
     awq: str | None = None
     damp: float | None = None
 
 
-def _quantize_rtn(w: torch.Tensor, spec: QuantSpec, calibration: str) -> tuple[np.ndarray, QParams, torch.Tensor]:
+def round_to_nearest(w: torch.Tensor, quantizer: Any) -> tuple[torch.Tensor, Any]:
+    """``(values, params)`` of ``w`` under the quantizer's own encoding (round to nearest)."""
     a = np.ascontiguousarray(w.numpy())
-    qp = calibrate(a, spec, calibration)
-    codes = np.asarray(quantize(a, qp))
-    return codes, qp, torch.from_numpy(np.asarray(dequantize(codes, qp)))
+    if isinstance(quantizer, IntQuant):
+        qp = calibrate(a, quantizer.spec, quantizer.calibration) if quantizer.percentile is None else \
+            calibrate(a, quantizer.spec, quantizer.calibration, percentile=quantizer.percentile)
+        return torch.from_numpy(np.asarray(dequantize(quantize(a, qp), qp), np.float32)), qp
+    grid = grid_for(quantizer, (a.shape[0], a.shape[1]))
+    grid.fit_all(w)
+    return grid.fitted_values(), grid.params()
+
+
+def _codes(values: torch.Tensor, params: Any) -> np.ndarray | None:
+    return np.asarray(quantize(np.ascontiguousarray(values.numpy()), params)) if isinstance(params, QParams) else None
 
 
 @torch.no_grad()
@@ -114,13 +136,15 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
         scale: torch.Tensor | None = None
         where: str | None = None
         if awq is not None:
-            assert solver.spec is not None
-            s, alpha = search_scale(ws, inputs.hessian.sum, inputs.mean_abs, solver.spec, awq.grid)
+            assert solver.quantizer is not None
+            s, alpha = search_scale(ws, inputs.hessian.sum, inputs.mean_abs, solver.quantizer, awq.grid)
             where = "none: alpha 0 (plain rounding was best)"
             if alpha > 0:
                 where = "none: nothing to fold into"
                 prod = made_by.get(group[0])
                 for tname, target in (fold_candidates(model, prod, s.numel()) if prod else []):
+                    if tname in out and not isinstance(out[tname].qparams, (QParams, type(None))):
+                        continue  # a float or block grid's row cannot take an arbitrary scale
                     if try_fold(model, target, [mods[n] for n in group], s, probe):
                         where = tname
                         if tname in out:  # an already solved Linear: its rows scale, so do its row scales
@@ -139,34 +163,33 @@ def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batc
                         h = h / (s.double()[:, None] * s.double()[None, :])
         for n, w, ref in zip(group, ws, refs):
             out[n] = LayerSolution(values=w, reference=ref, awq=where)
-        if solver.gptq is not None and solver.sparsegpt is None:  # rows are independent: one sweep for the group
+        if solver.gptq is not None and solver.sparsegpt is None and isinstance(solver.quantizer, IntQuant):
+            # rows are independent under an integer grid per channel or group: one sweep for the group
             sizes = [w.shape[0] for w in ws]
-            assert h is not None and solver.spec is not None
-            r = obs_sweep(torch.cat(ws), h, spec=solver.spec, calibration=solver.calibration,
-                          damp=solver.gptq.damp, block_size=solver.gptq.block_size, act_order=solver.gptq.act_order)
+            assert h is not None
+            r = obs_sweep(torch.cat(ws), h, quantizer=solver.quantizer, damp=solver.gptq.damp,
+                          block_size=solver.gptq.block_size, act_order=solver.gptq.act_order)
             assert r.qparams is not None
             for n, v, sc, zp in zip(group, r.values.split(sizes), *_split_params(r.qparams, sizes)):
-                qp = QParams(sc, zp, solver.spec, tuple(v.shape))
+                qp = QParams(sc, zp, solver.quantizer.spec, tuple(v.shape))
                 out[n].values, out[n].qparams, out[n].damp = v.contiguous(), qp, r.damp
-                out[n].codes = np.asarray(quantize(np.ascontiguousarray(v.numpy()), qp))
         else:
             for n, w in zip(group, ws):
                 sol = out[n]
-                if solver.sparsegpt is not None:
+                g = solver.gptq
+                if solver.sparsegpt is not None or g is not None:
                     assert h is not None
-                    g = solver.gptq
-                    r = obs_sweep(w, h, spec=solver.spec if g is not None else None, calibration=solver.calibration,
+                    r = obs_sweep(w, h, quantizer=solver.quantizer if g is not None else None,
                                   pruning=solver.sparsegpt, damp=g.damp if g else 0.01,
                                   block_size=g.block_size if g else 128, act_order=g.act_order if g else False)
-                    sol.values, sol.keep, sol.damp = r.values, r.keep, r.damp
-                    if r.qparams is not None:
-                        sol.qparams = r.qparams
-                        sol.codes = np.asarray(quantize(np.ascontiguousarray(r.values.numpy()), r.qparams))
+                    sol.values, sol.keep, sol.damp, sol.qparams = r.values, r.keep, r.damp, r.qparams
                 elif solver.mask is not None:
                     sol.keep = solver.mask(w, inputs).to(torch.bool)
                     sol.values = torch.where(sol.keep, w, torch.zeros((), dtype=w.dtype))
-                if solver.spec is not None and sol.codes is None:
-                    sol.codes, sol.qparams, sol.values = _quantize_rtn(sol.values, solver.spec, solver.calibration)
+                if solver.quantizer is not None and sol.qparams is None:
+                    sol.values, sol.qparams = round_to_nearest(sol.values, solver.quantizer)
+        for n in group:
+            out[n].codes = _codes(out[n].values, out[n].qparams)
         for n in group:
             sol = out[n]
             if scale is not None and where == "runtime":

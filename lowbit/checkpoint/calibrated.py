@@ -28,9 +28,8 @@ from torch import nn
 from compress.storage import MagnitudePrune, NMPrune
 from precision.methods import Method, Solution
 from quant.awq import AWQ
-from quant.gptq import GPTQ, Pruning
-from quant.solve import Solver, solve_layers
-from quant.storage import IntQuant
+from quant.gptq import GPTQ, Pruning, grid_for
+from quant.solve import QUANTIZERS, Solver, solve_layers
 
 from .chain import Chain
 
@@ -77,16 +76,13 @@ class Calibrated:
 def solver_for(chain: Chain, calibrated: Calibrated) -> Solver:
     """The layer solver that ``calibrated`` asks of ``chain`` (ValueError if the chain cannot store it)."""
     values, structure = chain.values, chain.structure
-    spec, calibration = None, "minmax"
-    if values is not None:
-        if isinstance(values, IntQuant):
-            if values.percentile is not None:
-                raise ValueError("calibrated methods choose scales with minmax or mse, not percentile")
-            spec, calibration = values.spec, values.calibration
-        elif calibrated.gptq is not None or calibrated.awq is not None:
-            raise ValueError(f"GPTQ and AWQ solve integer weights; the chain's value step is {values.describe()}")
-    elif calibrated.gptq is not None or calibrated.awq is not None:
-        raise ValueError("GPTQ and AWQ solve integer weights; add an integer step (e.g. int4)")
+    if values is not None and not isinstance(values, QUANTIZERS):
+        raise ValueError(f"the calibrated methods quantize to integers, float formats and MX/NVFP4 blocks; the "
+                         f"chain's value step is {values.describe()}")
+    if values is None and (calibrated.gptq is not None or calibrated.awq is not None):
+        raise ValueError("GPTQ and AWQ solve quantized weights; add a value step (e.g. int4, fp8_e4m3fn, mxfp4)")
+    if values is not None and (calibrated.gptq is not None or calibrated.awq is not None):
+        grid_for(values, (1, 1 << 12))  # refuses what the sweep cannot round to (GGUF blocks, stochastic)
     if calibrated.pruning is not None:
         if isinstance(structure, MagnitudePrune):
             pruning = Pruning(float(structure.sparsity))
@@ -97,17 +93,16 @@ def solver_for(chain: Chain, calibrated: Calibrated) -> Solver:
             raise ValueError(f"{calibrated.pruning} chooses the mask of a prune step (magnitude sparsity or N:M); "
                              f"the chain's structure step is {structure.describe() if structure else 'none'}")
         if calibrated.pruning == "sparsegpt":
-            return Solver(spec=spec, calibration=calibration, gptq=calibrated.gptq, awq=calibrated.awq,
-                          sparsegpt=pruning)
+            return Solver(quantizer=values, gptq=calibrated.gptq, awq=calibrated.awq, sparsegpt=pruning)
         from compress.calibrated import wanda_mask
 
         def mask(w: torch.Tensor, inputs: Any) -> torch.Tensor:
             return wanda_mask(w, inputs, None if nm[1] else pruning.sparsity, n=nm[0], m=nm[1])
-        return Solver(spec=spec, calibration=calibration, awq=calibrated.awq, mask=mask, mask_name="Wanda")
+        return Solver(quantizer=values, awq=calibrated.awq, mask=mask, mask_name="Wanda")
     if structure is not None:
         raise ValueError(f"the chain prunes with {structure.describe()}; give pruning='wanda' or 'sparsegpt' to "
                          "solve its mask from calibration data, or drop the calibrated methods")
-    return Solver(spec=spec, calibration=calibration, gptq=calibrated.gptq, awq=calibrated.awq)
+    return Solver(quantizer=values, gptq=calibrated.gptq, awq=calibrated.awq)
 
 
 @torch.no_grad()

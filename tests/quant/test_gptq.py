@@ -10,6 +10,9 @@ from torch import nn
 from quant import AWQ, GPTQ, PerChannel, PerGroup, PTQConfig, QuantSpec, calibrate, dequantize, ptq, quantize
 from quant.awq import producers, search_scale, try_fold
 from quant.gptq import Hessian, Pruning, gptq, inverse_hessian_factor, obs_sweep
+from precision.blocks import BlockCast
+from precision.cast import FloatCast
+from precision.methods import Solution
 from quant.hooks import linear_layers
 from quant.sequential import LayerInputs, calibrate_in_order
 
@@ -41,6 +44,36 @@ def test_gptq_with_an_identity_hessian_equals_round_to_nearest_bit_for_bit(spec,
     ref_qp = calibrate(w.numpy(), spec, calibration)
     assert np.array_equal(qp.scale, ref_qp.scale) and np.array_equal(qp.zero_point, ref_qp.zero_point)
     assert np.array_equal(codes, quantize(w.numpy(), ref_qp))
+
+
+@pytest.mark.parametrize("method", [FloatCast.for_format("fp8_e4m3fn"), FloatCast.for_format("fp8_e5m2"),
+                                    FloatCast("bf16"), FloatCast("fp16", scaling="tensor"),
+                                    FloatCast.for_format("fp8_e4m3fn", rounding="toward_zero", overflow="saturate"),
+                                    BlockCast("mxfp4"), BlockCast("mxfp6_e2m3"), BlockCast("mxfp8_e4m3"),
+                                    BlockCast("mxint8"), BlockCast("nvfp4"), BlockCast("mxfp4", rounding="nearest_away")],
+                         ids=lambda m: m.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_float_and_block_formats_with_an_identity_hessian_is_their_own_encoding(method, act_order):
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(3)) * 0.1
+    r = obs_sweep(w, torch.eye(128, dtype=torch.float64), quantizer=method, act_order=act_order)
+    enc = method.encode(w.numpy())
+    assert np.array_equal(r.values.numpy(), enc.values)
+    again = method.encode_solved(Solution(r.values.numpy(), qparams=r.qparams))
+    assert np.array_equal(again.codes, enc.codes) and all(np.array_equal(again.side[k], enc.side[k]) for k in enc.side)
+
+
+@pytest.mark.parametrize("method", [FloatCast.for_format("fp8_e4m3fn"), BlockCast("mxfp4"), BlockCast("nvfp4")],
+                         ids=lambda m: m.describe())
+def test_gptq_on_float_and_block_formats_lowers_the_layer_output_error(method):
+    w, x, h = _problem(7)
+    r = obs_sweep(w, h, quantizer=method, act_order=True)
+    rtn = torch.from_numpy(method.encode(w.numpy()).values)
+
+    def out_err(v):
+        return float(((x @ (v - w).T) ** 2).sum())
+    assert out_err(r.values) < out_err(rtn)
+    again = method.encode_solved(Solution(r.values.numpy(), qparams=r.qparams))
+    assert np.array_equal(again.values, r.values.numpy())  # the stored form holds the solver's values exactly
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -82,7 +115,7 @@ def test_a_singular_hessian_grows_its_damping_and_dead_inputs_are_zeroed():
     x[:, 5] = 0  # feature 5 never activated: a dead column
     h = Hessian(32)
     h.add(x)  # rank 4 of 32
-    r = obs_sweep(w, h.matrix, spec=QuantSpec(bits=4, granularity=PerChannel(0)), damp=0.0)
+    r = obs_sweep(w, h.matrix, quantizer=QuantSpec(bits=4, granularity=PerChannel(0)), damp=0.0)
     assert r.damp > 0 and bool(torch.isfinite(r.values).all())
     assert bool((r.values[:, 5] == 0).all())
     with pytest.raises(ValueError, match="not positive definite"):
@@ -122,7 +155,7 @@ def test_sparsegpt_reconstruction_beats_magnitude_pruning_on_the_layer_output():
 def test_joint_sparsegpt_and_gptq_gives_pruned_zeros_and_grid_values():
     w, _, h = _problem(6)
     spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))
-    r = obs_sweep(w, h, spec=spec, pruning=Pruning(n=2, m=4))
+    r = obs_sweep(w, h, quantizer=spec, pruning=Pruning(n=2, m=4))
     assert r.qparams is not None and r.keep is not None
     v = r.values.numpy()
     assert np.array_equal(dequantize(quantize(v, r.qparams), r.qparams), v)
@@ -131,12 +164,12 @@ def test_joint_sparsegpt_and_gptq_gives_pruned_zeros_and_grid_values():
 
 def test_obs_sweep_refuses_what_it_cannot_do():
     w, _, h = _problem(0, cols=128)
-    with pytest.raises(ValueError, match="give spec"):
+    with pytest.raises(ValueError, match="give quantizer"):
         obs_sweep(w, h)
     with pytest.raises(ValueError, match="per-channel or per-group"):
-        obs_sweep(w, h, spec=QuantSpec(bits=4))
+        obs_sweep(w, h, quantizer=QuantSpec(bits=4))
     with pytest.raises(ValueError, match="does not divide"):
-        obs_sweep(w, h, spec=QuantSpec(bits=4, granularity=PerGroup(48)))
+        obs_sweep(w, h, quantizer=QuantSpec(bits=4, granularity=PerGroup(48)))
     with pytest.raises(ValueError, match="multiple of 3"):
         obs_sweep(w, h, pruning=Pruning(n=1, m=3))
     with pytest.raises(ValueError, match="damp"):
