@@ -360,6 +360,9 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, *, quantizer: Any = N
     w[:, dead] = 0.0
 
     group = grid.group if grid is not None else cols
+    if pruning is not None and pruning.m and act_order:
+        raise ValueError("N:M pruning groups inputs in storage order, which act-order would permute; "
+                         "use act_order=False (GPTQ(act_order=False), --no-act-order)")
     if pruning is not None and pruning.m and cols % pruning.m:
         raise ValueError(f"{pruning.n}:{pruning.m} pruning needs an input axis that is a multiple of {pruning.m}")
     if grid is not None and group < cols:  # a group never straddles two lazy blocks (its params see updated columns)

@@ -67,6 +67,9 @@ class Solver:
         if self.mask is not None and self.gptq is not None:
             raise ValueError("Solver: GPTQ's updates would refill a fixed mask; use sparsegpt= for a joint "
                              "pruned and GPTQ-quantized layer, or round to nearest after the mask")
+        if self.sparsegpt is not None and self.sparsegpt.m and self.gptq is not None and self.gptq.act_order:
+            raise ValueError("Solver: N:M pruning groups inputs in storage order, which act-order would permute; "
+                             "use GPTQ(act_order=False) (--no-act-order)")
         if self.quantizer is None and self.sparsegpt is None and self.mask is None:
             raise ValueError("Solver: nothing to do; give quantizer=, sparsegpt= or mask=")
 

@@ -53,7 +53,7 @@ CASES = {
     "gptq mxfp4": (Chain.of("mxfp4"), Calibrated(gptq=GPTQ())),
     "gptq nvfp4 + awq": (Chain.of("nvfp4"), Calibrated(gptq=GPTQ(), awq=AWQ())),
     "sparsegpt 2:4 + gptq mxfp8": (Chain(NMPrune(2, 4), BlockCast("mxfp8_e4m3")), Calibrated(pruning="sparsegpt",
-                                                                                         gptq=GPTQ())),
+                                                                                         gptq=GPTQ(act_order=False))),
 }
 
 
@@ -122,6 +122,8 @@ def test_a_chain_that_cannot_store_the_solver_is_refused(tiny_bert, token_batche
         Calibrated(awq=AWQ(runtime_scales=True))
     with pytest.raises(ValueError, match="refill"):
         Calibrated(pruning="wanda", gptq=GPTQ())
+    with pytest.raises(ValueError, match="act-order"):
+        solve(tiny_bert, Chain(NMPrune(2, 4), W4), Calibrated(pruning="sparsegpt", gptq=GPTQ()), token_batches)
 
 
 def test_the_cli_solves_a_model_directory_from_a_text_file(model_dir, tmp_path):

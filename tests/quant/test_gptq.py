@@ -170,6 +170,8 @@ def test_obs_sweep_refuses_what_it_cannot_do():
         obs_sweep(w, h, quantizer=QuantSpec(bits=4))
     with pytest.raises(ValueError, match="does not divide"):
         obs_sweep(w, h, quantizer=QuantSpec(bits=4, granularity=PerGroup(48)))
+    with pytest.raises(ValueError, match="act-order"):
+        obs_sweep(w, h, pruning=Pruning(n=2, m=4), act_order=True)
     with pytest.raises(ValueError, match="multiple of 3"):
         obs_sweep(w, h, pruning=Pruning(n=1, m=3))
     with pytest.raises(ValueError, match="damp"):
