@@ -1,7 +1,8 @@
 """python -m bench.accuracy: accuracy beyond round to nearest on the real MiniLM, in one run.
 
 Weights (the 36 encoder Linear layers): round to nearest (absmax, minmax, MSE clip), GPTQ,
-AWQ and AWQ + GPTQ at W4 group 128 (symmetric and affine), W3 group 128 and W8 per channel.
+AWQ and AWQ + GPTQ at W4 group 128 (symmetric and affine), W3 group 128 and W8 per channel;
+fp8 e4m3 per channel, MXFP4 and NVFP4, each as its own encoding and with GPTQ.
 Pruning: magnitude, Wanda and SparseGPT at 50% unstructured and 2:4, 2:4 with int8, and 50%
 with W4 group 128 jointly (SparseGPT + GPTQ in one sweep). When llm-compressor imports, its
 GPTQ and SparseGPT run in the same process on the same data as the peers (their ``stored MiB``
@@ -21,6 +22,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from compress import prune_model
@@ -59,6 +61,46 @@ def weight_configs() -> dict[str, PTQConfig]:
                                                                          awq=AWQ(runtime_scales=True))
             out[f"{label} AWQ (folded only) + GPTQ mse"] = _weights(spec, "mse", gptq=GPTQ(), awq=AWQ())
     return out
+
+
+def format_configs() -> dict[str, tuple[Any, bool]]:
+    """Float and block formats, round to nearest and GPTQ (through the checkpoint path's
+    solver): name -> (value method, GPTQ or not)."""
+    from precision.blocks import BlockCast
+    from precision.cast import FloatCast
+
+    out: dict[str, tuple[Any, bool]] = {}
+    for label, method in (("fp8 e4m3 per-channel", FloatCast.for_format("fp8_e4m3fn")),
+                          ("MXFP4", BlockCast("mxfp4")), ("NVFP4", BlockCast("nvfp4"))):
+        out[f"{label} RTN"] = (method, False)
+        out[f"{label} GPTQ act-order"] = (method, True)
+    return out
+
+
+def _with_formats(model: Any, method: Any, gptq: bool, calib: list[Any]) -> Any:
+    """A copy of ``model`` whose encoder Linear weights are ``method``'s values: its own encoding, or
+    GPTQ's solution (:func:`lowbit.checkpoint.calibrated.solve`, as a checkpoint job stores it)."""
+    from lowbit.checkpoint.calibrated import Calibrated, solve
+
+    q = copy.deepcopy(model)
+    layers = {n + ".weight": m for n, m in q.named_modules() if type(m) is torch.nn.Linear}
+    if gptq:
+        values = {n: torch.from_numpy(s.values) for n, s in
+                  solve(model, method, Calibrated(gptq=GPTQ()), calib).items()}
+    else:
+        values = {n: torch.from_numpy(method.encode(m.weight.detach().numpy()).values) for n, m in layers.items()}
+    with torch.no_grad():
+        for n, v in values.items():
+            layers[n].weight.copy_(v)
+    return q
+
+
+def _format_mib(model: Any, method: Any) -> float:
+    from precision.methods import ValueStore, parts_nbytes
+
+    store = ValueStore(method, np.dtype(np.float32))
+    return sum(parts_nbytes(store.store(method.encode(m.weight.detach().numpy()))[0])
+               for m in model.modules() if type(m) is torch.nn.Linear) / 2**20
 
 
 def prune_configs() -> dict[str, dict[str, Any]]:
@@ -163,6 +205,11 @@ def run(only: list[str] | None = None, peer: bool = True) -> list[dict]:
         t0 = time.perf_counter()
         q = _llmcompressor(model, calib_texts, peers[name])()
         add(name, "llm-compressor", q, time.perf_counter() - t0, float("nan"))
+    for name, (method, use_gptq) in format_configs().items():
+        if want(name):
+            t0 = time.perf_counter()
+            q = _with_formats(model, method, use_gptq, calib)
+            add(name, "lowbit", q, time.perf_counter() - t0, _format_mib(model, method))
     for name, kw in prune_configs().items():
         if want(name):
             kw = dict(kw)

@@ -385,20 +385,6 @@ class StructuredPrune(StructureMethod):
                 {"structure": {"kind": self.kind, "axis": int(r.axis), "small_shape": list(small.shape)}, **fields_},
                 recon)
 
-    def encode_solved(self, solution, store, name="x"):
-        """The solver's N:M mask and values (SparseGPT's or Wanda's); ValueError unless the mask keeps
-        exactly ``n`` of every ``m`` consecutive elements along the last axis."""
-        keep = _solved_mask(solution, name)
-        self.check_shape(keep.shape, name)
-        groups = keep.reshape(-1, self.m)
-        if not (groups.sum(1) == self.n).all():
-            raise ValueError(f"{name}: the solver's mask is not {self.n}:{self.m}")
-        pos = np.nonzero(groups)[1].reshape(-1, self.n) if self.n else np.zeros((groups.shape[0], 0), np.int64)
-        enc = store.encode_solved(solution, name)
-        st = NM.from_dense(solution.values, self.n, self.m, pos)
-        return sparse_or_dense({"kind": self.kind, "n": self.n, "m": self.m},
-                               {"positions": np.asarray(st.positions)}, enc, keep, store)
-
     @classmethod
     def decode(cls, parts, scheme, shape, src_dtype):
         st = scheme["structure"]

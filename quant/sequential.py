@@ -115,12 +115,19 @@ def _capture(model: nn.Module, first: nn.Module, inputs: LayerInputs, runs: list
         inputs.add(token_rows(args[0], mask[0]))
         raise _Reached
 
-    hook = first.register_forward_pre_hook(capture)
+    def call(run: Run) -> None:
+        mask[0] = run[1]
+        run[0]()
+
+    _until_reached(first.register_forward_pre_hook(capture), [functools.partial(call, r) for r in runs])
+
+
+def _until_reached(hook: Any, calls: list[Callable[[], Any]]) -> None:
+    """Make each call, which a capture hook ends by raising _Reached; then remove the hook."""
     try:
-        for call, m in runs:
-            mask[0] = m
+        for c in calls:
             try:
-                call()
+                c()
             except _Reached:
                 pass
     finally:
@@ -172,15 +179,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
         cached.append((args, kwargs))
         raise _Reached
 
-    hook = first_block.register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        for call, _ in whole:
-            try:
-                call()
-            except _Reached:
-                pass
-    finally:
-        hook.remove()
+    _until_reached(first_block.register_forward_pre_hook(keep, with_kwargs=True), [c for c, _ in whole])
     for bi, child in enumerate(blocks):
         block = model.get_submodule(child)
         runs: list[Run] = [(functools.partial(block, *a, **k), m) for (a, k), m in zip(cached, masks)]

@@ -104,7 +104,9 @@ class IntQuant(ValueMethod):
             qp = calibrate(x, self.spec, self.calibration, name=name)
         else:
             qp = calibrate(x, self.spec, self.calibration, percentile=self.percentile, name=name)
-        codes = np.asarray(quantize(x, qp, name=name))
+        return self._encoded(np.asarray(quantize(x, qp, name=name)), qp)
+
+    def _encoded(self, codes: np.ndarray, qp: QParams) -> EncodedValues:
         side = {"scale": qp.scale}
         if not self.spec.symmetric:
             side["zero_point"] = qp.zero_point
@@ -119,15 +121,8 @@ class IntQuant(ValueMethod):
         if qp is None:
             return self.encode(solution.values, name)
         if not isinstance(qp, QParams) or qp.spec != self.spec:
-            raise ValueError(f"{name}: the solver's params are for {getattr(getattr(qp, 'spec', None), 'describe', lambda: qp)()}, "
-                             f"not {self.spec.describe()}")
-        x = np.ascontiguousarray(solution.values, np.float32)
-        codes = np.asarray(quantize(x, qp, name=name))
-        side = {"scale": qp.scale}
-        if not self.spec.symmetric:
-            side["zero_point"] = qp.zero_point
-        return EncodedValues(codes, side, {"kind": self.kind, "spec": self.spec.to_dict()},
-                             np.asarray(dequantize(codes, qp), np.float32))
+            raise ValueError(f"{name}: the solver's params are not QParams of {self.spec.describe()}")
+        return self._encoded(np.asarray(quantize(np.ascontiguousarray(solution.values, np.float32), qp, name=name)), qp)
 
     def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
                         values: bool = True) -> EncodedValues:
