@@ -4,7 +4,8 @@ Spec: :class:`QuantSpec` with :class:`PerTensor`, :class:`PerChannel`, :class:`P
 Params: :func:`calibrate` -> :class:`QParams`.
 Ops: :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`.
 Quantizers: :class:`StaticQuantizer`, :class:`DynamicQuantizer`.
-Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`.
+Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`, :func:`freeze_observers`,
+:func:`enable_observers`, :func:`enable_fake_quant`.
 Models: :func:`ptq` (model, :class:`PTQConfig`, calibration data), presets ``PTQConfig.W8``,
 ``W8A8_DYNAMIC``, ``W8A8_FAST``, ``W4_G128``; the activation spec :data:`TOKEN_SPEC`.
 Beyond round to nearest: :class:`GPTQ` and :class:`AWQ` (``PTQConfig(gptq=..., awq=...)``), the OBS
@@ -19,7 +20,7 @@ from .dynamic import DynamicQuantizer, Quantized
 from .quantize import QParams, dequantize, fake_quantize, quantize
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .static import StaticQuantizer
-from .qat import FakeQuantize, convert, prepare_qat
+from .qat import FakeQuantize, convert, enable_fake_quant, enable_observers, freeze_observers, prepare_qat
 from .ptq import PTQConfig, ptq
 from .modules import TOKEN_SPEC, QuantizedLinear
 from .attention import int8_attention
@@ -30,6 +31,7 @@ from .awq import AWQ
 __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
     "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
-    "FakeQuantize", "prepare_qat", "convert", "ptq", "PTQConfig", "QuantizedLinear", "TOKEN_SPEC", "int8_attention", "IntQuant",
+    "FakeQuantize", "prepare_qat", "convert", "freeze_observers", "enable_observers", "enable_fake_quant",
+    "ptq", "PTQConfig", "QuantizedLinear", "TOKEN_SPEC", "int8_attention", "IntQuant",
     "GPTQ", "AWQ",
 ]

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from precision.arrays import is_torch, real_array, require_finite
+from precision.arrays import is_torch, real_array, require_finite, torch
 
 from .quantize import QParams, blocked, fake_quantize_array
 from .spec import PerChannel, QuantSpec
@@ -66,12 +66,13 @@ def batches_of(data: Any, name: str) -> list[np.ndarray]:
     return out
 
 
-def blocks_2d(a: np.ndarray, spec: QuantSpec, name: str = "x") -> np.ndarray:
-    """``a`` as (number of blocks, elements per block), blocks in params order."""
+def blocks_2d(a: Any, spec: QuantSpec, name: str = "x") -> Any:
+    """``a`` (numpy or torch) as (number of blocks, elements per block), blocks in params order."""
     block = spec.block_shape(a.shape, name)
-    v = blocked(a, block)
+    v: Any = blocked(a, block)
     nd = a.ndim
-    v = v.transpose([2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)])
+    order = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
+    v = v.permute(order) if is_torch(v) else v.transpose(order)
     nblocks = int(np.prod([s // b for s, b in zip(a.shape, block)]))
     return v.reshape(nblocks, -1)
 
@@ -79,22 +80,34 @@ def blocks_2d(a: np.ndarray, spec: QuantSpec, name: str = "x") -> np.ndarray:
 def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, shape: tuple[int, ...]) -> QParams:
     """torch.ao's scale/zero-point formulas for per-block ranges ``lo <= 0 <= hi`` (float32)."""
     pshape = spec.params_shape(shape)
-    lo = np.asarray(lo, np.float32).reshape(pshape)
-    hi = np.asarray(hi, np.float32).reshape(pshape)
-    lo_n = np.minimum(lo, np.float32(0))
-    hi_p = np.maximum(hi, np.float32(0))
-    qmin, qmax = spec.qmin, spec.qmax
     with np.errstate(over="ignore"):
-        if spec.symmetric:
-            amax = np.maximum(-lo_n, hi_p)
-            scale = constant_block_scale(lo, hi, symmetric_scale(amax, spec), spec).astype(np.float32)
-            zp = np.full(pshape, spec.symmetric_zero_point, np.int32)
-        else:
-            scale = np.maximum((hi_p - lo_n) / np.float32(qmax - qmin), np.float32(_EPS)).astype(np.float32)
-            zp = np.clip(qmin - np.rint(lo_n / scale), qmin, qmax).astype(np.int32)
+        scale, zp = scale_zero_point(np.asarray(lo, np.float32).reshape(pshape), np.asarray(hi, np.float32).reshape(pshape),
+                                     spec)
     if not np.all(np.isfinite(scale)):
         raise ValueError("calibrate: the value range is too wide for a float32 scale")
     return QParams(scale, zp, spec, tuple(shape))
+
+
+def scale_zero_point(lo: Any, hi: Any, spec: QuantSpec) -> tuple[Any, Any]:
+    """(float32 scale, int32 zero point) of each block's range ``[lo, hi]`` (float32, widened to include
+    0), numpy arrays or torch tensors alike (torch stays on its device and compiles): the formulas of
+    torch.ao (module docstring)."""
+    qmin, qmax = spec.qmin, spec.qmax
+    if is_torch(lo):
+        lo_n, hi_p = lo.clamp_max(0.0), hi.clamp_min(0.0)
+        if spec.symmetric:
+            scale = constant_block_scale(lo, hi, symmetric_scale(torch.maximum(-lo_n, hi_p), spec), spec)
+            return scale, torch.full_like(lo, spec.symmetric_zero_point, dtype=torch.int32)
+        scale = ((hi_p - lo_n) / float(qmax - qmin)).clamp_min(float(_EPS))
+        return scale, torch.clamp(qmin - torch.round(lo_n / scale), qmin, qmax).to(torch.int32)
+    lo_n = np.minimum(lo, np.float32(0))
+    hi_p = np.maximum(hi, np.float32(0))
+    if spec.symmetric:
+        amax = np.maximum(-lo_n, hi_p)
+        scale = constant_block_scale(lo, hi, symmetric_scale(amax, spec), spec).astype(np.float32)
+        return scale, np.full(np.shape(lo), spec.symmetric_zero_point, np.int32)
+    scale = np.maximum((hi_p - lo_n) / np.float32(qmax - qmin), np.float32(_EPS)).astype(np.float32)
+    return scale, np.clip(qmin - np.rint(lo_n / scale), qmin, qmax).astype(np.int32)
 
 
 def symmetric_scale(amax: Any, spec: QuantSpec) -> Any:
@@ -113,11 +126,11 @@ def constant_block_scale(lo: Any, hi: Any, scale: Any, spec: QuantSpec) -> Any:
     pos, neg = float(spec.qmax - zp), float(zp - spec.qmin)
     tiny = float(np.finfo(np.float32).tiny)
     const = (lo == hi) & (lo != 0)
-    if not bool(const.any()):
-        return scale
-    if is_torch(lo):
+    if is_torch(lo):  # no early return: a data-dependent branch would break a compiled graph
         end = (lo > 0).to(lo.dtype) * (pos - neg) + neg  # exact: small integers
         return (lo.abs() / end).clamp_min(tiny).where(const, scale)
+    if not bool(const.any()):
+        return scale
     end = np.where(lo > 0, np.float32(pos), np.float32(neg))
     return np.where(const, np.maximum(np.abs(lo) / end, np.float32(tiny)), scale)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _native
 from .calibrate import _EPS, calibrate, constant_block_scale, symmetric_scale
-from .quantize import QParams, dequantize, fake_quantize, round_scaled
+from .quantize import QParams, dequantize_tensor, fake_quantize, fake_quantize_tensor, round_scaled
 from .spec import PerChannel, PerTensor, QuantSpec
 
 # per-token activations for the int8 kernel: symmetric int8, one scale per row
@@ -88,6 +88,8 @@ class QuantizedLinear(nn.Module):
     """
 
     input_scale: torch.Tensor | None
+    act_scale: torch.Tensor | None
+    act_zero_point: torch.Tensor | None
     weight_codes: torch.Tensor
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
@@ -102,7 +104,7 @@ class QuantizedLinear(nn.Module):
         if activations == "static" and act_qparams is None:
             raise ValueError("activations='static' needs act_qparams from calibration")
         self.out_features, self.in_features = codes.shape
-        self.qparams = qparams
+        self.spec = qparams.spec
         self.act_qparams = act_qparams
         self.activations = activations
         self.act_spec = act_spec
@@ -112,6 +114,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
+        # static activation params live in buffers too, so a saved model loads into a fresh skeleton
+        self.register_buffer("act_scale", None if act_qparams is None else torch.from_numpy(act_qparams.scale.copy()))
+        self.register_buffer("act_zero_point", None if act_qparams is None else
+                             torch.from_numpy(act_qparams.zero_point.copy()))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         # set by ptq with PTQConfig(gelu_in_place=True) once it has shown the output feeds nothing but an exact GELU, which
         # it then removes: GELU is applied here, in place in this layer's fresh output (same values)
@@ -126,9 +132,23 @@ class QuantizedLinear(nn.Module):
         if self.int_kernel:
             # (in, out) view of the row-major (out, in) codes: the column-major layout _int_mm is fastest on
             self._wt = self.weight_codes.t()
-            self.register_buffer("_ws", torch.from_numpy(qparams.scale.reshape(1, -1).astype(np.float32).copy())
-                                 if qparams.scale.size > 1 else torch.from_numpy(qparams.scale.reshape(1, 1).copy()),
-                                 persistent=False)
+            self.register_buffer("_ws", torch.empty(0), persistent=False)
+            self._sync_kernel()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._sync_kernel())
+
+    def _sync_kernel(self) -> None:
+        """The int8 kernel's views of the (possibly just loaded) weight buffers."""
+        if self.int_kernel:
+            self._wt = self.weight_codes.t()
+            self._ws = self.weight_scale.reshape(1, -1).to(torch.float32).clone()
+
+    @property
+    def qparams(self) -> QParams:
+        """The weight's params, read from the buffers (numpy, on the CPU)."""
+        shape = (self.out_features, self.in_features)
+        pshape = self.spec.params_shape(shape)
+        return QParams(self.weight_scale.detach().cpu().numpy().reshape(pshape),
+                       self.weight_zero_point.detach().cpu().numpy().reshape(pshape), self.spec, shape)
 
     @property
     def kernel(self) -> str:
@@ -137,11 +157,13 @@ class QuantizedLinear(nn.Module):
         return f"torch._int_mm (int8 x int8 -> int32), quantize/rescale: {_native.status()}"
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.weight_codes, self.qparams)
+        """``(codes - zero_point) * scale`` from the buffers, in torch on their device."""
+        return dequantize_tensor(self.weight_codes, self.weight_scale, self.weight_zero_point, self.spec)
 
     @property
     def stored_bytes(self) -> int:
-        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.qparams.nbytes
+        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * 4 + (
+            0 if self.spec.symmetric else self.weight_zero_point.numel() * 4)
         if self.bias is not None:
             b += self.bias.numel() * self.bias.element_size()
         if self.act_qparams is not None:
@@ -211,8 +233,8 @@ class QuantizedLinear(nn.Module):
             x = x * self.input_scale
         if self.activations == "static":
             x2 = x.reshape(-1, x.shape[-1])  # activation params are calibrated on (tokens, features)
-            assert self.act_qparams is not None  # checked in __init__
-            x = fake_quantize(x2, self.act_qparams.for_shape(x2.shape), name="activation").reshape(x.shape)
+            assert self.act_scale is not None and self.act_zero_point is not None and self.act_qparams is not None
+            x = fake_quantize_tensor(x2, self.act_scale, self.act_zero_point, self.act_qparams.spec)[0].reshape(x.shape)
         elif self.activations == "dynamic":
             x2 = x.reshape(-1, x.shape[-1])
             x = fake_quantize(x2, calibrate(x2, self.act_spec), name="activation").reshape(x.shape)

@@ -11,9 +11,11 @@ rounds ``fma(x, inv_scale, zp)``, ``quantize_per_channel`` rounds
 ``x * inv_scale + zp``); lowbit rounds ``x * inv_scale`` first, so a zero
 point never changes which way a tie goes.
 
-NaN or inf in the input is a ValueError that names the tensor and counts the
+NaN or inf in a numpy input is a ValueError that names the tensor and counts the
 bad values (torch's observers silently turn one NaN into an all-NaN tensor).
-numpy arrays and torch tensors go through the same numpy code (zero-copy).
+The rounding step :func:`_round_clamp` is written once for numpy arrays and torch
+tensors; torch tensors take it in torch (:func:`fake_quantize_tensor`), on their
+device and inside ``torch.compile``, with the same bits as the numpy path.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ def compute_dtype(a: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if a.dtype == np.float64 else np.dtype(np.float32)
 
 
-def blocked(a: np.ndarray, block: tuple[int, ...]) -> np.ndarray:
-    """View ``a`` as (n0, b0, n1, b1, ...) where b is the block shape."""
+def blocked(a: Any, block: tuple[int, ...]) -> Any:
+    """View ``a`` (numpy or torch) as (n0, b0, n1, b1, ...) where b is the block shape."""
     shp: list[int] = []
     for s, b in zip(a.shape, block):
         shp += [s // b if b else 0, b]
     return a.reshape(shp)
 
 
-def params_view(p: np.ndarray) -> np.ndarray:
+def params_view(p: Any) -> Any:
     """Reshape per-block params (n0, n1, ...) to (n0, 1, n1, 1, ...) to broadcast against ``blocked``."""
     shp: list[int] = []
     for s in p.shape:
@@ -131,12 +133,26 @@ def round_scaled(x: Any, inv_scale: Any, *, out: Any = None) -> Any:
     return np.rint(x * inv_scale)
 
 
+def _round_clamp(a: Any, block: tuple[int, ...], inv: Any, lo: Any, hi: Any, want_mask: bool) -> tuple[Any, Any]:
+    """The one rounding step of every quantizer, on numpy arrays or torch tensors alike:
+    ``clamp(rint(x * inv_scale), qmin - zp, qmax - zp)`` in the blocked layout of ``block`` (a float
+    array holding ``q - zp``) and, with ``want_mask``, the in-range mask. ``inv``, ``lo`` and ``hi``
+    are params views (or scalars) in ``a``'s dtype."""
+    v = round_scaled(blocked(a, block), inv)
+    mask = (v >= lo) & (v <= hi) if want_mask else None
+    if is_torch(v):
+        v = torch.clamp(v, lo, hi)
+    else:
+        v = np.asarray(v)  # 0-d stays an array
+        np.maximum(v, lo, out=v)
+        np.minimum(v, hi, out=v)
+    return v, mask
+
+
 def _rounded(a: np.ndarray, qp: QParams, want_mask: bool):
-    """``clamp(rint(x * inv_scale), qmin - zp, qmax - zp)`` in the blocked layout (a float array
-    holding integers, zero point not yet added) and either the in-range mask or the clipped count."""
+    """:func:`_round_clamp` of a numpy array with ``qp``, and either the in-range mask or the clipped count."""
     ct = compute_dtype(a)
     inv = params_view((np.asarray(1.0, ct) / qp.scale.astype(ct)).astype(ct))
-    v = np.asarray(round_scaled(blocked(a.astype(ct, copy=False), qp.block), inv))  # 0-d stays an array
     z = qp.zero_point
     if z.size == 1 or (z == z.flat[0]).all():  # one zero point: scalar bounds, the fast case
         lo, hi = ct.type(qp.spec.qmin - int(z.flat[0])), ct.type(qp.spec.qmax - int(z.flat[0]))
@@ -144,11 +160,10 @@ def _rounded(a: np.ndarray, qp: QParams, want_mask: bool):
         zp = params_view(z).astype(ct)
         lo, hi = ct.type(qp.spec.qmin) - zp, ct.type(qp.spec.qmax) - zp
     if want_mask:
-        clip = (v >= lo) & (v <= hi)
-    elif v.size and (v.min() < np.min(lo) or v.max() > np.max(hi)):
-        clip = int(np.count_nonzero(v < lo) + np.count_nonzero(v > hi))
-    else:
-        clip = 0
+        return _round_clamp(a.astype(ct, copy=False), qp.block, inv, lo, hi, True)
+    v = np.asarray(round_scaled(blocked(a.astype(ct, copy=False), qp.block), inv))  # counted before the clamp
+    clip = int(np.count_nonzero(v < lo) + np.count_nonzero(v > hi)) if v.size and (
+        v.min() < np.min(lo) or v.max() > np.max(hi)) else 0
     np.maximum(v, lo, out=v)
     np.minimum(v, hi, out=v)
     return v, clip
@@ -200,42 +215,66 @@ def fake_quantize_array(a: np.ndarray, qp: QParams) -> tuple[np.ndarray, np.ndar
     return v.reshape(a.shape), inside.reshape(a.shape)
 
 
+def fake_quantize_tensor(x: "torch.Tensor", scale: "torch.Tensor", zero_point: "torch.Tensor",
+                         spec: QuantSpec) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(dequantize(quantize(x)), in-range mask)`` of a torch tensor in torch alone: on ``x``'s device,
+    no numpy, no host synchronisation, so it compiles (``torch.compile(fullgraph=True)``). ``scale`` and
+    ``zero_point`` hold the params of ``spec`` for ``x``'s shape (any shape with that many elements,
+    e.g. flat buffers). The arithmetic is :func:`_round_clamp`'s in float32 (float64 for float64 input),
+    so the result equals :func:`fake_quantize` of the numpy array bit for bit; the output is in ``x``'s dtype."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pshape = spec.params_shape(tuple(x.shape))
+    s = params_view(scale.to(ct).reshape(pshape))
+    z = params_view(zero_point.to(ct).reshape(pshape))
+    v, inside = _round_clamp(x.to(ct), spec.block_shape(tuple(x.shape)), 1.0 / s, spec.qmin - z, spec.qmax - z, True)
+    return (v * s).reshape(x.shape).to(x.dtype), inside.reshape(x.shape)
+
+
+def dequantize_tensor(codes: "torch.Tensor", scale: "torch.Tensor", zero_point: "torch.Tensor",
+                      spec: QuantSpec) -> "torch.Tensor":
+    """``(codes - zero_point) * scale`` as float32 in torch alone (the arithmetic of :func:`dequantize`)."""
+    pshape = spec.params_shape(tuple(codes.shape))
+    d = blocked(codes.to(torch.float32), spec.block_shape(tuple(codes.shape)))
+    d = (d - params_view(zero_point.to(torch.float32).reshape(pshape))) * params_view(scale.reshape(pshape))
+    return d.reshape(codes.shape)
+
+
 if torch is not None:
 
-    class _FakeQuantSTE(torch.autograd.Function):
-        """Fake quantization forward; straight-through gradient, 1 inside the clip range and 0 outside."""
+    class FakeQuantSTE(torch.autograd.Function):
+        """:func:`fake_quantize_tensor` forward; straight-through gradient, 1 inside the clip range and 0
+        outside. torch ops only, so autograd and ``torch.compile`` trace it on any device."""
 
         @staticmethod
-        def forward(ctx, x, qp, name):
-            a = real_array(x, name, integers="float")
-            require_finite(a, name, "quantization")
-            out, inside = fake_quantize_array(a, qp.for_shape(a.shape, name))
-            ctx.save_for_backward(torch.from_numpy(inside).to(x.device))
-            return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+        def forward(ctx, x, scale, zero_point, spec):
+            out, inside = fake_quantize_tensor(x, scale, zero_point, spec)
+            ctx.save_for_backward(inside)
+            return out
 
         @staticmethod
         def backward(ctx, grad):
             (inside,) = ctx.saved_tensors
-            return grad * inside.to(grad.dtype), None, None
+            return grad * inside.to(grad.dtype), None, None, None
 
 
 def fake_quantize(x: Any, qparams: QParams, *, name: str = "x") -> Any:
     """``dequantize(quantize(x))`` in ``x``'s dtype; on torch tensors differentiable with the
     straight-through estimator (gradient 1 where ``x`` is inside the clip range, 0 outside),
-    equal to ``torch.fake_quantize_per_{tensor,channel}_affine`` forward and backward."""
+    equal to ``torch.fake_quantize_per_{tensor,channel}_affine`` forward and backward. Torch
+    tensors stay in torch, on their device (:func:`fake_quantize_tensor`); NaN or inf there
+    propagate instead of raising, as torch's own fake-quant does."""
     if is_torch(x):
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"{name}: fake_quantize needs a floating-point tensor, got {x.dtype}")
+        qp = qparams.for_shape(tuple(x.shape), name)
+        scale = torch.as_tensor(qp.scale, device=x.device)
+        zp = torch.as_tensor(qp.zero_point, device=x.device)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _FakeQuantSTE.apply(x, qparams, name)
-        return _FakeQuantSTE.forward(_NoCtx(), x, qparams, name)
+            return FakeQuantSTE.apply(x, scale, zp, qp.spec)
+        return fake_quantize_tensor(x, scale, zp, qp.spec)[0]
     a = real_array(x, name, integers="float")
     require_finite(a, name, "quantization")
     out, _ = fake_quantize_array(a, qparams.for_shape(a.shape, name))
     src = as_numpy(x, name)
     return like(out.astype(src.dtype if src.dtype.kind == "f" else out.dtype), x)
 
-
-class _NoCtx:
-    def save_for_backward(self, *a):
-        pass
