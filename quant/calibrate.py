@@ -29,6 +29,7 @@ clips it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Iterable
 
@@ -41,6 +42,10 @@ from .spec import PerChannel, QuantSpec
 
 METHODS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 _EPS = np.finfo(np.float32).eps
+# Python floats for the torch paths: a numpy scalar met inside torch.compile becomes a tensor, and its
+# value a data-dependent graph break
+_EPS_F = float(_EPS)
+_TINY_F = float(np.finfo(np.float32).tiny)
 
 
 def _is_single(data: Any) -> bool:
@@ -73,7 +78,7 @@ def blocks_2d(a: Any, spec: QuantSpec, name: str = "x") -> Any:
     nd = a.ndim
     order = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
     v = v.permute(order) if is_torch(v) else v.transpose(order)
-    nblocks = int(np.prod([s // b for s, b in zip(a.shape, block)]))
+    nblocks = math.prod([s // b for s, b in zip(a.shape, block)])
     return v.reshape(nblocks, -1)
 
 
@@ -98,7 +103,7 @@ def scale_zero_point(lo: Any, hi: Any, spec: QuantSpec) -> tuple[Any, Any]:
         if spec.symmetric:
             scale = constant_block_scale(lo, hi, symmetric_scale(torch.maximum(-lo_n, hi_p), spec), spec)
             return scale, torch.full_like(lo, spec.symmetric_zero_point, dtype=torch.int32)
-        scale = ((hi_p - lo_n) / float(qmax - qmin)).clamp_min(float(_EPS))
+        scale = ((hi_p - lo_n) / float(qmax - qmin)).clamp_min(_EPS_F)
         return scale, torch.clamp(qmin - torch.round(lo_n / scale), qmin, qmax).to(torch.int32)
     lo_n = np.minimum(lo, np.float32(0))
     hi_p = np.maximum(hi, np.float32(0))
@@ -114,7 +119,7 @@ def symmetric_scale(amax: Any, spec: QuantSpec) -> Any:
     """torch.ao's symmetric scale ``max(amax / ((qmax - qmin) / 2), eps)`` in float32, for numpy or torch."""
     half_range = (spec.qmax - spec.qmin) / 2
     if is_torch(amax):
-        return (amax / half_range).clamp_min(float(_EPS))
+        return (amax / half_range).clamp_min(_EPS_F)
     return np.maximum(amax / np.float32(half_range), np.float32(_EPS)).astype(np.float32)
 
 
@@ -124,7 +129,7 @@ def constant_block_scale(lo: Any, hi: Any, scale: Any, spec: QuantSpec) -> Any:
     smallest normal float32 rather than torch's eps so that tiny constants stay exact. Numpy or torch."""
     zp = spec.symmetric_zero_point
     pos, neg = float(spec.qmax - zp), float(zp - spec.qmin)
-    tiny = float(np.finfo(np.float32).tiny)
+    tiny = _TINY_F
     const = (lo == hi) & (lo != 0)
     if is_torch(lo):  # no early return: a data-dependent branch would break a compiled graph
         end = (lo > 0).to(lo.dtype) * (pos - neg) + neg  # exact: small integers

@@ -55,7 +55,7 @@ _F32_EPS = float(np.finfo(np.float32).eps)
 
 def param_count(spec: QuantSpec, shape: tuple[int, ...]) -> int:
     """How many scales ``spec`` gives a tensor of ``shape``."""
-    return int(np.prod(spec.params_shape(tuple(shape))))
+    return math.prod(spec.params_shape(tuple(shape)))
 
 
 class FakeQuantize(nn.Module):
@@ -159,7 +159,7 @@ class FakeQuantize(nn.Module):
         if not self._has_range:
             raise RuntimeError("FakeQuantize has no range yet: run a batch with the observer enabled")
         if self.learn_scale:
-            n = int(np.prod(self.spec.block_shape(tuple(x.shape))))
+            n = math.prod(self.spec.block_shape(tuple(x.shape)))
             return _LSQ.apply(x, self.scale, self.zero_point, self.spec, 1.0 / math.sqrt(n * max(self.spec.qmax, 1)))
         if torch.is_grad_enabled() and x.requires_grad:
             return FakeQuantSTE.apply(x, self.scale, self.zero_point, self.spec)
