@@ -681,16 +681,69 @@ def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng, subn
     return decode(codes, fmt)
 
 
+def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: str, subnormals: str,
+                  generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """``x`` rounded to ``fmt`` in torch alone (on ``x``'s device; compiles): the value ``round_to`` gives,
+    in float32 (float64 for float64 input, so each value is rounded once), before the cast back.
+
+    Above the format's smallest normal the float's own bit pattern is rounded: adding the rounding
+    increment to the integer view carries into the exponent exactly as a rounding up does. Below it
+    the quantum is a fixed power of two, a normal float here, so ``x / quantum`` is exact and rounds
+    as an integer (``bf16``, whose range is float32's, rounds float32's subnormals by the bit pattern
+    too). Then subnormal flushing, overflow (inf, NaN or saturation as the format and mode say), the
+    sign (negative zero only where the format has one) and NaN. NaN input gives NaN, also for formats
+    with no NaN code (the numpy path raises there)."""
+    wide = x.dtype == torch.float64
+    ft, it, mant = (torch.float64, torch.int64, 52) if wide else (torch.float32, torch.int32, 23)
+    v = x.to(ft)
+    a = v.abs()
+    drop = mant - fmt.mantissa_bits
+    bits = a.view(it)
+    if rounding == "nearest_even":
+        inc = ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1) if drop else torch.zeros_like(bits)
+    elif rounding == "nearest_away":
+        inc = torch.full_like(bits, 1 << (drop - 1)) if drop else torch.zeros_like(bits)
+    elif rounding == "toward_zero":
+        inc = torch.zeros_like(bits)
+    else:  # stochastic: a uniform increment below one unit in the last kept place
+        inc = torch.randint(0, 1 << drop, bits.shape, generator=generator, device=bits.device, dtype=it)
+    r = ((bits + inc) & ~((1 << drop) - 1)).view(ft)
+    min_normal = 2.0 ** fmt.min_exponent
+    quantum_exp = fmt.min_exponent - fmt.mantissa_bits
+    if fmt.min_exponent > (-1022 if wide else -126):  # the format's subnormals are not the float's own
+        t = a * 2.0 ** -quantum_exp  # exact: a power of two, and the result stays below 2**mantissa_bits
+        if rounding == "nearest_even":
+            q = torch.round(t)
+        elif rounding == "nearest_away":
+            q = torch.floor(t + 0.5)
+        elif rounding == "toward_zero":
+            q = torch.trunc(t)
+        else:
+            q = torch.floor(t + torch.rand(t.shape, generator=generator, device=t.device, dtype=ft))
+        r = torch.where(a < min_normal, q * 2.0 ** quantum_exp, r)
+    if subnormals == "flush":
+        r = torch.where(r < min_normal, torch.zeros_like(r), r)
+    top = float(fmt.max_finite)
+    over = (r > top) | torch.isinf(a)
+    if overflow == "saturate" or fmt.specials == "finite":
+        r = torch.where(over, torch.full_like(r, top), r)
+    else:
+        r = torch.where(over, torch.full_like(r, float("inf") if fmt.specials == "ieee" else float("nan")), r)
+    r = torch.where(torch.isnan(a), a, r)
+    if fmt.specials == "fnuz":  # no negative zero
+        return r.where(r != 0, torch.zeros_like(r)).copysign(torch.where(r == 0, torch.ones_like(v), v))
+    return r.copysign(v)
+
+
 if torch is not None:
 
     class _RoundSTE(torch.autograd.Function):
-        """Rounding in the forward pass, identity gradient (straight-through) backward."""
+        """Rounding in the forward pass (in torch, :func:`_round_tensor`), identity gradient
+        (straight-through) backward."""
 
         @staticmethod
-        def forward(ctx, x, fmt, rounding, overflow, rng, subnormals="keep"):  # noqa: D401
-            a = real_array(x)
-            v = _round_values(a, fmt, rounding, overflow, rng, subnormals)
-            return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype)
+        def forward(ctx, x, fmt, rounding, overflow, generator, subnormals="keep"):  # noqa: D401
+            return _round_tensor(x, fmt, rounding, overflow, subnormals, generator).to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad):
@@ -713,7 +766,11 @@ def round_to(
     exact whenever the format's values fit that dtype, e.g. fp8 into fp16);
     integer inputs return float64 (numpy/scalar) or float32 (torch). On
     torch tensors the result is differentiable with a straight-through
-    gradient (d round_to / dx = 1), for simulating low precision in training.
+    gradient (d round_to / dx = 1), for simulating low precision in training,
+    and computed in torch on the tensor's device (:func:`_round_tensor`; it
+    compiles with ``torch.compile(fullgraph=True)``), with the numpy path's
+    values; stochastic rounding there draws from a torch generator seeded from
+    ``seed``/``generator`` (reproducible, but not the numpy stream's bits).
     """
     fmt = get_format(fmt)
     check_modes(rounding, overflow, subnormals)
@@ -721,12 +778,18 @@ def round_to(
     if is_torch(x):
         if x.is_complex() or x.dtype == torch.bool:
             real_array(x)  # the one wording for an unsupported dtype
-        if not x.is_floating_point():  # integers: round exactly, return float32 (bf16/fp8 values fit)
+        if not x.is_floating_point() or fmt.specials == "fnu":
+            # integers round exactly and come back float32 (bf16/fp8 values fit); exponent-only formats
+            # take the numpy path (CPU)
             v = _round_values(real_array(x), fmt, rounding, overflow, rng, subnormals)
-            return torch.from_numpy(np.asarray(v)).to(x.device)
+            return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype if x.is_floating_point()
+                                                       else torch.float32)
+        gen = None
+        if rng is not None:  # stochastic: a torch stream seeded from the numpy one (same seed, same bits)
+            gen = torch.Generator(device=x.device).manual_seed(int(rng.integers(0, 2**63 - 1)))
         if torch.is_grad_enabled() and x.requires_grad:
-            return _RoundSTE.apply(x, fmt, rounding, overflow, rng, subnormals)
-        return _RoundSTE.forward(None, x, fmt, rounding, overflow, rng, subnormals)
+            return _RoundSTE.apply(x, fmt, rounding, overflow, gen, subnormals)
+        return _round_tensor(x, fmt, rounding, overflow, subnormals, gen).to(x.dtype)
     a = real_array(x)
     v = np.asarray(_round_values(a, fmt, rounding, overflow, rng, subnormals))
     src = as_numpy(x).dtype

@@ -1,0 +1,79 @@
+"""round_to on torch tensors runs in torch: the numpy path's values on every float16 bit pattern and on
+random float32/float64 values, for every format, rounding, overflow and subnormal mode; compiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from precision import get_format, known_formats, round_to
+
+FORMATS = [f for f in known_formats() if get_format(f).specials != "fnu"]
+MODES = list(itertools.product(["nearest_even", "nearest_away", "toward_zero"], ["ieee", "saturate"], ["keep", "flush"]))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(dtype) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    halves = np.arange(65536, dtype=np.uint16).view(np.float16).astype(dtype)
+    wide = (rng.standard_normal(50000) * np.exp2(rng.integers(-60, 60, 50000))).astype(dtype)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 3.4e38, 1e-45, -1e-45, np.nan], dtype)
+    return np.concatenate([halves, wide, special])
+
+
+def _same(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    u = np.uint64 if ref.dtype == np.float64 else np.uint32
+    return (ref.view(u) == got.view(u)) | (np.isnan(ref) & np.isnan(got))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_to_on_a_tensor_gives_the_numpy_values(fmt, dtype, device):
+    x = _inputs(dtype)
+    if get_format(fmt).specials == "finite":  # no NaN code: numpy raises on NaN, torch passes it through
+        x = x[~np.isnan(x)]
+    t = torch.from_numpy(x).to(device)
+    for rounding, overflow, subnormals in MODES:
+        ref = round_to(x, fmt, rounding=rounding, overflow=overflow, subnormals=subnormals)
+        got = round_to(t, fmt, rounding=rounding, overflow=overflow, subnormals=subnormals).cpu().numpy()
+        bad = ~_same(ref, got)
+        assert not bad.any(), (rounding, overflow, subnormals, x[bad][:3], ref[bad][:3], got[bad][:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_round_through_float32_and_come_back_in_their_dtype(dtype):
+    x = torch.randn(4096).to(dtype)
+    got = round_to(x, "fp8_e4m3fn")
+    assert got.dtype == dtype
+    ref = round_to(x.float().numpy(), "fp8_e4m3fn")
+    assert torch.equal(got.float(), torch.from_numpy(ref))
+
+
+def test_round_to_never_leaves_torch_and_passes_gradients_straight_through(monkeypatch):
+    def refuse(self, *a, **k):
+        raise AssertionError("round_to called Tensor.numpy()")
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+    x = torch.randn(64, requires_grad=True)
+    round_to(x, "fp8_e5m2").sum().backward()
+    assert torch.equal(x.grad, torch.ones(64))
+
+
+def test_round_to_compiles_without_a_graph_break():
+    def f(x):
+        return round_to(x, "fp8_e4m3fn", overflow="saturate") * 2
+
+    x = torch.randn(256) * 100
+    assert torch._dynamo.explain(f)(x).graph_break_count == 0
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_stochastic_rounding_on_tensors_is_reproducible_and_unbiased():
+    x = torch.full((200000,), 1.0 + 2.0 ** -5)  # a quarter of the way from 1 to the next e4m3 value
+    a = round_to(x, "fp8_e4m3fn", rounding="stochastic", seed=3)
+    assert torch.equal(a, round_to(x, "fp8_e4m3fn", rounding="stochastic", seed=3))
+    assert set(a.unique().tolist()) == {1.0, 1.125}
+    assert abs(float(a.mean()) - float(x[0])) < 2e-3
