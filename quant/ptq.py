@@ -9,9 +9,10 @@ int8 attention (:mod:`quant.attention`) and the torch.ao backend
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Union, cast
 
 import numpy as np
 import torch
@@ -24,11 +25,12 @@ from .backends.torch_ao import check_spec
 from .awq import AWQ
 from .calibrate import METHODS, calibrate
 from .gptq import GPTQ
-from .hooks import collect_inputs, linear_layers
+from .hooks import as_linear, collect_inputs, find_layers, is_transposed_linear
 from .modules import TOKEN_SPEC, QuantizedLinear
 from .quantize import dequantize, quantize
 from .smoothquant import smoothing_vectors
-from .spec import PerChannel, PerGroup, QuantSpec
+from .qat import QuantizedConv
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .static import StaticQuantizer
 
 BACKENDS = ("native", "torch.ao")
@@ -59,6 +61,11 @@ class PTQConfig:
     * ``awq``: search an AWQ input scale per group of layers sharing an input
       (:class:`quant.awq.AWQ`), folded into the operation before it where that provably keeps the
       float model's output; composes with ``gptq`` or round to nearest.
+    * ``include`` / ``exclude``: regular expressions on module names (searched) selecting the layers.
+      The layers are every ``nn.Linear`` and subclass, transformers' ``Conv1D`` (stored (in, out):
+      per channel means per output feature), and, for weight-only configs, ``nn.Conv1d`` and
+      ``nn.Conv2d`` (per output channel). Every other candidate is listed in ``report.meta["skipped"]``
+      with the reason.
     * ``backend``: ``"native"`` (lowbit) or ``"torch.ao"``; the SmoothQuant, GELU, attention, GPTQ
       and AWQ passes need ``"native"``.
 
@@ -76,6 +83,8 @@ class PTQConfig:
     int8_attention: bool = False
     gptq: GPTQ | None = None
     awq: AWQ | None = None
+    include: str | None = None
+    exclude: str | None = None
     backend: str = "native"
 
     W8: ClassVar["PTQConfig"]
@@ -117,6 +126,13 @@ class PTQConfig:
                              "use awq= for activation-aware scaling of the weights")
         if (self.gptq is not None or self.awq is not None) and self.weight_calibration in ("moving_average", "entropy"):
             raise ValueError("PTQConfig: gptq and awq choose weight scales with minmax, percentile or mse")
+        for what in ("include", "exclude"):
+            pat = getattr(self, what)
+            if pat is not None:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"PTQConfig: {what} is not a valid regular expression: {e}") from None
         if self.backend == "torch.ao":
             check_spec(self.weights, self.activations)
 
@@ -155,8 +171,9 @@ def ptq(model: nn.Module, config: PTQConfig = PTQConfig.W8, calibration_data: It
     if not isinstance(config, PTQConfig):
         raise TypeError(f"ptq(model, config, calibration_data): config must be a PTQConfig, got "
                         f"{type(config).__name__}; e.g. ptq(model, PTQConfig.W8A8_DYNAMIC, batches)")
-    if not isinstance(model, nn.Module) or not linear_layers(model):
-        raise ValueError("ptq: the model has no nn.Linear layers to quantize")
+    if not isinstance(model, nn.Module) or not find_layers(model, config.include, config.exclude)[0]:
+        raise ValueError("ptq: the model has no layers to quantize (nn.Linear, transformers Conv1D, nn.Conv1d/2d)"
+                         + (" matching include/exclude" if config.include or config.exclude else ""))
     calib = list(calibration_data) if calibration_data is not None else []
     if config.needs_calibration and not calib:
         raise ValueError("ptq: this config (static activations, smoothquant, gelu_in_place, gptq or awq) needs "
@@ -191,7 +208,19 @@ def ptq(model: nn.Module, config: PTQConfig = PTQConfig.W8, calibration_data: It
 @torch.no_grad()
 def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.Module, Report]:
     qmodel = copy.deepcopy(model)
-    layers = linear_layers(qmodel)
+    found, skipped = find_layers(qmodel, config.include, config.exclude)
+    for n, m in found:
+        if is_transposed_linear(m):  # the same layer as an nn.Linear: every pass below takes it
+            qmodel.set_submodule(n, as_linear(m))
+    found = [(n, qmodel.get_submodule(n)) for n, _ in found]
+    layers = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
+    convs = [(n, m) for n, m in found if not isinstance(m, nn.Linear)]
+    if convs and (config.activations is not None or config.gptq is not None or config.awq is not None
+                  or not isinstance(config.weights.granularity, (PerChannel, PerTensor))):
+        for n, _ in convs:
+            skipped[n] = ("convolutions take weight-only per-channel or per-tensor configs here "
+                          "(use prepare_qat for quantized activations)")
+        convs = []
     acts = config.activations
     solved: dict[str, Any] = {}
     if config.gptq is not None or config.awq is not None:  # before the activation observers: AWQ may fold into inputs
@@ -242,4 +271,16 @@ def _native(model: nn.Module, calib: list[Any], config: PTQConfig) -> tuple[nn.M
             details["awq"] = sol.awq
         rep.add(TensorReport.measure(n, ws, deq, method=config.weights.describe(), bytes_before=before,
                                      bytes_after=q.stored_bytes, details=details))
+    for n, m in convs:
+        w = getattr(m, "weight").detach().float().cpu().numpy()
+        qp = calibrate(w, config.weights, config.weight_calibration, percentile=percentile, name=n + ".weight")
+        codes = np.asarray(quantize(w, qp, name=n + ".weight"))
+        qc = QuantizedConv(cast(Union[nn.Conv1d, nn.Conv2d], m), codes, qp, None)
+        qmodel.set_submodule(n, qc)
+        bias = getattr(m, "bias", None)
+        before = nbytes(getattr(m, "weight")) + (nbytes(bias) if bias is not None else 0)
+        rep.add(TensorReport.measure(n, w, np.asarray(dequantize(codes, qp)), method=config.weights.describe(),
+                                     bytes_before=before, bytes_after=qc.stored_bytes,
+                                     details={"kernel": "dequantize + float convolution"}))
+    rep.meta["skipped"] = skipped
     return qmodel, rep

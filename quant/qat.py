@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Tuple, TypeVar, Union, cast
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import blocks_2d, scale_zero_point
+from .hooks import as_linear, find_layers, is_transposed_linear
 from .modules import QuantizedLinear
 from .quantize import FakeQuantSTE, QParams, blocked, dequantize_tensor, fake_quantize_tensor, params_view, quantize
 from .spec import PerChannel, PerTensor, QuantSpec
@@ -200,10 +202,10 @@ def enable_fake_quant(model: nn.Module, on: bool = True) -> nn.Module:
     return model
 
 
-_Q = TypeVar("_Q", "QATLinear", "QATConv2d")
+_Q = TypeVar("_Q", "QATLinear", "QATConv1d", "QATConv2d")
 
 
-def _adopt(q: _Q, m: nn.Linear | nn.Conv2d, weights: QuantSpec, activations: QuantSpec | None, fq: dict,
+def _adopt(q: _Q, m: nn.Linear | nn.Conv1d | nn.Conv2d, weights: QuantSpec, activations: QuantSpec | None, fq: dict,
            input_shape: tuple[int, ...]) -> _Q:
     """Give the QAT module ``q`` the float module's parameters and its fake-quantizers, their scale
     counts taken from the weight and from ``input_shape`` (one sample of the input)."""
@@ -261,27 +263,62 @@ def _swap(model: nn.Module, fn) -> None:
             _swap(child, fn)
 
 
+class QATConv1d(nn.Conv1d):
+    """nn.Conv1d that fake-quantizes its weight and (optionally) its input activations."""
+
+    weight_fake_quant: FakeQuantize
+    input_fake_quant: FakeQuantize | None
+
+    @classmethod
+    def from_float(cls, m: nn.Conv1d, weights: QuantSpec, activations: QuantSpec | None, **fq) -> "QATConv1d":
+        one = Tuple[int]
+        q = cls(m.in_channels, m.out_channels, cast(one, m.kernel_size), cast(one, m.stride),
+                cast(Union[str, one], m.padding), cast(one, m.dilation), m.groups,
+                m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+        return _adopt(q, m, weights, activations, fq, (1, m.in_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_fake_quant is not None:
+            x = self.input_fake_quant(x)
+        return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
+
+
 def prepare_qat(model: nn.Module, weights: QuantSpec = QuantSpec(granularity=PerChannel(0)),
-                activations: QuantSpec | None = None, *, learn_scale: bool = False, inplace: bool = False) -> nn.Module:
-    """Swap every nn.Linear / nn.Conv2d for a module that fake-quantizes weights (and input
-    activations when ``activations`` is given). Returns the prepared model (a copy unless ``inplace``)."""
+                activations: QuantSpec | None = None, *, learn_scale: bool = False, inplace: bool = False,
+                include: str | None = None, exclude: str | None = None) -> nn.Module:
+    """Swap every ``nn.Linear`` (and subclass), transformers ``Conv1D``, ``nn.Conv1d`` and ``nn.Conv2d``
+    whose name matches ``include`` and not ``exclude`` (regular expressions, searched) for a module that
+    fake-quantizes weights (and input activations when ``activations`` is given). A ``Conv1D`` (weight
+    stored (in, out)) becomes a QAT ``nn.Linear`` holding the transposed weight, so per channel means
+    per output feature. Returns the prepared model (a copy unless ``inplace``); the layers left out and
+    why are in its ``qat_skipped`` attribute and in a warning."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     m = model if inplace else copy.deepcopy(model)
-
-    def fn(child):
-        if type(child) is nn.Linear:
-            return QATLinear.from_float(child, weights, activations, learn_scale=learn_scale)
-        if type(child) is nn.Conv2d:
-            return QATConv2d.from_float(child, weights, activations, learn_scale=learn_scale)
-        return None
-
-    _swap(m, fn)
+    found, skipped = find_layers(m, include, exclude)
+    opts = {"learn_scale": learn_scale}
+    for n, child in found:
+        new: nn.Module
+        if isinstance(child, (QATLinear, QATConv1d, QATConv2d)):
+            continue
+        if is_transposed_linear(child):
+            new = QATLinear.from_float(as_linear(child), weights, activations, **opts)
+        elif isinstance(child, nn.Linear):
+            new = QATLinear.from_float(child, weights, activations, **opts)
+        elif isinstance(child, nn.Conv2d):
+            new = QATConv2d.from_float(child, weights, activations, **opts)
+        else:
+            new = QATConv1d.from_float(cast(nn.Conv1d, child), weights, activations, **opts)
+        m.set_submodule(n, new)
+    m.qat_skipped = skipped  # type: ignore[assignment]
+    if skipped:
+        warnings.warn(f"prepare_qat left {len(skipped)} layer(s) as they are: "
+                      + "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5]), stacklevel=2)
     return m
 
 
-class QuantizedConv2d(nn.Module):
-    """Conv2d with integer weight codes plus scales (all in buffers, so a saved model loads into a fresh
+class QuantizedConv(nn.Module):
+    """Conv1d or Conv2d with integer weight codes plus scales (all in buffers, so a saved model loads into a fresh
     skeleton); dequantizes on the fly, in torch on the buffers' device."""
 
     weight_codes: torch.Tensor
@@ -290,9 +327,11 @@ class QuantizedConv2d(nn.Module):
     act_scale: torch.Tensor | None
     act_zero_point: torch.Tensor | None
 
-    def __init__(self, conv: nn.Conv2d, codes: np.ndarray, qparams: QParams, act_qparams: QParams | None) -> None:
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, codes: np.ndarray, qparams: QParams,
+                 act_qparams: QParams | None) -> None:
         super().__init__()
         self.spec = qparams.spec
+        self.conv = F.conv1d if codes.ndim == 3 else F.conv2d
         self.act_spec = None if act_qparams is None else act_qparams.spec
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
@@ -308,8 +347,14 @@ class QuantizedConv2d(nn.Module):
             assert self.act_scale is not None and self.act_zero_point is not None
             x = fake_quantize_tensor(x.detach(), self.act_scale, self.act_zero_point, self.act_spec)[0]
         w = dequantize_tensor(self.weight_codes, self.weight_scale, self.weight_zero_point, self.spec).to(x.dtype)
-        return F.conv2d(x, w, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding,
-                        self.dilation, self.groups)
+        return self.conv(x, w, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding,
+                         self.dilation, self.groups)
+
+    @property
+    def stored_bytes(self) -> int:
+        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * 4 + (
+            0 if self.spec.symmetric else self.weight_zero_point.numel() * 4)
+        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
 
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -319,7 +364,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     m = model if inplace else copy.deepcopy(model)
 
     def fn(child):
-        if isinstance(child, (QATLinear, QATConv2d)):
+        if isinstance(child, (QATLinear, QATConv1d, QATConv2d)):
             w = child.weight.detach()
             with torch.no_grad():  # the range a forward pass would use for the current weight
                 child.weight_fake_quant(w)
@@ -328,7 +373,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             act = child.input_fake_quant.qparams() if child.input_fake_quant is not None else None
             if isinstance(child, QATLinear):
                 return QuantizedLinear(codes, qp, child.bias, "static" if act is not None else None, act)
-            return QuantizedConv2d(child, codes, qp, act)
+            return QuantizedConv(cast(Union[nn.Conv1d, nn.Conv2d], child), codes, qp, act)
         return None
 
     _swap(m, fn)

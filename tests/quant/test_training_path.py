@@ -14,7 +14,7 @@ from torch import nn
 
 from quant import (PerChannel, PerGroup, QuantSpec, QuantizedLinear, calibrate, convert,
                    enable_fake_quant, fake_quantize, freeze_observers, prepare_qat, quantize)
-from quant.qat import QuantizedConv2d
+from quant.qat import QuantizedConv
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = [QuantSpec(), QuantSpec(bits=4, symmetric=False, granularity=PerChannel(0)),
@@ -186,7 +186,7 @@ def test_a_converted_model_loads_into_a_fresh_skeleton_with_identical_outputs():
                 buf.mul_(1.5)
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(x), q(x))
-    assert isinstance(q[0], QuantizedConv2d) and "0.weight_scale" in q.state_dict()
+    assert isinstance(q[0], QuantizedConv) and "0.weight_scale" in q.state_dict()
 
 
 def test_the_int8_kernel_reads_the_loaded_scales():
