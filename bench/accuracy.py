@@ -28,7 +28,6 @@ import torch
 from compress import prune_model
 from quant import AWQ, GPTQ, PerChannel, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.modules import QuantizedLinear
-from quant.storage import pack_codes
 
 from .timing import Table, benchmark_parser, write_rows
 
@@ -127,8 +126,7 @@ def _stored_mib(model: torch.nn.Module) -> float:
     total = 0
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            packed, _ = pack_codes(m.weight_codes.numpy().reshape(-1), m.qparams.spec)
-            total += packed.nbytes + m.qparams.nbytes + (0 if m.input_scale is None else m.input_scale.numel() * 4)
+            total += m.stored_bytes - (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
     return total / 2**20
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
+
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +67,45 @@ def release_scratch() -> None:
     _SCRATCH.last = None
 
 
+def codes_buffer(codes: np.ndarray, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes as a module stores them: 4 bits or fewer two per byte (flat, low nibble first, offset
+    by ``qmin``: the checkpoint's packing, :func:`quant.storage.pack_codes`), wider ones as they are."""
+    if spec.bits <= 4:
+        from .storage import pack_codes
+
+        packed, _ = pack_codes(np.ascontiguousarray(codes).reshape(-1), spec)
+        return torch.from_numpy(np.ascontiguousarray(packed))
+    return torch.from_numpy(contiguous(codes))
+
+
+def unpacked_codes(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec) -> torch.Tensor:
+    """The codes of :func:`codes_buffer` back in ``shape`` (int8 or uint8), in torch on ``buf``'s device."""
+    if spec.bits > 4:
+        return buf
+    n = math.prod(shape)
+    u = torch.stack([buf & 0x0F, buf >> 4], dim=1).reshape(-1)[:n]
+    return (u.to(torch.int16) + spec.qmin).to(torch.int8 if spec.signed else torch.uint8).reshape(shape)
+
+
+SAVE_PRETRAINED_REFUSED = (
+    "save_pretrained would write lowbit's quantized modules, which transformers' from_pretrained does not read "
+    "(it would re-initialise those layers at random). Save the model with torch.save(model.state_dict()) and load "
+    "it into a model quantized or prepared the same way, or compress the float checkpoint with "
+    "lowbit.compress_checkpoint / python -m bench.quantize")
+
+
+def refuse_save_pretrained(model: nn.Module) -> None:
+    """Make ``save_pretrained`` (and sentence-transformers' ``save``) of a quantized model raise with
+    the way to save it instead of silently writing what ``from_pretrained`` re-initialises."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(SAVE_PRETRAINED_REFUSED)
+
+    for m in model.modules():
+        for name in ("save_pretrained", "save"):
+            if callable(getattr(m, name, None)) and name in dir(type(m)):
+                object.__setattr__(m, name, refuse)
+
+
 def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
@@ -111,7 +153,7 @@ class QuantizedLinear(nn.Module):
         # SmoothQuant: the stored weight was multiplied by s per input channel, so inputs are divided by it
         self.register_buffer("input_scale", None if input_scale is None else
                              torch.from_numpy(np.asarray(input_scale, np.float32).reshape(-1).copy()))
-        self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
+        self.register_buffer("weight_codes", codes_buffer(codes, qparams.spec))
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
         # static activation params live in buffers too, so a saved model loads into a fresh skeleton
@@ -156,9 +198,13 @@ class QuantizedLinear(nn.Module):
             return "dequantize + float32 matmul"
         return f"torch._int_mm (int8 x int8 -> int32), quantize/rescale: {_native.status()}"
 
+    def codes(self) -> torch.Tensor:
+        """The weight's integer codes, (out, in) (unpacked when stored two per byte)."""
+        return unpacked_codes(self.weight_codes, (self.out_features, self.in_features), self.spec)
+
     def dequantized_weight(self) -> torch.Tensor:
         """``(codes - zero_point) * scale`` from the buffers, in torch on their device."""
-        return dequantize_tensor(self.weight_codes, self.weight_scale, self.weight_zero_point, self.spec)
+        return dequantize_tensor(self.codes(), self.weight_scale, self.weight_zero_point, self.spec)
 
     @property
     def stored_bytes(self) -> int:

@@ -26,7 +26,7 @@ from .awq import AWQ
 from .calibrate import METHODS, calibrate
 from .gptq import GPTQ
 from .hooks import as_linear, collect_inputs, find_layers, is_transposed_linear
-from .modules import TOKEN_SPEC, QuantizedLinear
+from .modules import TOKEN_SPEC, QuantizedLinear, refuse_save_pretrained
 from .quantize import dequantize, quantize
 from .smoothquant import smoothing_vectors
 from .qat import QuantizedConv
@@ -192,6 +192,7 @@ def ptq(model: nn.Module, config: PTQConfig = PTQConfig.W8, calibration_data: It
         qmodel, report = quantize_torch_ao(model, calib, config.weights, config.activations, config.activation_mode)
     report.meta["quantize_time_s"] = time.perf_counter() - t0
     report.meta["backend"] = config.backend
+    refuse_save_pretrained(qmodel)
     evald = list(eval_data) if eval_data is not None else calib
     if evald:
         whole, per_layer = compare_outputs(model, qmodel, evald, [r.name for r in report.tensors])

@@ -9,14 +9,13 @@ from typing import Any, Tuple, TypeVar, Union, cast
 
 import numpy as np
 
-from precision.arrays import contiguous
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import blocks_2d, scale_zero_point
 from .hooks import as_linear, find_layers, is_transposed_linear
-from .modules import QuantizedLinear
+from .modules import QuantizedLinear, codes_buffer, refuse_save_pretrained, unpacked_codes
 from .quantize import FakeQuantSTE, QParams, blocked, dequantize_tensor, fake_quantize_tensor, params_view, quantize
 from .spec import PerChannel, PerTensor, QuantSpec
 
@@ -334,7 +333,8 @@ class QuantizedConv(nn.Module):
         self.conv = F.conv1d if codes.ndim == 3 else F.conv2d
         self.act_spec = None if act_qparams is None else act_qparams.spec
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("weight_codes", torch.from_numpy(contiguous(codes)))
+        self.code_shape = tuple(codes.shape)
+        self.register_buffer("weight_codes", codes_buffer(codes, qparams.spec))
         self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
         self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
         self.register_buffer("act_scale", None if act_qparams is None else torch.from_numpy(act_qparams.scale.copy()))
@@ -346,7 +346,8 @@ class QuantizedConv(nn.Module):
         if self.act_spec is not None:
             assert self.act_scale is not None and self.act_zero_point is not None
             x = fake_quantize_tensor(x.detach(), self.act_scale, self.act_zero_point, self.act_spec)[0]
-        w = dequantize_tensor(self.weight_codes, self.weight_scale, self.weight_zero_point, self.spec).to(x.dtype)
+        codes = unpacked_codes(self.weight_codes, self.code_shape, self.spec)
+        w = dequantize_tensor(codes, self.weight_scale, self.weight_zero_point, self.spec).to(x.dtype)
         return self.conv(x, w, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding,
                          self.dilation, self.groups)
 
@@ -377,4 +378,5 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return None
 
     _swap(m, fn)
+    refuse_save_pretrained(m)
     return m

@@ -72,3 +72,25 @@ def test_ptq_takes_tokenizer_output_as_calibration_batches(minilm_model):
     for batches in ([enc], [plain], iter([enc, plain])):
         q, rep = ptq(bert, PTQConfig(activations=QuantSpec()), batches, eval_data=[enc])
         assert rep.meta["output_mean_cosine"] > 0.9  # static per-tensor int8 activations: coarse but working
+
+
+def test_int4_layers_hold_two_codes_per_byte_and_report_those_bytes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(16, 64)
+    q4, rep4 = ptq(model, PTQConfig(weights=QuantSpec(bits=4, granularity=PerChannel(0))), eval_data=[x])
+    q8, rep8 = ptq(model, PTQConfig(), eval_data=[x])
+    assert q4[0].weight_codes.dtype == torch.uint8 and q4[0].weight_codes.numel() == 64 * 32 // 2
+    assert q4[0].codes().shape == (32, 64) and int(q4[0].codes().abs().max()) <= 8
+    assert rep4.totals["bytes_after"] < rep8.totals["bytes_after"]
+    from quant import dequantize
+    torch.testing.assert_close(q4[0].dequantized_weight(), torch.as_tensor(dequantize(q4[0].codes().numpy(),
+                                                                                     q4[0].qparams)))
+
+
+def test_save_pretrained_of_a_quantized_transformers_model_refuses_with_the_way_to_save(tmp_path):
+    q, _ = ptq(_gpt2(), PTQConfig())
+    with pytest.raises(NotImplementedError, match="from_pretrained does not read"):
+        q.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+    _gpt2().save_pretrained(tmp_path / "float")  # the float model is untouched
