@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--include", help="regex: compress only matching tensor names")
     g.add_argument("--exclude", help="regex: never compress matching tensor names")
     g.add_argument("--min-ndim", type=int, default=2, help="compress float tensors with at least this many dims")
+    g.add_argument("--channel-axis", action="append", default=[], metavar="REGEX=AXIS",
+                   help="2-D weights whose name matches REGEX store their output channels along AXIS (1: stored "
+                   "(in, out)); may repeat; GPT-2's Conv1D weights are known from config.json")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
     g.add_argument("--format", choices=("lowbit", "gguf"), default="lowbit",
@@ -264,12 +267,28 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
-                                 address=a.address, format=a.format, solutions=solutions)
+                                 address=a.address, format=a.format, solutions=solutions,
+                                 channel_axis=parse_channel_axes(a.channel_axis))
     if calibrated is not None:
         report.meta["calibrated"] = calibrated.describe()
     if ref_model is not None and approx is not None:
         report.meta.update(evaluate(ref_model, approx))
     return report, inputs
+
+
+def parse_channel_axes(items: list[str]) -> dict[str, int]:
+    """``--channel-axis REGEX=AXIS`` arguments as ``{regex: axis}`` (axis 0 or 1)."""
+    out: dict[str, int] = {}
+    for item in items:
+        pat, sep, axis = item.rpartition("=")
+        if not sep or not pat or axis not in ("0", "1"):
+            raise UsageError(f"--channel-axis {item!r}: give REGEX=0 or REGEX=1")
+        try:
+            check_pattern(pat)
+        except ValueError as e:
+            raise UsageError(f"--channel-axis: {e}") from None
+        out[pat] = int(axis)
+    return out
 
 
 def load_eval_model(model_path: Path | None) -> Any:

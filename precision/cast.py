@@ -110,7 +110,8 @@ class FloatCast(ValueMethod):
     """Store every element in a float format (the checkpoint method behind ``fp16``, ``fp8_e4m3fn`` ...).
 
     ``format``: a registered format name. ``scaling``: ``"none"``, ``"tensor"`` or
-    ``"channel"`` (one float32 scale per index of axis 0, the output channel):
+    ``"channel"`` (one float32 scale per index of ``axis``, the output channel: 0 for weights stored
+    (out, in), 1 for transformers' ``Conv1D`` weights stored (in, out)):
     the scale maps absmax to the format's max finite value. ``rounding``,
     ``overflow`` and ``subnormals`` are the codec's modes (see :mod:`precision.codec`);
     ``seed`` is required for stochastic rounding.
@@ -124,9 +125,12 @@ class FloatCast(ValueMethod):
     overflow: str = "ieee"
     seed: int | None = None
     subnormals: str = "keep"
+    axis: int = 0
 
     def __post_init__(self) -> None:
         get_format(self.format)  # raises with the list of known formats
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise TypeError(f"FloatCast: axis must be an integer, got {self.axis!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"FloatCast: scaling must be one of {SCALINGS}, got {self.scaling!r}")
         check_modes(self.rounding, self.overflow, self.subnormals)
@@ -144,10 +148,11 @@ class FloatCast(ValueMethod):
         return cls(format, **options)
 
     def describe(self) -> str:
-        return self.format + ("" if self.scaling == "none" else f"/{self.scaling}")
+        return self.format + ("" if self.scaling == "none" else f"/{self.scaling}") + (
+            f"(axis={self.axis})" if self.axis and self.scaling == "channel" else "")
 
     def encode(self, x: np.ndarray, name: str = "x") -> EncodedValues:
-        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
+        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=self.axis, rounding=self.rounding,
                  overflow=self.overflow, seed=self.seed, subnormals=self.subnormals)
         side = {} if c.scale is None else {"scale": c.scale}
         return EncodedValues(c.codes, side, {"kind": self.kind, "format": self.format, "scaling": c.scaling},
@@ -176,14 +181,17 @@ class FloatCast(ValueMethod):
     def rows_independent(self) -> bool:
         """True when rows of a 2-D tensor encode alike alone or together (no scale, or one per row,
         and no random stream), so large tensors are encoded block by block."""
-        return self.scaling in ("none", "channel") and self.rounding != "stochastic"
+        return (self.scaling == "none" or (self.scaling == "channel" and self.axis in (0, -2))) \
+            and self.rounding != "stochastic"
 
     def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
                         values: bool = True) -> EncodedValues:
         """``encode`` with the error measured on the way: the codes as ``encode`` makes them, then one C
         pass decodes them through the format's table, applies the scale and measures (formats of 16 bits
         or fewer); with ``values=False`` and no metrics, nothing is decoded at all."""
-        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=0, rounding=self.rounding,
+        if self.scaling == "channel" and self.axis not in (0, -2):  # the fused pass takes one scale per row
+            return super().encode_measured(x, acc, name, values=values)
+        c = cast(x.astype(np.float32, copy=False), self.format, scaling=self.scaling, axis=self.axis, rounding=self.rounding,
                  overflow=self.overflow, seed=self.seed, subnormals=self.subnormals)
         side = {} if c.scale is None else {"scale": c.scale}
         scheme = {"kind": self.kind, "format": self.format, "scaling": c.scaling}

@@ -193,6 +193,8 @@ class FloatGrid(Grid):
     def __init__(self, method: Any, shape: tuple[int, int]) -> None:
         if method.rounding == "stochastic":
             raise ValueError("GPTQ rounds deterministically; stochastic rounding does not apply")
+        if method.scaling == "channel" and method.axis not in (0, -2):
+            raise ValueError("GPTQ takes weights stored (out, in): a float cast scaled per channel along axis 0")
         self.method, self.shape, self.group = method, shape, shape[1]
         self.cast: Any = None
 

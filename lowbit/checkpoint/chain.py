@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -35,7 +35,7 @@ from precision.methods import (EncodedValues, Method, NoStructure, NotApplied, S
 from precision.metrics import MetricsAccumulator, error_metrics
 from precision.report import TensorReport
 from compress.storage import LowRankSVD, MagnitudePrune
-from quant.spec import PerChannel, QuantSpec
+from quant.spec import PerChannel, PerGroup, QuantSpec
 from quant.storage import IntQuant
 
 SCHEME_VERSION = 2
@@ -109,6 +109,23 @@ class Chain:
         if self.values is not None:
             # a structure that changes the shape (structured rows, factors) is checked when it runs
             self.values.check_shape(shape, name)
+
+    def for_channel_axis(self, axis: int) -> "Chain":
+        """This chain for a 2-D weight whose output channels run along ``axis`` (1: stored (in, out), as
+        transformers' ``Conv1D``): integer scales per channel follow that axis and groups run along the
+        other (the input) axis; a float cast's per-channel scale follows it. Other methods are unchanged."""
+        if axis in (0, -2):
+            return self
+        v = self.values
+        if isinstance(v, IntQuant):
+            g = v.spec.granularity
+            if isinstance(g, PerChannel) and g.kept_axis in (0, -2):
+                v = replace(v, spec=replace(v.spec, granularity=PerChannel(axis)))
+            elif isinstance(g, PerGroup) and g.reduced_axis in (1, -1):
+                v = replace(v, spec=replace(v.spec, granularity=PerGroup(g.size, reduced_axis=1 - axis % 2)))
+        elif isinstance(v, FloatCast) and v.scaling == "channel":
+            v = replace(v, axis=axis)
+        return Chain(self.structure, v)
 
     def to_dict(self) -> dict[str, Any]:
         return {"structure": None if self.structure is None else self.structure.to_dict(),

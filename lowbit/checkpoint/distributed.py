@@ -81,7 +81,7 @@ class RaySession:
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
 
-def ray_in_order(source: Path, names: list[str], reasons: dict[str, str | None], chain: Chain, keep_approx: bool,
+def ray_in_order(source: Path, names: list[str], reasons: dict[str, str | None], chains: dict[str, Chain], keep_approx: bool,
                  metrics: bool, session: RaySession) -> Iterator[tuple[str, Any]]:
     """``(name, result)`` in the order of ``names``, computed as Ray tasks, with at most the cluster's
     CPUs plus one tasks in flight (results wait in Ray's object store until the driver writes them)."""
@@ -94,7 +94,7 @@ def ray_in_order(source: Path, names: list[str], reasons: dict[str, str | None],
     it = iter(names)
 
     def submit(n: str) -> None:
-        pending.append((n, task.remote(src, job, n, reasons[n], chain, keep_approx, metrics)))
+        pending.append((n, task.remote(src, job, n, reasons[n], chains[n], keep_approx, metrics)))
 
     try:
         for n in it:

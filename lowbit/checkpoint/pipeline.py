@@ -44,6 +44,42 @@ def _selected(name: str, dtype: np.dtype, shape: tuple[int, ...], include: str |
     return None
 
 
+# architectures whose checkpoints store some 2-D weights (in, out): transformers' Conv1D layers
+TRANSPOSED_WEIGHTS: dict[str, str] = {
+    "gpt2": r"(^|\.)(c_attn|c_proj|c_fc)\.weight$",
+    "openai-gpt": r"(^|\.)(c_attn|c_proj|c_fc)\.weight$",
+}
+
+
+def channel_axes(source: Source, given: Mapping[str, int] | None = None) -> list[tuple[str, int]]:
+    """The rules ``(name regex, output-channel axis)`` for 2-D weights, first match wins: the ``given``
+    ones (e.g. ``--channel-axis``), then the architecture's own from the ``config.json`` beside the
+    checkpoint (``model_type`` in :data:`TRANSPOSED_WEIGHTS`: axis 1). Every other tensor: axis 0."""
+    rules: list[tuple[str, int]] = []
+    for pat, axis in (given or {}).items():
+        check_pattern(pat)
+        if isinstance(axis, bool) or axis not in (0, 1):
+            raise ValueError(f"channel axis for {pat!r} must be 0 (stored (out, in)) or 1 (stored (in, out)), got {axis!r}")
+        rules.append((pat, axis))
+    p = Path(source)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    if cfg.is_file():
+        try:
+            model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, OSError, AttributeError):
+            model_type = None
+        if isinstance(model_type, str) and model_type in TRANSPOSED_WEIGHTS:
+            rules.append((TRANSPOSED_WEIGHTS[model_type], 1))
+    return rules
+
+
+def axis_of(name: str, shape: tuple[int, ...], rules: list[tuple[str, int]]) -> int:
+    """The output-channel axis of tensor ``name`` under ``rules`` (0 unless a rule matches a 2-D tensor)."""
+    if len(shape) != 2:
+        return 0
+    return next((a for pat, a in rules if re.search(pat, name)), 0)
+
+
 def check_pattern(pat: str | None) -> None:
     """ValueError if ``pat`` is not a valid regular expression (None is)."""
     if pat:
@@ -68,7 +104,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
                         threads: int | None = None, executor: str = "local", address: str | None = None,
-                        format: str = "lowbit", solutions: Mapping[str, Solution] | None = None) -> Report:
+                        format: str = "lowbit", solutions: Mapping[str, Solution] | None = None,
+                        channel_axis: Mapping[str, int] | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -109,6 +146,12 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     tensor stores the solution in the chain's form, a tensor not selected (a LayerNorm weight an
     AWQ scale was folded into) is written with the solution's values, and a solution that matches
     no tensor, or more than one, is an error. Local executor only.
+
+    ``channel_axis``: ``{name regex: axis}`` for 2-D weights stored (in, out) (axis 1), first match
+    wins; architectures known to store some that way (GPT-2's ``Conv1D``, from the ``config.json``
+    beside the checkpoint) need nothing. Per-channel integer scales and float casts then follow the
+    output axis and integer groups the input axis; each report row says the axis
+    (``details["channel_axis"]``).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -117,6 +160,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     if address is not None and executor != "ray":
         raise ValueError("address applies to executor='ray' only")
     chain = Chain.of(method)
+    rules = channel_axes(source, channel_axis)
     if format == "gguf":
         gguf_type_of_chain(chain)  # a method GGUF cannot carry is refused before any work
     for pat, what in ((include, "include"), (exclude, "exclude")):
@@ -134,12 +178,12 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
 
         with RaySession(address, threads or available_cores()) as session:
             report = _compress(source, output, chain, include, exclude, 1, progress, force, min_ndim, collect,
-                               metrics, session, format)
+                               metrics, session, format, None, rules)
             report.meta["threads"] = f"Ray: {session.cpus()} CPU(s), one thread per task"
         return report
     with thread_budget(per_tensor):
         report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
-                           metrics, None, format, solutions)
+                           metrics, None, format, solutions, rules)
     report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
     return report
 
@@ -161,7 +205,8 @@ def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
 def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
               metrics: bool, session: Any = None, format: str = "lowbit",
-              solutions: Mapping[str, Solution] | None = None) -> Report:
+              solutions: Mapping[str, Solution] | None = None,
+              rules: list[tuple[str, int]] | None = None) -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
@@ -172,12 +217,16 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             raise CheckpointError(f"{path}: tensor {n!r} has shape {list(ckpt.info(n)[1])}, its solution "
                                   f"{list(sol.values.shape)}")
     reasons = {}
+    axes: dict[str, int] = {}
+    chains: dict[str, Chain] = {}
     for n in names:
         dtype, shape = ckpt.info(n)
         reasons[n] = _selected(n, dtype, shape, include, exclude, min_ndim)
+        axes[n] = axis_of(n, tuple(shape), rules or [])
+        chains[n] = chain.for_channel_axis(axes[n])
         if reasons[n] is None:
             try:
-                chain.check_shape(shape, n)
+                chains[n].check_shape(shape, n)
             except ValueError as e:
                 raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
     keep_approx = collect is not None
@@ -197,10 +246,11 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
 
     def process(name: str) -> Result:
         with slots:
-            return process_tensor(ckpt, name, reasons[name], chain, keep_approx, metrics, solved.get(name))
+            return process_tensor(ckpt, name, reasons[name], chains[name], keep_approx, metrics, solved.get(name))
 
     def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
         if c is not None:
+            c.row.details["channel_axis"] = axes[name]
             report.add(c.row)
             schemes[name] = c.scheme
             if isinstance(writer, GGUFWriter):
@@ -229,7 +279,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if session is not None:
             from .distributed import ray_in_order
 
-            results = ray_in_order(path, names, reasons, chain, keep_approx, metrics, session)
+            results = ray_in_order(path, names, reasons, chains, keep_approx, metrics, session)
         else:
             results = _in_order(names, process, workers)
         for name, res in results:

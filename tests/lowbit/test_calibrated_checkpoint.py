@@ -148,3 +148,4 @@ def test_the_cli_asks_for_calibration_text_and_a_model(model_dir, tmp_path, caps
     assert "--calibration-data" in capsys.readouterr().err
     assert cli([str(model_dir / "model.safetensors"), "--method", "int8", "--calibration-data", "x.txt"]) == 2
     assert cli([str(model_dir), "--method", "int8", "--gptq", "--executor", "ray"]) == 2
+

@@ -1,0 +1,55 @@
+"""2-D weights stored (in, out), as GPT-2's Conv1D: per-channel scales follow the output axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.quantize import main as cli
+from lowbit.checkpoint import compress_checkpoint, load
+from quant import PerChannel, PerGroup, QuantSpec, dequantize, quantize
+from quant.storage import IntQuant
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=128)).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8_e4m3fn", "int4-group"])
+def test_gpt2_conv1d_weights_are_quantized_per_output_feature(gpt2_dir, method):
+    from safetensors.numpy import load_file
+
+    m = IntQuant(QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))) if method == "int4-group" else method
+    rep = compress_checkpoint(gpt2_dir / "model.safetensors", None, m, progress=False)
+    rows = {r.name: r for r in rep.tensors}
+    assert rows["transformer.h.0.attn.c_attn.weight"].details["channel_axis"] == 1
+    assert rows["transformer.wte.weight"].details["channel_axis"] == 0
+    w = load_file(str(gpt2_dir / "model.safetensors"))["transformer.h.0.mlp.c_fc.weight"]  # (in, out)
+    if method == "int8":  # the same as quantizing the (out, in) transpose per output channel
+        from quant import calibrate
+        spec = QuantSpec(granularity=PerChannel(0))
+        qp = calibrate(w.T, spec)
+        expect = dequantize(quantize(w.T, qp), qp).T
+        out = compress_checkpoint(gpt2_dir / "model.safetensors", gpt2_dir / "q.safetensors", "int8", progress=False)
+        assert out.tensors
+        assert np.array_equal(load(gpt2_dir / "q.safetensors", as_numpy=True)["transformer.h.0.mlp.c_fc.weight"],
+                              expect)
+
+
+def test_channel_axis_rules_from_the_caller_come_first(gpt2_dir, capsys):
+    rep = compress_checkpoint(gpt2_dir / "model.safetensors", None, "int8", progress=False,
+                              channel_axis={r"c_attn": 0})
+    rows = {r.name: r for r in rep.tensors}
+    assert rows["transformer.h.0.attn.c_attn.weight"].details["channel_axis"] == 0
+    assert rows["transformer.h.0.attn.c_proj.weight"].details["channel_axis"] == 1
+    assert cli([str(gpt2_dir), "--channel-axis", "c_fc=2"]) == 2
+    assert cli([str(gpt2_dir), "--channel-axis", "c_fc=0", "--rows", "0", "--quiet"]) == 0
