@@ -329,6 +329,24 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def ties(self) -> dict[str, str]:
+        """Tensors that are the very same tensor as an earlier name (a PyTorch state dict of a model with
+        tied weights holds GPT-2's ``lm_head.weight`` and ``transformer.wte.weight`` as one storage):
+        ``{later name: first name}``. safetensors files store each tensor once, so they have none."""
+        if self._pickle is None:
+            return {}
+        first: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for n, t in self._pickle.items():
+            if t.numel() == 0:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key in first:
+                out[n] = first[key]
+            else:
+                first[key] = n
+        return out
+
     def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         if self._pickle is not None:
             t = self._pickle[name]

@@ -137,8 +137,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     rows are byte-identical to a local run's; ``workers`` does not apply.
 
     ``format``: ``"lowbit"`` (safetensors with lowbit's stored parts and schemes, read back by
-    :func:`load`) or ``"gguf"`` (a GGUF file of q8_0/q4_0 blocks or fp16/bf16 tensors, with the kept
-    tensors in their own types; see :mod:`lowbit.checkpoint.gguf`).
+    :func:`load`; tensors tied in a PyTorch state dict, such as GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``, are stored and counted once and come back tied) or ``"gguf"`` (a GGUF
+    file of q8_0/q4_0 blocks or fp16/bf16 tensors, with the kept tensors in their own types; see
+    :mod:`lowbit.checkpoint.gguf`).
 
     ``solutions``: what a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided, by parameter name
     of the model it ran on (:func:`lowbit.checkpoint.calibrated.solve`). Each name is matched to one
@@ -210,7 +212,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
-    names = ckpt.names()
+    ties = ckpt.ties() if format == "lowbit" else {}
+    names = [n for n in ckpt.names() if n not in ties]  # a tied tensor is stored (and counted) once
     solved = match_solutions(solutions, names, path) if solutions else {}
     for n, sol in solved.items():
         if tuple(sol.values.shape) != tuple(ckpt.info(n)[1]):
@@ -289,7 +292,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             writer.commit({"lowbit.source": str(path)})
         elif writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
-                                                 "kept": [k.name for k in report.kept]})})
+                                                 "kept": [k.name for k in report.kept], "tied": ties})})
     except BaseException:
         if writer:
             writer.abort()
@@ -297,6 +300,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     finally:
         if bar:
             bar.close()
+    if ties:
+        report.meta["tied"] = ties
     report.meta["wall_time_s"] = time.perf_counter() - t0
     report.meta["checkpoint_file_bytes"] = ckpt.nbytes
     if output is not None:
@@ -387,8 +392,10 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
     else:
         try:
             meta = json.loads(raw)
-            schemes, kept = meta["tensors"], meta.get("kept", [])
-            if not isinstance(schemes, dict) or not isinstance(kept, list) or not all(isinstance(k, str) for k in kept):
+            schemes, kept, tied = meta["tensors"], meta.get("kept", []), meta.get("tied", {})
+            if not isinstance(schemes, dict) or not isinstance(kept, list) or not all(isinstance(k, str) for k in kept) \
+                    or not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                             for k, v in tied.items()):
                 raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError, ValueError):
             raise CheckpointError(f"{path}: the 'lowbit' metadata is not valid") from None
@@ -411,10 +418,15 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
                 out[n] = restore(n, scheme, parts)
             except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as e:
                 raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+        for n, first in tied.items():  # the same tensor under a second name, as the source had it
+            if first not in out or n in out:
+                raise CheckpointError(f"{path}: tied tensor {n!r} names {first!r}, which is not stored, or is stored twice")
+            out[n] = out[first]
     if as_numpy:
         return out
     import torch
 
     from precision.arrays import contiguous, like
 
-    return {k: like(contiguous(v), torch.empty(0)) for k, v in out.items()}
+    made: dict[int, Any] = {}  # tied names share one array, and so one tensor
+    return {k: made.setdefault(id(v), like(contiguous(v), torch.empty(0))) for k, v in out.items()}

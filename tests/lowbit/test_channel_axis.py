@@ -53,3 +53,21 @@ def test_channel_axis_rules_from_the_caller_come_first(gpt2_dir, capsys):
     assert rows["transformer.h.0.attn.c_proj.weight"].details["channel_axis"] == 1
     assert cli([str(gpt2_dir), "--channel-axis", "c_fc=2"]) == 2
     assert cli([str(gpt2_dir), "--channel-axis", "c_fc=0", "--rows", "0", "--quiet"]) == 0
+
+
+def test_tied_tensors_are_stored_and_counted_once_and_come_back_tied(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=32, vocab_size=128))
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    torch.save(sd, tmp_path / "model.bin")
+    out = tmp_path / "q.safetensors"
+    rep = compress_checkpoint(tmp_path / "model.bin", out, "int8", progress=False)
+    assert rep.meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    names = [r.name for r in rep.tensors] + [k.name for k in rep.kept]
+    assert "lm_head.weight" not in names and "transformer.wte.weight" in names
+    back = load(out)
+    assert back["lm_head.weight"] is back["transformer.wte.weight"]
+    assert set(back) == set(sd)
