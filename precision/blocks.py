@@ -70,6 +70,9 @@ differ and check lowbit against a rational oracle. A reader gets
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -254,29 +257,32 @@ class BlockCodes:
         return -(-n // per_byte) + self.scales.nbytes + (4 if self.tensor_scale is not None else 0)
 
 
-def _exponents(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
-    """The unclamped shared exponent of each block (float64 holding integers; NaN for NaN amax)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m, ex = np.frexp(np.where(np.isfinite(amax), amax, 1.0))  # amax = m * 2**ex, m in [0.5, 1)
-    floor_log2 = np.where(amax > 0, ex - 1, -np.inf).astype(np.float64)
-    floor_log2 = np.where(np.isinf(amax), 128.0, floor_log2)  # the float32 exponent field of inf, as torchao
+def _exponents(amax: Any, fmt: BlockFormat) -> Any:
+    """The unclamped shared exponent of each block (float64 holding integers; NaN for NaN amax), from
+    float64 ``amax``: numpy arrays or torch tensors alike (``xp`` is the array's namespace)."""
+    xp: Any = torch if is_torch(amax) else np
+    quiet = contextlib.nullcontext() if xp is torch else np.errstate(divide="ignore", invalid="ignore", over="ignore")
+    with quiet:
+        m, ex = xp.frexp(xp.where(xp.isfinite(amax), amax, xp.ones_like(amax)))  # amax = m * 2**ex, m in [0.5, 1)
+    floor_log2 = xp.where(amax > 0, ex - 1.0, xp.full_like(amax, -np.inf))
+    floor_log2 = xp.where(xp.isinf(amax), xp.full_like(amax, 128.0), floor_log2)  # float32's exponent field of inf
     exact_pow2 = m == 0.5
     rule = fmt.scale_rule
     if rule == "floor":
         e = floor_log2 - fmt.emax
     elif rule == "ceil":
-        e = floor_log2 + ~exact_pow2 - fmt.emax
+        e = floor_log2 + (~exact_pow2) * 1.0 - fmt.emax
     elif rule == "even":  # amax rounded half up to the element's mantissa width carries into the next power
         carry = m >= 1 - 2.0 ** -(fmt.element_format.mantissa_bits + 2)
-        e = floor_log2 + carry - fmt.emax
+        e = floor_log2 + carry * 1.0 - fmt.emax
     else:  # rceil: the smallest e with amax <= max * 2**e (every product below is exact in float64)
         top = fmt.element_max
-        e = floor_log2 - np.floor(np.log2(top))
-        with np.errstate(invalid="ignore", over="ignore"):
-            e = np.where(amax > top * np.exp2(e - 1), e, e - 1)
-            e = np.where(amax > top * np.exp2(e), e + 1, e)
-        e = np.where(np.isinf(amax), 127.0, e)  # torchao: an inf amax takes the largest finite scale
-    return np.where(np.isnan(amax), np.nan, e)
+        e = floor_log2 - math.floor(math.log2(top))
+        with contextlib.nullcontext() if xp is torch else np.errstate(invalid="ignore", over="ignore"):
+            e = xp.where(amax > top * xp.exp2(e - 1), e, e - 1)
+            e = xp.where(amax > top * xp.exp2(e), e + 1, e)
+        e = xp.where(xp.isinf(amax), xp.full_like(amax, 127.0), e)  # torchao: an inf amax takes the largest scale
+    return xp.where(xp.isnan(amax), xp.full_like(amax, np.nan), e)
 
 
 def block_encode(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even",
@@ -460,10 +466,9 @@ def block_decode(b: BlockCodes) -> np.ndarray:
 def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest_even") -> Any:
     """``block_decode(block_encode(x))``: ``x`` as a block format stores it. numpy in, float32 numpy
     out; a torch tensor comes back as a tensor of its dtype and device, differentiable with a
-    straight-through gradient (d/dx = 1), for training with block-format weights. Like
-    :func:`precision.round_to`, the tensor path computes on the CPU through numpy (a copy each way
-    for a GPU tensor, and a graph break under ``torch.compile``); a torch-native path for both is
-    the subject of the training-path issue."""
+    straight-through gradient (d/dx = 1), for training with block-format weights. The MX formats
+    (E8M0 scales) compute in torch on the tensor's device and compile (:func:`_round_blocks_tensor`,
+    the numpy path's values, tested); NVFP4, float-scaled and GGUF blocks take the numpy path (CPU)."""
     if is_torch(x) and x.is_floating_point():
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockSTE.apply(x, fmt, rounding)
@@ -471,13 +476,49 @@ def round_to_block(x: Any, fmt: "BlockFormat | str", *, rounding: str = "nearest
     return block_decode(block_encode(x, fmt, rounding=rounding))
 
 
+def _round_blocks_tensor(x: "torch.Tensor", fmt: BlockFormat, rounding: str) -> "torch.Tensor":
+    """E8M0-scaled blocks of a torch tensor in torch alone (float32; float64 input is first rounded
+    to float32 as :func:`block_encode` does not: callers pass float32 or narrower): the shared exponent
+    by the format's rule, elements rounded once with saturation, float32 values."""
+    from .codec import _round_tensor
+
+    v = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // fmt.block, fmt.block)
+    amax = v.abs().amax(dim=-1).to(torch.float64)  # NaN propagates
+    e = _exponents(amax, fmt)
+    nan = torch.isnan(e)
+    e = torch.clamp(torch.where(nan, torch.zeros_like(e), e), -E8M0_BIAS, E8M0_BIAS).to(torch.float32)
+    y = v * torch.exp2(-e)[..., None]  # exact: a power of two in float32's normal range
+    if fmt.is_int:  # MXINT8: y in units of 2**-6, rounded, clamped to +-127
+        t = y * 64.0
+        if rounding == "nearest_even":
+            q = torch.round(t)
+        elif rounding == "nearest_away":
+            q = torch.floor(t.abs() + 0.5).copysign(t)
+        else:
+            q = torch.trunc(t)
+        el = (q.clamp(-127, 127) + 0.0) / 64.0  # + 0.0: an integer code has no negative zero
+    else:
+        el = _round_tensor(y, fmt.element_format, rounding, "saturate", "keep")
+    out = el * torch.exp2(e)[..., None]
+    out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
+    return out.reshape(x.shape)
+
+
 if torch is not None:
 
     class _BlockSTE(torch.autograd.Function):
-        """Block-format rounding forward; identity gradient backward (straight-through)."""
+        """Block-format rounding forward (in torch for the MX formats); identity gradient backward
+        (straight-through)."""
 
         @staticmethod
         def forward(ctx, x, fmt, rounding):  # noqa: D401
+            f = get_block_format(fmt)
+            check_modes(rounding, "saturate", "keep")
+            if f.scale == "e8m0" and x.dtype != torch.float64 and rounding != "stochastic":
+                if x.ndim == 0 or x.shape[-1] % f.block:
+                    raise ValueError(f"round_to_block: the last axis ({x.shape[-1] if x.ndim else 'none'}) must be a "
+                                     f"multiple of the block size {f.block}")
+                return _round_blocks_tensor(x.detach(), f, rounding).to(x.dtype)
             v = block_decode(block_encode(x.detach(), fmt, rounding=rounding))
             return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
 

@@ -77,3 +77,40 @@ def test_stochastic_rounding_on_tensors_is_reproducible_and_unbiased():
     assert torch.equal(a, round_to(x, "fp8_e4m3fn", rounding="stochastic", seed=3))
     assert set(a.unique().tolist()) == {1.0, 1.125}
     assert abs(float(a.mean()) - float(x[0])) < 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away", "toward_zero"])
+def test_round_to_block_on_a_tensor_gives_the_numpy_values(fmt, rounding, device):
+    from precision.blocks import round_to_block
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 256)) * np.exp2(rng.integers(-30, 30, (64, 1)))).astype(np.float32)
+    x[0, :32] = 0
+    x[1, :5] = [np.inf, 1, 2, 3, 4]
+    x[2, 3] = np.nan
+    x[3, :32] = 1e-40
+    x[4, 0] = 3e38
+    x[5] = np.repeat(np.float32([0.75, 1.5, 3.0, 6.0]) * 2.0 ** -3, 64)  # powers and ties at the scale edges
+    ref = round_to_block(x, fmt, rounding=rounding)
+    got = round_to_block(torch.from_numpy(x).to(device), fmt, rounding=rounding).cpu().numpy()
+    assert _same(ref, got).all()
+
+
+def test_round_to_block_compiles_and_trains_straight_through(monkeypatch):
+    from precision.blocks import round_to_block
+
+    def f(w):
+        return round_to_block(w, "mxfp4")
+
+    w = torch.randn(8, 64)
+    assert torch._dynamo.explain(f)(w).graph_break_count == 0
+    assert torch.equal(torch.compile(f, fullgraph=True)(w), f(w))
+
+    def refuse(self, *a, **k):
+        raise AssertionError("round_to_block called Tensor.numpy()")
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+    g = w.clone().requires_grad_()
+    f(g).sum().backward()
+    assert torch.equal(g.grad, torch.ones_like(w))
