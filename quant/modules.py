@@ -78,6 +78,26 @@ def codes_buffer(codes: np.ndarray, spec: QuantSpec) -> torch.Tensor:
     return torch.from_numpy(contiguous(codes))
 
 
+def register_quantized_state(module: nn.Module, codes: np.ndarray, qparams: QParams,
+                             act_qparams: QParams | None) -> None:
+    """The buffers of a quantized layer: ``weight_codes`` (:func:`codes_buffer`), ``weight_scale``,
+    ``weight_zero_point``, and the static activation params ``act_scale`` / ``act_zero_point`` (None
+    without), so that a saved model loads into a fresh skeleton with nothing held outside its state."""
+    module.register_buffer("weight_codes", codes_buffer(codes, qparams.spec))
+    module.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
+    module.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
+    module.register_buffer("act_scale", None if act_qparams is None else torch.from_numpy(act_qparams.scale.copy()))
+    module.register_buffer("act_zero_point", None if act_qparams is None else
+                           torch.from_numpy(act_qparams.zero_point.copy()))
+
+
+def weight_bytes(module: Any) -> int:
+    """Bytes a quantized layer stores for its weight: the codes as held, float32 scales, and int32 zero
+    points unless symmetric."""
+    return int(module.weight_codes.numel() * module.weight_codes.element_size() + module.weight_scale.numel() * 4
+               + (0 if module.spec.symmetric else module.weight_zero_point.numel() * 4))
+
+
 def unpacked_codes(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec) -> torch.Tensor:
     """The codes of :func:`codes_buffer` back in ``shape`` (int8 or uint8), in torch on ``buf``'s device."""
     if spec.bits > 4:
@@ -153,13 +173,7 @@ class QuantizedLinear(nn.Module):
         # SmoothQuant: the stored weight was multiplied by s per input channel, so inputs are divided by it
         self.register_buffer("input_scale", None if input_scale is None else
                              torch.from_numpy(np.asarray(input_scale, np.float32).reshape(-1).copy()))
-        self.register_buffer("weight_codes", codes_buffer(codes, qparams.spec))
-        self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
-        self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
-        # static activation params live in buffers too, so a saved model loads into a fresh skeleton
-        self.register_buffer("act_scale", None if act_qparams is None else torch.from_numpy(act_qparams.scale.copy()))
-        self.register_buffer("act_zero_point", None if act_qparams is None else
-                             torch.from_numpy(act_qparams.zero_point.copy()))
+        register_quantized_state(self, codes, qparams, act_qparams)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         # set by ptq with PTQConfig(gelu_in_place=True) once it has shown the output feeds nothing but an exact GELU, which
         # it then removes: GELU is applied here, in place in this layer's fresh output (same values)
@@ -208,8 +222,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * 4 + (
-            0 if self.spec.symmetric else self.weight_zero_point.numel() * 4)
+        b = weight_bytes(self)
         if self.bias is not None:
             b += self.bias.numel() * self.bias.element_size()
         if self.act_qparams is not None:

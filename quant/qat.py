@@ -15,7 +15,7 @@ from torch import nn
 
 from .calibrate import blocks_2d, scale_zero_point
 from .hooks import as_linear, find_layers, is_transposed_linear
-from .modules import QuantizedLinear, codes_buffer, refuse_save_pretrained, unpacked_codes
+from .modules import QuantizedLinear, refuse_save_pretrained, register_quantized_state, unpacked_codes, weight_bytes
 from .quantize import FakeQuantSTE, QParams, blocked, dequantize_tensor, fake_quantize_tensor, params_view, quantize
 from .spec import PerChannel, PerTensor, QuantSpec
 
@@ -334,12 +334,7 @@ class QuantizedConv(nn.Module):
         self.act_spec = None if act_qparams is None else act_qparams.spec
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.code_shape = tuple(codes.shape)
-        self.register_buffer("weight_codes", codes_buffer(codes, qparams.spec))
-        self.register_buffer("weight_scale", torch.from_numpy(qparams.scale.copy()))
-        self.register_buffer("weight_zero_point", torch.from_numpy(qparams.zero_point.copy()))
-        self.register_buffer("act_scale", None if act_qparams is None else torch.from_numpy(act_qparams.scale.copy()))
-        self.register_buffer("act_zero_point", None if act_qparams is None else
-                             torch.from_numpy(act_qparams.zero_point.copy()))
+        register_quantized_state(self, codes, qparams, act_qparams)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,9 +348,7 @@ class QuantizedConv(nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * 4 + (
-            0 if self.spec.symmetric else self.weight_zero_point.numel() * 4)
-        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
+        return weight_bytes(self) + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -13,7 +13,7 @@ from precision import get_format, known_formats, round_to
 
 FORMATS = [f for f in known_formats() if get_format(f).specials != "fnu"]
 MODES = list(itertools.product(["nearest_even", "nearest_away", "toward_zero"], ["ieee", "saturate"], ["keep", "flush"]))
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def _inputs(dtype) -> np.ndarray:

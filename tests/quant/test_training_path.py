@@ -16,7 +16,7 @@ from quant import (PerChannel, PerGroup, QuantSpec, QuantizedLinear, calibrate, 
                    enable_fake_quant, fake_quantize, freeze_observers, prepare_qat, quantize)
 from quant.qat import QuantizedConv
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 SPECS = [QuantSpec(), QuantSpec(bits=4, symmetric=False, granularity=PerChannel(0)),
          QuantSpec(bits=3, granularity=PerGroup(16)), QuantSpec(bits=8, signed=False, symmetric=False),
          QuantSpec(bits=6, narrow_range=True, granularity=PerChannel(1))]
