@@ -15,7 +15,7 @@ import numpy as np
 
 from .arrays import as_numpy, real_array, require_finite
 from .codec import check_modes, decode, decode_table, encode
-from .formats import FloatFormat, FormatLike, get_format
+from .formats import FloatFormat, FormatLike, get_format, known_formats
 from .methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 from .metrics import MetricsAccumulator, decode_measure_c
 from .report import Report, TensorReport
@@ -102,6 +102,16 @@ def cast_report(tensors: Any, fmt: FormatLike, *, scaling: str = "none", axis: i
         rep.add(TensorReport.measure(n, ref, c.values(), method=fmt.name + ("" if scaling == "none" else f"/{scaling}"),
                                      bytes_after=c.nbytes))
     return rep
+
+
+def _native_dtype(fmt: FloatFormat) -> np.dtype | None:
+    """The numpy dtype safetensors stores ``fmt``'s values as (None where it has none, or for fp32)."""
+    if fmt.safetensors_dtype is None or fmt.numpy_dtype is None or fmt.bits == 32:
+        return None
+    return np.dtype(fmt.numpy_dtype)
+
+
+_NATIVE_DTYPES = frozenset(d for d in (_native_dtype(get_format(n)) for n in known_formats()) if d is not None)
 
 
 @register_method
@@ -223,3 +233,23 @@ class FloatCast(ValueMethod):
     @classmethod
     def code_dtype(cls, scheme: dict[str, Any], src_dtype: np.dtype) -> np.dtype:
         return get_format(scheme["format"]).storage_dtype
+
+    @classmethod
+    def pack(cls, codes: np.ndarray, scheme: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """The codes viewed as the format's own dtype where safetensors has one (``F16``, ``BF16``,
+        ``F8_E4M3``, ``F8_E5M2``), so that any safetensors reader sees what they are; the bits are
+        the codes'. Other formats store their unsigned codes."""
+        native = _native_dtype(get_format(scheme["format"]))
+        return (codes.view(native) if native is not None else codes), {}
+
+    @classmethod
+    def unpack(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> np.ndarray:
+        return stored if stored.dtype == dtype else stored.view(dtype)
+
+    @classmethod
+    def check_packed(cls, stored: np.ndarray, info: dict[str, Any], count: int, dtype: np.dtype) -> None:
+        """The codes stored as unsigned integers (files written before the native dtypes, still read) or
+        as a float dtype of the same width that safetensors names."""
+        if stored.dtype != dtype and not (stored.dtype in _NATIVE_DTYPES and stored.dtype.itemsize == dtype.itemsize):
+            raise ValueError(f"{stored.dtype} codes are stored where the scheme says {dtype}")
+        super().check_packed(stored.view(dtype) if stored.dtype != dtype else stored, info, count, dtype)

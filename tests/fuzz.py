@@ -176,14 +176,13 @@ def _mutate_scheme(rng: random.Random, scheme: dict) -> None:
 
 
 def _lowbit_case(rng: random.Random, path: Path, d: Path) -> Path:
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
+    from lowbit.checkpoint import Checkpoint, SafetensorsWriter
     from lowbit.checkpoint.chain import parts_digest, scheme_digest
 
-    with safe_open(str(path), "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata())
+    # lowbit's own reader and writer: safetensors' numpy API has no float8 or bfloat16 dtypes
+    ck = Checkpoint(path)
+    tensors = {k: ck.read(k) for k in ck.names()}
+    meta = dict(ck.metadata)
     lb = json.loads(meta["lowbit"])
     name = rng.choice(sorted(lb["tensors"]))
     scheme = lb["tensors"][name]
@@ -201,7 +200,10 @@ def _lowbit_case(rng: random.Random, path: Path, d: Path) -> Path:
                                  np.zeros((2, 3), np.int32)])
     meta["lowbit"] = _json_dumps(lb)
     out = d / "case.safetensors"
-    save_file(tensors, str(out), metadata=meta)
+    w = SafetensorsWriter(out, force=True, inputs=[])
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.commit(meta)
     return out
 
 
