@@ -1,9 +1,11 @@
 """Array input for every lowbit function: torch tensors, numpy arrays and Python numbers.
 
-Every algorithm in lowbit is written once, on numpy arrays. Torch tensors
-cross into numpy without a copy (CPU tensors share memory; bf16 and fp8 are
-viewed through their bit patterns) and results go back as the same kind
-(``like``). ``real_array`` is the one validated entry point: it states which
+The checkpoint, calibration and report paths work on numpy arrays: torch
+tensors cross into numpy without a copy (CPU tensors share memory; bf16 and
+fp8 are viewed through their bit patterns) and results go back as the same
+kind (``like``). The training path (``round_to``, ``round_to_block`` for MX,
+``fake_quantize``, ``FakeQuantize``) stays in torch on the tensor's device,
+with the same rounding steps written once for both (tested bit for bit). ``real_array`` is the one validated entry point: it states which
 dtypes are accepted and how they are widened, and ``require_finite`` is the
 one NaN/inf check, so every package words these errors the same way.
 """
