@@ -125,7 +125,12 @@ def _codes(values: torch.Tensor, params: Any) -> np.ndarray | None:
 def solve_layers(model: nn.Module, layers: Sequence[tuple[str, nn.Linear]], batches: list[Any],
                  solver: Solver) -> tuple[dict[str, LayerSolution], list[str]]:
     """Solve every layer of ``layers`` (Linear modules of ``model``) in forward order on ``batches``
-    (see the module docstring). Returns ``(solutions by layer name, layers never reached)``."""
+    (see the module docstring). Returns ``(solutions by layer name, layers never reached)``. The
+    solvers run on a CPU model (their scale calibration is numpy's); a model elsewhere is refused."""
+    devices = {p.device.type for _, m in layers for p in m.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"the calibrated solvers run on a CPU model; this one is on {', '.join(sorted(devices))}: "
+                         "move it with model.cpu() (the stored result is the same)")
     mods = dict(layers)
     awq = solver.awq
     made_by = producers(model, layers, batches[0]) if awq is not None else {}

@@ -301,3 +301,9 @@ def test_a_linear_the_data_never_reaches_is_an_error(token_batches):
             return self.used(x)
     with pytest.raises(ValueError, match="never reaches unused"):
         ptq(Two(), PTQConfig(gptq=GPTQ(), weights=QuantSpec(granularity=PerChannel(0))), [torch.randn(3, 4)])
+
+
+def test_the_solvers_refuse_a_model_off_the_cpu(tiny_bert, token_batches):
+    with pytest.raises(ValueError, match="CPU model"):
+        ptq(tiny_bert.to("meta"), PTQConfig(weights=QuantSpec(bits=4, granularity=PerGroup(32)), gptq=GPTQ()),
+            token_batches)
