@@ -150,11 +150,12 @@ class IntGrid(Grid):
 
     lazy = True
 
-    def __init__(self, spec: QuantSpec, calibration: str, shape: tuple[int, int]) -> None:
+    def __init__(self, spec: QuantSpec, calibration: str, shape: tuple[int, int], percentile: float | None = None) -> None:
         if calibration not in METHODS or calibration in ("moving_average", "entropy"):
             raise ValueError(f"GPTQ: calibration must be minmax, percentile or mse, got {calibration!r}")
         rows, cols = shape
         self.spec, self.calibration, self.shape = spec, calibration, shape
+        self.percentile = 99.99 if percentile is None else percentile  # calibrate's own default
         self.group = _group_size(spec, cols)
         n = cols // self.group
         self.scale, self.zero, self.inv = torch.ones(n, rows), torch.zeros(n, rows), torch.ones(n, rows)
@@ -167,12 +168,14 @@ class IntGrid(Grid):
 
     def fit_all(self, w: torch.Tensor) -> None:  # RTN's own params, in one call
         rows, cols = self.shape
-        qp = calibrate(np.ascontiguousarray(w.numpy()), self.spec, self.calibration)
+        qp = calibrate(np.ascontiguousarray(w.numpy()), self.spec, self.calibration,
+                       percentile=self.percentile)
         self._set(slice(None), torch.from_numpy(qp.scale.reshape(rows, -1).T.copy()),
                   torch.from_numpy(qp.zero_point.reshape(rows, -1).T.astype(np.float32)))
 
     def fit(self, g: int, w: torch.Tensor) -> None:
-        qp = calibrate(np.ascontiguousarray(w.numpy()), replace(self.spec, granularity=PerChannel(0)), self.calibration)
+        qp = calibrate(np.ascontiguousarray(w.numpy()), replace(self.spec, granularity=PerChannel(0)), self.calibration,
+                       percentile=self.percentile)
         self._set(g, torch.from_numpy(qp.scale.reshape(-1)), torch.from_numpy(qp.zero_point.reshape(-1).astype(np.float32)))
 
     def round(self, col: torch.Tensor, g: int) -> torch.Tensor:
@@ -197,6 +200,7 @@ class FloatGrid(Grid):
             raise ValueError("GPTQ takes weights stored (out, in): a float cast scaled per channel along axis 0")
         self.method, self.shape, self.group = method, shape, shape[1]
         self.cast: Any = None
+        self.row_scale: np.ndarray | None = None  # one scale per output row (channel or tensor scaling)
 
     def fit_all(self, w: torch.Tensor) -> None:
         from precision.cast import cast
@@ -279,18 +283,12 @@ def grid_for(method: Any, shape: tuple[int, int]) -> Grid:
     if isinstance(method, QuantSpec):
         return IntGrid(method, "minmax", shape)
     if isinstance(method, IntQuant):
-        if method.percentile is not None:
-            return IntGrid(method.spec, "percentile", shape) if method.percentile == 99.99 else _no_percentile()
-        return IntGrid(method.spec, method.calibration, shape)
+        return IntGrid(method.spec, method.calibration, shape, method.percentile)
     if isinstance(method, FloatCast):
         return FloatGrid(method, shape)
     if isinstance(method, BlockCast):
         return BlockGrid(method, shape)
     raise ValueError(f"GPTQ rounds to an integer, float or block format; got {type(method).__name__}")
-
-
-def _no_percentile() -> Grid:
-    raise ValueError("GPTQ takes the default percentile (99.99) only; use calibration='mse' or 'minmax'")
 
 
 def _group_size(spec: QuantSpec, columns: int) -> int:
