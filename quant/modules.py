@@ -25,6 +25,9 @@ from .spec import PerChannel, PerTensor, QuantSpec
 # the clamp pass; the full range [-128, 127] also runs on the kernel, with the clamp: amax / 127.5, and
 # +amax rounds to 128)
 TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, granularity=PerChannel(kept_axis=0))
+# the same over the full range [-128, 127] (scale amax / 127.5): compressed-tensors' dynamic per-token int8
+# (W8A8), which has no narrow range; a checkpoint declaring it runs with exactly that rounding
+TOKEN_SPEC_FULL = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(kept_axis=0))
 
 
 def _is_token_spec(spec: QuantSpec) -> bool:
@@ -305,3 +308,44 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weights={self.qparams.spec.describe()}, activations={self.activations}, kernel={self.kernel}"
                 + (", then GELU in place" if self.gelu_in_place else ""))
+
+
+class Float8Linear(nn.Module):
+    """A Linear layer whose weight is stored as fp8 e4m3fn codes (1 byte each) times a float32 scale, one
+    per output row or one for the whole weight, dequantized per call (``code * scale`` in float32, then
+    the input's dtype) and dropped after the matmul: no dense copy is kept.
+
+    ``codes``: (out, in) fp8 e4m3fn codes (an ``ml_dtypes`` array, or their bits as uint8). ``scale``:
+    float32, (out, 1) or (1, 1). ``bias``: float or None."""
+
+    weight_codes: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if codes.ndim != 2 or codes.dtype.itemsize != 1:
+            raise ValueError(f"Float8Linear: codes must be a 2-D array of 1-byte fp8 codes, got {codes.dtype} {codes.shape}")
+        self.out_features, self.in_features = codes.shape
+        scale = np.asarray(scale, np.float32)
+        if scale.shape not in ((self.out_features, 1), (1, 1)):
+            raise ValueError(f"Float8Linear: scale must be (out, 1) or (1, 1), got {scale.shape}")
+        bits = torch.from_numpy(contiguous(codes.view(np.uint8)))
+        self.register_buffer("weight_codes", bits.view(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.from_numpy(scale.copy()))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``code * scale`` in float32, (out, in)."""
+        return self.weight_codes.to(torch.float32) * self.weight_scale
+
+    @property
+    def stored_bytes(self) -> int:
+        b = self.weight_codes.numel() + self.weight_scale.numel() * 4
+        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp8_e4m3fn x float32 scale"

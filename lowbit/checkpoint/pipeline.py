@@ -22,6 +22,7 @@ from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
 from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
+from .compressed_tensors import CompressedTensors, CompressedTensorsWriter, is_compressed_tensors, linear_modules, load_dense
 from .gguf import GGUFWriter, gguf_type_of_chain
 from .io import Checkpoint, CheckpointError, SafetensorsWriter
 
@@ -104,7 +105,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         progress: bool = True, force: bool = False, min_ndim: int = 2,
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
                         threads: int | None = None, executor: str = "local", address: str | None = None,
-                        format: str = "lowbit", solutions: Mapping[str, Solution] | None = None,
+                        format: "str | CompressedTensors" = "lowbit", solutions: Mapping[str, Solution] | None = None,
                         channel_axis: Mapping[str, int] | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
@@ -140,7 +141,11 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     :func:`load`; tensors tied in a PyTorch state dict, such as GPT-2's ``lm_head.weight`` and
     ``transformer.wte.weight``, are stored and counted once and come back tied) or ``"gguf"`` (a GGUF
     file of q8_0/q4_0 blocks or fp16/bf16 tensors, with the kept tensors in their own types; see
-    :mod:`lowbit.checkpoint.gguf`).
+    :mod:`lowbit.checkpoint.gguf`) or ``"compressed-tensors"`` / :class:`CompressedTensors` (``output`` is a
+    model directory that transformers and vLLM load: the Linear layers' codes and scales copied into
+    compressed-tensors' layout, every other tensor as it is, the source directory's config.json with a
+    ``quantization_config`` and its other files; ``source`` must sit beside its config.json; see
+    :mod:`lowbit.checkpoint.compressed_tensors` for what each method becomes and what is refused).
 
     ``solutions``: what a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided, by parameter name
     of the model it ran on (:func:`lowbit.checkpoint.calibrated.solve`). Each name is matched to one
@@ -155,8 +160,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     output axis and integer groups the input axis; each report row says the axis
     (``details["channel_axis"]``).
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(format, CompressedTensors) or format == "compressed-tensors":
+        format = CompressedTensors.of(format)
+    elif format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS} or a CompressedTensors, got {format!r}")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if address is not None and executor != "ray":
@@ -165,6 +172,10 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     rules = channel_axes(source, channel_axis)
     if format == "gguf":
         gguf_type_of_chain(chain)  # a method GGUF cannot carry is refused before any work
+    if isinstance(format, CompressedTensors):
+        from .compressed_tensors import weight_args
+
+        weight_args(chain, format)  # likewise
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
             check_pattern(pat)
@@ -191,7 +202,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
 
 
 EXECUTORS = ("local", "ray")
-FORMATS = ("lowbit", "gguf")
+FORMATS = ("lowbit", "gguf", "compressed-tensors")
 
 
 def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
@@ -206,7 +217,7 @@ def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
 
 def _compress(source: Source, output: Source | None, chain: Chain, include: str | None, exclude: str | None,
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
-              metrics: bool, session: Any = None, format: str = "lowbit",
+              metrics: bool, session: Any = None, format: "str | CompressedTensors" = "lowbit",
               solutions: Mapping[str, Solution] | None = None,
               rules: list[tuple[str, int]] | None = None) -> Report:
     t0 = time.perf_counter()
@@ -219,12 +230,17 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if tuple(sol.values.shape) != tuple(ckpt.info(n)[1]):
             raise CheckpointError(f"{path}: tensor {n!r} has shape {list(ckpt.info(n)[1])}, its solution "
                                   f"{list(sol.values.shape)}")
+    ct = format if isinstance(format, CompressedTensors) else None
+    ct_dir = path if path.is_dir() else path.parent
+    modules = linear_modules(ct_dir, names) if ct is not None else {}
     reasons = {}
     axes: dict[str, int] = {}
     chains: dict[str, Chain] = {}
     for n in names:
         dtype, shape = ckpt.info(n)
         reasons[n] = _selected(n, dtype, shape, include, exclude, min_ndim)
+        if ct is not None and reasons[n] is None and n not in modules:
+            reasons[n] = "not a Linear layer's weight (compressed-tensors quantizes Linear layers only)"
         axes[n] = axis_of(n, tuple(shape), rules or [])
         chains[n] = chain.for_channel_axis(axes[n])
         if reasons[n] is None:
@@ -238,8 +254,12 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     gguf_type = gguf_type_of_chain(chain) if format == "gguf" else None  # refused before any work
     writer: Any = None
     if output is not None:
-        writer = GGUFWriter(output, force=force, inputs=ckpt.inputs) if format == "gguf" else \
-            SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
+        if ct is not None:
+            writer = CompressedTensorsWriter(output, ct_dir, ct, chain, force=force, header_reserve=reserve)
+        elif format == "gguf":
+            writer = GGUFWriter(output, force=force, inputs=ckpt.inputs)
+        else:
+            writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)
@@ -256,7 +276,12 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             c.row.details["channel_axis"] = axes[name]
             report.add(c.row)
             schemes[name] = c.scheme
-            if isinstance(writer, GGUFWriter):
+            if isinstance(writer, CompressedTensorsWriter):
+                if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
+                    writer.add_kept(name, c.parts["values"])
+                else:
+                    writer.add_compressed(name, modules[name], c)
+            elif isinstance(writer, GGUFWriter):
                 if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
                     writer.add_kept(name, c.parts["values"])
                 else:
@@ -271,7 +296,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         else:
             assert arr is not None  # a kept tensor always comes back with its array
             report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
-            if isinstance(writer, GGUFWriter):
+            if isinstance(writer, (GGUFWriter, CompressedTensorsWriter)):
                 writer.add_kept(name, arr)
             elif writer:
                 writer.add(name, arr)
@@ -288,7 +313,9 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         for name, res in results:
             with slots:
                 handle(name, *res)
-        if isinstance(writer, GGUFWriter):
+        if isinstance(writer, CompressedTensorsWriter):
+            writer.commit({"format": "pt", "lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
+        elif isinstance(writer, GGUFWriter):
             writer.commit({"lowbit.source": str(path)})
         elif writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
@@ -306,7 +333,10 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     report.meta["checkpoint_file_bytes"] = ckpt.nbytes
     if output is not None:
         report.meta["output"] = str(output)
-        report.meta["output_file_bytes"] = Path(output).stat().st_size
+        out = Path(output)
+        report.meta["output_file_bytes"] = (out / "model.safetensors").stat().st_size if out.is_dir() else out.stat().st_size
+        if ct is not None:
+            report.meta["format"] = "compressed-tensors" + (f" with {ct.activations} activations" if ct.activations else "")
     return report
 
 
@@ -383,11 +413,16 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
     unpruned, multiplied out) exactly as the report measured them; kept tensors come back
     bit for bit. Every compressed tensor's checksum is verified (a mismatch names the tensor).
     Returns ``{name: torch.Tensor}`` (or numpy arrays with ``as_numpy=True``). A plain
-    checkpoint without lowbit metadata is returned as it is."""
+    checkpoint without lowbit metadata is returned as it is. A compressed-tensors model directory (written
+    with ``format="compressed-tensors"`` or by compressed-tensors itself) comes back with its quantized
+    Linear weights dequantized in float32 as compressed-tensors computes them
+    (:func:`~lowbit.checkpoint.compressed_tensors.load_dense`)."""
     ck = Checkpoint(path)
     raw = ck.metadata.get("lowbit")
     out: dict[str, np.ndarray] = {}
-    if raw is None:
+    if is_compressed_tensors(path):
+        out = load_dense(path)
+    elif raw is None:
         out = {n: ck.read(n) for n in ck.names()}
     else:
         try:

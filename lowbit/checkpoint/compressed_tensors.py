@@ -1,0 +1,684 @@
+"""compressed-tensors: the model-directory layout that vLLM and transformers load (``quant_method:
+compressed-tensors``), written from lowbit's codes and read back into lowbit's quantized modules.
+
+Writing (:class:`CompressedTensorsWriter`, used by ``compress_checkpoint(..., format="compressed-tensors")``)
+copies the codes and scales a lowbit method chose; nothing is re-quantized. What each method becomes:
+
+=====================================  =====================  ==========================================
+lowbit method                          compressed-tensors     tensors per Linear layer ``M``
+=====================================  =====================  ==========================================
+int8 per channel / group / tensor      ``naive-quantized``    ``M.weight`` (I8), ``M.weight_scale`` (F32),
+                                       (``int-quantized``     ``M.weight_zero_point`` (I8, affine only)
+                                       with int8 activations)
+int2 ... int7, same granularities      ``pack-quantized``     ``M.weight_packed`` (I32, 32 codes in ``bits``
+                                                              words per row), ``M.weight_shape`` (I64),
+                                                              ``M.weight_scale``, ``M.weight_zero_point``
+                                                              (I32, packed along the output axis)
+fp8_e4m3fn, per channel or tensor      ``float-quantized``    ``M.weight`` (F8_E4M3), ``M.weight_scale``
+=====================================  =====================  ==========================================
+
+Unsigned lowbit codes are carried as signed ones (code and zero point both minus ``2**(bits-1)``:
+the same ``(code - zero_point) * scale``). Only the weights of ``nn.Linear`` layers are quantized in
+this layout; every other tensor is written as it is. Pruning, low rank, block formats (MX, NVFP4),
+fp8 e5m2 and fp16/bf16 casts have no lossless form here and are refused with the formats that carry them.
+
+Scales are written in float32, which lowbit and compressed-tensors' own decompression read as they
+are. transformers holds a layer's scales in the model's dtype, so it rounds them when a bfloat16 or
+float16 model is loaded; a float32 model loads bit for bit.
+
+Reading: :func:`read_layers` turns a directory's quantized layers (written by lowbit or by
+compressed-tensors' ``ModelCompressor`` for another tool) back into codes and params;
+:func:`load_quantized` builds the transformers model with lowbit's quantized modules from them,
+keeping the codes in memory; :func:`save_quantized` writes a model quantized with ``ptq``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from precision.cast import FloatCast
+from precision.dtypes import ST_TO_NP
+from precision.methods import ValueStore
+from quant.quantize import QParams
+from quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from quant.storage import IntQuant, pack_nibbles, unpack_nibbles
+
+from .chain import Chain, Compressed
+from .io import Checkpoint, CheckpointError, SafetensorsWriter, _fsync_dir
+
+FORMAT = "compressed-tensors"
+LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this module writes and was tested against
+ACTIVATIONS = ("int8",)
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.safetensors\.index\.json$")
+CARRIERS = ("lowbit (every method)", "gguf (int8/int4 per channel as q8_0/q4_0, fp16, bf16)")
+
+
+@dataclass(frozen=True)
+class CompressedTensors:
+    """The compressed-tensors output format (``compress_checkpoint(..., format=CompressedTensors(...))``;
+    the string ``"compressed-tensors"`` is ``CompressedTensors()``).
+
+    ``activations``: None (weight-only) or ``"int8"``: the layers' inputs are declared dynamic per-token
+    symmetric int8 (W8A8, compressed-tensors' ``int-quantized``), which vLLM and :func:`load_quantized` run
+    on int8 matmuls. Weights must then be int8 symmetric per channel or per tensor.
+    """
+
+    activations: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations is not None and self.activations not in ACTIVATIONS:
+            raise ValueError(f"CompressedTensors: activations must be None or one of {ACTIVATIONS}, got {self.activations!r}")
+
+    @classmethod
+    def of(cls, format: "str | CompressedTensors") -> "CompressedTensors":
+        if isinstance(format, CompressedTensors):
+            return format
+        if format == FORMAT:
+            return cls()
+        raise ValueError(f"not the compressed-tensors format: {format!r}")
+
+
+def _refuse(what: str, why: str) -> ValueError:
+    return ValueError(f"compressed-tensors cannot carry {what} without re-quantizing ({why}); "
+                      f"formats that carry it: {', '.join(CARRIERS)}")
+
+
+def _strategy(spec: QuantSpec) -> tuple[str, int | None]:
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return "tensor", None
+    if isinstance(g, PerChannel) and g.kept_axis in (0, -2):
+        return "channel", None
+    if isinstance(g, PerGroup) and g.reduced_axis in (1, -1):
+        return "group", g.size
+    raise _refuse(spec.describe(), "its scales run along a layer's input axis; compressed-tensors' run along the output")
+
+
+def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], str]:
+    """The compressed-tensors ``weights`` quantization args and the format name for ``chain`` (a value
+    method alone); ValueError naming the formats that can carry it otherwise."""
+    if chain.structure is not None:
+        raise _refuse(chain.structure.describe(), "its sparse formats were removed from compressed-tensors 0.15")
+    v = chain.values
+    if isinstance(v, IntQuant):
+        strategy, group = _strategy(v.spec)
+        args = {"num_bits": v.spec.bits, "type": "int", "symmetric": v.spec.symmetric, "strategy": strategy,
+                "group_size": group, "dynamic": False}
+        if fmt.activations == "int8" and not (v.spec.bits == 8 and v.spec.symmetric and strategy != "group"):
+            raise ValueError("CompressedTensors(activations='int8') (W8A8) needs int8 symmetric weights per channel "
+                             f"or per tensor, got {v.spec.describe()}")
+        if v.spec.bits == 8:
+            return args, "int-quantized" if fmt.activations else "naive-quantized"
+        return args, "pack-quantized"
+    if isinstance(v, FloatCast):
+        if v.format != "fp8_e4m3fn":
+            raise _refuse(v.describe(), "its float weights are fp8 e4m3fn only")
+        if v.scaling == "channel" and v.axis not in (0, -2):
+            raise _refuse(v.describe(), "its channel scales run along the output axis")
+        if fmt.activations is not None:
+            raise ValueError("CompressedTensors(activations='int8') applies to int8 weights, not fp8")
+        return {"num_bits": 8, "type": "float", "symmetric": True,
+                "strategy": "channel" if v.scaling == "channel" else "tensor", "group_size": None,
+                "dynamic": False}, "float-quantized"
+    assert v is not None  # a chain has a value method when it has no structure method
+    raise _refuse(v.describe(), "it stores integer or fp8 e4m3fn codes with scales only")
+
+
+INPUT_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "group_size": None}
+
+
+def quantization_config(args: dict[str, Any], fmt_name: str, targets: list[str],
+                        activations: str | None) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``: one group of ``targets`` (module-name regexes)."""
+    group = {"targets": targets, "weights": args, "input_activations": dict(INPUT_INT8) if activations else None,
+             "output_activations": None, "format": fmt_name}
+    return {"quant_method": FORMAT, "format": fmt_name, "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": [], "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+            "version": LAYOUT_VERSION}
+
+
+def module_target(module: str) -> str:
+    """A target that matches ``module`` whatever prefix the loading model class puts before it."""
+    return "re:^(?:.*\\.)?" + re.escape(module) + "$"
+
+
+# ------------------------------------------------------------------ packing
+
+def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
+    """compressed-tensors' dense packing of signed ``bits``-bit codes (rows, cols): each row's codes, offset
+    by ``2**(bits-1)``, as one little-endian bit stream (code i at bit ``i*bits``), in int32 words
+    (rows, ceil(cols*bits/32)); the last word of a row is padded with zero bits."""
+    rows, cols = codes.shape
+    u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    words = -(-cols * bits // 32)
+    if bits == 4:  # nibbles never straddle a byte: lowbit's own nibble packing, per row
+        u = np.pad(u, ((0, 0), (0, words * 8 - cols)))
+        packed = pack_nibbles(u).reshape(rows, words * 4)
+    else:
+        stream = np.unpackbits(u[:, :, None], axis=2, count=bits, bitorder="little").reshape(rows, cols * bits)
+        stream = np.pad(stream, ((0, 0), (0, words * 32 - cols * bits)))
+        packed = np.packbits(stream, axis=1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<i4").astype(np.int32, copy=False)
+
+
+def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """The signed int8 codes (rows, cols) of :func:`pack_int32` output."""
+    rows = packed.shape[0]
+    if packed.dtype != np.int32 or packed.ndim != 2 or packed.shape[1] != -(-cols * bits // 32):
+        raise ValueError(f"packed codes of shape {list(packed.shape)} ({packed.dtype}) do not hold {cols} "
+                         f"{bits}-bit codes per row")
+    raw = np.ascontiguousarray(packed).astype("<i4", copy=False).view(np.uint8).reshape(rows, -1)
+    if bits == 4:
+        u = unpack_nibbles(raw.reshape(-1), raw.size * 2).reshape(rows, -1)[:, :cols]
+    else:
+        stream = np.unpackbits(raw, axis=1, bitorder="little")[:, :cols * bits].reshape(rows, cols, bits)
+        u = np.packbits(stream, axis=2, bitorder="little").reshape(rows, cols)
+    return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+# ------------------------------------------------------------------ writing
+
+def linear_modules(model_dir: Path, names: list[str]) -> dict[str, str]:
+    """``{tensor name: module name}`` for the checkpoint tensors that are ``nn.Linear`` weights of the
+    model ``config.json`` in ``model_dir`` describes (built on the meta device: nothing is allocated)."""
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{model_dir}: compressed-tensors output needs the model's config.json beside the "
+                              "checkpoint (to find its Linear layers and to write the quantization_config)")
+    linear = {n for n, m in _meta_model(model_dir).named_modules() if _is_linear(m)}
+    out: dict[str, str] = {}
+    for t in names:
+        mod, _, leaf = t.rpartition(".")
+        if leaf == "weight" and any(mod == n or mod.endswith("." + n) or n.endswith("." + mod) for n in linear):
+            out[t] = mod
+    return out
+
+
+def _is_linear(m: Any) -> bool:
+    from torch import nn
+
+    return isinstance(m, nn.Linear)
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _meta_model(model_dir: Path) -> Any:
+    """The model class of ``model_dir``'s config, built with every tensor on the meta device."""
+    import torch
+
+    config = _config(model_dir)
+    with torch.device("meta"):
+        return _from_config(_model_class(config), config)
+
+
+def _from_config(cls: Any, config: Any) -> Any:
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+
+
+def _config(model_dir: Path) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise CheckpointError("the compressed-tensors format needs transformers (pip install 'lowbit[models]')") from None
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}: config.json is not a transformers config: {e}") from None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return config
+
+
+def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
+    """The compressed-tensors tensors of one Linear weight compressed by lowbit (``c``), codes copied."""
+    scheme = c.scheme
+    shape = tuple(scheme["shape"])
+    kind = scheme["values"]["kind"]
+    if kind == "float":
+        scale = c.parts.get("scale")
+        scale = np.ones(1, np.float32) if scale is None else scale.astype(np.float32)
+        per_channel = scheme["values"].get("scaling") == "channel"
+        return {f"{module}.weight": np.ascontiguousarray(c.parts["values"]).reshape(shape),
+                f"{module}.weight_scale": scale.reshape(-1, 1) if per_channel else scale.reshape(1)}
+    spec = QuantSpec.from_dict(scheme["values"]["spec"])
+    codes = ValueStore.codes(c.parts, scheme, ST_TO_NP[scheme["dtype"]]).reshape(shape)
+    pshape = spec.params_shape(shape)
+    scale = c.parts["scale"].astype(np.float32).reshape(pshape)
+    zp = c.parts["zero_point"].reshape(pshape) if "zero_point" in c.parts else None
+    if not spec.signed:  # the same (code - zero point) in signed codes
+        off = 1 << (spec.bits - 1)
+        codes = (codes.astype(np.int16) - off).astype(np.int8)
+        zp = None if zp is None else zp - off
+    if isinstance(spec.granularity, PerTensor):
+        scale = scale.reshape(1)
+        zp = None if zp is None else zp.reshape(1)
+    out: dict[str, np.ndarray] = {}
+    if spec.bits == 8:
+        out[f"{module}.weight"] = codes.astype(np.int8, copy=False)
+    else:
+        out[f"{module}.weight_packed"] = pack_int32(codes, spec.bits)
+        out[f"{module}.weight_shape"] = np.asarray(shape, np.int64)
+    out[f"{module}.weight_scale"] = scale
+    if zp is not None and not spec.symmetric:
+        zp8 = zp.astype(np.int8)
+        if spec.bits < 8 and not isinstance(spec.granularity, PerTensor):
+            out[f"{module}.weight_zero_point"] = np.ascontiguousarray(pack_int32(zp8.T, spec.bits).T)
+        else:
+            out[f"{module}.weight_zero_point"] = zp8
+    return out
+
+
+class CompressedTensorsWriter:
+    """A compressed-tensors model directory, written into a temporary directory beside ``path`` and
+    moved into place by :meth:`commit` (an existing directory is replaced only with ``force``):
+    ``model.safetensors``, the source's ``config.json`` with a ``quantization_config``, and every other
+    file of the source directory (tokenizer, sentence-transformers modules) copied."""
+
+    def __init__(self, path: str | os.PathLike, source_dir: Path, fmt: CompressedTensors, chain: Chain, *,
+                 force: bool = False, header_reserve: int = 1 << 16) -> None:
+        self.path = Path(path)
+        self.source_dir = source_dir
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: compressed-tensors output is a directory; a file is there")
+        if self.path.exists() and not force:
+            raise CheckpointError(f"{self.path}: already exists (pass --force to replace it)")
+        if self.path.resolve() == source_dir.resolve() or source_dir.resolve() in self.path.resolve().parents:
+            raise CheckpointError(f"{self.path}: the output would be written inside the input model directory")
+        if not self.path.parent.is_dir():
+            raise CheckpointError(f"{self.path.parent}: the output's parent directory does not exist")
+        self.force = force
+        self.fmt = fmt
+        self.args, self.fmt_name = weight_args(chain, fmt)
+        self._tmp = self.path.with_name(f".{self.path.name}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmpdir")
+        self._tmp.mkdir()
+        self._weights = SafetensorsWriter(self._tmp / "model.safetensors", header_reserve=header_reserve)
+        self.modules: list[str] = []
+
+    def add_kept(self, name: str, arr: np.ndarray) -> None:
+        self._weights.add(name, arr)
+
+    def add_compressed(self, name: str, module: str, c: Compressed) -> None:
+        for k, v in ct_tensors(module, c).items():
+            self._weights.add(k, v)
+        self.modules.append(module)
+
+    def commit(self, metadata: Mapping[str, str]) -> Path:
+        try:
+            self._weights.commit(dict(metadata))
+            config = json.loads((self.source_dir / "config.json").read_text(encoding="utf-8"))
+            if self.modules:
+                config["quantization_config"] = quantization_config(
+                    self.args, self.fmt_name, [module_target(m) for m in self.modules], self.fmt.activations)
+            else:
+                config.pop("quantization_config", None)
+            _copy_model_files(self.source_dir, self._tmp)
+            (self._tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            old = None
+            if self.path.exists():
+                old = self.path.with_name(f".{self.path.name}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.old")
+                os.replace(self.path, old)
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            self.abort()
+            raise CheckpointError(f"{self.path}: writing the model directory failed: {e.strerror or e}") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        self._weights.abort()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    """Every file of the model directory ``src`` but its weights and config.json (tokenizer, sentence-transformers
+    modules ...), sub-directories included; hidden entries and symbolic links are skipped."""
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or entry.is_symlink() or entry.name in ("config.json", "__pycache__"):
+            continue
+        if entry.is_dir():
+            (dst / entry.name).mkdir()
+            _copy_model_files(entry, dst / entry.name)
+        elif entry.is_file() and not WEIGHT_FILES.match(entry.name):
+            shutil.copyfile(entry, dst / entry.name)
+
+
+# ------------------------------------------------------------------ reading
+
+@dataclass
+class QuantizedWeight:
+    """One Linear layer's weight as a compressed-tensors directory stores it, in lowbit's terms.
+
+    ``codes``: (out, in) int8 integer codes, or fp8 e4m3fn codes (``float_format`` set) as stored.
+    ``qparams``: the integer params (None for fp8). ``scale``: fp8's float32 scale ((out, 1) or (1,)).
+    ``activations``: ``"int8"`` when the layer's inputs are declared dynamic per-token int8."""
+
+    module: str
+    codes: np.ndarray
+    qparams: QParams | None
+    scale: np.ndarray | None
+    float_format: str | None
+    activations: str | None
+
+    def dequantized(self) -> np.ndarray:
+        """float32 ``(code - zero_point) * scale`` (fp8: ``code * scale``), as compressed-tensors computes it."""
+        if self.qparams is None:
+            assert self.scale is not None
+            return self.codes.astype(np.float32) * self.scale
+        from quant.quantize import dequantize
+
+        return np.asarray(dequantize(self.codes, self.qparams), np.float32)
+
+
+def is_compressed_tensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model directory whose config.json declares ``quant_method: compressed-tensors``."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == FORMAT
+
+
+def _groups(model_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != FORMAT:
+        raise CheckpointError(f"{model_dir}: config.json has no compressed-tensors quantization_config")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"{model_dir}: quantization_status is {q.get('quantization_status')!r}; "
+                              "only compressed checkpoints store codes")
+    if (q.get("sparsity_config") or {}).get("format") not in (None, "dense"):
+        raise CheckpointError(f"{model_dir}: sparse compressed-tensors checkpoints "
+                              f"({q['sparsity_config'].get('format')}) are not supported")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointError(f"{model_dir}: quantization_config has no config_groups")
+    out = []
+    for gname, g in groups.items():
+        if not isinstance(g, dict):
+            raise CheckpointError(f"{model_dir}: config group {gname!r} is not an object")
+        out.append({**g, "name": gname, "format": g.get("format") or q.get("format")})
+    return q, out
+
+
+def _match(module: str, targets: list[str], is_linear: bool) -> bool:
+    for t in targets:
+        if t.startswith("re:"):
+            if re.match(t[3:], module):
+                return True
+        elif t == module or (t == "Linear" and is_linear):
+            return True
+    return False
+
+
+def _describe(w: dict[str, Any], fmt: str | None) -> str:
+    return (f"{w.get('type')} {w.get('num_bits')}-bit {w.get('strategy')}"
+            + (f" {w.get('group_size')}" if w.get("group_size") else "")
+            + (" symmetric" if w.get("symmetric", True) else " affine") + f" ({fmt})")
+
+
+def _spec_of(w: dict[str, Any], fmt: str | None, where: str) -> QuantSpec:
+    bits = w.get("num_bits")
+    strategy = w.get("strategy") or ("group" if (w.get("group_size") or 0) > 0 else
+                                     "channel" if w.get("group_size") == -1 else "tensor")
+    if w.get("type", "int") != "int" or not isinstance(bits, int) or not 2 <= bits <= 8 \
+            or strategy not in ("tensor", "channel", "group") or w.get("block_structure") \
+            or w.get("dynamic") not in (False, None) or fmt not in ("naive-quantized", "int-quantized", "pack-quantized"):
+        raise CheckpointError(f"{where}: lowbit cannot run the scheme {_describe(w, fmt)}; it runs int2-int8 "
+                              "per tensor, channel or group (naive-, int- and pack-quantized) and fp8 e4m3fn "
+                              "per tensor or channel (float-quantized)")
+    g = (PerTensor() if strategy == "tensor" else PerChannel(0) if strategy == "channel"
+         else PerGroup(int(w["group_size"]), -1))
+    return QuantSpec(bits=bits, signed=True, symmetric=bool(w.get("symmetric", True)), granularity=g)
+
+
+def _activations(group: dict[str, Any], where: str) -> str | None:
+    a = group.get("input_activations")
+    if a is None:
+        return None
+    if group.get("output_activations") is None and a.get("type", "int") == "int" and a.get("num_bits") == 8 \
+            and a.get("strategy") == "token" and a.get("dynamic") is True and a.get("symmetric", True):
+        return "int8"
+    raise CheckpointError(f"{where}: lowbit cannot run the input activations {_describe(a, 'input')}; it runs "
+                          "dynamic per-token symmetric int8 (W8A8) or weight-only")
+
+
+def read_layers(model_dir: str | os.PathLike, linear: set[str] | None = None) -> dict[str, QuantizedWeight]:
+    """The quantized Linear weights of a compressed-tensors directory, by module name as the checkpoint
+    names them. ``linear``: module names of the model's ``nn.Linear`` layers (for class targets such as
+    ``"Linear"``; default: the model built from config.json on the meta device). A scheme lowbit cannot
+    run raises CheckpointError naming it."""
+    d = Path(model_dir)
+    q, groups = _groups(d)
+    ck = Checkpoint(d)
+    names = ck.names()
+    if linear is None:
+        linear = set(linear_modules(d, names).values())
+    ignore = q.get("ignore") or []
+    out: dict[str, QuantizedWeight] = {}
+    for m in sorted({n.rpartition(".")[0] for n in names if n.endswith((".weight", ".weight_packed"))}):
+        if _match(m, ignore, m in linear):
+            continue
+        group = next((g for g in groups if _match(m, g.get("targets") or [], m in linear)), None)
+        if group is None:
+            continue
+        out[m] = _read_weight(ck, m, group, f"{d}: {m}")
+    return out
+
+
+def _read_weight(ck: Checkpoint, m: str, group: dict[str, Any], where: str) -> QuantizedWeight:
+    w = group.get("weights")
+    if not isinstance(w, dict):
+        raise CheckpointError(f"{where}: its config group has no weights scheme")
+    fmt = group.get("format")
+    acts = _activations(group, where)
+    names = set(ck.names())
+
+    def get(leaf: str) -> np.ndarray:
+        if f"{m}.{leaf}" not in names:
+            raise CheckpointError(f"{where}: tensor {m}.{leaf} is missing")
+        return ck.read(f"{m}.{leaf}")
+
+    scale = get("weight_scale")
+    if w.get("type") == "float":
+        strategy = w.get("strategy")
+        if w.get("num_bits") != 8 or strategy not in ("tensor", "channel") or fmt != "float-quantized" or acts:
+            raise CheckpointError(f"{where}: lowbit cannot run the scheme {_describe(w, fmt)}")
+        codes = get("weight")
+        if codes.dtype != ST_TO_NP["F8_E4M3"] or codes.ndim != 2:
+            raise CheckpointError(f"{where}: float-quantized weights must be 2-D F8_E4M3, got {codes.dtype}")
+        want = (codes.shape[0], 1) if strategy == "channel" else (1,)
+        if scale.size != int(np.prod(want)):
+            raise CheckpointError(f"{where}: weight_scale has shape {list(scale.shape)}, expected {list(want)}")
+        return QuantizedWeight(m, codes, None, scale.astype(np.float32).reshape(want if len(want) == 2 else (1, 1)),
+                               "fp8_e4m3fn", None)
+    spec = _spec_of(w, fmt, where)
+    if fmt == "pack-quantized":
+        shape_t = get("weight_shape")
+        if shape_t.size != 2:
+            raise CheckpointError(f"{where}: weight_shape must hold 2 integers, got {shape_t.size}")
+        shape = (int(shape_t[0]), int(shape_t[1]))
+        try:
+            codes = unpack_int32(get("weight_packed"), spec.bits, shape[1])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if codes.shape != shape:
+            raise CheckpointError(f"{where}: weight_packed holds {codes.shape[0]} rows, weight_shape says {shape[0]}")
+    else:
+        codes = get("weight")
+        if codes.dtype != np.int8 or codes.ndim != 2:
+            raise CheckpointError(f"{where}: {fmt} weights must be 2-D int8, got {codes.dtype} {list(codes.shape)}")
+        shape = codes.shape
+    try:
+        pshape = spec.params_shape(shape, m)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    n_params = int(np.prod(pshape))
+    if scale.size != n_params or scale.dtype.kind not in "fV":
+        raise CheckpointError(f"{where}: weight_scale holds {scale.size} {scale.dtype} values, expected {n_params} floats")
+    if spec.symmetric:
+        zp = np.zeros(pshape, np.int32)
+    else:
+        z = get("weight_zero_point")
+        if fmt == "pack-quantized" and not isinstance(spec.granularity, PerTensor):
+            try:
+                z = unpack_int32(np.ascontiguousarray(z.T), spec.bits, shape[0]).T
+            except ValueError as e:
+                raise CheckpointError(f"{where}: weight_zero_point: {e}") from None
+        if z.size != n_params or z.dtype.kind not in "iu":
+            raise CheckpointError(f"{where}: weight_zero_point holds {z.size} {z.dtype} values, expected {n_params} integers")
+        zp = z.astype(np.int32).reshape(pshape)
+        if zp.min() < spec.qmin or zp.max() > spec.qmax:
+            raise CheckpointError(f"{where}: a zero point lies outside the {spec.bits}-bit code range")
+    if codes.min(initial=0) < spec.qmin or codes.max(initial=0) > spec.qmax:
+        raise CheckpointError(f"{where}: a code lies outside the {spec.bits}-bit range")
+    qp = QParams(scale.astype(np.float32).reshape(pshape), zp, spec, tuple(shape))
+    return QuantizedWeight(m, np.ascontiguousarray(codes, np.int8), qp, None, None, acts)
+
+
+def load_dense(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a compressed-tensors directory with the quantized weights dequantized
+    (``name.weight``, float32, as compressed-tensors' own decompression computes it) and their
+    stored parts (``weight_scale``, ``weight_packed`` ...) dropped."""
+    d = Path(model_dir)
+    layers = read_layers(d)
+    ck = Checkpoint(d)
+    parts = {f"{m}.{leaf}" for m in layers for leaf in ("weight", "weight_packed", "weight_shape", "weight_scale",
+                                                         "weight_zero_point")}
+    out = {n: ck.read(n) for n in ck.names() if n not in parts}
+    for m, qw in layers.items():
+        out[f"{m}.weight"] = qw.dequantized()
+    return out
+
+
+# ------------------------------------------------------------------ models
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (nothing allocated) and their buffers
+    (position ids, rotary frequencies) computed as usual on the CPU."""
+    import torch
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _model_name(ckpt_module: str, model_modules: set[str], prefix: str) -> str | None:
+    if ckpt_module in model_modules:
+        return ckpt_module
+    if prefix and ckpt_module.startswith(prefix + ".") and ckpt_module[len(prefix) + 1:] in model_modules:
+        return ckpt_module[len(prefix) + 1:]
+    if prefix and f"{prefix}.{ckpt_module}" in model_modules:
+        return f"{prefix}.{ckpt_module}"
+    return None
+
+
+def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False, model_class: Any = None) -> Any:
+    """The transformers model of a compressed-tensors directory with every quantized Linear layer a lowbit
+    quantized module that keeps the stored codes: int2-int8 layers as :class:`quant.QuantizedLinear` (int
+    codes, two per byte at 4 bits or fewer; W8A8 layers run on the int8 matmul ``torch._int_mm`` with
+    dynamic per-token int8 inputs, the others dequantize per layer on the fly), fp8 e4m3fn layers as
+    :class:`quant.Float8Linear`. No dense copy of a quantized weight is ever made. Every other tensor is
+    loaded as stored (its dtype kept). ``model_class``: the transformers class to build (default: the
+    config's ``architectures``, else ``AutoModel``). ``int8_attention``: also run attention's two products
+    on int8 codes (:mod:`quant.attention`). Returns the model in eval mode.
+
+    Reads directories written by lowbit or by compressed-tensors' ``ModelCompressor`` (llm-compressor).
+    A scheme lowbit cannot run raises CheckpointError naming it."""
+    import torch
+
+    from quant.modules import Float8Linear, QuantizedLinear, TOKEN_SPEC_FULL, refuse_save_pretrained
+
+    d = Path(model_dir)
+    config = _config(d)
+    cls = model_class or _model_class(config)
+    with _parameters_on_meta():
+        model = _from_config(cls, config)
+    modules = dict(model.named_modules())
+    linear = {n for n, m in modules.items() if _is_linear(m)}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    ck = Checkpoint(d)
+    names = ck.names()
+    ckpt_linear = {m for m in (n.rpartition(".")[0] for n in names) if _model_name(m, linear, prefix) in linear}
+    layers = read_layers(d, ckpt_linear)
+    used: set[str] = set()
+    for m, qw in layers.items():
+        target = _model_name(m, linear, prefix)
+        if target is None:
+            raise CheckpointError(f"{d}: quantized layer {m!r} is not a Linear layer of {type(model).__name__}")
+        bias = ck.read(f"{m}.bias") if f"{m}.bias" in names else None
+        b = None if bias is None else torch.from_numpy(bias.copy())
+        if qw.qparams is None:
+            assert qw.scale is not None
+            layer: Any = Float8Linear(qw.codes, qw.scale, b)
+        else:
+            layer = QuantizedLinear(qw.codes, qw.qparams, b, "dynamic" if qw.activations else None,
+                                    act_spec=TOKEN_SPEC_FULL)
+        model.set_submodule(target, layer)
+        used.update(n for n in names if n.rpartition(".")[0] == m)
+    state: dict[str, Any] = {}
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for n in names:
+        if n in used:
+            continue
+        mod, _, leaf = n.rpartition(".")
+        target = _model_name(mod, set(modules), prefix) if mod else None
+        key = f"{target}.{leaf}" if target else n
+        if key in params or key in buffers:
+            from precision.arrays import like
+
+            state[key] = like(ck.read(n), torch.empty(0))
+    model.load_state_dict(state, strict=False, assign=True)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(f"{d}: the checkpoint does not hold {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
+    model.eval()
+    if int8_attention:
+        from quant.attention import use_int8_attention
+
+        use_int8_attention(model)
+    refuse_save_pretrained(model)
+    return model
