@@ -11,7 +11,7 @@ The tool is four packages, importable by their own names or through ``lowbit``
 plus ``lowbit.checkpoint``, the checkpoint pipeline. The main entry points are
 re-exported here: :func:`compress_checkpoint`, :func:`load`, :class:`Chain`,
 :func:`ptq` and :class:`PTQConfig`, and for compressed-tensors model directories
-:class:`CompressedTensors` and :func:`load_quantized`.
+:class:`CompressedTensors`, :func:`load_quantized` and :func:`save_quantized`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
 
 
 from . import checkpoint  # noqa: E402
-from .checkpoint import Chain, CompressedTensors, compress_checkpoint, load, load_quantized  # noqa: E402
+from .checkpoint import Chain, CompressedTensors, compress_checkpoint, load, load_quantized, save_quantized  # noqa: E402
 
 precision = importlib.import_module(__name__ + ".precision")
 quant = importlib.import_module(__name__ + ".quant")
@@ -65,4 +65,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["precision", "quant", "compress", "bench", "checkpoint", "compress_checkpoint", "load", "Chain",
-           "ptq", "PTQConfig", "CompressedTensors", "load_quantized"]
+           "ptq", "PTQConfig", "CompressedTensors", "load_quantized", "save_quantized"]

@@ -10,8 +10,9 @@
 
 from .chain import SCHEME_VERSION, Chain, Compressed, NotApplied, compress_tensor, restore, step_kind
 from .io import Checkpoint, CheckpointError, SafetensorsFile, SafetensorsWriter
-from .compressed_tensors import CompressedTensors, load_quantized
+from .compressed_tensors import CompressedTensors, load_quantized, save_quantized
 from .pipeline import compress_checkpoint, load
 
 __all__ = ["compress_checkpoint", "load", "Chain", "step_kind", "Compressed", "NotApplied", "compress_tensor",
-           "restore", "SCHEME_VERSION", "CompressedTensors", "load_quantized", "Checkpoint", "CheckpointError", "SafetensorsFile", "SafetensorsWriter"]
+           "restore", "SCHEME_VERSION", "CompressedTensors", "load_quantized", "save_quantized",
+           "Checkpoint", "CheckpointError", "SafetensorsFile", "SafetensorsWriter"]

@@ -137,13 +137,16 @@ def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], s
 INPUT_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "group_size": None}
 
 
-def quantization_config(args: dict[str, Any], fmt_name: str, targets: list[str],
-                        activations: str | None) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json``: one group of ``targets`` (module-name regexes)."""
-    group = {"targets": targets, "weights": args, "input_activations": dict(INPUT_INT8) if activations else None,
-             "output_activations": None, "format": fmt_name}
-    return {"quant_method": FORMAT, "format": fmt_name, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": [], "kv_cache_scheme": None,
+def quantization_config(groups: list[tuple[dict[str, Any], str, str | None, list[str]]]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``: one config group per ``(weights args, format
+    name, activations, module names)``."""
+    cg = {f"group_{i}": {"targets": [module_target(m) for m in modules], "weights": args,
+                         "input_activations": dict(INPUT_INT8) if acts else None, "output_activations": None,
+                         "format": fmt_name}
+          for i, (args, fmt_name, acts, modules) in enumerate(groups)}
+    names = {g[1] for g in groups}
+    return {"quant_method": FORMAT, "format": names.pop() if len(names) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": cg, "ignore": [], "kv_cache_scheme": None,
             "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
             "version": LAYOUT_VERSION}
 
@@ -253,18 +256,30 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
     """The compressed-tensors tensors of one Linear weight compressed by lowbit (``c``), codes copied."""
     scheme = c.scheme
     shape = tuple(scheme["shape"])
-    kind = scheme["values"]["kind"]
-    if kind == "float":
+    if scheme["values"]["kind"] == "float":
         scale = c.parts.get("scale")
-        scale = np.ones(1, np.float32) if scale is None else scale.astype(np.float32)
-        per_channel = scheme["values"].get("scaling") == "channel"
-        return {f"{module}.weight": np.ascontiguousarray(c.parts["values"]).reshape(shape),
-                f"{module}.weight_scale": scale.reshape(-1, 1) if per_channel else scale.reshape(1)}
+        return float_tensors(module, np.ascontiguousarray(c.parts["values"]).reshape(shape),
+                             np.ones(1, np.float32) if scale is None else scale, scheme["values"].get("scaling") == "channel")
     spec = QuantSpec.from_dict(scheme["values"]["spec"])
     codes = ValueStore.codes(c.parts, scheme, ST_TO_NP[scheme["dtype"]]).reshape(shape)
+    return int_tensors(module, codes, spec, c.parts["scale"], c.parts.get("zero_point"))
+
+
+def float_tensors(module: str, codes: np.ndarray, scale: np.ndarray, per_channel: bool) -> dict[str, np.ndarray]:
+    """``M.weight`` (fp8 e4m3fn codes, as stored) and ``M.weight_scale`` (float32, (out, 1) or (1,))."""
+    scale = np.asarray(scale, np.float32)
+    return {f"{module}.weight": codes, f"{module}.weight_scale": scale.reshape(-1, 1) if per_channel else scale.reshape(1)}
+
+
+def int_tensors(module: str, codes: np.ndarray, spec: QuantSpec, scale: np.ndarray,
+                zero_point: np.ndarray | None) -> dict[str, np.ndarray]:
+    """compressed-tensors' tensors of integer codes (out, in) under ``spec`` with their float32 ``scale`` and
+    ``zero_point`` (``spec.params_shape``): int8 as ``M.weight``, fewer bits packed (``M.weight_packed`` and
+    ``M.weight_shape``); unsigned codes carried as signed (code and zero point minus ``2**(bits-1)``)."""
+    shape = tuple(codes.shape)
     pshape = spec.params_shape(shape)
-    scale = c.parts["scale"].astype(np.float32).reshape(pshape)
-    zp = c.parts["zero_point"].reshape(pshape) if "zero_point" in c.parts else None
+    scale = np.asarray(scale, np.float32).reshape(pshape)
+    zp = None if zero_point is None else np.asarray(zero_point).astype(np.int32).reshape(pshape)
     if not spec.signed:  # the same (code - zero point) in signed codes
         off = 1 << (spec.bits - 1)
         codes = (codes.astype(np.int16) - off).astype(np.int8)
@@ -274,7 +289,7 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
         zp = None if zp is None else zp.reshape(1)
     out: dict[str, np.ndarray] = {}
     if spec.bits == 8:
-        out[f"{module}.weight"] = codes.astype(np.int8, copy=False)
+        out[f"{module}.weight"] = np.ascontiguousarray(codes, np.int8)
     else:
         out[f"{module}.weight_packed"] = pack_int32(codes, spec.bits)
         out[f"{module}.weight_shape"] = np.asarray(shape, np.int64)
@@ -291,47 +306,54 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
 class CompressedTensorsWriter:
     """A compressed-tensors model directory, written into a temporary directory beside ``path`` and
     moved into place by :meth:`commit` (an existing directory is replaced only with ``force``):
-    ``model.safetensors``, the source's ``config.json`` with a ``quantization_config``, and every other
-    file of the source directory (tokenizer, sentence-transformers modules) copied."""
+    ``model.safetensors``, ``config.json`` with a ``quantization_config`` (one config group per distinct
+    scheme), and the files of ``copy_from`` (a model directory: tokenizer, sentence-transformers
+    modules; weights and config.json are not copied)."""
 
-    def __init__(self, path: str | os.PathLike, source_dir: Path, fmt: CompressedTensors, chain: Chain, *,
-                 force: bool = False, header_reserve: int = 1 << 16) -> None:
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, copy_from: Path | None = None,
+                 header_reserve: int = 1 << 16) -> None:
         self.path = Path(path)
-        self.source_dir = source_dir
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"{self.path}: compressed-tensors output is a directory; a file is there")
         if self.path.exists() and not force:
             raise CheckpointError(f"{self.path}: already exists (pass --force to replace it)")
-        if self.path.resolve() == source_dir.resolve() or source_dir.resolve() in self.path.resolve().parents:
+        if copy_from is not None and (self.path.resolve() == copy_from.resolve()
+                                      or copy_from.resolve() in self.path.resolve().parents):
             raise CheckpointError(f"{self.path}: the output would be written inside the input model directory")
         if not self.path.parent.is_dir():
             raise CheckpointError(f"{self.path.parent}: the output's parent directory does not exist")
-        self.force = force
-        self.fmt = fmt
-        self.args, self.fmt_name = weight_args(chain, fmt)
+        self.copy_from = copy_from
         self._tmp = self.path.with_name(f".{self.path.name}.lowbit-{os.getpid()}-{secrets.token_hex(4)}.tmpdir")
         self._tmp.mkdir()
         self._weights = SafetensorsWriter(self._tmp / "model.safetensors", header_reserve=header_reserve)
-        self.modules: list[str] = []
+        self.groups: dict[str, tuple[dict[str, Any], str, str | None, list[str]]] = {}
+
+    @property
+    def directory(self) -> Path:
+        """The temporary directory being written (for files a caller adds, e.g. a tokenizer's)."""
+        return self._tmp
 
     def add_kept(self, name: str, arr: np.ndarray) -> None:
         self._weights.add(name, arr)
 
-    def add_compressed(self, name: str, module: str, c: Compressed) -> None:
-        for k, v in ct_tensors(module, c).items():
+    def add_layer(self, module: str, tensors: Mapping[str, np.ndarray], args: dict[str, Any], fmt_name: str,
+                  activations: str | None) -> None:
+        """One quantized Linear layer: its tensors (:func:`int_tensors` / :func:`float_tensors`) and its scheme."""
+        for k, v in tensors.items():
             self._weights.add(k, v)
-        self.modules.append(module)
+        key = json.dumps([args, fmt_name, activations], sort_keys=True)
+        self.groups.setdefault(key, (args, fmt_name, activations, []))[3].append(module)
 
-    def commit(self, metadata: Mapping[str, str]) -> Path:
+    def commit(self, config: dict[str, Any], metadata: Mapping[str, str]) -> Path:
+        """Finish: ``config`` (the model's config.json content) gets the quantization_config."""
         try:
-            self._weights.commit(dict(metadata))
-            config = json.loads((self.source_dir / "config.json").read_text(encoding="utf-8"))
-            if self.modules:
-                config["quantization_config"] = quantization_config(
-                    self.args, self.fmt_name, [module_target(m) for m in self.modules], self.fmt.activations)
-            else:
-                config.pop("quantization_config", None)
-            _copy_model_files(self.source_dir, self._tmp)
+            self._weights.commit({"format": "pt", **metadata})
+            config = dict(config)
+            config.pop("quantization_config", None)
+            if self.groups:
+                config["quantization_config"] = quantization_config(list(self.groups.values()))
+            if self.copy_from is not None:
+                _copy_model_files(self.copy_from, self._tmp)
             (self._tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             old = None
             if self.path.exists():
@@ -682,3 +704,86 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         use_int8_attention(model)
     refuse_save_pretrained(model)
     return model
+
+
+def _layer_scheme(name: str, m: Any) -> tuple[dict[str, Any], str, str | None, dict[str, np.ndarray]]:
+    """(weights args, format name, activations, tensors) of one lowbit quantized layer; ValueError naming
+    the layer and what compressed-tensors cannot express otherwise."""
+    from quant.modules import TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear
+
+    if isinstance(m, Float8Linear):
+        import torch
+
+        per_channel = m.weight_scale.shape[0] > 1
+        codes = m.weight_codes.view(torch.uint8).numpy().view(ST_TO_NP["F8_E4M3"])
+        args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel" if per_channel else "tensor",
+                "group_size": None, "dynamic": False}
+        return args, "float-quantized", None, float_tensors(name, codes, m.weight_scale.numpy(), per_channel)
+    assert isinstance(m, QuantizedLinear)
+    if m.input_scale is not None:
+        raise ValueError(f"{name}: its inputs are rescaled (SmoothQuant or AWQ runtime scales), which compressed-tensors "
+                         "cannot express; quantize without smoothquant / AWQ(runtime_scales=True), or save in lowbit's format")
+    if m.gelu_in_place:
+        raise ValueError(f"{name}: GELU was fused into this layer (gelu_in_place), so the model lost its GELU module; "
+                         "quantize with gelu_in_place=False to save it")
+    acts: str | None = None
+    if m.activations == "dynamic":
+        if m.act_spec != TOKEN_SPEC_FULL:
+            raise ValueError(f"{name}: dynamic activations {m.act_spec.describe()} are not compressed-tensors' W8A8 "
+                             "(int8 symmetric per token over the full range); quantize with "
+                             "PTQConfig(activations=quant.TOKEN_SPEC_FULL, activation_mode='dynamic')")
+        acts = "int8"
+    elif m.activations is not None:
+        raise ValueError(f"{name}: static activation ranges are not carried by compressed-tensors' int formats; "
+                         "use dynamic per-token activations (quant.TOKEN_SPEC_FULL)")
+    qp = m.qparams
+    args, fmt_name = weight_args(Chain(None, IntQuant(qp.spec)), CompressedTensors(acts))
+    tensors = int_tensors(name, m.codes().numpy(), qp.spec, qp.scale, None if qp.spec.symmetric else qp.zero_point)
+    return args, fmt_name, acts, tensors
+
+
+def save_quantized(model: Any, path: str | os.PathLike, *, tokenizer: Any = None, force: bool = False) -> Path:
+    """Write a transformers model quantized by lowbit (``ptq`` with weight-only int2-int8, or W8A8 with
+    ``activations=quant.TOKEN_SPEC_FULL, activation_mode="dynamic"``, or :func:`load_quantized`) as a
+    compressed-tensors model directory that :func:`load_quantized`, transformers and vLLM load: the codes and
+    scales of every :class:`quant.QuantizedLinear` / :class:`quant.Float8Linear` as stored, every other
+    parameter and persistent buffer as it is, ``model.config`` with the quantization_config, and the
+    ``tokenizer``'s files if one is given. Layers whose rescaled inputs (SmoothQuant, AWQ runtime scales),
+    fused GELU or static activation ranges compressed-tensors cannot express raise ValueError naming them.
+    Returns the directory."""
+    import torch
+
+    from quant.modules import Float8Linear, QuantizedLinear
+
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_dict", None)):
+        raise TypeError("save_quantized takes a transformers model (with .config); for a sentence-transformers model "
+                        "pass model[0].auto_model and tokenizer=model.tokenizer")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, Float8Linear))}
+    if not layers:
+        raise ValueError("save_quantized: the model has no lowbit quantized layers; quantize it with lowbit.ptq first")
+    schemes = {n: _layer_scheme(n, m) for n, m in layers.items()}  # every refusal before anything is written
+    writer = CompressedTensorsWriter(path, force=force)
+    try:
+        seen: dict[int, str] = {}
+        for k, v in model.state_dict().items():
+            mod = k.rpartition(".")[0]
+            if mod in layers or not isinstance(v, torch.Tensor) or v.data_ptr() in seen:
+                continue  # a quantized layer's state is written below; a tied tensor once
+            seen[v.data_ptr()] = k
+            from precision.arrays import torch_to_numpy
+
+            writer.add_kept(k, torch_to_numpy(v.detach().cpu().contiguous()))
+        for n, m in layers.items():
+            args, fmt_name, acts, tensors = schemes[n]
+            if m.bias is not None:
+                tensors = {**tensors, f"{n}.bias": m.bias.detach().cpu().numpy()}
+            writer.add_layer(n, tensors, args, fmt_name, acts)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(writer.directory))
+        cfg = config.to_dict()
+        cfg.setdefault("architectures", [type(model).__name__])
+        return writer.commit(cfg, {"lowbit.source": f"{type(model).__name__} quantized in Python"})
+    except BaseException:
+        writer.abort()
+        raise

@@ -22,7 +22,8 @@ from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
 from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
-from .compressed_tensors import CompressedTensors, CompressedTensorsWriter, is_compressed_tensors, linear_modules, load_dense
+from .compressed_tensors import (CompressedTensors, CompressedTensorsWriter, ct_tensors, is_compressed_tensors,
+                                 linear_modules, load_dense, weight_args)
 from .gguf import GGUFWriter, gguf_type_of_chain
 from .io import Checkpoint, CheckpointError, SafetensorsWriter
 
@@ -173,8 +174,6 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     if format == "gguf":
         gguf_type_of_chain(chain)  # a method GGUF cannot carry is refused before any work
     if isinstance(format, CompressedTensors):
-        from .compressed_tensors import weight_args
-
         weight_args(chain, format)  # likewise
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
@@ -255,7 +254,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     writer: Any = None
     if output is not None:
         if ct is not None:
-            writer = CompressedTensorsWriter(output, ct_dir, ct, chain, force=force, header_reserve=reserve)
+            writer = CompressedTensorsWriter(output, force=force, copy_from=ct_dir, header_reserve=reserve)
+            ct_args, ct_name = weight_args(chain, ct)
         elif format == "gguf":
             writer = GGUFWriter(output, force=force, inputs=ckpt.inputs)
         else:
@@ -280,7 +280,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                 if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
                     writer.add_kept(name, c.parts["values"])
                 else:
-                    writer.add_compressed(name, modules[name], c)
+                    assert ct is not None  # the writer is made for it
+                    writer.add_layer(modules[name], ct_tensors(modules[name], c), ct_args, ct_name, ct.activations)
             elif isinstance(writer, GGUFWriter):
                 if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
                     writer.add_kept(name, c.parts["values"])
@@ -314,7 +315,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             with slots:
                 handle(name, *res)
         if isinstance(writer, CompressedTensorsWriter):
-            writer.commit({"format": "pt", "lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
+            writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
+                          {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
         elif isinstance(writer, GGUFWriter):
             writer.commit({"lowbit.source": str(path)})
         elif writer:

@@ -1,0 +1,288 @@
+"""compressed-tensors output and input, checked with the real readers: compressed-tensors' own
+decompression, transformers' from_pretrained, and lowbit's quantized modules built from the directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+ct = pytest.importorskip("compressed_tensors")
+
+import lowbit  # noqa: E402
+from lowbit.checkpoint import CheckpointError, CompressedTensors, compress_checkpoint, load, load_quantized, save_quantized  # noqa: E402
+from lowbit.checkpoint.compressed_tensors import pack_int32, unpack_int32  # noqa: E402
+from precision.blocks import BlockCast  # noqa: E402
+from precision.cast import FloatCast  # noqa: E402
+from quant import PTQConfig, PerChannel, PerGroup, PerTensor, QuantSpec, ptq  # noqa: E402
+from quant.modules import TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear  # noqa: E402
+from quant.storage import IntQuant  # noqa: E402
+
+
+def _int(bits: int, gran: Any, symmetric: bool = True, signed: bool = True) -> IntQuant:
+    return IntQuant(QuantSpec(bits=bits, signed=signed, symmetric=symmetric, granularity=gran))
+
+
+METHODS: dict[str, tuple[Any, CompressedTensors]] = {
+    "int8-channel": (_int(8, PerChannel(0)), CompressedTensors()),
+    "int8-tensor": (_int(8, PerTensor()), CompressedTensors()),
+    "int8-group32-affine": (_int(8, PerGroup(32), symmetric=False), CompressedTensors()),
+    "uint8-channel-affine": (_int(8, PerChannel(0), symmetric=False, signed=False), CompressedTensors()),
+    "w8a8": (_int(8, PerChannel(0)), CompressedTensors(activations="int8")),
+    "int4-group32": (_int(4, PerGroup(32)), CompressedTensors()),
+    "int4-group32-affine": (_int(4, PerGroup(32), symmetric=False), CompressedTensors()),
+    "int4-channel": (_int(4, PerChannel(0)), CompressedTensors()),
+    "int4-channel-affine": (_int(4, PerChannel(0), symmetric=False), CompressedTensors()),
+    "int3-group32-affine": (_int(3, PerGroup(32), symmetric=False), CompressedTensors()),
+    "fp8-channel": (FloatCast.for_format("fp8_e4m3fn"), CompressedTensors()),
+    "fp8-tensor": (FloatCast("fp8_e4m3fn", scaling="tensor"), CompressedTensors()),
+}
+# transformers 5.x cannot load an affine pack-quantized checkpoint: its zero point is packed in the file
+# but transformers allocates it unpacked (a size mismatch; the same for ModelCompressor's own output)
+TRANSFORMERS_REFUSES = {"int4-group32-affine", "int4-channel-affine", "int3-group32-affine"}
+
+
+def _save(model: Any, d: Path) -> Path:
+    model.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random-init float32 BERT and Llama model directories built from configs."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ct_models")
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=512, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+        max_position_embeddings=64)).eval()
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for m in (bert, llama):
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn(p.shape) * 0.05)
+    return {"bert": _save(bert, root / "bert"), "llama": _save(llama, root / "llama")}
+
+
+def _ids(vocab: int) -> Any:
+    return torch.randint(1, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _ct_decompressed(d: Path) -> dict[str, np.ndarray]:
+    """Every quantized layer's weight as compressed-tensors' own compressor decompresses it."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    cfg = json.loads((d / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(cfg)
+    sd = load_file(str(d / "model.safetensors"))
+    out = {}
+    for scheme in qc.config_groups.values():
+        comp = BaseCompressor.get_value_from_registry(scheme.format)
+        for target in scheme.targets:
+            module = target[len("re:^(?:.*\\.)?"):-1].replace("\\", "")
+            local = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
+            out[module + ".weight"] = comp.decompress(local, scheme)["weight"].numpy()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_readers_get_lowbits_weights_bit_for_bit(method: str, arch: str, model_dirs: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    src = model_dirs[arch]
+    chain, fmt = METHODS[method]
+    out = tmp_path / "ct"
+    rep = compress_checkpoint(src, out, chain, format=fmt, progress=False)
+    compress_checkpoint(src / "model.safetensors", tmp_path / "lowbit.safetensors", chain, progress=False)
+    ours = load(tmp_path / "lowbit.safetensors", as_numpy=True)  # lowbit's own format, same method
+    assert len(rep.tensors) == (13 if arch == "bert" else 15)  # every Linear layer, the pooler / lm_head included
+
+    theirs = _ct_decompressed(out)
+    assert set(theirs) == {r.name for r in rep.tensors}
+    for k, v in theirs.items():
+        assert v.dtype == np.float32 and np.array_equal(v.view(np.uint32), ours[k].view(np.uint32)), k
+    dense = load(out, as_numpy=True)  # lowbit reads the directory back the same; the rest is the source's
+    source = load(src / "model.safetensors", as_numpy=True)
+    assert set(dense) == set(source)
+    for k in source:
+        assert np.array_equal(dense[k], ours[k] if k in theirs else source[k]), k
+
+    q = load_quantized(out)
+    quantized = [m for m in q.modules() if isinstance(m, (QuantizedLinear, Float8Linear))]
+    assert len(quantized) == len(rep.tensors)
+    if method.startswith("int8") or method == "w8a8":
+        assert all(m.weight_codes.dtype == torch.int8 for m in quantized)
+    ids = _ids(q.config.vocab_size)
+    if method in TRANSFORMERS_REFUSES:
+        with pytest.raises(RuntimeError, match="mismatch"):
+            type(q).from_pretrained(str(out), dtype=torch.float32)
+        return
+    ref = type(q).from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ref(input_ids=ids)[0], q(input_ids=ids)[0]
+    sd = ref.state_dict()
+    for k in theirs:
+        key = k if k in sd else next(s for s in sd if s.endswith("." + k))
+        assert np.array_equal(sd[key].numpy().view(np.uint32), ours[k].view(np.uint32)), k
+    if fmt.activations:  # both quantize the inputs per token on the fly; transformers in float, lowbit in int8
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.9999
+    else:
+        assert torch.equal(a, b)
+
+
+def test_pack_int32_matches_compressed_tensors_packing() -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    rng = np.random.default_rng(0)
+    for bits in range(2, 9):
+        for cols in (1, 7, 32, 45, 96):
+            codes = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (3, cols)).astype(np.int8)
+            ours = pack_int32(codes, bits)
+            ref = pack_to_int32(torch.from_numpy(codes), bits).numpy()
+            assert np.array_equal(ours, ref), (bits, cols)
+            assert np.array_equal(unpack_int32(ours, bits, cols), codes)
+            back = unpack_from_int32(torch.from_numpy(ours), bits, torch.Size(codes.shape)).numpy()
+            assert np.array_equal(back, codes)
+
+
+@pytest.mark.parametrize("method,match", [
+    ("prune,int8", "pruning|sparse"), ("svd,int8", "sparse"), ("fp16", "fp16"), ("fp8_e5m2", "e4m3fn"),
+])
+def test_methods_it_cannot_carry_are_refused_with_the_formats_that_can(method: str, match: str,
+                                                                        model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="formats that carry it: lowbit"):
+        compress_checkpoint(model_dirs["bert"], tmp_path / "o", method, format="compressed-tensors", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_block_formats_and_w8a8_misuse_are_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="formats that carry it"):
+        compress_checkpoint(model_dirs["bert"], tmp_path / "o", BlockCast("mxfp4"), format="compressed-tensors")
+    with pytest.raises(ValueError, match="W8A8"):
+        compress_checkpoint(model_dirs["bert"], tmp_path / "o", _int(4, PerGroup(32)),
+                            format=CompressedTensors(activations="int8"))
+    with pytest.raises(ValueError, match="activations"):
+        CompressedTensors(activations="fp8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_directory_is_complete_and_never_replaced_without_force(model_dirs: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    src = model_dirs["bert"]
+    (src / "vocab.txt").write_text("[PAD]\n")
+    (src / "sub").mkdir(exist_ok=True)
+    (src / "sub" / "x.json").write_text("{}")
+    out = tmp_path / "ct"
+    compress_checkpoint(src, out, "int8", format="compressed-tensors", progress=False)
+    assert (out / "vocab.txt").read_text() == "[PAD]\n" and (out / "sub" / "x.json").is_file()
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert cfg["model_type"] == "bert"
+    with pytest.raises(CheckpointError, match="already exists"):
+        compress_checkpoint(src, out, "int4", format="compressed-tensors", progress=False)
+    compress_checkpoint(src, out, "int4", format="compressed-tensors", progress=False, force=True)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    with pytest.raises(CheckpointError, match="inside the input"):
+        compress_checkpoint(src, src / "out", "int8", format="compressed-tensors", progress=False)
+
+
+@pytest.mark.parametrize("config", ["w8", "w8a8", "w4"])
+def test_save_quantized_round_trip_gives_identical_outputs(config: str, model_dirs: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    model = transformers.BertModel.from_pretrained(str(model_dirs["bert"])).eval()
+    cfg = {"w8": PTQConfig.W8,
+           "w8a8": PTQConfig(activations=TOKEN_SPEC_FULL, activation_mode="dynamic"),
+           "w4": PTQConfig(weights=QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32)))}[config]
+    q, _ = ptq(model, cfg)
+    d = save_quantized(q, tmp_path / "saved")
+    back = load_quantized(d)
+    ids = _ids(512)
+    with torch.no_grad():
+        assert torch.equal(q(input_ids=ids).last_hidden_state, back(input_ids=ids).last_hidden_state)
+    for (n, a), (_, b) in zip(sorted((n, m) for n, m in q.named_modules() if isinstance(m, QuantizedLinear)),
+                              sorted((n, m) for n, m in back.named_modules() if isinstance(m, QuantizedLinear))):
+        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.weight_scale, b.weight_scale), n
+    if config != "w4":  # transformers reads it too (see TRANSFORMERS_REFUSES for affine packed)
+        ref = transformers.BertModel.from_pretrained(str(d), dtype=torch.float32).eval()
+        with torch.no_grad():
+            y = ref(input_ids=ids).last_hidden_state
+        assert torch.nn.functional.cosine_similarity(y.flatten(), back(input_ids=ids).last_hidden_state.flatten(), 0) > 0.9999
+
+
+def test_save_quantized_refuses_what_compressed_tensors_cannot_express(model_dirs: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    model = transformers.BertModel.from_pretrained(str(model_dirs["bert"])).eval()
+    q, _ = ptq(model, PTQConfig.W8A8_DYNAMIC)  # narrow-range token activations
+    with pytest.raises(ValueError, match="TOKEN_SPEC_FULL"):
+        save_quantized(q, tmp_path / "a")
+    with pytest.raises(ValueError, match="no lowbit quantized layers"):
+        save_quantized(model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_load_quantized_reads_what_model_compressor_wrote(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint quantized and written by compressed-tensors itself (its own rounding, x / s)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    for name, wargs, acts in [
+        ("w4g32", QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32), None),
+        ("w8a8", QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+         QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
+    ]:
+        m = transformers.LlamaForCausalLM.from_pretrained(str(model_dirs["llama"])).eval()
+        apply_quantization_config(m, QuantizationConfig(config_groups={"g": QuantizationScheme(
+            targets=["Linear"], weights=wargs, input_activations=acts)}, ignore=["lm_head"]))
+        for mod in m.modules():
+            if getattr(mod, "quantization_scheme", None) is not None:
+                w = mod.weight.data
+                if wargs.strategy == "group":
+                    w = w.reshape(w.shape[0], -1, 32)
+                s, _ = calculate_qparams(w.amin(-1), w.amax(-1), wargs)
+                mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape))
+        comp = ModelCompressor.from_pretrained_model(m)
+        comp.compress_model(m)
+        d = tmp_path / name
+        m.save_pretrained(str(d))
+        comp.update_config(str(d))
+        q = load_quantized(d)
+        layers = [x for x in q.modules() if isinstance(x, QuantizedLinear)]
+        assert len(layers) == 14 and all(x.int_kernel == (acts is not None) for x in layers)
+        assert not isinstance(q.lm_head, QuantizedLinear)  # ignored by the config
+        ref = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        ids = _ids(256)
+        with torch.no_grad():
+            a, b = ref(input_ids=ids).logits, q(input_ids=ids).logits
+        if acts is None:
+            assert torch.equal(a, b)
+        else:
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.9999
+
+
+def test_schemes_lowbit_cannot_run_are_named(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ct"
+    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="input activations float 8-bit tensor"):
+        load_quantized(out)
+
+
+def test_lowbit_top_level_exports() -> None:
+    assert lowbit.load_quantized is load_quantized and lowbit.save_quantized is save_quantized
+    assert lowbit.CompressedTensors is CompressedTensors
