@@ -80,3 +80,22 @@ def feature_batches(model, texts: list[str] | None = None, batch_size: int = 32)
     texts = texts or sentences()
     tok = getattr(model, "preprocess", None) or model.tokenize
     return [tok(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+
+def mean_pooled(model, tokenizer, texts: list[str] | None = None, batch_size: int = 64, max_length: int = 256):
+    """Normalised mean-pooled embeddings (torch, float32) of ``texts`` (default: the fixed set) from a
+    transformers encoder ``model`` and its ``tokenizer``: what all-MiniLM-L6-v2's sentence-transformers
+    pipeline computes (mean over the non-padding tokens, then L2 normalisation), for a model that
+    :func:`lowbit.load_quantized` built."""
+    import torch
+
+    texts = texts or sentences()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1).float())
+    return torch.cat(out)

@@ -12,6 +12,7 @@ Examples:
   python -m bench.quantize --method svd --rank-ratio 0.5 --eval
   python -m bench.quantize --method int4 --granularity group --affine --calibration mse --gptq --eval
   python -m bench.quantize --method prune,int8 --prune sparsegpt:2:4 --calibration-data my_text.txt
+  python -m bench.quantize model_dir --method w8a8 --format compressed-tensors --out model_w8a8
 
 Exit codes: 0 success, 2 usage error, 1 any other failure (one line naming the file or tensor).
 """
@@ -30,6 +31,7 @@ from compress.lowrank import METHODS as SVD_METHODS
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
 from lowbit.checkpoint.calibrated import PRUNERS, Calibrated, load_model, read_texts, solve, solver_for, text_batches
+from lowbit.checkpoint.compressed_tensors import CompressedTensors, weight_args
 from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
@@ -44,6 +46,7 @@ from quant.spec import Granularity
 from quant.storage import IntQuant
 
 PROG = "python -m bench.quantize"
+W8A8 = "w8a8"  # int8 weights per channel + dynamic per-token int8 inputs (compressed-tensors' int-quantized)
 CALIBRATIONS = ("minmax", "percentile", "mse")  # the calibration methods that apply to one weight tensor
 
 
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="int8", help="a method or a comma-separated chain, structure first: "
                    "a float format (fp16, bf16, fp8_e4m3fn, fp8_e5m2 or any precision format name), int2..int8, "
                    "a block format (mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8, nvfp4, q8_0, q4_0), prune, "
-                   "svd. "
+                   "svd; or w8a8 (int8 per-channel weights declared with dynamic per-token int8 inputs, for "
+                   "--format compressed-tensors). "
                    "Example: prune,int8. Default: int8")
     g = p.add_argument_group("float formats")
     g.add_argument("--scaling", choices=SCALINGS, default=None,
@@ -115,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(in, out)); may repeat; GPT-2's Conv1D weights are known from config.json")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
-    g.add_argument("--format", choices=("lowbit", "gguf"), default="lowbit",
-                   help="--out as lowbit's safetensors (default; read back by lowbit.load) or a GGUF file "
-                   "(q8_0, q4_0, fp16, bf16; kept tensors in their own types)")
+    g.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
+                   help="--out as lowbit's safetensors (default; read back by lowbit.load), a GGUF file "
+                   "(q8_0, q4_0, fp16, bf16; kept tensors in their own types), or a compressed-tensors model "
+                   "directory that transformers, vLLM and lowbit.load_quantized load (int2-int8, w8a8, "
+                   "fp8_e4m3fn; the checkpoint must sit beside its config.json)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="busy threads in all, --workers times each tensor's threads (default: the available cores)")
     g.add_argument("--no-metrics", action="store_true",
@@ -224,7 +230,7 @@ def build_chain(a: argparse.Namespace) -> Chain:
         return _structure_method(kind, a) if kind in ("prune", "svd") else _value_method(name, kind, a)
 
     try:
-        return Chain.parse(a.method, build)
+        return Chain.parse("int8" if a.method == W8A8 else a.method, build)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 
@@ -243,6 +249,18 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             gguf_type_of_chain(chain)
         except ValueError as e:
             raise UsageError(f"--format gguf: {e}") from None
+    fmt: str | CompressedTensors = a.format
+    if a.method == W8A8 and a.format != "compressed-tensors":
+        raise UsageError("--method w8a8 declares int8 activations, which only --format compressed-tensors records; "
+                         "for weights alone use --method int8")
+    if a.format == "compressed-tensors":
+        fmt = CompressedTensors(activations="int8" if a.method == W8A8 else None)
+        try:
+            weight_args(chain, fmt)
+        except ValueError as e:
+            raise UsageError(f"--format compressed-tensors: {e}") from None
+        if a.out is None:
+            raise UsageError("--format compressed-tensors writes a model directory: give it with --out")
     for pat, flag in ((a.include, "--include"), (a.exclude, "--exclude")):
         try:
             check_pattern(pat)
@@ -267,7 +285,7 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
-                                 address=a.address, format=a.format, solutions=solutions,
+                                 address=a.address, format=fmt, solutions=solutions,
                                  channel_axis=parse_channel_axes(a.channel_axis))
     if calibrated is not None:
         report.meta["calibrated"] = calibrated.describe()

@@ -89,7 +89,7 @@ class CompressedTensors:
 
 
 def _refuse(what: str, why: str) -> ValueError:
-    return ValueError(f"compressed-tensors cannot carry {what} without re-quantizing ({why}); "
+    return ValueError(f"compressed-tensors cannot carry {what} losslessly ({why}); "
                       f"formats that carry it: {', '.join(CARRIERS)}")
 
 
@@ -634,15 +634,19 @@ def _model_name(ckpt_module: str, model_modules: set[str], prefix: str) -> str |
     return None
 
 
-def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False, model_class: Any = None) -> Any:
+def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False, gelu_in_place: bool = False,
+                   model_class: Any = None) -> Any:
     """The transformers model of a compressed-tensors directory with every quantized Linear layer a lowbit
     quantized module that keeps the stored codes: int2-int8 layers as :class:`quant.QuantizedLinear` (int
     codes, two per byte at 4 bits or fewer; W8A8 layers run on the int8 matmul ``torch._int_mm`` with
     dynamic per-token int8 inputs, the others dequantize per layer on the fly), fp8 e4m3fn layers as
     :class:`quant.Float8Linear`. No dense copy of a quantized weight is ever made. Every other tensor is
     loaded as stored (its dtype kept). ``model_class``: the transformers class to build (default: the
-    config's ``architectures``, else ``AutoModel``). ``int8_attention``: also run attention's two products
-    on int8 codes (:mod:`quant.attention`). Returns the model in eval mode.
+    config's ``architectures``, else ``AutoModel``). lowbit's own extras, off by default since the
+    checkpoint does not declare them: ``int8_attention`` runs attention's two products on int8 codes
+    (:mod:`quant.attention`; changes the outputs slightly); ``gelu_in_place`` applies an exact GELU that
+    takes nothing but a quantized layer's output in place in that output (:func:`quant.fusion.fuse_gelu`,
+    shown on a batch of token ids; same values). Returns the model in eval mode.
 
     Reads directories written by lowbit or by compressed-tensors' ``ModelCompressor`` (llm-compressor).
     A scheme lowbit cannot run raises CheckpointError naming it."""
@@ -698,6 +702,11 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         raise CheckpointError(f"{d}: the checkpoint does not hold {', '.join(missing[:5])}"
                               + (" ..." if len(missing) > 5 else ""))
     model.eval()
+    if gelu_in_place:
+        from quant.fusion import fuse_gelu
+
+        ids = torch.randint(1, int(getattr(config, "vocab_size", 2) or 2), (2, 16), generator=torch.Generator().manual_seed(0))
+        fuse_gelu(model, [{"input_ids": ids}])
     if int8_attention:
         from quant.attention import use_int8_attention
 

@@ -286,3 +286,30 @@ def test_schemes_lowbit_cannot_run_are_named(model_dirs: dict[str, Path], tmp_pa
 def test_lowbit_top_level_exports() -> None:
     assert lowbit.load_quantized is load_quantized and lowbit.save_quantized is save_quantized
     assert lowbit.CompressedTensors is CompressedTensors
+
+
+def test_cli_w8a8_round_trip_gives_ptqs_embeddings_on_minilm(tmp_path: Path, minilm_model: Any) -> None:
+    """bench.quantize --method w8a8 --format compressed-tensors, then load_quantized, then encode: the same
+    codes and the same embeddings as ptq with the same scheme on the float model."""
+    from transformers import AutoTokenizer
+
+    from bench.models import embed, mean_pooled, minilm_dir, sentences
+    from bench.quantize import main
+
+    out = tmp_path / "w8a8"
+    assert main(["--method", "w8a8", "--format", "compressed-tensors", "--out", str(out), "--quiet"]) == 0
+    loaded = load_quantized(out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    texts = sentences()[:48]
+    q, _ = ptq(minilm_model[0].auto_model, PTQConfig(activations=TOKEN_SPEC_FULL, activation_mode="dynamic"))
+    a = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
+    b = {n: m for n, m in q.named_modules() if isinstance(m, QuantizedLinear)}
+    assert a.keys() == b.keys() and len(a) == 37 and all(m.int_kernel for m in a.values())
+    for n in a:
+        assert torch.equal(a[n].codes(), b[n].codes()) and torch.equal(a[n].weight_scale, b[n].weight_scale), n
+    ours, theirs = mean_pooled(loaded, tok, texts), mean_pooled(q, tok, texts)
+    assert torch.equal(ours, theirs)
+    ref = embed(minilm_model, texts)  # the float sentence-transformers pipeline
+    assert torch.nn.functional.cosine_similarity(ref, mean_pooled(minilm_model[0].auto_model, tok, texts)).min() > 0.99999
+    assert torch.nn.functional.cosine_similarity(ref, ours).mean() > 0.995  # W8A8 without SmoothQuant
+    assert Path(minilm_dir()).is_dir()

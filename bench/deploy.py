@@ -1,0 +1,191 @@
+"""python -m bench.deploy: memory and speed of a quantized model loaded from a compressed-tensors directory.
+
+For the bundled MiniLM and for a random-init Llama-style model of about 1 GB in bfloat16 (built from a
+config in a temporary directory, removed afterwards), each checkpoint is written once per scheme with
+``bench.quantize --format compressed-tensors`` and then loaded, each loader in a fresh process:
+
+* ``dense``: transformers' ``from_pretrained`` of the float checkpoint (as stored, and in float32);
+* ``transformers``: ``from_pretrained`` of the compressed-tensors directory (it decompresses the whole
+  model on the first forward pass on a CPU);
+* ``lowbit``: ``lowbit.load_quantized`` of the same directory (codes kept; W8A8 on int8 matmuls);
+  ``lowbit+extras`` adds its optional int8 attention and GELU in place (MiniLM, W8A8).
+
+Per row: the parameter and buffer bytes after loading and after one forward pass, the process's peak
+RSS at both points, the forward latency of a batch of 8 x 128 tokens (best of --repeat after a warm-up)
+against the float32 model's, and the cosine of the output (last hidden state, or logits) against the
+float32 model's on the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .timing import Table, benchmark_parser, write_rows
+
+BATCH, TOKENS = 8, 128
+LLAMA: dict[str, Any] = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, tie_word_embeddings=False, max_position_embeddings=512)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _state_bytes(model: Any) -> int:
+    """Bytes of every distinct parameter and buffer storage the model holds (compressed ones as stored)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype: str | None) -> dict[str, Any]:
+    """One loader in this (fresh) process: load, measure, run, measure."""
+    import torch
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lowbit
+
+    base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    if loader.startswith("lowbit"):
+        model = lowbit.load_quantized(model_dir, int8_attention=loader == "lowbit+extras",
+                                      gelu_in_place=loader == "lowbit+extras")
+    else:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        cls = getattr(transformers, cfg["architectures"][0])
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else "auto").eval()
+    load_s = time.perf_counter() - t0
+    after_load = (_state_bytes(model), _status_kib("VmHWM"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, int(model.config.vocab_size), (BATCH, TOKENS), generator=g)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(input_ids=ids)[0]
+
+    first = run()  # transformers decompresses here
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - t)
+    out = out.float()
+    cosine = None
+    if reference is not None and Path(reference).is_file():
+        ref = torch.load(reference)
+        cosine = float(torch.nn.functional.cosine_similarity(ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])).mean())
+    elif reference is not None:
+        torch.save(out, reference)
+        cosine = 1.0
+    del first
+    return {"load_s": load_s, "state_mib_loaded": after_load[0] / 2**20, "state_mib_run": _state_bytes(model) / 2**20,
+            "peak_rss_mib_loaded": after_load[1] / 1024, "peak_rss_mib_run": _status_kib("VmHWM") / 1024,
+            "import_rss_mib": base / 1024, "latency_ms": best * 1e3, "cosine": cosine}
+
+
+def _spawn(loader: str, model_dir: Path, reference: Path, repeat: int, dtype: str | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.deploy", "--child", loader, str(model_dir), "--reference", str(reference),
+           "--repeat", str(repeat)] + (["--dtype", dtype] if dtype else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _quantize(src: Path, out: Path, method: str) -> None:
+    """What ``bench.quantize SRC --method METHOD --format compressed-tensors --out OUT`` writes."""
+    from lowbit import CompressedTensors, compress_checkpoint
+
+    compress_checkpoint(src, out, "int8", format=CompressedTensors(activations="int8" if method == "w8a8" else None),
+                        progress=False, metrics=False)
+
+
+def _llama_dir(root: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    d = root / "llama"
+    model.save_pretrained(str(d))
+    del model
+    return d
+
+
+def run(models: list[str], repeat: int) -> list[dict]:
+    from .models import minilm_dir
+
+    table = Table([("model", "model", "<12"), ("scheme", "scheme", "<18"), ("loader", "loader", "<13"),
+                   ("state_mib_loaded", "params MiB", "10.1f"), ("state_mib_run", "after fwd", "9.1f"),
+                   ("peak_rss_mib_loaded", "peak RSS load", "13.0f"), ("peak_rss_mib_run", "peak RSS fwd", "12.0f"),
+                   ("latency_ms", "fwd ms", "8.0f"), ("speedup_vs_f32", "x f32", "6.2f"), ("cosine", "cosine", "8.5f")])
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-deploy-") as tmp:
+        root = Path(tmp)
+        for name in models:
+            src = minilm_dir() if name == "minilm" else _llama_dir(root)
+            reps = repeat if name == "minilm" else max(1, repeat // 3)
+            ref = root / f"{name}_ref.pt"
+            dense: list[tuple[str, str | None]] = [("float32", "float32")]
+            if name == "llama":
+                dense.append(("bfloat16", None))
+            f32 = None
+            for label, dt in dense:
+                r = {"model": name, "scheme": f"dense {label}", "loader": "transformers", **_spawn("dense", src, ref, reps, dt)}
+                f32 = f32 or r["latency_ms"]
+                r["speedup_vs_f32"] = f32 / r["latency_ms"]
+                rows.append(table.row(r))
+            for method in ("w8a8", "int8"):
+                out = root / f"{name}_{method}"
+                _quantize(src, out, method)
+                loaders = ["transformers", "lowbit"] + (["lowbit+extras"] if method == "w8a8" and name == "minilm" else [])
+                for loader in loaders:
+                    r = {"model": name, "scheme": "W8A8" if method == "w8a8" else "int8 weight-only", "loader": loader,
+                         **_spawn(loader, out, ref, reps)}
+                    assert f32 is not None
+                    r["speedup_vs_f32"] = f32 / r["latency_ms"]
+                    rows.append(table.row(r))
+    print("params MiB: parameters and buffers held (quantized layers as stored); peak RSS: the process's high-water "
+          "mark, imports included; x f32: forward speed against the dense float32 model; cosine: output against it")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = benchmark_parser("python -m bench.deploy", __doc__)
+    p.add_argument("--models", nargs="+", choices=("minilm", "llama"), default=["minilm", "llama"])
+    p.add_argument("--repeat", type=int, default=5, help="timed forward passes, best kept (Llama: a third)")
+    p.add_argument("--child", nargs=2, metavar=("LOADER", "DIR"), help=argparse_hidden())
+    p.add_argument("--reference", help=argparse_hidden())
+    p.add_argument("--dtype", help=argparse_hidden())
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.child:
+        print(json.dumps(child(a.child[0], a.child[1], a.reference, a.repeat, a.dtype)))
+        return 0
+    write_rows(run(a.models, a.repeat), a.json, a.markdown)
+    return 0
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
