@@ -119,8 +119,8 @@ def _llama_dir(root: Path) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    model: Any = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    model = model.to(torch.bfloat16)
     d = root / "llama"
     model.save_pretrained(str(d))
     del model
