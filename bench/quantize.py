@@ -33,6 +33,7 @@ from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_check
 from lowbit.checkpoint.calibrated import PRUNERS, Calibrated, load_model, read_texts, solve, solver_for, text_batches
 from lowbit.checkpoint.compressed_tensors import CompressedTensors, weight_args
 from lowbit.checkpoint.gguf import gguf_type_of_chain
+from lowbit.checkpoint.onnx_qdq import check_chain as check_onnx_chain
 from lowbit.checkpoint.io import check_output, write_text_file
 from lowbit.checkpoint.pipeline import check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
@@ -119,11 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(in, out)); may repeat; GPT-2's Conv1D weights are known from config.json")
     g.add_argument("--out", help="write the compressed checkpoint (safetensors) here")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
-    g.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
+    g.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors", "onnx-qdq"), default="lowbit",
                    help="--out as lowbit's safetensors (default; read back by lowbit.load), a GGUF file "
                    "(q8_0, q4_0, fp16, bf16; kept tensors in their own types), or a compressed-tensors model "
                    "directory that transformers, vLLM and lowbit.load_quantized load (int2-int8, w8a8, "
-                   "fp8_e4m3fn; the checkpoint must sit beside its config.json)")
+                   "fp8_e4m3fn; the checkpoint must sit beside its config.json), or an ONNX file whose outputs are the "
+                   "tensors, each compressed one behind DequantizeLinear (int8, int4, fp8; opset 21)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="busy threads in all, --workers times each tensor's threads (default: the available cores)")
     g.add_argument("--no-metrics", action="store_true",
@@ -249,6 +251,11 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             gguf_type_of_chain(chain)
         except ValueError as e:
             raise UsageError(f"--format gguf: {e}") from None
+    if a.format == "onnx-qdq":
+        try:
+            check_onnx_chain(chain)
+        except ValueError as e:
+            raise UsageError(f"--format onnx-qdq: {e}") from None
     fmt: str | CompressedTensors = a.format
     if a.method == W8A8 and a.format != "compressed-tensors":
         raise UsageError("--method w8a8 declares int8 activations, which only --format compressed-tensors records; "

@@ -25,6 +25,7 @@ from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
 from .compressed_tensors import (CompressedTensors, CompressedTensorsWriter, ct_tensors, is_compressed_tensors,
                                  linear_modules, load_dense, weight_args)
 from .gguf import GGUFWriter, gguf_type_of_chain
+from .onnx_qdq import OnnxQDQWriter, check_chain as check_onnx_chain
 from .io import Checkpoint, CheckpointError, SafetensorsWriter
 
 Source = str | os.PathLike
@@ -146,7 +147,9 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     model directory that transformers and vLLM load: the Linear layers' codes and scales copied into
     compressed-tensors' layout, every other tensor as it is, the source directory's config.json with a
     ``quantization_config`` and its other files; ``source`` must sit beside its config.json; see
-    :mod:`lowbit.checkpoint.compressed_tensors` for what each method becomes and what is refused).
+    :mod:`lowbit.checkpoint.compressed_tensors` for what each method becomes and what is refused) or
+    ``"onnx-qdq"`` (an ONNX model of opset 21 whose outputs are the checkpoint's tensors, each compressed
+    one its codes behind ``DequantizeLinear``; :mod:`lowbit.checkpoint.onnx_qdq`).
 
     ``solutions``: what a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided, by parameter name
     of the model it ran on (:func:`lowbit.checkpoint.calibrated.solve`). Each name is matched to one
@@ -175,6 +178,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
         gguf_type_of_chain(chain)  # a method GGUF cannot carry is refused before any work
     if isinstance(format, CompressedTensors):
         weight_args(chain, format)  # likewise
+    if format == "onnx-qdq":
+        check_onnx_chain(chain)
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
             check_pattern(pat)
@@ -201,7 +206,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
 
 
 EXECUTORS = ("local", "ray")
-FORMATS = ("lowbit", "gguf", "compressed-tensors")
+FORMATS = ("lowbit", "gguf", "compressed-tensors", "onnx-qdq")
 
 
 def plan_threads(workers: int, threads: int | None = None) -> tuple[int, int]:
@@ -258,6 +263,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             ct_args, ct_name = weight_args(chain, ct)
         elif format == "gguf":
             writer = GGUFWriter(output, force=force, inputs=ckpt.inputs)
+        elif format == "onnx-qdq":
+            writer = OnnxQDQWriter(output, force=force, inputs=ckpt.inputs)
         else:
             writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
@@ -282,6 +289,11 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                 else:
                     assert ct is not None  # the writer is made for it
                     writer.add_layer(modules[name], ct_tensors(modules[name], c), ct_args, ct_name, ct.activations)
+            elif isinstance(writer, OnnxQDQWriter):
+                if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
+                    writer.add_kept(name, c.parts["values"])
+                else:
+                    writer.add_compressed(name, c)
             elif isinstance(writer, GGUFWriter):
                 if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
                     writer.add_kept(name, c.parts["values"])
@@ -297,7 +309,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         else:
             assert arr is not None  # a kept tensor always comes back with its array
             report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
-            if isinstance(writer, (GGUFWriter, CompressedTensorsWriter)):
+            if isinstance(writer, (GGUFWriter, CompressedTensorsWriter, OnnxQDQWriter)):
                 writer.add_kept(name, arr)
             elif writer:
                 writer.add(name, arr)
@@ -317,7 +329,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
                           {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
-        elif isinstance(writer, GGUFWriter):
+        elif isinstance(writer, (GGUFWriter, OnnxQDQWriter)):
             writer.commit({"lowbit.source": str(path)})
         elif writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
