@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory that transformers, vLLM and lowbit.load_quantized load (int2-int8, w8a8, "
                    "fp8_e4m3fn; the checkpoint must sit beside its config.json), or an ONNX file whose outputs are the "
                    "tensors, each compressed one behind DequantizeLinear (int8, int4, fp8; opset 21)")
+    g.add_argument("--onnx-graph", metavar="FILE.onnx", help="with --format onnx-qdq: the float model exported by "
+                   "torch.onnx.export; --out is that graph with the compressed tensors' initializers swapped for "
+                   "DequantizeLinear of their codes")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="busy threads in all, --workers times each tensor's threads (default: the available cores)")
     g.add_argument("--no-metrics", action="store_true",
@@ -256,6 +259,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             check_onnx_chain(chain)
         except ValueError as e:
             raise UsageError(f"--format onnx-qdq: {e}") from None
+    if a.onnx_graph is not None and a.format != "onnx-qdq":
+        raise UsageError("--onnx-graph applies to --format onnx-qdq only")
     fmt: str | CompressedTensors = a.format
     if a.method == W8A8 and a.format != "compressed-tensors":
         raise UsageError("--method w8a8 declares int8 activations, which only --format compressed-tensors records; "
@@ -293,7 +298,7 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
                                  address=a.address, format=fmt, solutions=solutions,
-                                 channel_axis=parse_channel_axes(a.channel_axis))
+                                 channel_axis=parse_channel_axes(a.channel_axis), onnx_graph=a.onnx_graph)
     if calibrated is not None:
         report.meta["calibrated"] = calibrated.describe()
     if ref_model is not None and approx is not None:

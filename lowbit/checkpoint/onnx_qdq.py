@@ -18,6 +18,11 @@ fp8_e4m3fn / fp8_e5m2, scaled or not      FLOAT8E4M3FN / FLOAT8E5M2 codes, per c
 
 Other methods (int2, int3, int5-int7, pruning, low rank, block formats, fp16/bf16 casts) are refused with
 the formats that carry them.
+
+A whole model: export the float model with ``torch.onnx.export`` (its parameters become initializers
+named after them) and pass that file as ``graph``: each compressed tensor's initializer in it (the same
+name, or one ending with ``.<name>``) is replaced by the ``DequantizeLinear`` of its codes, the graph
+converted to opset 21 first; everything else in the graph is left as it is.
 """
 
 from __future__ import annotations
@@ -131,12 +136,15 @@ class OnnxQDQWriter:
     moved into place; never over an existing file without ``force``). Tensors over 2 GiB in all go to an
     external data file beside it (``<name>.data``), as ONNX requires."""
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                 graph: str | os.PathLike | None = None) -> None:
         try:
             import onnx  # noqa: F401
         except ImportError:
             raise CheckpointError("--format onnx-qdq needs onnx (pip install onnx)") from None
-        self.path = check_output(path, force=force, inputs=inputs)
+        self.path = check_output(path, force=force, inputs=[*inputs, *([graph] if graph is not None else [])])
+        self.graph = _read_graph(Path(graph)) if graph is not None else None
+        self.swapped: dict[str, str] = {}
         self.force = force
         self.inits: list[Any] = []
         self.nodes: list[Any] = []
@@ -151,6 +159,9 @@ class OnnxQDQWriter:
     def add_kept(self, name: str, arr: np.ndarray) -> None:
         from onnx import helper, numpy_helper
 
+        if self.graph is not None:
+            return  # the graph holds its own copy of every tensor it uses
+
         t = numpy_helper.from_array(np.ascontiguousarray(arr), f"{name}::stored")
         self.inits.append(t)
         self.nodes.append(helper.make_node("Identity", [f"{name}::stored"], [name], name=f"{name}::identity"))
@@ -160,6 +171,10 @@ class OnnxQDQWriter:
     def add_compressed(self, name: str, c: Compressed) -> None:
         from onnx import TensorProto
 
+        if self.graph is not None:
+            target = _initializer_for(self.graph, name)
+            self.swapped[name] = target
+            name = target
         inits, nodes = qdq_nodes(name, c)
         self.inits += inits
         self.nodes += nodes
@@ -170,9 +185,20 @@ class OnnxQDQWriter:
         import onnx
         from onnx import helper
 
-        graph = helper.make_graph(self.nodes, "lowbit_weights", [], self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
-        helper.set_model_props(model, metadata)
+        if self.graph is not None:
+            model = self.graph
+            g = model.graph
+            keep = [t for t in g.initializer if t.name not in set(self.swapped.values())]
+            del g.initializer[:]
+            g.initializer.extend(keep + self.inits)
+            nodes = self.nodes + list(g.node)  # the dequantizations need no input: they go first
+            del g.node[:]
+            g.node.extend(nodes)
+            helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
+        else:
+            graph = helper.make_graph(self.nodes, "lowbit_weights", [], self.outputs, self.inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
+            helper.set_model_props(model, metadata)
         onnx.checker.check_model(model) if self.nbytes < (1 << 31) else None
         tmp = temp_path(self.path)
         try:
@@ -187,3 +213,32 @@ class OnnxQDQWriter:
 
     def abort(self) -> None:
         self.inits, self.nodes = [], []
+
+
+def _read_graph(path: Path) -> Any:
+    """The ONNX model at ``path`` in opset 21 or later (converted when older)."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        model = onnx.load(str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not an ONNX model: {e}") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < OPSET:
+        try:
+            model = version_converter.convert_version(model, OPSET)
+        except Exception as e:  # noqa: BLE001 - the converter raises several kinds
+            raise CheckpointError(f"{path}: cannot convert the graph from opset {opset} to {OPSET}: {e}") from None
+    return model
+
+
+def _initializer_for(model: Any, name: str) -> str:
+    """The one initializer of ``model`` that holds checkpoint tensor ``name``."""
+    hits = [t.name for t in model.graph.initializer if t.name == name or t.name.endswith("." + name)]
+    if len(hits) != 1:
+        raise CheckpointError(f"the ONNX graph has {len(hits)} initializers for tensor {name!r}"
+                              + (f" ({', '.join(hits[:3])})" if hits else "")
+                              + "; export it with torch.onnx.export(..., do_constant_folding=False) so parameters keep "
+                              "their names, or leave the tensor out with exclude")
+    return hits[0]

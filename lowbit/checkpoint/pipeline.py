@@ -108,7 +108,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
                         threads: int | None = None, executor: str = "local", address: str | None = None,
                         format: "str | CompressedTensors" = "lowbit", solutions: Mapping[str, Solution] | None = None,
-                        channel_axis: Mapping[str, int] | None = None) -> Report:
+                        channel_axis: Mapping[str, int] | None = None, onnx_graph: Source | None = None) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -149,7 +149,9 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     ``quantization_config`` and its other files; ``source`` must sit beside its config.json; see
     :mod:`lowbit.checkpoint.compressed_tensors` for what each method becomes and what is refused) or
     ``"onnx-qdq"`` (an ONNX model of opset 21 whose outputs are the checkpoint's tensors, each compressed
-    one its codes behind ``DequantizeLinear``; :mod:`lowbit.checkpoint.onnx_qdq`).
+    one its codes behind ``DequantizeLinear``; with ``onnx_graph``, the float model exported by
+    ``torch.onnx.export`` with those tensors' initializers swapped for their ``DequantizeLinear``;
+    :mod:`lowbit.checkpoint.onnx_qdq`).
 
     ``solutions``: what a calibrated solver (GPTQ, AWQ, SparseGPT, Wanda) decided, by parameter name
     of the model it ran on (:func:`lowbit.checkpoint.calibrated.solve`). Each name is matched to one
@@ -180,6 +182,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
         weight_args(chain, format)  # likewise
     if format == "onnx-qdq":
         check_onnx_chain(chain)
+    elif onnx_graph is not None:
+        raise ValueError("onnx_graph applies to format='onnx-qdq' only")
     for pat, what in ((include, "include"), (exclude, "exclude")):
         try:
             check_pattern(pat)
@@ -195,12 +199,12 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
 
         with RaySession(address, threads or available_cores()) as session:
             report = _compress(source, output, chain, include, exclude, 1, progress, force, min_ndim, collect,
-                               metrics, session, format, None, rules)
+                               metrics, session, format, None, rules, onnx_graph=onnx_graph)
             report.meta["threads"] = f"Ray: {session.cpus()} CPU(s), one thread per task"
         return report
     with thread_budget(per_tensor):
         report = _compress(source, output, chain, include, exclude, workers, progress, force, min_ndim, collect,
-                           metrics, None, format, solutions, rules)
+                           metrics, None, format, solutions, rules, onnx_graph=onnx_graph)
     report.meta["threads"] = f"{workers} tensor(s) at once x {per_tensor} thread(s) each"
     return report
 
@@ -223,7 +227,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
               workers: int, progress: bool, force: bool, min_ndim: int, collect: dict[str, np.ndarray] | None,
               metrics: bool, session: Any = None, format: "str | CompressedTensors" = "lowbit",
               solutions: Mapping[str, Solution] | None = None,
-              rules: list[tuple[str, int]] | None = None) -> Report:
+              rules: list[tuple[str, int]] | None = None, *, onnx_graph: Source | None = None) -> Report:
     t0 = time.perf_counter()
     path = Path(source)
     ckpt = Checkpoint(path)
@@ -264,7 +268,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         elif format == "gguf":
             writer = GGUFWriter(output, force=force, inputs=ckpt.inputs)
         elif format == "onnx-qdq":
-            writer = OnnxQDQWriter(output, force=force, inputs=ckpt.inputs)
+            writer = OnnxQDQWriter(output, force=force, inputs=ckpt.inputs, graph=onnx_graph)
         else:
             writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")

@@ -81,3 +81,51 @@ def test_existing_onnx_file_is_not_replaced_without_force(checkpoint: Path, tmp_
     assert out.read_bytes() == b"keep"
     compress_checkpoint(checkpoint, out, "int8", format="onnx-qdq", progress=False, force=True)
     assert onnx.load(str(out)).opset_import[0].version == 21
+
+
+def test_whole_model_graph_with_swapped_initializers_runs_in_onnxruntime(tmp_path: Path) -> None:
+    """A float BERT exported by torch.onnx, its Linear weights swapped for DequantizeLinear of int8 and
+    int4 codes: onnxruntime's output matches the torch model holding lowbit's dequantized weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from bench.quantize import main
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=512, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+        max_position_embeddings=64)).eval()
+    model.save_pretrained(str(tmp_path / "bert"))
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids: Any) -> Any:
+            return self.m(input_ids=ids).last_hidden_state
+
+    ids = torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.onnx.export(Encoder(model).eval(), (ids,), str(tmp_path / "float.onnx"), dynamo=False, do_constant_folding=False,
+                      input_names=["ids"], output_names=["out"], opset_version=17)
+    for method, extra in (("int8", []), ("int4", ["--granularity", "group", "--group-size", "32", "--affine"])):
+        out = tmp_path / f"{method}.onnx"
+        assert main([str(tmp_path / "bert"), "--method", method, *extra, "--include", r"encoder\..*\.weight$",
+                     "--format", "onnx-qdq", "--onnx-graph", str(tmp_path / "float.onnx"), "--out", str(out),
+                     "--quiet"]) == 0
+        compress_checkpoint(tmp_path / "bert", tmp_path / f"{method}.safetensors", "int8" if method == "int8" else
+                            _int(4, PerGroup(32), symmetric=False), include=r"encoder\..*\.weight$", progress=False)
+        graph = onnx.load(str(out))
+        assert graph.opset_import[0].version == 21
+        assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) == 12
+        dequantized = transformers.BertModel.from_pretrained(str(tmp_path / "bert")).eval()
+        dequantized.load_state_dict(load(tmp_path / f"{method}.safetensors"), strict=False)
+        with torch.no_grad():
+            want = dequantized(input_ids=ids).last_hidden_state.numpy()
+        basic = ort.SessionOptions()
+        basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        got = ort.InferenceSession(str(out), basic, providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
+        assert np.abs(got - want).max() < 1e-5  # the same weights, float matmuls
+        # at the default level onnxruntime fuses DequantizeLinear -> MatMul into its quantized kernels
+        fused = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
+        cos = (fused * want).sum(-1) / np.linalg.norm(fused, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cos.min() > 0.999
