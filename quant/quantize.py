@@ -235,7 +235,14 @@ def dequantize_tensor(codes: "torch.Tensor", scale: "torch.Tensor", zero_point: 
     """``(codes - zero_point) * scale`` as float32 in torch alone (the arithmetic of :func:`dequantize`)."""
     pshape = spec.params_shape(tuple(codes.shape))
     d = blocked(codes.to(torch.float32), spec.block_shape(tuple(codes.shape)))
-    d = (d - params_view(zero_point.to(torch.float32).reshape(pshape))) * params_view(scale.reshape(pshape))
+    z = params_view(zero_point.to(torch.float32).reshape(pshape))
+    s = params_view(scale.reshape(pshape))
+    if codes.is_floating_point() or ((scale.requires_grad or zero_point.requires_grad) and torch.is_grad_enabled()):
+        d = (d - z) * s
+    else:  # in place in the fresh float copy of the codes: the same operations, no weight-sized temporaries
+        if not (spec.symmetric and spec.signed):  # a signed symmetric zero point is 0: c - 0 is c
+            d.sub_(z)
+        d.mul_(s)
     return d.reshape(codes.shape)
 
 

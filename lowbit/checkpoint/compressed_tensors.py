@@ -108,7 +108,8 @@ def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], s
     """The compressed-tensors ``weights`` quantization args and the format name for ``chain`` (a value
     method alone); ValueError naming the formats that can carry it otherwise."""
     if chain.structure is not None:
-        raise _refuse(chain.structure.describe(), "its sparse formats were removed from compressed-tensors 0.15")
+        raise _refuse(chain.structure.describe(), "compressed-tensors reads no sparse format since 0.15: its bitmask "
+                      "and 2:4 compressors were removed, and 0.20 refuses their configs")
     v = chain.values
     if isinstance(v, IntQuant):
         strategy, group = _strategy(v.spec)
