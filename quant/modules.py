@@ -112,9 +112,9 @@ def unpacked_codes(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec) -
 
 SAVE_PRETRAINED_REFUSED = (
     "save_pretrained would write lowbit's quantized modules, which transformers' from_pretrained does not read "
-    "(it would re-initialise those layers at random). Save the model with torch.save(model.state_dict()) and load "
-    "it into a model quantized or prepared the same way, or compress the float checkpoint with "
-    "lowbit.compress_checkpoint / python -m bench.quantize")
+    "(it would re-initialise those layers at random). Save it with lowbit.save_quantized(model, dir) (a "
+    "compressed-tensors directory that transformers, vLLM and lowbit.load_quantized load), or with "
+    "torch.save(model.state_dict()) into a model quantized or prepared the same way")
 
 
 def refuse_save_pretrained(model: nn.Module) -> None:

@@ -6,6 +6,7 @@
 * :class:`Checkpoint` / :class:`SafetensorsWriter`: the safe streaming reader and atomic writer
 * :class:`CompressedTensors`, :func:`load_quantized`, :func:`save_quantized`: the compressed-tensors
   model directories that transformers and vLLM load, and lowbit's quantized models built from them
+* ``format="gguf"`` and ``format="onnx-qdq"``: GGUF files and ONNX ``DequantizeLinear`` weights or graphs
 """
 
 from .chain import SCHEME_VERSION, Chain, Compressed, NotApplied, compress_tensor, restore, step_kind

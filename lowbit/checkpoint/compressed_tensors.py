@@ -772,6 +772,15 @@ def save_quantized(model: Any, path: str | os.PathLike, *, tokenizer: Any = None
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, Float8Linear))}
     if not layers:
         raise ValueError("save_quantized: the model has no lowbit quantized layers; quantize it with lowbit.ptq first")
+    import torch as _torch
+
+    with _torch.device("meta"):  # the layers as transformers builds them from this config
+        skeleton = dict(_from_config(type(model), config).named_modules())
+    for n in layers:
+        if not _is_linear(skeleton.get(n)):
+            raise ValueError(f"save_quantized: {n} is a {type(skeleton.get(n)).__name__} in {type(model).__name__}, not an "
+                             "nn.Linear; compressed-tensors quantizes Linear layers only (GPT-2's Conv1D stores its "
+                             "weight transposed): save in lowbit's format instead")
     schemes = {n: _layer_scheme(n, m) for n, m in layers.items()}  # every refusal before anything is written
     writer = CompressedTensorsWriter(path, force=force)
     try:

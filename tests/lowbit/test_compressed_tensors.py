@@ -228,7 +228,10 @@ def test_save_quantized_refuses_what_compressed_tensors_cannot_express(model_dir
         save_quantized(q, tmp_path / "a")
     with pytest.raises(ValueError, match="no lowbit quantized layers"):
         save_quantized(model, tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=32, vocab_size=128))
+    with pytest.raises(ValueError, match="Conv1D"):
+        save_quantized(ptq(gpt2.eval(), PTQConfig.W8)[0], tmp_path / "c")
+    assert not any(tmp_path.iterdir())
 
 
 def test_load_quantized_reads_what_model_compressor_wrote(model_dirs: dict[str, Path], tmp_path: Path) -> None:
