@@ -772,9 +772,7 @@ def save_quantized(model: Any, path: str | os.PathLike, *, tokenizer: Any = None
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, Float8Linear))}
     if not layers:
         raise ValueError("save_quantized: the model has no lowbit quantized layers; quantize it with lowbit.ptq first")
-    import torch as _torch
-
-    with _torch.device("meta"):  # the layers as transformers builds them from this config
+    with torch.device("meta"):  # the layers as transformers builds them from this config
         skeleton = dict(_from_config(type(model), config).named_modules())
     for n in layers:
         if not _is_linear(skeleton.get(n)):
