@@ -15,7 +15,20 @@ int2 ... int7, same granularities      ``pack-quantized``     ``M.weight_packed`
                                                               ``M.weight_scale``, ``M.weight_zero_point``
                                                               (I32, packed along the output axis)
 fp8_e4m3fn, per channel or tensor      ``float-quantized``    ``M.weight`` (F8_E4M3), ``M.weight_scale``
+mxfp4 (fp4 e2m1, 32 per E8M0 scale)    ``mxfp4-pack-          ``M.weight_packed`` (U8, two codes per byte,
+                                       quantized``            low nibble first), ``M.weight_scale`` (U8)
+mxfp6_e2m3                             ``mxfp6-pack-          ``M.weight_packed`` (U8, four 6-bit codes in
+                                       quantized``            three bytes, little-endian), ``M.weight_scale``
+mxfp8_e4m3                             ``mxfp8-quantized``    ``M.weight`` (F8_E4M3), ``M.weight_scale`` (U8)
+nvfp4 (16 per e4m3 scale, one float32  ``nvfp4-pack-          ``M.weight_packed``, ``M.weight_scale``
+per tensor)                            quantized``            (F8_E4M3), ``M.weight_global_scale`` (F32,
+                                                              the reciprocal of lowbit's tensor scale)
 =====================================  =====================  ==========================================
+
+The block formats' codes and scales are carried as stored; compressed-tensors' decompression computes
+their values in bfloat16, exactly for the MX formats (an element times a power of two) and, for NVFP4,
+as ``element * (scale / global_scale)`` rounded to bfloat16, which lowbit's float32 ``element * scale *
+tensor_scale`` matches to bfloat16 rounding.
 
 Unsigned lowbit codes are carried as signed ones (code and zero point both minus ``2**(bits-1)``:
 the same ``(code - zero_point) * scale``). Only the weights of ``nn.Linear`` layers are quantized in
@@ -46,6 +59,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from precision.blocks import BlockCast
 from precision.cast import FloatCast
 from precision.dtypes import ST_TO_NP
 from precision.methods import ValueStore
@@ -60,7 +74,7 @@ FORMAT = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this module writes and was tested against
 ACTIVATIONS = ("int8",)
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.safetensors\.index\.json$")
-CARRIERS = ("lowbit (every method)", "gguf (int8/int4 per channel as q8_0/q4_0, fp16, bf16)")
+CARRIERS = ("lowbit (every method)", "gguf (q8_0, q4_0, fp16, bf16)", "onnx-qdq (int8, int4, fp8)")
 
 
 @dataclass(frozen=True)
@@ -131,8 +145,27 @@ def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], s
         return {"num_bits": 8, "type": "float", "symmetric": True,
                 "strategy": "channel" if v.scaling == "channel" else "tensor", "group_size": None,
                 "dynamic": False}, "float-quantized"
+    if isinstance(v, BlockCast):
+        fmt_name = v.format if isinstance(v.format, str) else ""
+        if fmt_name not in BLOCK_ARGS or fmt.activations is not None:
+            raise _refuse(v.describe(), f"its block formats are {', '.join(BLOCK_ARGS)}, weight-only")
+        return dict(BLOCK_ARGS[fmt_name][0]), BLOCK_ARGS[fmt_name][1]
     assert v is not None  # a chain has a value method when it has no structure method
-    raise _refuse(v.describe(), "it stores integer or fp8 e4m3fn codes with scales only")
+    raise _refuse(v.describe(), "it stores integer, fp8 e4m3fn or MX/NVFP4 codes with scales only")
+
+
+def _block_args(bits: int, group: int, strategy: str, scale_dtype: str) -> dict[str, Any]:
+    return {"num_bits": bits, "type": "float", "symmetric": True, "strategy": strategy, "group_size": group,
+            "dynamic": False, "scale_dtype": scale_dtype}
+
+
+# lowbit's block presets that compressed-tensors reads: (weights args, format name)
+BLOCK_ARGS: dict[str, tuple[dict[str, Any], str]] = {
+    "mxfp4": (_block_args(4, 32, "group", "torch.uint8"), "mxfp4-pack-quantized"),
+    "mxfp6_e2m3": (_block_args(6, 32, "group", "torch.uint8"), "mxfp6-pack-quantized"),
+    "mxfp8_e4m3": (_block_args(8, 32, "group", "torch.uint8"), "mxfp8-quantized"),
+    "nvfp4": (_block_args(4, 16, "tensor_group", "torch.float8_e4m3fn"), "nvfp4-pack-quantized"),
+}
 
 
 INPUT_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "group_size": None}
@@ -257,6 +290,11 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
     """The compressed-tensors tensors of one Linear weight compressed by lowbit (``c``), codes copied."""
     scheme = c.scheme
     shape = tuple(scheme["shape"])
+    if scheme["values"]["kind"] == "block":
+        codes = ValueStore.codes(c.parts, scheme, ST_TO_NP[scheme["dtype"]]).reshape(shape)
+        t = c.parts.get("tensor_scale")
+        return block_tensors(module, codes, c.parts["scale"], None if t is None else float(t[0]),
+                             scheme["values"]["format"])
     if scheme["values"]["kind"] == "float":
         scale = c.parts.get("scale")
         return float_tensors(module, np.ascontiguousarray(c.parts["values"]).reshape(shape),
@@ -264,6 +302,30 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
     spec = QuantSpec.from_dict(scheme["values"]["spec"])
     codes = ValueStore.codes(c.parts, scheme, ST_TO_NP[scheme["dtype"]]).reshape(shape)
     return int_tensors(module, codes, spec, c.parts["scale"], c.parts.get("zero_point"))
+
+
+def block_tensors(module: str, codes: np.ndarray, scales: np.ndarray, tensor_scale: float | None,
+                  fmt_name: str) -> dict[str, np.ndarray]:
+    """compressed-tensors' tensors of MX / NVFP4 element codes (out, in) and their block scales (E8M0 bytes
+    or e4m3 codes, one per block along the rows) and NVFP4's tensor scale."""
+    rows, cols = codes.shape
+    scales = np.ascontiguousarray(scales).reshape(rows, -1)
+    out: dict[str, np.ndarray] = {}
+    if fmt_name in ("mxfp4", "nvfp4"):
+        out[f"{module}.weight_packed"] = pack_nibbles(codes).reshape(rows, cols // 2)
+    elif fmt_name == "mxfp6_e2m3":
+        c = codes.reshape(rows, cols // 4, 4).astype(np.uint32)
+        word = c[..., 0] | c[..., 1] << 6 | c[..., 2] << 12 | c[..., 3] << 18
+        out[f"{module}.weight_packed"] = np.stack([word, word >> 8, word >> 16], -1).astype(np.uint8).reshape(rows, -1)
+    else:
+        out[f"{module}.weight"] = codes.astype(np.uint8).view(ST_TO_NP["F8_E4M3"])
+    if fmt_name == "nvfp4":
+        assert tensor_scale is not None
+        out[f"{module}.weight_scale"] = scales.astype(np.uint8).view(ST_TO_NP["F8_E4M3"])
+        out[f"{module}.weight_global_scale"] = np.array([1.0 / tensor_scale], np.float32)
+    else:
+        out[f"{module}.weight_scale"] = scales.astype(np.uint8)
+    return out
 
 
 def float_tensors(module: str, codes: np.ndarray, scale: np.ndarray, per_channel: bool) -> dict[str, np.ndarray]:

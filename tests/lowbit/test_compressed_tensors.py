@@ -90,7 +90,7 @@ def _ct_decompressed(d: Path) -> dict[str, np.ndarray]:
         for target in scheme.targets:
             module = target[len("re:^(?:.*\\.)?"):-1].replace("\\", "")
             local = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
-            out[module + ".weight"] = comp.decompress(local, scheme)["weight"].numpy()
+            out[module + ".weight"] = comp.decompress(local, scheme)["weight"].float().numpy()
     return out
 
 
@@ -164,9 +164,10 @@ def test_methods_it_cannot_carry_are_refused_with_the_formats_that_can(method: s
     assert not (tmp_path / "o").exists()
 
 
-def test_block_formats_and_w8a8_misuse_are_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="formats that carry it"):
-        compress_checkpoint(model_dirs["bert"], tmp_path / "o", BlockCast("mxfp4"), format="compressed-tensors")
+def test_block_formats_it_lacks_and_w8a8_misuse_are_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    for f in ("mxint8", "mxfp8_e5m2", "mxfp6_e3m2", "q8_0"):
+        with pytest.raises(ValueError, match="formats that carry it"):
+            compress_checkpoint(model_dirs["bert"], tmp_path / "o", BlockCast(f), format="compressed-tensors")
     with pytest.raises(ValueError, match="W8A8"):
         compress_checkpoint(model_dirs["bert"], tmp_path / "o", _int(4, PerGroup(32)),
                             format=CompressedTensors(activations="int8"))
@@ -316,3 +317,48 @@ def test_cli_w8a8_round_trip_gives_ptqs_embeddings_on_minilm(tmp_path: Path, min
     assert torch.nn.functional.cosine_similarity(ref, mean_pooled(minilm_model[0].auto_model, tok, texts)).min() > 0.99999
     assert torch.nn.functional.cosine_similarity(ref, ours).mean() > 0.995  # W8A8 without SmoothQuant
     assert Path(minilm_dir()).is_dir()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxfp8_e4m3", "nvfp4"])
+def test_block_formats_carry_lowbits_codes_and_scales(fmt: str, model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """MX and NVFP4 as compressed-tensors' mxfp4/mxfp6/mxfp8/nvfp4 formats: the MX weights decompress to
+    lowbit's bit for bit; NVFP4's codes and block scales are lowbit's, its values within bfloat16 rounding
+    (compressed-tensors computes element * (scale / global_scale) in bfloat16). transformers loads a
+    bfloat16 model (a float32 one fails on its first forward: the weights stay bfloat16) with the same weights."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file
+
+    src = model_dirs["llama"]
+    out = tmp_path / "ct"
+    compress_checkpoint(src, out, BlockCast(fmt), format="compressed-tensors", progress=False)
+    compress_checkpoint(src / "model.safetensors", tmp_path / "lowbit.safetensors", BlockCast(fmt), progress=False)
+    ours = load(tmp_path / "lowbit.safetensors", as_numpy=True)
+    theirs = _ct_decompressed(out)
+    assert len(theirs) == 15
+    for k, v in theirs.items():
+        if fmt == "nvfp4":
+            assert np.all(np.abs(v - ours[k]) <= np.abs(ours[k]) * 2.0 ** -8 + 1e-30), k
+        else:
+            assert np.array_equal(v, ours[k]), k
+    if fmt == "nvfp4":  # the stored codes themselves: element values and block scales equal lowbit's
+        from precision.blocks import block_encode
+
+        sd = load_file(str(out / "model.safetensors"))
+        w = load(src / "model.safetensors", as_numpy=True)["model.layers.0.mlp.down_proj.weight"]
+        b = block_encode(w, "nvfp4")
+        packed = sd["model.layers.0.mlp.down_proj.weight_packed"]
+        elems = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32).numpy()
+        from precision.codec import decode
+
+        assert np.array_equal(elems, np.asarray(decode(b.codes, "fp4_e2m1fn")).reshape(elems.shape))
+        assert np.array_equal(sd["model.layers.0.mlp.down_proj.weight_scale"].view(torch.uint8).numpy().reshape(-1),
+                              b.scales.reshape(-1))
+        assert sd["model.layers.0.mlp.down_proj.weight_global_scale"].item() == np.float32(1.0 / b.tensor_scale)
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref(input_ids=_ids(256))
+    sd = ref.state_dict()
+    for k, v in theirs.items():
+        assert np.array_equal(sd[k].float().numpy(), v), k
+    with pytest.raises(CheckpointError, match="cannot run the scheme"):
+        load_quantized(out)
