@@ -2,7 +2,7 @@
 
 Markers (skip when the C pass cannot be built here, e.g. no compiler or ``LOWBIT_NATIVE=0``):
 ``needs_codec_c`` (the codecs' table passes), ``needs_int8_c`` (the fused passes around the
-int8 GEMM) and ``needs_attention_c`` (the int8 attention kernel).
+int8 GEMM), ``needs_attention_c`` (the int8 attention kernel) and ``needs_blocks_c`` (NVFP4 encoding).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _C_PASSES = {
     "needs_codec_c": lambda: __import__("precision.codec", fromlist=["_KERNELS"])._KERNELS.get(),
     "needs_int8_c": lambda: __import__("quant._native", fromlist=["library"]).library(),
     "needs_attention_c": lambda: __import__("quant._native", fromlist=["attention_library"]).attention_library(),
+    "needs_blocks_c": lambda: __import__("precision.blocks", fromlist=["_BLOCK_KERNELS"])._BLOCK_KERNELS.get(),
 }
 
 

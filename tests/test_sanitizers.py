@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 KERNEL_TESTS = ["tests/quant/test_attention.py", "tests/quant/test_native.py", "tests/quant/test_hardening.py",
-                "tests/precision/test_codec.py", "tests/quant/test_ptq.py"]
+                "tests/precision/test_codec.py", "tests/quant/test_ptq.py", "tests/precision/test_blocks.py"]
 
 
 def _runtime(name: str) -> str | None:
@@ -42,7 +42,8 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
     assert "ERROR: AddressSanitizer" not in out and "runtime error:" not in out and "[100%]" in r.stdout, tail
     # the libraries under test really were the sanitized builds
     code = ("from quant._native import library, attention_library; from precision.codec import _KERNELS\n"
-            "print(all(l is not None for l in (library(), attention_library(), _KERNELS.get())))")
+            "from precision.blocks import _BLOCK_KERNELS\n"
+            "print(all(l is not None for l in (library(), attention_library(), _KERNELS.get(), _BLOCK_KERNELS.get())))")
     probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert probe.stdout.strip() == "True", probe.stderr[-2000:]
     built = subprocess.run(["nm", "-D", str(next((tmp_path / "cache").glob("int8_kernels-*.so")))],

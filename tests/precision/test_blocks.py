@@ -492,3 +492,36 @@ def test_a_custom_block_format_is_stored_and_read_back(tmp_path):
         block_encode(np.array([[1e30] * 32], np.float32), BlockFormat("fp8_e4m3fn", 32, "fit", scale="fp16"))
     with pytest.raises(ValueError, match="not a block format"):
         get_block_format({"element": "fp8_e4m3fn"})
+
+
+@pytest.mark.needs_blocks_c
+def test_nvfp4_c_passes_equal_the_numpy_path_bit_for_bit(monkeypatch):
+    """The two C passes (block amax; scales and element codes by exact comparisons) against the numpy
+    path: random, heavy-tailed, tiny, subnormal and huge tensors, signed zeros, exact midpoints and
+    their float32 neighbours, and a tensor past the threaded size."""
+    import precision.blocks as blocks
+
+    rng = np.random.default_rng(11)
+    cases = [rng.standard_normal((1100, 1024)).astype(np.float32),
+             (rng.standard_t(2, (64, 1024)) * 1e-3).astype(np.float32),
+             (rng.standard_normal((8, 64)) * 1e-40).astype(np.float32),
+             (rng.standard_normal((8, 64)) * 1e37).astype(np.float32),
+             np.where(rng.random((8, 64)) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32),
+             _nvfp4_inputs()]
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    first = blocks.block_encode(x, "nvfp4")
+    d = decode(first.scales, "fp8_e4m3fn").astype(np.float64) * first.tensor_scale
+    mids = rng.choice(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), x.shape) * np.repeat(d, 16, axis=-1)
+    y = (mids * rng.choice([-1.0, 1.0], x.shape)).astype(np.float32)
+    for side in (None, -np.inf, np.inf):  # at the midpoints (as float32 holds them) and a step either way
+        z = y.copy() if side is None else np.nextafter(y, np.float32(side))
+        z[:, ::16] = d * 6  # each block keeps its amax, so its scale
+        cases.append(z.astype(np.float32))
+    for c in cases:
+        got = blocks.block_encode(c, "nvfp4")
+        with monkeypatch.context() as m:
+            m.setattr(blocks._BLOCK_KERNELS, "get", lambda: None)
+            want = blocks.block_encode(c, "nvfp4")
+        assert got.tensor_scale == want.tensor_scale
+        np.testing.assert_array_equal(got.scales, want.scales)
+        np.testing.assert_array_equal(got.codes, want.codes)
