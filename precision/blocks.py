@@ -453,8 +453,8 @@ def _float_scaled_encode(x: Any, fmt: BlockFormat, rounding: str, subnormals: st
         v = np.ascontiguousarray(v)
         nb = v.size // fmt.block
         amax = np.empty(v.shape[:-1], np.float32)
-        top = np.float32(lib.lowbit_block_amax(v.ctypes.data, nb, fmt.block, amax.ctypes.data, threads()))
-        t32 = top / np.float32(448.0 * 6.0) if top > 0 else np.float32(1)
+        tensor_amax = np.float32(lib.lowbit_block_amax(v.ctypes.data, nb, fmt.block, amax.ctypes.data, threads()))
+        t32 = tensor_amax / np.float32(448.0 * 6.0) if tensor_amax > 0 else np.float32(1)
         scales = np.empty(v.shape[:-1], np.uint8)
         codes = np.empty(v.shape, np.uint8)
         lib.lowbit_nvfp4_encode(v.ctypes.data, amax.ctypes.data, nb, fmt.block, float(t32), NVFP4_EPS,
