@@ -9,6 +9,10 @@ says whether the two gave the same scales and element values on that weight
 (the E8M0 code 0 aside, where torchao divides by 2**-126 instead of 2**-127;
 for NVFP4, elements where torchao's rounded reciprocal rounds them twice are
 counted in ``elements_differ``).
+
+``--parts accuracy`` puts the block formats side by side with lowbit's integer schemes on the bundled
+MiniLM: every 2-D weight (the embeddings included) stored weight-only in each method, then the mean
+sentence-embedding cosine to float32 over the project's sentences and the bytes stored, against float32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from precision import decode
+from precision.methods import Method
 from precision.blocks import BLOCK_FORMATS, block_encode
 
 from .timing import Table, benchmark_parser, best_times, write_rows
@@ -77,8 +82,49 @@ def run(rows: int, cols: int, repeat: int, formats: list[str]) -> list[dict]:
     return out
 
 
+ACCURACY = {"int8 per channel": "int8", "int4 g128 symmetric": "int4:g128", "int4 g128 affine": "int4:g128:affine",
+            "Q8_0": "q8_0", "MXFP8 e4m3": "mxfp8_e4m3", "MXFP6 e2m3": "mxfp6_e2m3", "MXFP6 e3m2": "mxfp6_e3m2",
+            "NVFP4": "nvfp4", "MXFP4": "mxfp4", "Q4_0": "q4_0"}
+
+
+def _method(spec: str) -> "str | Method":
+    from quant import PerGroup, QuantSpec
+    from quant.storage import IntQuant
+
+    if spec.startswith("int4:"):
+        return IntQuant(QuantSpec(bits=4, symmetric=not spec.endswith("affine"), granularity=PerGroup(128)))
+    return spec
+
+
+def run_accuracy() -> list[dict]:
+    """One row per method on MiniLM: mean and minimum sentence-embedding cosine to float32, and the bytes
+    of the 2-D weights as stored (float32: their dense bytes)."""
+    from lowbit import compress_checkpoint
+
+    from .models import minilm_checkpoint
+    from .quantize import evaluate, load_eval_model
+
+    table = Table([("method", "method", "<20"), ("bits_per_weight", "bits/weight", "11.3f"),
+                   ("stored_mib", "stored MiB", "10.2f"), ("mean_cosine", "cosine", "8.5f"),
+                   ("min_cosine", "min cosine", "10.5f")])
+    out = []
+    for label, spec in ACCURACY.items():
+        approx: dict = {}
+        rep = compress_checkpoint(minilm_checkpoint(), None, _method(spec), collect=approx, progress=False, metrics=False)
+        res = evaluate(load_eval_model(None), approx)
+        weights = sum(r.bytes_before for r in rep.tensors) / 4
+        stored = sum(r.bytes_after for r in rep.tensors)
+        out.append(table.row(dict(part="accuracy", method=label, bits_per_weight=stored * 8 / weights,
+                                  stored_mib=stored / 2**20, mean_cosine=res["eval_mean_cosine"],
+                                  min_cosine=res["eval_min_cosine"])))
+    print("MiniLM: every 2-D float weight stored weight-only (float32: "
+          f"{sum(r.bytes_before for r in rep.tensors) / 2**20:.2f} MiB); cosine over the project's sentences")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("python -m bench.blocks", __doc__)
+    p.add_argument("--parts", nargs="+", choices=("speed", "accuracy"), default=["speed", "accuracy"])
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096, help="a multiple of 32 (default 4096)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per contender, best kept (default 5)")
@@ -86,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rows < 1 or a.cols < 32 or a.cols % 32:
         p.error("--rows must be positive and --cols a positive multiple of 32")
-    write_rows(run(a.rows, a.cols, max(1, a.repeat), a.formats), a.json, a.markdown)
+    rows = [dict(part="speed", **r) for r in run(a.rows, a.cols, max(1, a.repeat), a.formats)] if "speed" in a.parts else []
+    if "accuracy" in a.parts:
+        rows += run_accuracy()
+    write_rows(rows, a.json, a.markdown)
     return 0
 
 
