@@ -51,8 +51,9 @@ def _state_bytes(model: Any) -> int:
     return sum(seen.values())
 
 
-def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype: str | None) -> dict[str, Any]:
-    """One loader in this (fresh) process: load, measure, run, measure."""
+def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype: str | None,
+          batch: int = BATCH, tokens: int = TOKENS) -> dict[str, Any]:
+    """One loader in this (fresh) process: load, measure, run ``batch`` x ``tokens`` token ids, measure."""
     import torch
     import transformers
 
@@ -71,7 +72,7 @@ def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype
     load_s = time.perf_counter() - t0
     after_load = (_state_bytes(model), _status_kib("VmHWM"))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, int(model.config.vocab_size), (BATCH, TOKENS), generator=g)
+    ids = torch.randint(5, int(model.config.vocab_size), (batch, tokens), generator=g)
 
     def run() -> Any:
         with torch.inference_mode():

@@ -92,7 +92,39 @@ def test_blocks_benchmark_rows_hold_speed_and_agreement_with_torchao(tmp_path):
     from bench import blocks
 
     rows = rows_of(blocks.main, ["--rows", "64", "--cols", "256", "--repeat", "1", "--formats", "mxfp4",
-                                 "mxfp8_e4m3", "nvfp4"], tmp_path)
+                                 "mxfp8_e4m3", "nvfp4", "--parts", "speed"], tmp_path)
     assert [r["format"] for r in rows] == ["mxfp4", "mxfp8_e4m3", "nvfp4"]
     assert all(r["scales_identical"] == "yes" and r["lowbit_gels"] > 0 and r["torchao_gels"] > 0 for r in rows)
     assert rows[0]["elements_differ"] == rows[1]["elements_differ"] == 0
+
+
+def test_blocks_accuracy_rows_give_bits_per_weight_and_cosine_on_minilm(tmp_path, monkeypatch):
+    from bench import blocks
+
+    monkeypatch.setattr(blocks, "ACCURACY", {"int8 per channel": "int8", "NVFP4": "nvfp4", "Q4_0": "q4_0"})
+    rows = rows_of(blocks.main, ["--parts", "accuracy"], tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"int8 per channel", "NVFP4", "Q4_0"} and all(r["part"] == "accuracy" for r in rows)
+    assert by["NVFP4"]["bits_per_weight"] == pytest.approx(4.5, abs=1e-3)  # + 4 bytes per tensor
+    assert by["Q4_0"]["bits_per_weight"] == 4.5
+    assert 8 < by["int8 per channel"]["bits_per_weight"] < 8.1
+    assert by["int8 per channel"]["mean_cosine"] > 0.999 > by["NVFP4"]["mean_cosine"] > 0.9
+
+
+def test_deploy_child_measures_each_loader_against_the_dense_reference(tmp_path, tiny_bert):
+    """bench.deploy's per-process measurement on a tiny BERT: the dense run writes the reference output,
+    the loaders of its compressed-tensors directory measure against it; lowbit keeps the int8 codes."""
+    from bench import deploy
+    from lowbit import CompressedTensors, compress_checkpoint
+
+    tiny_bert.save_pretrained(str(tmp_path / "bert"))
+    compress_checkpoint(tmp_path / "bert", tmp_path / "ct", "int8", format=CompressedTensors(activations="int8"),
+                        progress=False)
+    ref = tmp_path / "ref.pt"
+    dense = deploy.child("dense", str(tmp_path / "bert"), str(ref), 1, "float32", tokens=32)
+    assert dense["cosine"] == 1.0 and ref.is_file()
+    ours = deploy.child("lowbit", str(tmp_path / "ct"), str(ref), 1, None, tokens=32)
+    theirs = deploy.child("transformers", str(tmp_path / "ct"), str(ref), 1, None, tokens=32)
+    assert 0.99 < ours["cosine"] <= 1 and 0.99 < theirs["cosine"] <= 1
+    assert ours["state_mib_run"] < theirs["state_mib_run"] == pytest.approx(dense["state_mib_run"], rel=0.01)
+    assert all(v > 0 for v in (ours["latency_ms"], ours["peak_rss_mib_run"], ours["load_s"]))
