@@ -108,11 +108,17 @@ def _spawn(loader: str, model_dir: Path, reference: Path, repeat: int, dtype: st
 
 
 def _quantize(src: Path, out: Path, method: str) -> None:
-    """What ``bench.quantize SRC --method METHOD --format compressed-tensors --out OUT`` writes."""
-    from lowbit import CompressedTensors, compress_checkpoint
+    """``bench.quantize SRC --method METHOD --format compressed-tensors --out OUT`` (its report not printed)."""
+    import contextlib
+    import io
 
-    compress_checkpoint(src, out, "int8", format=CompressedTensors(activations="int8" if method == "w8a8" else None),
-                        progress=False, metrics=False)
+    from .quantize import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(src), "--method", method, "--format", "compressed-tensors", "--out", str(out), "--quiet",
+                   "--no-metrics"])
+    if rc != 0:
+        raise RuntimeError(f"bench.quantize {src} --method {method} --format compressed-tensors failed")
 
 
 def _llama_dir(root: Path) -> Path:

@@ -44,7 +44,7 @@ from precision.methods import StructureMethod, ValueMethod
 from precision.report import Report
 from quant import AWQ, GPTQ, PerChannel, PerGroup, PerTensor, QuantSpec
 from quant.spec import Granularity
-from quant.storage import IntQuant
+from quant.storage import SCALE_DTYPES, IntQuant
 
 PROG = "python -m bench.quantize"
 W8A8 = "w8a8"  # int8 weights per channel + dynamic per-token int8 inputs (compressed-tensors' int-quantized)
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=128, help="elements per group for --granularity group")
     g.add_argument("--affine", action="store_true", help="affine (zero point) instead of symmetric")
     g.add_argument("--narrow-range", action="store_true", help="drop the most negative code, e.g. [-127, 127]")
+    g.add_argument("--scale-dtype", choices=("auto", *SCALE_DTYPES), default="auto",
+                   help="symmetric integers: round each scale up to this dtype before computing the codes, so readers "
+                   "that hold scales in it read them exactly; auto: the checkpoint's weight dtype (bfloat16, float16) "
+                   "with --format compressed-tensors, else float32")
     g.add_argument("--calibration", choices=CALIBRATIONS, default="minmax")
     g.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile")
     g = p.add_argument_group("pruning")
@@ -164,7 +168,8 @@ def _value_method(name: str, kind: str, a: argparse.Namespace) -> ValueMethod:
     gran = granularities[a.granularity]
     spec = QuantSpec(bits=int(name[3:]), signed=True, symmetric=not a.affine, narrow_range=a.narrow_range,
                      granularity=gran)
-    return IntQuant(spec, a.calibration, a.percentile if a.calibration == "percentile" else None)
+    return IntQuant(spec, a.calibration, a.percentile if a.calibration == "percentile" else None,
+                    scale_dtype=getattr(a, "resolved_scale_dtype", "float32"))
 
 
 def _structure_method(kind: str, a: argparse.Namespace) -> StructureMethod:
@@ -240,8 +245,28 @@ def build_chain(a: argparse.Namespace) -> Chain:
         raise UsageError(str(e)) from None
 
 
+def scale_dtype_of(a: argparse.Namespace, path: Path) -> str:
+    """``--scale-dtype``, with auto resolved: for symmetric integers written as compressed-tensors, the dtype
+    of the checkpoint's 2-D floating-point tensors when they are all bfloat16 or all float16 (transformers
+    holds a layer's scales in that dtype), else float32."""
+    if a.scale_dtype != "auto":
+        return str(a.scale_dtype)
+    if a.format != "compressed-tensors" or a.affine:
+        return "float32"
+    ck = Checkpoint(path)
+    kinds = {str(ck.info(n)[0]) for n in ck.names() if len(ck.info(n)[1]) == 2 and ck.info(n)[0].kind in "fV"}
+    return kinds.pop() if kinds in ({"bfloat16"}, {"float16"}) else "float32"
+
+
 def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     """Carry out one CLI invocation (parsed arguments); return the report and the input's files."""
+    if a.checkpoint is None:
+        from .models import minilm_checkpoint
+
+        path = minilm_checkpoint()
+    else:
+        path = Path(a.checkpoint)
+    a.resolved_scale_dtype = scale_dtype_of(a, path)
     chain = build_chain(a)
     if a.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
@@ -278,12 +303,6 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             check_pattern(pat)
         except ValueError as e:
             raise UsageError(f"{flag}: {e}") from None
-    if a.checkpoint is None:
-        from .models import minilm_checkpoint
-
-        path = minilm_checkpoint()
-    else:
-        path = Path(a.checkpoint)
     inputs = check_reports(a, path)
     calibrated = calibrated_of(a)
     if calibrated is not None:

@@ -3,7 +3,7 @@ of 4 bits or fewer packed two per byte."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,6 +58,29 @@ def unpack_codes(stored: np.ndarray, info: dict[str, Any], count: int, dtype: np
     return stored
 
 
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def round_scales_up(scale: np.ndarray, dtype: str) -> np.ndarray:
+    """Positive float32 ``scale`` rounded up to the nearest value of ``dtype`` (``"float32"``: unchanged),
+    returned as float32 (every bfloat16 and float16 value is one). ValueError if a scale exceeds the dtype."""
+    s = np.asarray(scale, np.float32)
+    if dtype == "float32":
+        return s
+    if dtype == "bfloat16":  # the top 16 bits of a float32; dropping nonzero low bits and stepping up rounds up
+        bits = s.view(np.uint32)
+        up = (bits & np.uint32(0xFFFF0000)) + np.where(bits & np.uint32(0xFFFF), np.uint32(0x10000), np.uint32(0))
+        out = up.astype(np.uint32).view(np.float32)
+    else:
+        with np.errstate(over="ignore"):
+            h = s.astype(np.float16)
+        h = np.where(h.astype(np.float32) < s, np.nextafter(h, np.float16(np.inf)), h)
+        out = h.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"a scale of {float(s.max()):.4g} exceeds {dtype}'s range")
+    return out
+
+
 @register_method
 @dataclass(frozen=True)
 class IntQuant(ValueMethod):
@@ -67,12 +90,18 @@ class IntQuant(ValueMethod):
     Stored parts: the codes (packed two per byte at 4 bits or fewer), the float32
     ``scale`` and, for affine specs, the int32 ``zero_point``; one of each per block
     of ``spec.granularity``.
+
+    ``scale_dtype``: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"`` for symmetric specs: each
+    calibrated scale is rounded up to the nearest value of that dtype before the codes are computed (up,
+    so no value that fitted the range is clipped), so that a reader holding scales in that dtype (transformers
+    and vLLM hold them in a bfloat16 model's dtype) reads exactly the scales the codes were made with.
     """
 
     kind: ClassVar[str] = "int"
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(granularity=PerChannel(0)))
     calibration: str = "minmax"
     percentile: float | None = None
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, QuantSpec):
@@ -84,9 +113,21 @@ class IntQuant(ValueMethod):
                 raise ValueError("IntQuant: percentile applies to calibration='percentile' only")
             if not 0 < self.percentile <= 100:
                 raise ValueError(f"IntQuant: percentile must be in (0, 100], got {self.percentile}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"IntQuant: scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.scale_dtype != "float32" and not self.spec.symmetric:
+            raise ValueError("IntQuant: scale_dtype other than float32 applies to symmetric specs (an affine zero point "
+                             "would have to move with the rounded scale)")
 
     def describe(self) -> str:
-        return f"{self.spec.describe()} {self.calibration}"
+        return f"{self.spec.describe()} {self.calibration}" + (
+            "" if self.scale_dtype == "float32" else f" {self.scale_dtype} scales")
+
+    def _rounded(self, qp: QParams) -> QParams:
+        """``qp`` with its scales rounded up to ``scale_dtype`` (unchanged for float32)."""
+        if self.scale_dtype == "float32":
+            return qp
+        return replace(qp, scale=round_scales_up(qp.scale, self.scale_dtype))
 
     def check_shape(self, shape: tuple[int, ...], name: str = "x") -> None:
         self.spec.block_shape(shape, name)
@@ -104,6 +145,7 @@ class IntQuant(ValueMethod):
             qp = calibrate(x, self.spec, self.calibration, name=name)
         else:
             qp = calibrate(x, self.spec, self.calibration, percentile=self.percentile, name=name)
+        qp = self._rounded(qp)
         return self._encoded(np.asarray(quantize(x, qp, name=name)), qp)
 
     def _encoded(self, codes: np.ndarray, qp: QParams) -> EncodedValues:
@@ -122,6 +164,9 @@ class IntQuant(ValueMethod):
             return self.encode(solution.values, name)
         if not isinstance(qp, QParams) or qp.spec != self.spec:
             raise ValueError(f"{name}: the solver's params are not QParams of {self.spec.describe()}")
+        if not np.array_equal(round_scales_up(qp.scale, self.scale_dtype), qp.scale):
+            raise ValueError(f"{name}: the solver chose float32 scales that {self.scale_dtype} does not hold; "
+                             "use scale_dtype='float32' with a calibrated solver")
         return self._encoded(np.asarray(quantize(np.ascontiguousarray(solution.values, np.float32), qp, name=name)), qp)
 
     def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,
@@ -130,7 +175,7 @@ class IntQuant(ValueMethod):
         consecutive runs of memory (per output channel, groups along the last axis, the whole tensor)
         runs as one C pass that also accumulates the metrics (same codes, scales and zero points)."""
         fused = rtn_blocks(x, self.spec, values=values, metrics=acc is not None) \
-            if self.calibration == "minmax" and self.percentile is None else None
+            if self.calibration == "minmax" and self.percentile is None and self.scale_dtype == "float32" else None
         if fused is None:
             return super().encode_measured(x, acc, name, values=values)
         if acc is not None:
@@ -180,4 +225,6 @@ class IntQuant(ValueMethod):
         d: dict[str, Any] = {"kind": self.kind, "spec": self.spec.to_dict(), "calibration": self.calibration}
         if self.percentile is not None:
             d["percentile"] = self.percentile
+        if self.scale_dtype != "float32":
+            d["scale_dtype"] = self.scale_dtype
         return d

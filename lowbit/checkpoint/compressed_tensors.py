@@ -35,9 +35,11 @@ the same ``(code - zero_point) * scale``). Only the weights of ``nn.Linear`` lay
 this layout; every other tensor is written as it is. Pruning, low rank, block formats (MX, NVFP4),
 fp8 e5m2 and fp16/bf16 casts have no lossless form here and are refused with the formats that carry them.
 
-Scales are written in float32, which lowbit and compressed-tensors' own decompression read as they
-are. transformers holds a layer's scales in the model's dtype, so it rounds them when a bfloat16 or
-float16 model is loaded; a float32 model loads bit for bit.
+Integer scales are written in the method's ``scale_dtype`` (float32 by default), which lowbit and
+compressed-tensors' own decompression read as they are. transformers holds a layer's scales in the
+model's dtype, so it would round float32 scales of a bfloat16 or float16 model; with
+``IntQuant(scale_dtype="bfloat16")`` the codes are made with scales that dtype holds, and such a model
+loads bit for bit too.
 
 Reading: :func:`read_layers` turns a directory's quantized layers (written by lowbit or by
 compressed-tensors' ``ModelCompressor`` for another tool) back into codes and params;
@@ -286,8 +288,9 @@ def _config(model_dir: Path) -> Any:
     return config
 
 
-def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
-    """The compressed-tensors tensors of one Linear weight compressed by lowbit (``c``), codes copied."""
+def ct_tensors(module: str, c: Compressed, scale_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The compressed-tensors tensors of one Linear weight compressed by lowbit (``c``), codes copied; integer
+    scales written in ``scale_dtype`` (the method's: they hold its values exactly)."""
     scheme = c.scheme
     shape = tuple(scheme["shape"])
     if scheme["values"]["kind"] == "block":
@@ -301,7 +304,7 @@ def ct_tensors(module: str, c: Compressed) -> dict[str, np.ndarray]:
                              np.ones(1, np.float32) if scale is None else scale, scheme["values"].get("scaling") == "channel")
     spec = QuantSpec.from_dict(scheme["values"]["spec"])
     codes = ValueStore.codes(c.parts, scheme, ST_TO_NP[scheme["dtype"]]).reshape(shape)
-    return int_tensors(module, codes, spec, c.parts["scale"], c.parts.get("zero_point"))
+    return int_tensors(module, codes, spec, c.parts["scale"], c.parts.get("zero_point"), scale_dtype)
 
 
 def block_tensors(module: str, codes: np.ndarray, scales: np.ndarray, tensor_scale: float | None,
@@ -335,10 +338,11 @@ def float_tensors(module: str, codes: np.ndarray, scale: np.ndarray, per_channel
 
 
 def int_tensors(module: str, codes: np.ndarray, spec: QuantSpec, scale: np.ndarray,
-                zero_point: np.ndarray | None) -> dict[str, np.ndarray]:
+                zero_point: np.ndarray | None, scale_dtype: str = "float32") -> dict[str, np.ndarray]:
     """compressed-tensors' tensors of integer codes (out, in) under ``spec`` with their float32 ``scale`` and
     ``zero_point`` (``spec.params_shape``): int8 as ``M.weight``, fewer bits packed (``M.weight_packed`` and
-    ``M.weight_shape``); unsigned codes carried as signed (code and zero point minus ``2**(bits-1)``)."""
+    ``M.weight_shape``); unsigned codes carried as signed (code and zero point minus ``2**(bits-1)``). The
+    scales are written in ``scale_dtype`` (``"bfloat16"`` / ``"float16"``: they must hold them exactly)."""
     shape = tuple(codes.shape)
     pshape = spec.params_shape(shape)
     scale = np.asarray(scale, np.float32).reshape(pshape)
@@ -356,6 +360,11 @@ def int_tensors(module: str, codes: np.ndarray, spec: QuantSpec, scale: np.ndarr
     else:
         out[f"{module}.weight_packed"] = pack_int32(codes, spec.bits)
         out[f"{module}.weight_shape"] = np.asarray(shape, np.int64)
+    if scale_dtype != "float32":
+        narrow = scale.astype(ST_TO_NP["BF16"] if scale_dtype == "bfloat16" else np.float16)
+        if not np.array_equal(narrow.astype(np.float32), scale):
+            raise ValueError(f"{module}: its scales are not {scale_dtype} values")
+        scale = narrow
     out[f"{module}.weight_scale"] = scale
     if zp is not None and not spec.symmetric:
         zp8 = zp.astype(np.int8)

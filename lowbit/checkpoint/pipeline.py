@@ -292,7 +292,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                     writer.add_kept(name, c.parts["values"])
                 else:
                     assert ct is not None  # the writer is made for it
-                    writer.add_layer(modules[name], ct_tensors(modules[name], c), ct_args, ct_name, ct.activations)
+                    writer.add_layer(modules[name], ct_tensors(modules[name], c, getattr(chain.values, "scale_dtype", "float32")),
+                                     ct_args, ct_name, ct.activations)
             elif isinstance(writer, OnnxQDQWriter):
                 if c.scheme["values"]["kind"] == "none":  # stored dense: the method saved nothing here
                     writer.add_kept(name, c.parts["values"])

@@ -362,3 +362,44 @@ def test_block_formats_carry_lowbits_codes_and_scales(fmt: str, model_dirs: dict
         assert np.array_equal(sd[k].float().numpy(), v), k
     with pytest.raises(CheckpointError, match="cannot run the scheme"):
         load_quantized(out)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(granularity=PerChannel(0)), QuantSpec(bits=4, granularity=PerGroup(32))])
+def test_bfloat16_model_with_bfloat16_scales_loads_bit_for_bit_in_transformers(spec: QuantSpec, model_dirs: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """transformers holds a bfloat16 model's scales in bfloat16: IntQuant(scale_dtype="bfloat16") makes the codes
+    with scales it holds exactly, so its weights equal lowbit's load and compressed-tensors' decompression."""
+    from safetensors import safe_open
+
+    src = tmp_path / "llama16"
+    transformers.LlamaForCausalLM.from_pretrained(str(model_dirs["llama"])).to(torch.bfloat16).save_pretrained(str(src))
+    method = IntQuant(spec, scale_dtype="bfloat16")
+    compress_checkpoint(src, tmp_path / "ct", method, format="compressed-tensors", progress=False)
+    compress_checkpoint(src / "model.safetensors", tmp_path / "q.safetensors", method, progress=False)
+    ours = load(tmp_path / "q.safetensors", as_numpy=True)
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.bfloat16
+    theirs = _ct_decompressed(tmp_path / "ct")
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref(input_ids=_ids(256))
+    sd = ref.state_dict()
+    for k in theirs:
+        want = ours[k].astype(np.float32)
+        assert np.array_equal(theirs[k], want), k
+        assert np.array_equal(sd[k].float().numpy(), want), k
+
+
+def test_cli_picks_the_checkpoints_dtype_for_scales_and_refuses_it_for_affine(model_dirs: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from bench.quantize import main
+
+    src = tmp_path / "llama16"
+    transformers.LlamaForCausalLM.from_pretrained(str(model_dirs["llama"])).to(torch.float16).save_pretrained(str(src))
+    assert main([str(src), "--method", "w8a8", "--format", "compressed-tensors", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.float16
+    assert main([str(src), "--method", "int8", "--scale-dtype", "bfloat16", "--affine", "--quiet"]) == 2
