@@ -18,7 +18,7 @@ from torch import nn
 from . import _native
 from .calibrate import _EPS, calibrate, constant_block_scale, symmetric_scale
 from .quantize import QParams, dequantize_tensor, fake_quantize, fake_quantize_tensor, round_scaled
-from .spec import PerChannel, PerTensor, QuantSpec
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 # per-token activations for the int8 kernel: symmetric int8, one scale per row
 # (codes in [-127, 127]: scale amax / 127, so no code can round past the range and the kernel skips
@@ -300,9 +300,21 @@ class QuantizedLinear(nn.Module):
         elif self.activations == "dynamic":
             x2 = x.reshape(-1, x.shape[-1])
             x = fake_quantize(x2, calibrate(x2, self.act_spec), name="activation").reshape(x.shape)
-        w = self.dequantized_weight().to(x.dtype)
+        w = self.weight_as(x.dtype)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return F.gelu(y) if self.gelu_in_place else y  # not in place: y may carry autograd history
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``dequantized_weight().to(dtype)``: for int8 codes per row or per group of columns, float32 or
+        bfloat16, in one C pass (the same values; :func:`quant._native.dequantize_int8`)."""
+        g = self.spec.granularity
+        rowwise = (isinstance(g, PerChannel) and g.kept_axis % 2 == 0) or (isinstance(g, PerGroup) and g.reduced_axis % 2 == 1)
+        if rowwise and self.spec.bits == 8 and self.spec.signed and self.weight_codes.device.type == "cpu":
+            zp = None if self.spec.symmetric else self.weight_zero_point
+            w = _native.dequantize_int8(self.weight_codes, self.weight_scale, zp, dtype)
+            if w is not None:
+                return w
+        return self.dequantized_weight().to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

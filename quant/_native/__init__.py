@@ -28,6 +28,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.lowbit_rescale.restype = None
 
 
+    lib.lowbit_dequantize_int8.argtypes = [p, i64, i64, i64, p, p, p, p, i32]
+    lib.lowbit_dequantize_int8.restype = None
+
+
 _LIB = Library(Path(__file__).with_name("int8_kernels.c"), _bind, fallback="torch")
 
 
@@ -111,3 +115,27 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
     lib.lowbit_rescale(acc.data_ptr(), rows, cols, row_scale.data_ptr(), col_scale.data_ptr(), col_scale.numel(),
                        _ptr(bias), y.data_ptr(), threads())
     return y
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor | None:
+    """``(codes - zero_point) * scale`` of int8 ``codes`` (rows, cols) with one float32 scale (and int32 zero
+    point, None for 0) per row or per group of columns (``scale`` (rows, groups)), as ``dtype`` (float32, or
+    bfloat16 rounded to nearest even from the float32 value) in one pass: the values of
+    ``quant.quantize.dequantize_tensor(...).to(dtype)``. None when the kernels are unavailable or an
+    argument does not fit (the caller's torch path then defines the result)."""
+    lib = library()
+    if (lib is None or codes.dim() != 2 or codes.dtype != torch.int8 or not codes.is_contiguous()
+            or codes.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    rows, cols = codes.shape
+    groups = scale.numel() // max(rows, 1)
+    if (rows == 0 or groups < 1 or groups * rows != scale.numel() or cols % groups or not _usable(scale.reshape(-1))
+            or (zero_point is not None and (zero_point.dtype != torch.int32 or not zero_point.is_contiguous()
+                                            or zero_point.numel() != scale.numel()))):
+        return None
+    out = torch.empty(rows, cols, dtype=dtype)
+    o32, o16 = (out, None) if dtype == torch.float32 else (None, out.view(torch.int16))
+    lib.lowbit_dequantize_int8(codes.data_ptr(), rows, cols, cols // groups, scale.data_ptr(), _ptr(zero_point),
+                               _ptr(o32), _ptr(o16), threads())
+    return out

@@ -120,3 +120,35 @@ void lowbit_rescale(const int32_t *acc, int64_t rows, int64_t cols, const float 
         }
     }
 }
+
+/* w = ((float)codes - (float)zp[g]) * scale[g] for int8 codes (rows x cols, contiguous), one scale and zero
+ * point per group of `group` columns of a row (group = cols: per row); zp NULL means 0. Written as float32
+ * (out32) or, rounded to nearest even, as bfloat16 bits (out16): the arithmetic of
+ * quant.quantize.dequantize_tensor followed by torch's float32 -> bfloat16 conversion, in one pass. */
+void lowbit_dequantize_int8(const int8_t *codes, int64_t rows, int64_t cols, int64_t group, const float *scale,
+                            const int32_t *zp, float *out32, uint16_t *out16, int nthreads)
+{
+    const int64_t groups = cols / group;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = scale[r * groups + g];
+            const float z = zp ? (float)zp[r * groups + g] : 0.0f;
+            const int8_t *cr = codes + r * cols + g * group;
+            if (out32) {
+                float *o = out32 + r * cols + g * group;
+                _Pragma("GCC ivdep")
+                for (int64_t c = 0; c < group; c++) o[c] = ((float)cr[c] - z) * s;
+            } else {
+                uint16_t *o = out16 + r * cols + g * group;
+                _Pragma("GCC ivdep")
+                for (int64_t c = 0; c < group; c++) {
+                    const float v = ((float)cr[c] - z) * s;
+                    uint32_t b;
+                    memcpy(&b, &v, 4);
+                    o[c] = (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+                }
+            }
+        }
+    }
+}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant import TOKEN_SPEC, PerChannel, PTQConfig, QuantSpec, calibrate, ptq, quantize
+from quant import TOKEN_SPEC, PerChannel, PerGroup, PTQConfig, QuantSpec, calibrate, ptq, quantize
 from quant import _native
 from quant.calibrate import _EPS
 
@@ -220,3 +220,34 @@ def test_every_c_library_loads_in_one_process_from_one_cache(tmp_path):
     for _ in range(2):  # a fresh build, then loads from the cache
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert r.stdout.split() == ["True", "3"], r.stderr
+
+
+@pytest.mark.needs_int8_c
+@pytest.mark.parametrize("gran", [PerChannel(0), PerGroup(32)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(3, 64), (2048, 1024)])  # serial and threaded
+def test_dequantize_int8_equals_the_torch_path_then_the_cast(gran, symmetric, dtype, rows, cols):
+    from quant.modules import QuantizedLinear
+    from quant.quantize import dequantize_tensor
+
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(rows, cols, generator=g) * torch.logspace(-3, 1, cols)).numpy()
+    spec = QuantSpec(symmetric=symmetric, granularity=gran)
+    qp = calibrate(w, spec)
+    layer = QuantizedLinear(np.asarray(quantize(w, qp)), qp, None)
+    want = dequantize_tensor(layer.codes(), layer.weight_scale, layer.weight_zero_point, spec).to(dtype)
+    fast = _native.dequantize_int8(layer.weight_codes, layer.weight_scale,
+                                   None if symmetric else layer.weight_zero_point, dtype)
+    assert fast is not None and fast.dtype == dtype
+    assert torch.equal(fast.view(torch.int16) if dtype == torch.bfloat16 else fast.view(torch.int32),
+                       want.view(torch.int16) if dtype == torch.bfloat16 else want.view(torch.int32))
+    assert torch.equal(layer.weight_as(dtype), want)
+
+
+def test_dequantize_int8_refuses_what_does_not_fit():
+    codes = torch.zeros(4, 8, dtype=torch.int8)
+    assert _native.dequantize_int8(codes, torch.ones(3), None, torch.float32) is None  # 3 scales for 4 rows
+    assert _native.dequantize_int8(codes.t(), torch.ones(8), None, torch.float32) is None  # not contiguous
+    assert _native.dequantize_int8(codes, torch.ones(4), None, torch.float16) is None  # no float16 output
+    assert _native.dequantize_int8(codes, torch.ones(4), torch.zeros(4, dtype=torch.int64), torch.float32) is None
