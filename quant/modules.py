@@ -361,3 +361,78 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp8_e4m3fn x float32 scale"
+
+
+class BlockLinear(nn.Module):
+    """A Linear layer whose weight is stored in a block format (MXFP4/6/8, NVFP4; :mod:`precision.blocks`):
+    element codes (fp4 two per byte, low nibble first; wider ones a byte each) and one scale code per block
+    along the rows, dequantized per call and dropped after the matmul (no dense copy is kept).
+
+    The value of an element is its format's value times the block's: ``2**(e - 127)`` for the MX formats'
+    E8M0 scale ``e`` (exact in float32), or, for NVFP4 (e4m3 block scales), ``scale / global_scale`` in
+    float32, compressed-tensors' definition (``global_scale`` is the reciprocal of lowbit's tensor scale).
+
+    ``codes``: (out, in) uint8 element codes. ``scales``: (out, in / block) uint8 scale codes. ``fmt``: the
+    preset's name. ``global_scale``: NVFP4's float32, else None."""
+
+    weight_codes: torch.Tensor
+    weight_scale: torch.Tensor
+    table: torch.Tensor
+    scale_table: torch.Tensor
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, fmt: str, global_scale: float | None,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        from precision import decode
+        from precision.blocks import get_block_format, pack_fp4
+
+        self.format = get_block_format(fmt)
+        self.fmt_name = fmt
+        if self.format.is_int or self.format.scale_rule not in ("floor", "nvfp4"):
+            raise ValueError(f"BlockLinear: {fmt} is not an MX float or NVFP4 format")
+        if codes.ndim != 2 or codes.shape[1] % self.format.block or scales.shape != (codes.shape[0], codes.shape[1] // self.format.block):
+            raise ValueError(f"BlockLinear: codes {codes.shape} and scales {scales.shape} do not match {fmt}'s blocks")
+        if (self.format.scale_rule == "nvfp4") != (global_scale is not None):
+            raise ValueError("BlockLinear: NVFP4 takes a global scale, the MX formats none")
+        self.out_features, self.in_features = codes.shape
+        el = self.format.element_format
+        stored = pack_fp4(codes.reshape(-1)) if el.bits <= 4 else codes.astype(np.uint8)
+        self.register_buffer("weight_codes", torch.from_numpy(contiguous(stored)))
+        self.register_buffer("weight_scale", torch.from_numpy(contiguous(scales.astype(np.uint8))))
+        values = np.asarray(decode(np.arange(el.num_codes, dtype=np.uint8), el), np.float32)
+        self.register_buffer("table", torch.from_numpy(contiguous(values)))
+        self.global_scale = global_scale
+        if global_scale is not None:
+            self.register_buffer("scale_table", torch.from_numpy(contiguous(
+                np.asarray(decode(np.arange(256, dtype=np.uint8), "fp8_e4m3fn"), np.float32))))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def codes(self) -> torch.Tensor:
+        """The element codes, (out, in) uint8."""
+        if self.format.element_format.bits > 4:
+            return self.weight_codes.reshape(self.out_features, self.in_features)
+        c = self.weight_codes
+        return torch.stack([c & 0x0F, c >> 4], dim=1).reshape(self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 (out, in): element value times block scale (see the class docstring)."""
+        v = self.table[self.codes().long()].reshape(self.out_features, -1, self.format.block)
+        s = self.weight_scale.to(torch.int32)
+        if self.global_scale is None:
+            factor = torch.ldexp(torch.ones(s.shape), (s - 127).to(torch.float32))
+            factor = torch.where(s == 255, torch.full_like(factor, float("nan")), factor)
+        else:
+            factor = self.scale_table[s.long()] / torch.tensor(self.global_scale, dtype=torch.float32)
+        return (v * factor[..., None]).reshape(self.out_features, self.in_features)
+
+    @property
+    def stored_bytes(self) -> int:
+        b = self.weight_codes.numel() + self.weight_scale.numel() + (4 if self.global_scale is not None else 0)
+        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt_name}"

@@ -477,9 +477,17 @@ class QuantizedWeight:
     scale: np.ndarray | None
     float_format: str | None
     activations: str | None
+    block: str | None = None
+    global_scale: float | None = None
 
     def dequantized(self) -> np.ndarray:
-        """float32 ``(code - zero_point) * scale`` (fp8: ``code * scale``), as compressed-tensors computes it."""
+        """float32 ``(code - zero_point) * scale`` (fp8: ``code * scale``; block formats: element times block
+        scale, see :class:`quant.modules.BlockLinear`), as compressed-tensors computes it in float32."""
+        if self.block is not None:
+            from quant.modules import BlockLinear
+
+            assert self.scale is not None
+            return BlockLinear(self.codes, self.scale, self.block, self.global_scale, None).dequantized_weight().numpy()
         if self.qparams is None:
             assert self.scale is not None
             return self.codes.astype(np.float32) * self.scale
@@ -601,6 +609,13 @@ def _read_weight(ck: Checkpoint, m: str, group: dict[str, Any], where: str) -> Q
         return ck.read(f"{m}.{leaf}")
 
     scale = get("weight_scale")
+    block = next((name for name, (args, f) in BLOCK_ARGS.items() if f == fmt), None)
+    if block is not None:
+        args = BLOCK_ARGS[block][0]
+        if any(w.get(k) != args[k] for k in ("num_bits", "type", "group_size", "strategy")) or acts \
+                or not w.get("symmetric", True):
+            raise CheckpointError(f"{where}: lowbit cannot run the scheme {_describe(w, fmt)}")
+        return _read_block(ck, m, block, scale, get, where)
     if w.get("type") == "float":
         strategy = w.get("strategy")
         if w.get("num_bits") != 8 or strategy not in ("tensor", "channel") or fmt != "float-quantized" or acts:
@@ -657,6 +672,42 @@ def _read_weight(ck: Checkpoint, m: str, group: dict[str, Any], where: str) -> Q
     return QuantizedWeight(m, np.ascontiguousarray(codes, np.int8), qp, None, None, acts)
 
 
+def _read_block(ck: Checkpoint, m: str, block: str, scale: np.ndarray, get: Any, where: str) -> QuantizedWeight:
+    """An MX / NVFP4 layer: element codes unpacked to a byte each, scale codes as bytes."""
+    from precision.blocks import get_block_format
+
+    fmt = get_block_format(block)
+    rows = scale.shape[0] if scale.ndim == 2 else 0
+    if scale.ndim != 2 or scale.dtype.itemsize != 1:
+        raise CheckpointError(f"{where}: weight_scale must be 2-D with one byte per block, got {scale.dtype} "
+                              f"{list(scale.shape)}")
+    cols = scale.shape[1] * fmt.block
+    if block == "mxfp8_e4m3":
+        codes = get("weight")
+        if codes.dtype.itemsize != 1 or codes.shape != (rows, cols):
+            raise CheckpointError(f"{where}: weight must be ({rows}, {cols}) fp8, got {codes.dtype} {list(codes.shape)}")
+        codes = np.ascontiguousarray(codes).view(np.uint8)
+    else:
+        packed = get("weight_packed")
+        per_byte = 2 if fmt.element_bits == 4 else 4 / 3
+        if packed.dtype != np.uint8 or packed.shape != (rows, int(cols / per_byte)):
+            raise CheckpointError(f"{where}: weight_packed must be ({rows}, {int(cols / per_byte)}) uint8, got "
+                                  f"{packed.dtype} {list(packed.shape)}")
+        if fmt.element_bits == 4:
+            codes = unpack_nibbles(packed.reshape(-1), rows * cols).reshape(rows, cols)
+        else:
+            b = packed.reshape(rows, cols // 4, 3).astype(np.uint32)
+            word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
+            codes = np.stack([(word >> k) & 0x3F for k in (0, 6, 12, 18)], -1).astype(np.uint8).reshape(rows, cols)
+    gs = None
+    if block == "nvfp4":
+        g = get("weight_global_scale")
+        if g.size != 1 or g.dtype.kind != "f" or not np.isfinite(g).all() or float(g.reshape(-1)[0]) <= 0:
+            raise CheckpointError(f"{where}: weight_global_scale must be one positive float")
+        gs = float(np.float32(g.reshape(-1)[0]))
+    return QuantizedWeight(m, codes, None, np.ascontiguousarray(scale).view(np.uint8), None, None, block, gs)
+
+
 def load_dense(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a compressed-tensors directory with the quantized weights dequantized
     (``name.weight``, float32, as compressed-tensors' own decompression computes it) and their
@@ -665,7 +716,7 @@ def load_dense(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     layers = read_layers(d)
     ck = Checkpoint(d)
     parts = {f"{m}.{leaf}" for m in layers for leaf in ("weight", "weight_packed", "weight_shape", "weight_scale",
-                                                         "weight_zero_point")}
+                                                         "weight_zero_point", "weight_global_scale")}
     out = {n: ck.read(n) for n in ck.names() if n not in parts}
     for m, qw in layers.items():
         out[f"{m}.weight"] = qw.dequantized()
@@ -712,7 +763,8 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
     quantized module that keeps the stored codes: int2-int8 layers as :class:`quant.QuantizedLinear` (int
     codes, two per byte at 4 bits or fewer; W8A8 layers run on the int8 matmul ``torch._int_mm`` with
     dynamic per-token int8 inputs, the others dequantize per layer on the fly), fp8 e4m3fn layers as
-    :class:`quant.Float8Linear`. No dense copy of a quantized weight is ever made. Every other tensor is
+    :class:`quant.Float8Linear`, MXFP4/6/8 and NVFP4 layers as :class:`quant.BlockLinear` (dequantized per call).
+    No dense copy of a quantized weight is ever made. Every other tensor is
     loaded as stored (its dtype kept). ``model_class``: the transformers class to build (default: the
     config's ``architectures``, else ``AutoModel``). lowbit's own extras, off by default since the
     checkpoint does not declare them: ``int8_attention`` runs attention's two products on int8 codes
@@ -724,7 +776,7 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
     A scheme lowbit cannot run raises CheckpointError naming it."""
     import torch
 
-    from quant.modules import Float8Linear, QuantizedLinear, TOKEN_SPEC_FULL, refuse_save_pretrained
+    from quant.modules import BlockLinear, Float8Linear, QuantizedLinear, TOKEN_SPEC_FULL, refuse_save_pretrained
 
     d = Path(model_dir)
     config = _config(d)
@@ -745,9 +797,12 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
             raise CheckpointError(f"{d}: quantized layer {m!r} is not a Linear layer of {type(model).__name__}")
         bias = ck.read(f"{m}.bias") if f"{m}.bias" in names else None
         b = None if bias is None else torch.from_numpy(bias.copy())
-        if qw.qparams is None:
+        if qw.block is not None:
             assert qw.scale is not None
-            layer: Any = Float8Linear(qw.codes, qw.scale, b)
+            layer: Any = BlockLinear(qw.codes, qw.scale, qw.block, qw.global_scale, b)
+        elif qw.qparams is None:
+            assert qw.scale is not None
+            layer = Float8Linear(qw.codes, qw.scale, b)
         else:
             layer = QuantizedLinear(qw.codes, qw.qparams, b, "dynamic" if qw.activations else None,
                                     act_spec=TOKEN_SPEC_FULL)

@@ -324,7 +324,8 @@ def test_block_formats_carry_lowbits_codes_and_scales(fmt: str, model_dirs: dict
     """MX and NVFP4 as compressed-tensors' mxfp4/mxfp6/mxfp8/nvfp4 formats: the MX weights decompress to
     lowbit's bit for bit; NVFP4's codes and block scales are lowbit's, its values within bfloat16 rounding
     (compressed-tensors computes element * (scale / global_scale) in bfloat16). transformers loads a
-    bfloat16 model (a float32 one fails on its first forward: the weights stay bfloat16) with the same weights."""
+    bfloat16 model (a float32 one fails on its first forward: the weights stay bfloat16) with the same weights,
+    and load_quantized runs them with the codes kept."""
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from safetensors.torch import load_file
 
@@ -360,8 +361,23 @@ def test_block_formats_carry_lowbits_codes_and_scales(fmt: str, model_dirs: dict
     sd = ref.state_dict()
     for k, v in theirs.items():
         assert np.array_equal(sd[k].float().numpy(), v), k
-    with pytest.raises(CheckpointError, match="cannot run the scheme"):
-        load_quantized(out)
+    q = load_quantized(out)  # the codes kept, dequantized per call
+    from quant.modules import BlockLinear
+
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, BlockLinear)}
+    assert len(layers) == 15
+    dense = load(out, as_numpy=True)
+    for n, m in layers.items():
+        w = m.dequantized_weight().numpy()
+        assert np.array_equal(w, dense[n + ".weight"]), n
+        if fmt != "nvfp4":  # MX: lowbit's own values; NVFP4: scale / global_scale in float32, within an ulp
+            assert np.array_equal(w, ours[n + ".weight"]), n
+        else:
+            assert np.allclose(w, ours[n + ".weight"], rtol=2e-7, atol=0), n
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(src)).eval()
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()}, strict=False)
+    with torch.no_grad():
+        assert torch.equal(q(input_ids=_ids(256)).logits, reference(input_ids=_ids(256)).logits)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(granularity=PerChannel(0)), QuantSpec(bits=4, granularity=PerGroup(32))])
