@@ -322,16 +322,42 @@ class QuantizedLinear(nn.Module):
                 + (", then GELU in place" if self.gelu_in_place else ""))
 
 
-class Float8Linear(nn.Module):
+class _DequantizingLinear(nn.Module):
+    """A Linear layer that holds its weight in a compact form and dequantizes it per call
+    (``dequantized_weight``, float32), dropping it after the matmul; ``weight_codes``, ``weight_scale`` and
+    the optional float ``bias`` are its state."""
+
+    weight_codes: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: nn.Parameter | None
+    out_features: int
+    in_features: int
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the codes, the scales (as held) and the bias."""
+        b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * \
+            self.weight_scale.element_size() + sum(t.numel() * t.element_size() for t in self._extra_state_bytes())
+        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
+
+    def _extra_state_bytes(self) -> list[torch.Tensor]:
+        return []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Float8Linear(_DequantizingLinear):
     """A Linear layer whose weight is stored as fp8 e4m3fn codes (1 byte each) times a float32 scale, one
     per output row or one for the whole weight, dequantized per call (``code * scale`` in float32, then
     the input's dtype) and dropped after the matmul: no dense copy is kept.
 
     ``codes``: (out, in) fp8 e4m3fn codes (an ``ml_dtypes`` array, or their bits as uint8). ``scale``:
     float32, (out, 1) or (1, 1). ``bias``: float or None."""
-
-    weight_codes: torch.Tensor
-    weight_scale: torch.Tensor
 
     def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -350,20 +376,11 @@ class Float8Linear(nn.Module):
         """``code * scale`` in float32, (out, in)."""
         return self.weight_codes.to(torch.float32) * self.weight_scale
 
-    @property
-    def stored_bytes(self) -> int:
-        b = self.weight_codes.numel() + self.weight_scale.numel() * 4
-        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp8_e4m3fn x float32 scale"
 
 
-class BlockLinear(nn.Module):
+class BlockLinear(_DequantizingLinear):
     """A Linear layer whose weight is stored in a block format (MXFP4/6/8, NVFP4; :mod:`precision.blocks`):
     element codes (fp4 two per byte, low nibble first; wider ones a byte each) and one scale code per block
     along the rows, dequantized per call and dropped after the matmul (no dense copy is kept).
@@ -375,8 +392,6 @@ class BlockLinear(nn.Module):
     ``codes``: (out, in) uint8 element codes. ``scales``: (out, in / block) uint8 scale codes. ``fmt``: the
     preset's name. ``global_scale``: NVFP4's float32, else None."""
 
-    weight_codes: torch.Tensor
-    weight_scale: torch.Tensor
     table: torch.Tensor
     scale_table: torch.Tensor
 
@@ -425,14 +440,8 @@ class BlockLinear(nn.Module):
             factor = self.scale_table[s.long()] / torch.tensor(self.global_scale, dtype=torch.float32)
         return (v * factor[..., None]).reshape(self.out_features, self.in_features)
 
-    @property
-    def stored_bytes(self) -> int:
-        b = self.weight_codes.numel() + self.weight_scale.numel() + (4 if self.global_scale is not None else 0)
-        return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+    def _extra_state_bytes(self) -> list[torch.Tensor]:
+        return [torch.empty(1, dtype=torch.float32)] if self.global_scale is not None else []  # NVFP4's global scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt_name}"
