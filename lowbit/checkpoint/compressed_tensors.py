@@ -32,8 +32,9 @@ tensor_scale`` matches to bfloat16 rounding.
 
 Unsigned lowbit codes are carried as signed ones (code and zero point both minus ``2**(bits-1)``:
 the same ``(code - zero_point) * scale``). Only the weights of ``nn.Linear`` layers are quantized in
-this layout; every other tensor is written as it is. Pruning, low rank, block formats (MX, NVFP4),
-fp8 e5m2 and fp16/bf16 casts have no lossless form here and are refused with the formats that carry them.
+this layout; every other tensor is written as it is. Pruning, low rank, mxint8, mxfp8_e5m2, mxfp6_e3m2,
+GGUF blocks, fp8 e5m2 and fp16/bf16 casts have no lossless form here and are refused with the formats
+that carry them.
 
 Integer scales are written in the method's ``scale_dtype`` (float32 by default), which lowbit and
 compressed-tensors' own decompression read as they are. transformers holds a layer's scales in the
@@ -43,8 +44,9 @@ loads bit for bit too.
 
 Reading: :func:`read_layers` turns a directory's quantized layers (written by lowbit or by
 compressed-tensors' ``ModelCompressor`` for another tool) back into codes and params;
-:func:`load_quantized` builds the transformers model with lowbit's quantized modules from them,
-keeping the codes in memory; :func:`save_quantized` writes a model quantized with ``ptq``.
+:func:`load_quantized` builds the transformers model with lowbit's quantized modules from them
+(``QuantizedLinear``, ``Float8Linear``, ``BlockLinear``), keeping the codes in memory;
+:func:`save_quantized` writes a model quantized with ``ptq``.
 """
 
 from __future__ import annotations
