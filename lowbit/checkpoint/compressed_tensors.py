@@ -511,8 +511,11 @@ def is_compressed_tensors(path: str | os.PathLike) -> bool:
 
 
 def _groups(model_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    q = cfg.get("quantization_config")
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{model_dir}: config.json cannot be read: {e}") from None
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(q, dict) or q.get("quant_method") != FORMAT:
         raise CheckpointError(f"{model_dir}: config.json has no compressed-tensors quantization_config")
     if q.get("quantization_status", "compressed") != "compressed":
@@ -532,11 +535,17 @@ def _groups(model_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return q, out
 
 
-def _match(module: str, targets: list[str], is_linear: bool) -> bool:
+def _match(module: str, targets: Any, is_linear: bool) -> bool:
+    """Whether ``module`` matches one of a config's ``targets`` (names, ``re:`` patterns, or ``"Linear"``)."""
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(f"config targets must be a list of strings, got {targets!r:.80}")
     for t in targets:
         if t.startswith("re:"):
-            if re.match(t[3:], module):
-                return True
+            try:
+                if re.match(t[3:], module):
+                    return True
+            except re.error as e:
+                raise CheckpointError(f"config target {t!r:.80} is not a valid regular expression: {e}") from None
         elif t == module or (t == "Linear" and is_linear):
             return True
     return False
@@ -556,8 +565,9 @@ def _spec_of(w: dict[str, Any], fmt: str | None, where: str) -> QuantSpec:
             or strategy not in ("tensor", "channel", "group") or w.get("block_structure") \
             or w.get("dynamic") not in (False, None) or fmt not in ("naive-quantized", "int-quantized", "pack-quantized"):
         raise CheckpointError(f"{where}: lowbit cannot run the scheme {_describe(w, fmt)}; it runs int2-int8 "
-                              "per tensor, channel or group (naive-, int- and pack-quantized) and fp8 e4m3fn "
-                              "per tensor or channel (float-quantized)")
+                              "per tensor, channel or group (naive-, int- and pack-quantized), fp8 e4m3fn "
+                              "per tensor or channel (float-quantized), and mxfp4, mxfp6 (e2m3), mxfp8 (e4m3) "
+                              "and nvfp4")
     g = (PerTensor() if strategy == "tensor" else PerChannel(0) if strategy == "channel"
          else PerGroup(int(w["group_size"]), -1))
     return QuantSpec(bits=bits, signed=True, symmetric=bool(w.get("symmetric", True)), granularity=g)

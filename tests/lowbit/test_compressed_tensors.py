@@ -419,3 +419,24 @@ def test_cli_picks_the_checkpoints_dtype_for_scales_and_refuses_it_for_affine(mo
     with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.float16
     assert main([str(src), "--method", "int8", "--scale-dtype", "bfloat16", "--affine", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(targets=["re:(unclosed"]), "regular expression"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(targets="Linear"), "list of strings"),
+    (lambda c: c["quantization_config"].update(config_groups={}), "no config_groups"),
+    (lambda c: c["quantization_config"].update(quantization_status="frozen"), "only compressed"),
+])
+def test_a_damaged_quantization_config_is_a_checkpoint_error(damage: Any, match: str, model_dirs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "ct"
+    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    damage(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    for read in (load_quantized, load):
+        with pytest.raises(CheckpointError, match=match):
+            read(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a transformers config|cannot be read"):
+        load_quantized(out)
