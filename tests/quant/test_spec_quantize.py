@@ -191,3 +191,30 @@ def test_granularity_names_say_kept_or_reduced_and_legacy_axis_still_reads():
     # files written before the rename store "axis" with each granularity's own meaning
     assert QuantSpec.from_dict({"granularity": "PerChannel", "axis": 1}) == ch
     assert QuantSpec.from_dict({"granularity": "PerGroup", "size": 2, "axis": 0}) == gr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_scales_round_up_to_the_nearest_value_of_their_dtype(dtype):
+    """IntQuant(scale_dtype=...): each scale becomes the smallest value of the dtype at or above it (so no
+    value that fitted is clipped), exactly representable there; the codes are made with those scales."""
+    import ml_dtypes
+
+    from quant.storage import IntQuant, round_scales_up
+
+    nd = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    s = np.concatenate([np.random.default_rng(0).random(20000).astype(np.float32) * 1e-2 + 1e-6,
+                        np.array([1.0, 0.5, 3.0, 2.0 ** -20], np.float32)])
+    r = round_scales_up(s, dtype)
+    assert np.all(r >= s) and np.array_equal(r.astype(nd).astype(np.float32), r)
+    below = np.nextafter(r.astype(nd), nd(-np.inf)).astype(np.float32)
+    assert np.all(below < s)  # the next value down would not do
+    assert np.array_equal(r[-4:-1], s[-4:-1])  # values of the dtype stay
+    with pytest.raises(ValueError, match="range"):
+        round_scales_up(np.array([1e6], np.float32), "float16")
+    m = IntQuant(QuantSpec(granularity=PerChannel(0)), scale_dtype=dtype)
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    enc = m.encode(x)
+    assert np.array_equal(enc.side["scale"].astype(nd).astype(np.float32), enc.side["scale"])
+    assert np.abs(enc.values - x).max() <= enc.side["scale"].max() / 2 * (1 + 1e-6)
+    with pytest.raises(ValueError, match="symmetric"):
+        IntQuant(QuantSpec(symmetric=False), scale_dtype=dtype)
