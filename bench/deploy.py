@@ -18,6 +18,7 @@ float32 model's on the same batch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -176,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("python -m bench.deploy", __doc__)
     p.add_argument("--models", nargs="+", choices=("minilm", "llama"), default=["minilm", "llama"])
     p.add_argument("--repeat", type=int, default=5, help="timed forward passes, best kept (Llama: a third)")
-    p.add_argument("--child", nargs=2, metavar=("LOADER", "DIR"), help=argparse_hidden())
-    p.add_argument("--reference", help=argparse_hidden())
-    p.add_argument("--dtype", help=argparse_hidden())
+    p.add_argument("--child", nargs=2, metavar=("LOADER", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--reference", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.child:
@@ -186,12 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     write_rows(run(a.models, a.repeat), a.json, a.markdown)
     return 0
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

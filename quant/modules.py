@@ -340,11 +340,11 @@ class _DequantizingLinear(nn.Module):
     def stored_bytes(self) -> int:
         """Bytes of the codes, the scales (as held) and the bias."""
         b = self.weight_codes.numel() * self.weight_codes.element_size() + self.weight_scale.numel() * \
-            self.weight_scale.element_size() + sum(t.numel() * t.element_size() for t in self._extra_state_bytes())
+            self.weight_scale.element_size() + self._extra_bytes()
         return int(b + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
 
-    def _extra_state_bytes(self) -> list[torch.Tensor]:
-        return []
+    def _extra_bytes(self) -> int:
+        return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)
@@ -440,8 +440,8 @@ class BlockLinear(_DequantizingLinear):
             factor = self.scale_table[s.long()] / torch.tensor(self.global_scale, dtype=torch.float32)
         return (v * factor[..., None]).reshape(self.out_features, self.in_features)
 
-    def _extra_state_bytes(self) -> list[torch.Tensor]:
-        return [torch.empty(1, dtype=torch.float32)] if self.global_scale is not None else []  # NVFP4's global scale
+    def _extra_bytes(self) -> int:
+        return 4 if self.global_scale is not None else 0  # NVFP4's float32 global scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt_name}"

@@ -788,6 +788,7 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
     A scheme lowbit cannot run raises CheckpointError naming it."""
     import torch
 
+    from precision.arrays import like
     from quant.modules import BlockLinear, Float8Linear, QuantizedLinear, TOKEN_SPEC_FULL, refuse_save_pretrained
 
     d = Path(model_dir)
@@ -830,8 +831,6 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         target = _model_name(mod, set(modules), prefix) if mod else None
         key = f"{target}.{leaf}" if target else n
         if key in params or key in buffers:
-            from precision.arrays import like
-
             state[key] = like(ck.read(n), torch.empty(0))
     model.load_state_dict(state, strict=False, assign=True)
     if callable(getattr(model, "tie_weights", None)):
