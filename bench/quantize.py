@@ -13,6 +13,7 @@ Examples:
   python -m bench.quantize --method int4 --granularity group --affine --calibration mse --gptq --eval
   python -m bench.quantize --method prune,int8 --prune sparsegpt:2:4 --calibration-data my_text.txt
   python -m bench.quantize model_dir --method w8a8 --format compressed-tensors --out model_w8a8
+  python -m bench.quantize model_dir --method w8a8 --affine-activations --gptq --format compressed-tensors --out m
 
 Exit codes: 0 success, 2 usage error, 1 any other failure (one line naming the file or tensor).
 """
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one scale per tensor, per output channel (row), or per group along the input axis")
     g.add_argument("--group-size", type=int, default=128, help="elements per group for --granularity group")
     g.add_argument("--affine", action="store_true", help="affine (zero point) instead of symmetric")
+    g.add_argument("--affine-activations", action="store_true",
+                   help="with --method w8a8: declare asymmetric per-token int8 inputs (a scale and a zero point per "
+                   "token, compressed-tensors' symmetric: false) instead of symmetric ones; more accurate where "
+                   "inputs are skewed (a GELU's output), run by vLLM's zero-point kernels and lowbit.load_quantized")
     g.add_argument("--narrow-range", action="store_true", help="drop the most negative code, e.g. [-127, 127]")
     g.add_argument("--scale-dtype", choices=("auto", *SCALE_DTYPES), default="auto",
                    help="symmetric integers: round each scale up to this dtype before computing the codes, so readers "
@@ -290,8 +295,11 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     if a.method == W8A8 and a.format != "compressed-tensors":
         raise UsageError("--method w8a8 declares int8 activations, which only --format compressed-tensors records; "
                          "for weights alone use --method int8")
+    if a.affine_activations and a.method != W8A8:
+        raise UsageError("--affine-activations applies to --method w8a8 only")
     if a.format == "compressed-tensors":
-        fmt = CompressedTensors(activations="int8" if a.method == W8A8 else None)
+        fmt = CompressedTensors(activations=None if a.method != W8A8 else "int8_affine" if a.affine_activations
+                                else "int8")
         try:
             weight_args(chain, fmt)
         except ValueError as e:

@@ -8,7 +8,8 @@ Training: :class:`FakeQuantize`, :func:`prepare_qat`, :func:`convert`, :func:`fr
 :func:`enable_observers`, :func:`enable_fake_quant`.
 Models: :func:`ptq` (model, :class:`PTQConfig`, calibration data), presets ``PTQConfig.W8``,
 ``W8A8_DYNAMIC``, ``W8A8_FAST``, ``W4_G128``; the activation specs :data:`TOKEN_SPEC` and
-:data:`TOKEN_SPEC_FULL` (compressed-tensors' W8A8); :class:`Float8Linear` for fp8 weights, :class:`BlockLinear` for MX and NVFP4 weights.
+:data:`TOKEN_SPEC_FULL` and :data:`TOKEN_SPEC_AFFINE` (compressed-tensors' W8A8, symmetric and
+asymmetric); :class:`Float8Linear` for fp8 weights, :class:`BlockLinear` for MX and NVFP4 weights.
 Beyond round to nearest: :class:`GPTQ` and :class:`AWQ` (``PTQConfig(gptq=..., awq=...)``), the OBS
 sweep :func:`~quant.gptq.obs_sweep` that SparseGPT shares, and :func:`~quant.solve.solve_layers`,
 which applies them layer by layer in forward order.
@@ -23,7 +24,7 @@ from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .static import StaticQuantizer
 from .qat import FakeQuantize, convert, enable_fake_quant, enable_observers, freeze_observers, prepare_qat
 from .ptq import PTQConfig, ptq
-from .modules import TOKEN_SPEC, TOKEN_SPEC_FULL, BlockLinear, Float8Linear, QuantizedLinear
+from .modules import TOKEN_SPEC, TOKEN_SPEC_AFFINE, TOKEN_SPEC_FULL, BlockLinear, Float8Linear, QuantizedLinear
 from .attention import int8_attention
 from .storage import IntQuant
 from .gptq import GPTQ
@@ -33,6 +34,7 @@ __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "QParams", "calibrate", "qparams_from_range", "METHODS",
     "quantize", "dequantize", "fake_quantize", "StaticQuantizer", "DynamicQuantizer", "Quantized",
     "FakeQuantize", "prepare_qat", "convert", "freeze_observers", "enable_observers", "enable_fake_quant",
-    "ptq", "PTQConfig", "QuantizedLinear", "Float8Linear", "BlockLinear", "TOKEN_SPEC", "TOKEN_SPEC_FULL", "int8_attention", "IntQuant",
+    "ptq", "PTQConfig", "QuantizedLinear", "Float8Linear", "BlockLinear", "TOKEN_SPEC", "TOKEN_SPEC_FULL",
+    "TOKEN_SPEC_AFFINE", "int8_attention", "IntQuant",
     "GPTQ", "AWQ",
 ]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native
-from .calibrate import _EPS, calibrate, constant_block_scale, symmetric_scale
+from .calibrate import _EPS, calibrate, constant_block_scale, scale_zero_point, symmetric_scale
 from .quantize import QParams, dequantize_tensor, fake_quantize, fake_quantize_tensor, round_scaled
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -28,11 +28,17 @@ TOKEN_SPEC = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, g
 # the same over the full range [-128, 127] (scale amax / 127.5): compressed-tensors' dynamic per-token int8
 # (W8A8), which has no narrow range; a checkpoint declaring it runs with exactly that rounding
 TOKEN_SPEC_FULL = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(kept_axis=0))
+# affine per-token int8: one scale and one zero point per row, the range [min, max] (widened to hold 0)
+# mapped onto [-128, 127]. Inputs with a skewed range (a GELU's output, most LayerNorm outputs) lose
+# half a bit or more to a symmetric scale; compressed-tensors' asymmetric dynamic per-token int8, which
+# vLLM runs (its "azp" kernels, CPU and GPU)
+TOKEN_SPEC_AFFINE = QuantSpec(bits=8, signed=True, symmetric=False, granularity=PerChannel(kept_axis=0))
 
 
 def _is_token_spec(spec: QuantSpec) -> bool:
-    """int8 symmetric, one scale per token (row): what the int8 kernel quantizes activations with."""
-    return spec.bits == 8 and spec.signed and spec.symmetric and spec.granularity == PerChannel(kept_axis=0)
+    """int8, one scale (and for an affine spec one zero point) per token (row): what the int8 kernel
+    quantizes activations with."""
+    return spec.bits == 8 and spec.signed and spec.granularity == PerChannel(kept_axis=0)
 
 
 class _Scratch(threading.local):
@@ -145,9 +151,10 @@ class QuantizedLinear(nn.Module):
       * ``"static"``: inputs are fake-quantized with the frozen ``act_qparams``.
       * ``"dynamic"``: inputs (first multiplied by ``input_scale`` when the
         weight was smoothed, see ``PTQConfig.smoothquant``), viewed as (tokens, features), are quantized with
-        ``act_spec`` on each call. With int8 symmetric per-token activations
-        (the default ``TOKEN_SPEC``, codes in [-127, 127], or the full range)
-        and int8 symmetric per-tensor/per-channel
+        ``act_spec`` on each call. With int8 per-token activations
+        (the default ``TOKEN_SPEC``, codes in [-127, 127], the full range
+        ``TOKEN_SPEC_FULL``, or affine ``TOKEN_SPEC_AFFINE``, whose zero points are
+        taken out of the int32 accumulator exactly) and int8 symmetric per-tensor/per-channel
         weights this runs on the int8 kernel ``torch._int_mm`` (int32
         accumulation), then rescales; otherwise it fake-quantizes in float.
     """
@@ -192,6 +199,7 @@ class QuantizedLinear(nn.Module):
             # (in, out) view of the row-major (out, in) codes: the column-major layout _int_mm is fastest on
             self._wt = self.weight_codes.t()
             self.register_buffer("_ws", torch.empty(0), persistent=False)
+            self.register_buffer("_wsum", None, persistent=False)
             self._sync_kernel()
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._sync_kernel())
 
@@ -200,6 +208,8 @@ class QuantizedLinear(nn.Module):
         if self.int_kernel:
             self._wt = self.weight_codes.t()
             self._ws = self.weight_scale.reshape(1, -1).to(torch.float32).clone()
+            if not self.act_spec.symmetric:  # sum_k (x_k - z) w_k = acc - z * sum_k w_k: the weight codes' row sums
+                self._wsum = self.weight_codes.sum(dim=1, dtype=torch.int32)
 
     @property
     def qparams(self) -> QParams:
@@ -234,8 +244,9 @@ class QuantizedLinear(nn.Module):
             b += self.input_scale.numel() * 4
         return int(b)
 
-    def _quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token symmetric int8 codes (tokens, features) and scales (tokens, 1) of ``x`` after the
+    def _quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token int8 codes (tokens, features), scales (tokens, 1) and, for an affine ``act_spec``,
+        int32 zero points (tokens,) (else None) of ``x`` after the
         SmoothQuant input scale: the arithmetic of ``quant.quantize`` (tested bit for bit), in one
         fused C pass (:mod:`quant._native`) or, where that is unavailable or a row is not finite, in as
         few torch passes as eager torch allows: in place in per-thread scratch (see :class:`_Scratch`),
@@ -246,36 +257,49 @@ class QuantizedLinear(nn.Module):
         # an in-place change of x bumps its version; inference tensors have none, so they are not reused
         version = None if x.is_inference() else x._version
         last = scratch.last
-        if last is not None and version is not None and last[0]() is x and last[1] == version \
-                and _same_scale(last[2], self.input_scale):
-            return last[3], last[4]
         spec = self.act_spec
+        if last is not None and version is not None and last[0]() is x and last[1] == version \
+                and _same_scale(last[2], self.input_scale) and last[3] == spec:
+            return last[4], last[5], last[6]
         xq = scratch.take(torch.int8, x2.shape)
         sx = torch.empty(x2.shape[0], 1)
-        if not _native.quantize_tokens(x2, self.input_scale, (spec.qmax - spec.qmin) / 2, float(_EPS),
-                                       spec.qmin, spec.qmax, xq, sx):
+        zx = None
+        if not spec.symmetric:
+            zx = torch.empty(x2.shape[0], dtype=torch.int32)
+            if not _native.quantize_tokens_affine(x2, self.input_scale, float(_EPS), spec.qmin, spec.qmax, xq, sx, zx):
+                t = scratch.take(torch.float32, x2.shape)
+                src = torch.mul(x2, self.input_scale, out=t) if self.input_scale is not None else x2
+                sx, z = scale_zero_point(src.amin(dim=1, keepdim=True), src.amax(dim=1, keepdim=True), spec)
+                round_scaled(src, 1.0 / sx, out=t)
+                zf = z.to(torch.float32)
+                xq.copy_(torch.maximum(torch.minimum(t, spec.qmax - zf, out=t), spec.qmin - zf, out=t).add_(zf))
+                zx = z.reshape(-1)
+        elif not _native.quantize_tokens(x2, self.input_scale, (spec.qmax - spec.qmin) / 2, float(_EPS),
+                                         spec.qmin, spec.qmax, xq, sx):
             t = scratch.take(torch.float32, x2.shape)
             src = torch.mul(x2, self.input_scale, out=t) if self.input_scale is not None else x2
             hi, lo = src.amax(dim=1, keepdim=True), src.amin(dim=1, keepdim=True)
             sx = constant_block_scale(lo, hi, symmetric_scale(torch.maximum(hi, -lo), spec), spec)
             round_scaled(src, 1.0 / sx, out=t)
             xq.copy_(t if spec.narrow_range else t.clamp_(spec.qmin, spec.qmax))
-        scratch.last = None if version is None else (weakref.ref(x), version, self.input_scale, xq, sx)
-        return xq, sx
+        scratch.last = None if version is None else (weakref.ref(x), version, self.input_scale, spec, xq, sx, zx)
+        return xq, sx, zx
 
     @torch.no_grad()  # integer codes carry no gradient; the float path is the one for training
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, sx = self._quantize_tokens(x)
+        xq, sx, zx = self._quantize_tokens(x)
         rows = xq.shape[0]
         if rows <= 16:  # _int_mm wants more than 16 rows
             xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
         acc = torch._int_mm(xq, self._wt)[:rows]
-        y = _native.rescale(acc, sx, self._ws, self.bias)
+        y = _native.rescale(acc, sx, self._ws, self.bias, zx, self._wsum if zx is not None else None)
         if y is not None:
             return self._activate(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
         # the same epilogue in torch, in place in the accumulator's memory, in same-dtype passes (a mixed
         # int32 * float op is several times slower than a conversion plus a float op); not addcmul, whose
         # fused multiply-add rounds differently from the C pass
+        if zx is not None:
+            acc.sub_(zx.reshape(-1, 1) * self._wsum)
         y = acc.view(torch.float32)
         y.copy_(acc)
         y.mul_(sx).mul_(self._ws)

@@ -76,7 +76,7 @@ from .io import Checkpoint, CheckpointError, SafetensorsWriter, _fsync_dir
 
 FORMAT = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this module writes and was tested against
-ACTIVATIONS = ("int8",)
+ACTIVATIONS = ("int8", "int8_affine")
 WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.safetensors\.index\.json$")
 CARRIERS = ("lowbit (every method)", "gguf (q8_0, q4_0, fp16, bf16)", "onnx-qdq (int8, int4, fp8)")
 
@@ -86,9 +86,11 @@ class CompressedTensors:
     """The compressed-tensors output format (``compress_checkpoint(..., format=CompressedTensors(...))``;
     the string ``"compressed-tensors"`` is ``CompressedTensors()``).
 
-    ``activations``: None (weight-only) or ``"int8"``: the layers' inputs are declared dynamic per-token
-    symmetric int8 (W8A8, compressed-tensors' ``int-quantized``), which vLLM and :func:`load_quantized` run
-    on int8 matmuls. Weights must then be int8 symmetric per channel or per tensor.
+    ``activations``: None (weight-only), ``"int8"``: the layers' inputs are declared dynamic per-token
+    symmetric int8 (W8A8, compressed-tensors' ``int-quantized``), or ``"int8_affine"``: dynamic per-token
+    asymmetric int8 (a scale and a zero point per token, ``symmetric: false``; more accurate where inputs
+    are skewed, such as a GELU's output). vLLM (its zero-point "azp" kernels) and :func:`load_quantized`
+    run both on int8 matmuls. Weights must then be int8 symmetric per channel or per tensor.
     """
 
     activations: str | None = None
@@ -133,9 +135,9 @@ def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], s
         strategy, group = _strategy(v.spec)
         args = {"num_bits": v.spec.bits, "type": "int", "symmetric": v.spec.symmetric, "strategy": strategy,
                 "group_size": group, "dynamic": False}
-        if fmt.activations == "int8" and not (v.spec.bits == 8 and v.spec.symmetric and strategy != "group"):
-            raise ValueError("CompressedTensors(activations='int8') (W8A8) needs int8 symmetric weights per channel "
-                             f"or per tensor, got {v.spec.describe()}")
+        if fmt.activations is not None and not (v.spec.bits == 8 and v.spec.symmetric and strategy != "group"):
+            raise ValueError(f"CompressedTensors(activations={fmt.activations!r}) (W8A8) needs int8 symmetric weights "
+                             f"per channel or per tensor, got {v.spec.describe()}")
         if v.spec.bits == 8:
             return args, "int-quantized" if fmt.activations else "naive-quantized"
         return args, "pack-quantized"
@@ -145,7 +147,7 @@ def weight_args(chain: Chain, fmt: CompressedTensors) -> tuple[dict[str, Any], s
         if v.scaling == "channel" and v.axis not in (0, -2):
             raise _refuse(v.describe(), "its channel scales run along the output axis")
         if fmt.activations is not None:
-            raise ValueError("CompressedTensors(activations='int8') applies to int8 weights, not fp8")
+            raise ValueError(f"CompressedTensors(activations={fmt.activations!r}) applies to int8 weights, not fp8")
         return {"num_bits": 8, "type": "float", "symmetric": True,
                 "strategy": "channel" if v.scaling == "channel" else "tensor", "group_size": None,
                 "dynamic": False}, "float-quantized"
@@ -172,14 +174,18 @@ BLOCK_ARGS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-INPUT_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "group_size": None}
+def input_args(activations: str) -> dict[str, Any]:
+    """The ``input_activations`` quantization args of dynamic per-token int8, symmetric (``"int8"``) or
+    not (``"int8_affine"``)."""
+    return {"num_bits": 8, "type": "int", "symmetric": activations == "int8", "strategy": "token", "dynamic": True,
+            "group_size": None}
 
 
 def quantization_config(groups: list[tuple[dict[str, Any], str, str | None, list[str]]]) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json``: one config group per ``(weights args, format
     name, activations, module names)``."""
     cg = {f"group_{i}": {"targets": [module_target(m) for m in modules], "weights": args,
-                         "input_activations": dict(INPUT_INT8) if acts else None, "output_activations": None,
+                         "input_activations": input_args(acts) if acts else None, "output_activations": None,
                          "format": fmt_name}
           for i, (args, fmt_name, acts, modules) in enumerate(groups)}
     names = {g[1] for g in groups}
@@ -471,7 +477,8 @@ class QuantizedWeight:
 
     ``codes``: (out, in) int8 integer codes, or fp8 e4m3fn codes (``float_format`` set) as stored.
     ``qparams``: the integer params (None for fp8). ``scale``: fp8's float32 scale ((out, 1) or (1,)).
-    ``activations``: ``"int8"`` when the layer's inputs are declared dynamic per-token int8."""
+    ``activations``: ``"int8"`` or ``"int8_affine"`` when the layer's inputs are declared dynamic per-token
+    int8, symmetric or asymmetric (:data:`ACTIVATIONS`)."""
 
     module: str
     codes: np.ndarray
@@ -578,10 +585,10 @@ def _activations(group: dict[str, Any], where: str) -> str | None:
     if a is None:
         return None
     if group.get("output_activations") is None and a.get("type", "int") == "int" and a.get("num_bits") == 8 \
-            and a.get("strategy") == "token" and a.get("dynamic") is True and a.get("symmetric", True):
-        return "int8"
+            and a.get("strategy") == "token" and a.get("dynamic") is True:
+        return "int8" if a.get("symmetric", True) else "int8_affine"
     raise CheckpointError(f"{where}: lowbit cannot run the input activations {_describe(a, 'input')}; it runs "
-                          "dynamic per-token symmetric int8 (W8A8) or weight-only")
+                          "dynamic per-token int8, symmetric or asymmetric (W8A8), or weight-only")
 
 
 def read_layers(model_dir: str | os.PathLike, linear: set[str] | None = None) -> dict[str, QuantizedWeight]:
@@ -789,7 +796,8 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
     import torch
 
     from precision.arrays import like
-    from quant.modules import BlockLinear, Float8Linear, QuantizedLinear, TOKEN_SPEC_FULL, refuse_save_pretrained
+    from quant.modules import (TOKEN_SPEC_AFFINE, TOKEN_SPEC_FULL, BlockLinear, Float8Linear, QuantizedLinear,
+                               refuse_save_pretrained)
 
     d = Path(model_dir)
     config = _config(d)
@@ -818,7 +826,7 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
             layer = Float8Linear(qw.codes, qw.scale, b)
         else:
             layer = QuantizedLinear(qw.codes, qw.qparams, b, "dynamic" if qw.activations else None,
-                                    act_spec=TOKEN_SPEC_FULL)
+                                    act_spec=TOKEN_SPEC_AFFINE if qw.activations == "int8_affine" else TOKEN_SPEC_FULL)
         model.set_submodule(target, layer)
         used.update(n for n in names if n.rpartition(".")[0] == m)
     state: dict[str, Any] = {}
@@ -856,7 +864,7 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
 def _layer_scheme(name: str, m: Any) -> tuple[dict[str, Any], str, str | None, dict[str, np.ndarray]]:
     """(weights args, format name, activations, tensors) of one lowbit quantized layer; ValueError naming
     the layer and what compressed-tensors cannot express otherwise."""
-    from quant.modules import TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear
+    from quant.modules import TOKEN_SPEC_AFFINE, TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear
 
     if isinstance(m, Float8Linear):
         import torch
@@ -875,14 +883,15 @@ def _layer_scheme(name: str, m: Any) -> tuple[dict[str, Any], str, str | None, d
                          "quantize with gelu_in_place=False to save it")
     acts: str | None = None
     if m.activations == "dynamic":
-        if m.act_spec != TOKEN_SPEC_FULL:
+        if m.act_spec not in (TOKEN_SPEC_FULL, TOKEN_SPEC_AFFINE):
             raise ValueError(f"{name}: dynamic activations {m.act_spec.describe()} are not compressed-tensors' W8A8 "
-                             "(int8 symmetric per token over the full range); quantize with "
-                             "PTQConfig(activations=quant.TOKEN_SPEC_FULL, activation_mode='dynamic')")
-        acts = "int8"
+                             "(int8 per token over the full range, symmetric or affine); quantize with "
+                             "PTQConfig(activations=quant.TOKEN_SPEC_FULL or quant.TOKEN_SPEC_AFFINE, "
+                             "activation_mode='dynamic')")
+        acts = "int8" if m.act_spec == TOKEN_SPEC_FULL else "int8_affine"
     elif m.activations is not None:
         raise ValueError(f"{name}: static activation ranges are not carried by compressed-tensors' int formats; "
-                         "use dynamic per-token activations (quant.TOKEN_SPEC_FULL)")
+                         "use dynamic per-token activations (quant.TOKEN_SPEC_FULL or quant.TOKEN_SPEC_AFFINE)")
     qp = m.qparams
     args, fmt_name = weight_args(Chain(None, IntQuant(qp.spec)), CompressedTensors(acts))
     tensors = int_tensors(name, m.codes().numpy(), qp.spec, qp.scale, None if qp.spec.symmetric else qp.zero_point)
@@ -891,7 +900,8 @@ def _layer_scheme(name: str, m: Any) -> tuple[dict[str, Any], str, str | None, d
 
 def save_quantized(model: Any, path: str | os.PathLike, *, tokenizer: Any = None, force: bool = False) -> Path:
     """Write a transformers model quantized by lowbit (``ptq`` with weight-only int2-int8, or W8A8 with
-    ``activations=quant.TOKEN_SPEC_FULL, activation_mode="dynamic"``, or :func:`load_quantized`) as a
+    ``activations=quant.TOKEN_SPEC_FULL`` or ``quant.TOKEN_SPEC_AFFINE``, ``activation_mode="dynamic"``, or
+    :func:`load_quantized`) as a
     compressed-tensors model directory that :func:`load_quantized`, transformers and vLLM load: the codes and
     scales of every :class:`quant.QuantizedLinear` / :class:`quant.Float8Linear` as stored, every other
     parameter and persistent buffer as it is, ``model.config`` with the quantization_config, and the

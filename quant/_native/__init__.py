@@ -24,10 +24,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.lowbit_quantize_tokens.argtypes = [p, i64, i64, i64, p, f32, f32, f32, f32, p, p, i32]
     lib.lowbit_quantize_tokens.restype = i64
-    lib.lowbit_rescale.argtypes = [p, i64, i64, p, p, i64, p, p, i32]
+    lib.lowbit_quantize_tokens_affine.argtypes = [p, i64, i64, i64, p, f32, f32, f32, p, p, p, i32]
+    lib.lowbit_quantize_tokens_affine.restype = i64
+    lib.lowbit_rescale.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i32]
     lib.lowbit_rescale.restype = None
-
-
     lib.lowbit_dequantize_int8.argtypes = [p, i64, i64, i64, p, p, p, p, i32]
     lib.lowbit_dequantize_int8.restype = None
 
@@ -95,13 +95,43 @@ def quantize_tokens(x: torch.Tensor, smooth: torch.Tensor | None, half_range: fl
     return bad == 0
 
 
+def quantize_tokens_affine(x: torch.Tensor, smooth: torch.Tensor | None, eps: float, qmin: int, qmax: int,
+                           codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> bool:
+    """Per-row affine int8 codes of ``x * smooth`` into ``codes``, scales into ``scales`` and int32 zero
+    points into ``zero_points`` (contiguous, ``rows`` elements): the arithmetic of :func:`quant.calibrate`
+    and :func:`quant.quantize` for an affine per-row spec, bit for bit. The other arguments and the
+    False answer are those of :func:`quantize_tokens`."""
+    lib = library()
+    if x.dim() != 2:
+        return False
+    rows, cols = x.shape
+    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or (cols > 1 and x.stride(1) != 1)
+            or (rows > 1 and x.stride(0) < cols)
+            or not _usable(smooth, cols) or not codes.is_contiguous() or codes.dtype != torch.int8
+            or codes.device.type != "cpu" or codes.numel() != rows * cols or not _usable(scales, rows)
+            or not _int32s(zero_points, rows)):
+        return False
+    bad = lib.lowbit_quantize_tokens_affine(x.data_ptr(), rows, cols, x.stride(0) if rows > 1 else cols,
+                                            _ptr(smooth), eps, qmin, qmax, codes.data_ptr(), scales.data_ptr(),
+                                            zero_points.data_ptr(), threads())
+    return bad == 0
+
+
+def _int32s(t: torch.Tensor | None, n: int) -> bool:
+    return t is not None and t.device.type == "cpu" and t.dtype == torch.int32 and t.is_contiguous() and t.numel() == n
+
+
 def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor | None:
+            bias: torch.Tensor | None, row_zero_point: torch.Tensor | None = None,
+            col_sum: torch.Tensor | None = None) -> torch.Tensor | None:
     """``float(acc) * row_scale * col_scale + bias`` written over ``acc``'s memory, as a float32 view.
 
     ``acc``: contiguous int32 (rows, cols); ``row_scale``: rows float32; ``col_scale``: cols or 1
     float32; ``bias``: cols float32 or None. Each product and the sum are rounded to float32 in that
-    order. Returns None (``acc`` untouched) when the kernels are unavailable or an argument does not fit.
+    order. With affine inputs, ``row_zero_point`` (rows int32) and ``col_sum`` (cols int32, the weight
+    codes summed over the input axis) first turn ``acc`` into ``acc - row_zero_point * col_sum``, the
+    exact int32 accumulation over ``code - zero_point``. Returns None (``acc`` untouched) when the
+    kernels are unavailable or an argument does not fit.
     """
     lib = library()
     if acc.dim() != 2:
@@ -109,11 +139,13 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
     rows, cols = acc.shape
     if (lib is None or acc.device.type != "cpu" or acc.dtype != torch.int32 or not acc.is_contiguous()
             or not _usable(row_scale, rows) or not _usable(bias, cols)
-            or not (_usable(col_scale, cols) or _usable(col_scale, 1))):
+            or not (_usable(col_scale, cols) or _usable(col_scale, 1))
+            or (row_zero_point is None) != (col_sum is None)
+            or (row_zero_point is not None and not (_int32s(row_zero_point, rows) and _int32s(col_sum, cols)))):
         return None
     y = acc.view(torch.float32)
     lib.lowbit_rescale(acc.data_ptr(), rows, cols, row_scale.data_ptr(), col_scale.data_ptr(), col_scale.numel(),
-                       _ptr(bias), y.data_ptr(), threads())
+                       _ptr(bias), _ptr(row_zero_point), _ptr(col_sum), y.data_ptr(), threads())
     return y
 
 

@@ -91,18 +91,79 @@ int64_t lowbit_quantize_tokens(const float *x, int64_t rows, int64_t cols, int64
     return bad;
 }
 
-/* y = float(acc) * row_scale[r] * col_scale[c] (+ bias[c]), in that order, each step rounded to float32.
+/* Per-token (per-row) affine quantization of x (rows x cols, row stride ld, float32), signed codes
+ * with one zero point per row, as quant.calibrate + quant.quantize do it for an affine spec:
+ *   v = x * smooth (when smooth is not NULL), lo = min(min v, 0), hi = max(max v, 0),
+ *   scale = max((hi - lo) / (qmax - qmin), eps), zp = clamp(qmin - rint(lo / scale), qmin, qmax),
+ *   code = clamp(rint(v * (1 / scale)), qmin - zp, qmax - zp) + zp.
+ * A row holding NaN or inf (found, as in lowbit_quantize_tokens, from the bit patterns of |v|) gets a
+ * NaN scale, unwritten codes, and is counted in the return value. */
+int64_t lowbit_quantize_tokens_affine(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *smooth,
+                                      float eps, float qmin, float qmax, int8_t *codes, float *scales,
+                                      int32_t *zero_points, int nthreads)
+{
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : bad) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        int8_t *qr = codes + r * cols;
+        uint32_t m = 0;
+        float lo = 0.0f, hi = 0.0f; /* the range always holds 0 */
+        for (int64_t c = 0; c < cols; c++) {
+            float v = smooth ? xr[c] * smooth[c] : xr[c];
+            uint32_t u;
+            memcpy(&u, &v, sizeof u);
+            u &= 0x7fffffffu;
+            m = u > m ? u : m;
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+        if (m >= 0x7f800000u) { /* inf or NaN */
+            scales[r] = NAN;
+            bad++;
+            continue;
+        }
+        float s = (hi - lo) / (qmax - qmin);
+        s = s < eps ? eps : s;
+        float z = qmin - nearbyintf(lo / s);
+        z = z < qmin ? qmin : z;
+        z = z > qmax ? qmax : z;
+        scales[r] = s;
+        zero_points[r] = (int32_t)z;
+        const float inv = 1.0f / s, cmin = qmin - z, cmax = qmax - z;
+        _Pragma("GCC ivdep")
+        for (int64_t c = 0; c < cols; c++) {
+            float v = nearbyintf((smooth ? xr[c] * smooth[c] : xr[c]) * inv);
+            v = v < cmin ? cmin : v;
+            v = v > cmax ? cmax : v;
+            qr[c] = (int8_t)(int32_t)(v + z);
+        }
+    }
+    return bad;
+}
+
+/* y = float(acc) * row_scale[r] * col_scale[c] (+ bias[c]), in that order, each step rounded to float32;
+ * with row_zp (affine inputs) acc is first replaced by acc - row_zp[r] * col_sum[c] (int32, exact: the
+ * accumulation over code - zero point, col_sum being the weight codes' sum over the input axis).
  * acc is rows x cols int32, contiguous; y (float32, contiguous) may be the same memory as acc (each
  * element is read before it is written, so the loops are vectorized regardless: ivdep).
  * col_scale has cols entries, or one (per-tensor weights). */
 void lowbit_rescale(const int32_t *acc, int64_t rows, int64_t cols, const float *row_scale,
-                    const float *col_scale, int64_t n_col_scale, const float *bias, float *y, int nthreads)
+                    const float *col_scale, int64_t n_col_scale, const float *bias, const int32_t *row_zp,
+                    const int32_t *col_sum, float *y, int nthreads)
 {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * cols >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const int32_t *ar = acc + r * cols;
         float *yr = y + r * cols;
         const float s = row_scale[r];
+        if (row_zp) { /* affine inputs: the exact integer sum over (code - zp) */
+            const int32_t z = row_zp[r];
+            int32_t *aw = (int32_t *)yr;
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) aw[c] = ar[c] - z * col_sum[c];
+            ar = aw;
+        }
         if (n_col_scale == 1) {
             const float w = col_scale[0];
             if (bias)

@@ -20,7 +20,7 @@ from lowbit.checkpoint.compressed_tensors import pack_int32, unpack_int32  # noq
 from precision.blocks import BlockCast  # noqa: E402
 from precision.cast import FloatCast  # noqa: E402
 from quant import PTQConfig, PerChannel, PerGroup, PerTensor, QuantSpec, ptq  # noqa: E402
-from quant.modules import TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear  # noqa: E402
+from quant.modules import TOKEN_SPEC_AFFINE, TOKEN_SPEC_FULL, Float8Linear, QuantizedLinear  # noqa: E402
 from quant.storage import IntQuant  # noqa: E402
 
 
@@ -34,6 +34,7 @@ METHODS: dict[str, tuple[Any, CompressedTensors]] = {
     "int8-group32-affine": (_int(8, PerGroup(32), symmetric=False), CompressedTensors()),
     "uint8-channel-affine": (_int(8, PerChannel(0), symmetric=False, signed=False), CompressedTensors()),
     "w8a8": (_int(8, PerChannel(0)), CompressedTensors(activations="int8")),
+    "w8a8-affine": (_int(8, PerChannel(0)), CompressedTensors(activations="int8_affine")),
     "int4-group32": (_int(4, PerGroup(32)), CompressedTensors()),
     "int4-group32-affine": (_int(4, PerGroup(32), symmetric=False), CompressedTensors()),
     "int4-channel": (_int(4, PerChannel(0)), CompressedTensors()),
@@ -119,8 +120,11 @@ def test_readers_get_lowbits_weights_bit_for_bit(method: str, arch: str, model_d
     q = load_quantized(out)
     quantized = [m for m in q.modules() if isinstance(m, (QuantizedLinear, Float8Linear))]
     assert len(quantized) == len(rep.tensors)
-    if method.startswith("int8") or method == "w8a8":
+    if method.startswith(("int8", "w8a8")):
         assert all(m.weight_codes.dtype == torch.int8 for m in quantized)
+    if fmt.activations:  # the declared input scheme is the one the int8 kernel runs
+        want = TOKEN_SPEC_AFFINE if fmt.activations == "int8_affine" else TOKEN_SPEC_FULL
+        assert all(m.int_kernel and m.act_spec == want for m in quantized)
     ids = _ids(q.config.vocab_size)
     if method in TRANSFORMERS_REFUSES:
         with pytest.raises(RuntimeError, match="mismatch"):
@@ -198,12 +202,13 @@ def test_output_directory_is_complete_and_never_replaced_without_force(model_dir
         compress_checkpoint(src, src / "out", "int8", format="compressed-tensors", progress=False)
 
 
-@pytest.mark.parametrize("config", ["w8", "w8a8", "w4"])
+@pytest.mark.parametrize("config", ["w8", "w8a8", "w8a8-affine", "w4"])
 def test_save_quantized_round_trip_gives_identical_outputs(config: str, model_dirs: dict[str, Path],
                                                            tmp_path: Path) -> None:
     model = transformers.BertModel.from_pretrained(str(model_dirs["bert"])).eval()
     cfg = {"w8": PTQConfig.W8,
            "w8a8": PTQConfig(activations=TOKEN_SPEC_FULL, activation_mode="dynamic"),
+           "w8a8-affine": PTQConfig(activations=TOKEN_SPEC_AFFINE, activation_mode="dynamic"),
            "w4": PTQConfig(weights=QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32)))}[config]
     q, _ = ptq(model, cfg)
     d = save_quantized(q, tmp_path / "saved")
@@ -233,6 +238,9 @@ def test_save_quantized_refuses_what_compressed_tensors_cannot_express(model_dir
     with pytest.raises(ValueError, match="Conv1D"):
         save_quantized(ptq(gpt2.eval(), PTQConfig.W8)[0], tmp_path / "c")
     assert not any(tmp_path.iterdir())
+    bad = QuantSpec(bits=8, symmetric=False, signed=False, granularity=PerChannel(0))  # uint8 tokens: not CT's
+    with pytest.raises(ValueError, match="TOKEN_SPEC_AFFINE"):
+        save_quantized(ptq(model, PTQConfig(activations=bad, activation_mode="dynamic"))[0], tmp_path / "d")
 
 
 def test_load_quantized_reads_what_model_compressor_wrote(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -246,6 +254,8 @@ def test_load_quantized_reads_what_model_compressor_wrote(model_dirs: dict[str, 
         ("w4g32", QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32), None),
         ("w8a8", QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
          QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)),
+        ("w8a8-affine", QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+         QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="token", dynamic=True)),
     ]:
         m = transformers.LlamaForCausalLM.from_pretrained(str(model_dirs["llama"])).eval()
         apply_quantization_config(m, QuantizationConfig(config_groups={"g": QuantizationScheme(
@@ -265,6 +275,7 @@ def test_load_quantized_reads_what_model_compressor_wrote(model_dirs: dict[str, 
         q = load_quantized(d)
         layers = [x for x in q.modules() if isinstance(x, QuantizedLinear)]
         assert len(layers) == 14 and all(x.int_kernel == (acts is not None) for x in layers)
+        assert acts is None or all(x.act_spec.symmetric == acts.symmetric for x in layers)
         assert not isinstance(q.lm_head, QuantizedLinear)  # ignored by the config
         ref = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
         ids = _ids(256)
@@ -440,3 +451,36 @@ def test_a_damaged_quantization_config_is_a_checkpoint_error(damage: Any, match:
     (out / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a transformers config|cannot be read"):
         load_quantized(out)
+
+
+def test_cli_affine_w8a8_with_gptq_keeps_minilm_sentence_embeddings_within_0_999(tmp_path: Path,
+                                                                                  minilm_model: Any) -> None:
+    """The accuracy claim of the README's deploy table: asymmetric per-token inputs plus GPTQ weights,
+    written as compressed-tensors and run by load_quantized on the int8 kernels, keep the mean
+    sentence-embedding cosine to float32 at or above 0.999 on the sentences not used for calibration
+    (symmetric inputs do not: the control)."""
+    from transformers import AutoTokenizer
+
+    from bench.models import mean_pooled, sentences
+    from bench.quantize import main
+
+    held_out = sentences()[1::2]  # the calibration default is the even lines
+    cos = {}
+    for name, extra in (("affine", ["--affine-activations"]), ("symmetric", [])):
+        out = tmp_path / name
+        assert main(["--method", "w8a8", *extra, "--gptq", "--format", "compressed-tensors", "--out", str(out),
+                     "--quiet", "--no-metrics"]) == 0
+        q = load_quantized(out)
+        tok = AutoTokenizer.from_pretrained(str(out))  # copied from the source directory
+        assert all(m.int_kernel for m in q.modules() if isinstance(m, QuantizedLinear))
+        ref = mean_pooled(minilm_model[0].auto_model, tok, held_out)
+        cos[name] = float(torch.nn.functional.cosine_similarity(ref, mean_pooled(q, tok, held_out)).mean())
+    assert cos["affine"] >= 0.999 > cos["symmetric"], cos
+
+
+def test_cli_refuses_affine_activations_without_w8a8(tmp_path: Path) -> None:
+    from bench.quantize import main
+
+    assert main(["--method", "int8", "--affine-activations", "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert not (tmp_path / "o").exists()

@@ -109,6 +109,35 @@ def test_rescale_equals_torch_float32_ops_in_order(per_tensor, with_bias, rows):
 
 
 @pytest.mark.needs_int8_c
+@pytest.mark.parametrize("rows", [3, 1000])
+def test_rescale_takes_affine_zero_points_out_of_the_accumulator_exactly(rows):
+    g = torch.Generator().manual_seed(rows)
+    acc = torch.randint(-2**24, 2**24, (rows, 96), dtype=torch.int32, generator=g)
+    zp = torch.randint(-128, 128, (rows,), dtype=torch.int32, generator=g)
+    col_sum = torch.randint(-127 * 384, 127 * 384, (96,), dtype=torch.int32, generator=g)
+    sx, sw = torch.rand(rows, 1, generator=g) * 1e-2, torch.rand(1, 96, generator=g) * 1e-2
+    bias = torch.randn(96, generator=g)
+    want = (acc - zp.reshape(-1, 1) * col_sum).float() * sx * sw + bias
+    y = _native.rescale(acc.clone(), sx, sw, bias, zp, col_sum)
+    assert y is not None and torch.equal(y, want)
+    assert _native.rescale(acc.clone(), sx, sw, bias, zp, None) is None  # both or neither
+    assert _native.rescale(acc.clone(), sx, sw, bias, zp[:-1].clone(), col_sum) is None
+    assert _native.rescale(acc.clone(), sx, sw, bias, zp.long(), col_sum) is None
+
+
+@pytest.mark.needs_int8_c
+def test_affine_token_quantization_refuses_bad_buffers_and_non_finite_rows():
+    x = torch.randn(8, 16)
+    codes, scales, zps = torch.empty(8, 16, dtype=torch.int8), torch.empty(8), torch.empty(8, dtype=torch.int32)
+    assert _native.quantize_tokens_affine(x, None, float(_EPS), -128, 127, codes, scales, zps)
+    assert not _native.quantize_tokens_affine(x, None, float(_EPS), -128, 127, codes, scales, zps[:7].clone())
+    assert not _native.quantize_tokens_affine(x, None, float(_EPS), -128, 127, codes, scales, zps.float())
+    assert not _native.quantize_tokens_affine(x, None, float(_EPS), -128, 127, codes[:7].clone(), scales, zps)
+    x[3, 5] = float("nan")
+    assert not _native.quantize_tokens_affine(x, None, float(_EPS), -128, 127, codes, scales, zps)
+
+
+@pytest.mark.needs_int8_c
 def test_a_model_gives_the_same_output_on_the_c_and_the_torch_passes(monkeypatch):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(384, 512), torch.nn.GELU(), torch.nn.Linear(512, 384))

@@ -131,18 +131,48 @@ def test_int8_kernel_quantizes_tokens_bit_for_bit_as_quant_quantize(toy, passes)
     # with and without a SmoothQuant input scale; rows of exact ties (k + 0.5 steps) included
     m, data = toy
     from quant import quantize
-    for smooth, narrow in ((None, False), (0.6, False), (None, True), (0.6, True)):
-        spec = QuantSpec(narrow_range=narrow, granularity=PerChannel(0))
+    for smooth, narrow, symmetric in ((None, False, True), (0.6, False, True), (None, True, True), (0.6, True, True),
+                                      (None, False, False), (0.6, False, False)):
+        spec = QuantSpec(narrow_range=narrow, symmetric=symmetric, granularity=PerChannel(0))
         q, _ = ptq(m, PTQConfig(activations=spec, activation_mode="dynamic", smoothquant=smooth), data)
         lin = q[0]
         assert lin.int_kernel
         x = torch.cat([data[1], (torch.arange(32.0) - 15.5).repeat(3, 1) * torch.tensor([[1.0], [0.25], [3.0]]),
-                       torch.tensor([[-2.5], [0.75], [1e-30], [0.0]]).expand(4, 32)])  # constant rows
-        xq, sx = (t.clone() for t in lin._quantize_tokens(x))
+                       torch.tensor([[-2.5], [0.75], [1e-30], [0.0]]).expand(4, 32),  # constant rows
+                       torch.rand(3, 32) * 5 + torch.tensor([[1.0], [-7.0], [0.0]])])  # one-signed rows
+        xq, sx, zx = (None if t is None else t.clone() for t in lin._quantize_tokens(x))
         xs = (x * lin.input_scale if lin.input_scale is not None else x).numpy()
         qp = calibrate(xs, spec)
         np.testing.assert_array_equal(xq.numpy(), np.asarray(quantize(xs, qp)))
         np.testing.assert_array_equal(sx.numpy(), qp.scale)
+        if symmetric:
+            assert zx is None
+        else:
+            np.testing.assert_array_equal(zx.numpy(), qp.zero_point.reshape(-1))
+
+
+@pytest.mark.parametrize("rows", [5, 300])
+def test_affine_token_int8_kernel_equals_its_float_arithmetic(toy, passes, rows):
+    # the int32 accumulation over (code - zero point) is exact, so the kernel's output is the float
+    # fake-quant path's up to the float rounding of the matmul; and the zero points really are used
+    from quant.modules import TOKEN_SPEC_AFFINE
+    m, data = toy
+    q, _ = ptq(m, PTQConfig(activations=TOKEN_SPEC_AFFINE, activation_mode="dynamic"), data)
+    lin = q[0]
+    assert lin.int_kernel
+    x = torch.rand(rows, 32, generator=torch.Generator().manual_seed(rows)) * 4 - 0.5  # skewed: zero points far from 0
+    with torch.no_grad():
+        got = lin(x)
+        xq = fake_quantize_tensor_rows(x, TOKEN_SPEC_AFFINE)
+        want = torch.nn.functional.linear(xq.double(), lin.dequantized_weight().double(), lin.bias.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    _, _, zx = lin._quantize_tokens(x)
+    assert zx is not None and (zx != 0).all()
+
+
+def fake_quantize_tensor_rows(x, spec):
+    from quant import fake_quantize
+    return torch.as_tensor(fake_quantize(x.numpy(), calibrate(x.numpy(), spec)))
 
 
 class _QKV(torch.nn.Module):
