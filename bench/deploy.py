@@ -10,10 +10,16 @@ config in a temporary directory, removed afterwards), each checkpoint is written
 * ``lowbit``: ``lowbit.load_quantized`` of the same directory (codes kept; W8A8 on int8 matmuls);
   ``lowbit+extras`` adds its optional int8 attention and GELU in place (MiniLM, W8A8).
 
+Schemes: W8A8 (int8 weights per channel, dynamic per-token symmetric int8 inputs), for MiniLM also
+W8A8 with asymmetric per-token inputs and GPTQ weights (``--method w8a8 --affine-activations --gptq``,
+calibrated on the even lines of the project's sentence file), and int8 weight-only.
+
 Per row: the parameter and buffer bytes after loading and after one forward pass, the process's peak
-RSS at both points, the forward latency of a batch of 8 x 128 tokens (best of --repeat after a warm-up)
-against the float32 model's, and the cosine of the output (last hidden state, or logits) against the
-float32 model's on the same batch.
+RSS at both points, the forward latency of a batch of 8 x 128 token ids (best of --repeat after a
+warm-up) against the float32 model's, and the cosine of the output (last hidden state, or logits)
+against the float32 model's on the same batch. For MiniLM also on the 100 sentences not used for
+calibration (the odd lines): the mean cosine of the token outputs (padding left out) and of the
+sentence embeddings (mean pooled and normalised, as all-MiniLM-L6-v2 is used).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def _state_bytes(model: Any) -> int:
 
 def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype: str | None,
           batch: int = BATCH, tokens: int = TOKENS) -> dict[str, Any]:
-    """One loader in this (fresh) process: load, measure, run ``batch`` x ``tokens`` token ids, measure."""
+    """One loader in this (fresh) process: load, measure, run ``batch`` x ``tokens`` token ids, measure;
+    for an encoder with a tokenizer, also the held-out sentences."""
     import torch
     import transformers
 
@@ -85,18 +92,41 @@ def child(loader: str, model_dir: str, reference: str | None, repeat: int, dtype
         t = time.perf_counter()
         out = run()
         best = min(best, time.perf_counter() - t)
-    out = out.float()
-    cosine = None
-    if reference is not None and Path(reference).is_file():
-        ref = torch.load(reference)
-        cosine = float(torch.nn.functional.cosine_similarity(ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])).mean())
-    elif reference is not None:
-        torch.save(out, reference)
-        cosine = 1.0
+    outputs = {"cosine": out.float()}
     del first
+    if (Path(model_dir) / "tokenizer.json").is_file() and not model.config.is_decoder:
+        outputs.update(_sentence_outputs(model, model_dir))
+    mask = outputs.pop("mask", None)  # the same sentences, so the same padding, in every process
+    cosines: dict[str, Any] = {k: None for k in outputs}
+    if reference is not None and Path(reference).is_file():
+        refs = torch.load(reference)
+        for k, v in outputs.items():
+            r = refs[k]
+            if k == "token_cosine":
+                r, v = r[mask], v[mask]
+            cosines[k] = float(torch.nn.functional.cosine_similarity(r.reshape(-1, r.shape[-1]), v.reshape(-1, v.shape[-1])).mean())
+    elif reference is not None:
+        torch.save(outputs, reference)
+        cosines = {k: 1.0 for k in outputs}
     return {"load_s": load_s, "state_mib_loaded": after_load[0] / 2**20, "state_mib_run": _state_bytes(model) / 2**20,
             "peak_rss_mib_loaded": after_load[1] / 1024, "peak_rss_mib_run": _status_kib("VmHWM") / 1024,
-            "import_rss_mib": base / 1024, "latency_ms": best * 1e3, "cosine": cosine}
+            "import_rss_mib": base / 1024, "latency_ms": best * 1e3, **cosines}
+
+
+def _sentence_outputs(model: Any, model_dir: str) -> dict[str, Any]:
+    """Token outputs, their padding mask and the sentence embeddings of the held-out sentences."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .models import sentences
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(sentences()[1::2], padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        h = model(**enc)[0].float()
+    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+    emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+    return {"token_cosine": h, "sentence_cosine": emb, "mask": enc["attention_mask"].bool()}
 
 
 def _spawn(loader: str, model_dir: Path, reference: Path, repeat: int, dtype: str | None = None) -> dict[str, Any]:
@@ -108,18 +138,26 @@ def _spawn(loader: str, model_dir: Path, reference: Path, repeat: int, dtype: st
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _quantize(src: Path, out: Path, method: str) -> None:
-    """``bench.quantize SRC --method METHOD --format compressed-tensors --out OUT`` (its report not printed)."""
+def _quantize(src: Path, out: Path, args: list[str]) -> None:
+    """``bench.quantize SRC ARGS --format compressed-tensors --out OUT`` (its report not printed)."""
     import contextlib
     import io
 
     from .quantize import main
 
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = main([str(src), "--method", method, "--format", "compressed-tensors", "--out", str(out), "--quiet",
-                   "--no-metrics"])
+        rc = main([str(src), *args, "--format", "compressed-tensors", "--out", str(out), "--quiet", "--no-metrics"])
     if rc != 0:
-        raise RuntimeError(f"bench.quantize {src} --method {method} --format compressed-tensors failed")
+        raise RuntimeError(f"bench.quantize {src} {' '.join(args)} --format compressed-tensors failed")
+
+
+# (label, bench.quantize arguments, models); GPTQ calibrates on the even lines of the project's sentence file
+SCHEMES: list[tuple[str, list[str], tuple[str, ...]]] = [
+    ("W8A8", ["--method", "w8a8"], ("minilm", "llama")),
+    ("W8A8 affine+GPTQ", ["--method", "w8a8", "--affine-activations", "--gptq", "--calibration-data", "SENTENCES"],
+     ("minilm",)),
+    ("int8 weight-only", ["--method", "int8"], ("minilm", "llama")),
+]
 
 
 def _llama_dir(root: Path) -> Path:
@@ -136,15 +174,18 @@ def _llama_dir(root: Path) -> Path:
 
 
 def run(models: list[str], repeat: int) -> list[dict]:
-    from .models import minilm_dir
+    from .models import minilm_dir, sentences
 
     table = Table([("model", "model", "<12"), ("scheme", "scheme", "<18"), ("loader", "loader", "<13"),
                    ("state_mib_loaded", "params MiB", "10.1f"), ("state_mib_run", "after fwd", "9.1f"),
                    ("peak_rss_mib_loaded", "peak RSS load", "13.0f"), ("peak_rss_mib_run", "peak RSS fwd", "12.0f"),
-                   ("latency_ms", "fwd ms", "8.0f"), ("speedup_vs_f32", "x f32", "6.2f"), ("cosine", "cosine", "8.5f")])
+                   ("latency_ms", "fwd ms", "8.0f"), ("speedup_vs_f32", "x f32", "6.2f"), ("cosine", "cosine", "8.5f"),
+                   ("token_cosine", "tok cos", "8.5f"), ("sentence_cosine", "sent cos", "8.5f")])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lowbit-deploy-") as tmp:
         root = Path(tmp)
+        calibration = root / "calibration.txt"
+        calibration.write_text("\n".join(sentences()[0::2]) + "\n", encoding="utf-8")
         for name in models:
             src = minilm_dir() if name == "minilm" else _llama_dir(root)
             reps = repeat if name == "minilm" else max(1, repeat // 3)
@@ -158,18 +199,20 @@ def run(models: list[str], repeat: int) -> list[dict]:
                 f32 = f32 or r["latency_ms"]
                 r["speedup_vs_f32"] = f32 / r["latency_ms"]
                 rows.append(table.row(r))
-            for method in ("w8a8", "int8"):
-                out = root / f"{name}_{method}"
-                _quantize(src, out, method)
-                loaders = ["transformers", "lowbit"] + (["lowbit+extras"] if method == "w8a8" and name == "minilm" else [])
+            for i, (scheme, args, applies_to) in enumerate(SCHEMES):
+                if name not in applies_to:
+                    continue
+                out = root / f"{name}_{i}"
+                _quantize(src, out, [str(calibration) if x == "SENTENCES" else x for x in args])
+                loaders = ["transformers", "lowbit"] + (["lowbit+extras"] if "W8A8" in scheme and name == "minilm" else [])
                 for loader in loaders:
-                    r = {"model": name, "scheme": "W8A8" if method == "w8a8" else "int8 weight-only", "loader": loader,
-                         **_spawn(loader, out, ref, reps)}
+                    r = {"model": name, "scheme": scheme, "loader": loader, **_spawn(loader, out, ref, reps)}
                     assert f32 is not None
                     r["speedup_vs_f32"] = f32 / r["latency_ms"]
                     rows.append(table.row(r))
     print("params MiB: parameters and buffers held (quantized layers as stored); peak RSS: the process's high-water "
-          "mark, imports included; x f32: forward speed against the dense float32 model; cosine: output against it")
+          "mark, imports included; x f32: forward speed against the dense float32 model; cosine: output against it; "
+          "tok cos / sent cos: held-out sentences' token outputs / sentence embeddings against it")
     return rows
 
 

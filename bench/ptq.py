@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from quant import TOKEN_SPEC, PerGroup, PTQConfig, QuantSpec, ptq
+from quant import TOKEN_SPEC, TOKEN_SPEC_AFFINE, PerGroup, PTQConfig, QuantSpec, ptq
 from quant.attention import status as attention_status
 
 from .timing import benchmark_parser, Table, best_pair, best_time, write_rows
@@ -30,6 +30,9 @@ CONFIGS: dict[str, PTQConfig] = {
         activations=TOKEN_SPEC, activation_mode="dynamic", smoothquant=0.6,
         gelu_in_place=True, int8_attention=True),
     "native W8A8 per-token dynamic": PTQConfig(activations=TOKEN_SPEC, activation_mode="dynamic"),
+    "native W8A8 per-token dynamic affine": PTQConfig(activations=TOKEN_SPEC_AFFINE, activation_mode="dynamic"),
+    "native W8A8 per-token dynamic affine + SmoothQuant 0.6": PTQConfig(
+        activations=TOKEN_SPEC_AFFINE, activation_mode="dynamic", smoothquant=0.6),
     "native W8A8 static per-tensor": PTQConfig(activations=QuantSpec()),
     "native W4 group-128 mse (weight-only)": PTQConfig(
         weights=QuantSpec(bits=4, granularity=PerGroup(128)), weight_calibration="mse"),

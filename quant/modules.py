@@ -209,7 +209,11 @@ class QuantizedLinear(nn.Module):
             self._wt = self.weight_codes.t()
             self._ws = self.weight_scale.reshape(1, -1).to(torch.float32).clone()
             if not self.act_spec.symmetric:  # sum_k (x_k - z) w_k = acc - z * sum_k w_k: the weight codes' row sums
-                self._wsum = self.weight_codes.sum(dim=1, dtype=torch.int32)
+                w = self.weight_codes
+                # numpy's reduction casts in small buffers; torch's first makes an int32 copy of the whole
+                # weight, which the allocator then keeps (tens of MB over a model's layers)
+                self._wsum = (torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32)) if w.device.type == "cpu"
+                              else w.sum(dim=1, dtype=torch.int32))
 
     @property
     def qparams(self) -> QParams:

@@ -107,22 +107,42 @@ int64_t lowbit_quantize_tokens_affine(const float *x, int64_t rows, int64_t cols
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ld;
         int8_t *qr = codes + r * cols;
+        /* min and max on order-preserving integer keys of the floats (negative ones have their magnitude
+         * bits flipped), which vectorize where float min/max reductions do not; starting from 0's key
+         * puts 0 in the range. |v|'s bit maximum finds inf and NaN, as in lowbit_quantize_tokens. */
         uint32_t m = 0;
-        float lo = 0.0f, hi = 0.0f; /* the range always holds 0 */
-        for (int64_t c = 0; c < cols; c++) {
-            float v = smooth ? xr[c] * smooth[c] : xr[c];
-            uint32_t u;
-            memcpy(&u, &v, sizeof u);
-            u &= 0x7fffffffu;
-            m = u > m ? u : m;
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
-        }
+        int32_t klo = 0, khi = 0;
+        if (smooth)
+            for (int64_t c = 0; c < cols; c++) {
+                float v = xr[c] * smooth[c];
+                int32_t k;
+                memcpy(&k, &v, sizeof k);
+                uint32_t u = (uint32_t)k & 0x7fffffffu;
+                m = u > m ? u : m;
+                k ^= (k >> 31) & 0x7fffffff;
+                klo = k < klo ? k : klo;
+                khi = k > khi ? k : khi;
+            }
+        else
+            for (int64_t c = 0; c < cols; c++) {
+                int32_t k;
+                memcpy(&k, &xr[c], sizeof k);
+                uint32_t u = (uint32_t)k & 0x7fffffffu;
+                m = u > m ? u : m;
+                k ^= (k >> 31) & 0x7fffffff;
+                klo = k < klo ? k : klo;
+                khi = k > khi ? k : khi;
+            }
         if (m >= 0x7f800000u) { /* inf or NaN */
             scales[r] = NAN;
             bad++;
             continue;
         }
+        klo ^= (klo >> 31) & 0x7fffffff;
+        khi ^= (khi >> 31) & 0x7fffffff;
+        float lo, hi;
+        memcpy(&lo, &klo, sizeof lo);
+        memcpy(&hi, &khi, sizeof hi);
         float s = (hi - lo) / (qmax - qmin);
         s = s < eps ? eps : s;
         float z = qmin - nearbyintf(lo / s);
@@ -131,13 +151,22 @@ int64_t lowbit_quantize_tokens_affine(const float *x, int64_t rows, int64_t cols
         scales[r] = s;
         zero_points[r] = (int32_t)z;
         const float inv = 1.0f / s, cmin = qmin - z, cmax = qmax - z;
-        _Pragma("GCC ivdep")
-        for (int64_t c = 0; c < cols; c++) {
-            float v = nearbyintf((smooth ? xr[c] * smooth[c] : xr[c]) * inv);
-            v = v < cmin ? cmin : v;
-            v = v > cmax ? cmax : v;
-            qr[c] = (int8_t)(int32_t)(v + z);
-        }
+        if (smooth)
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) {
+                float v = nearbyintf((xr[c] * smooth[c]) * inv);
+                v = v < cmin ? cmin : v;
+                v = v > cmax ? cmax : v;
+                qr[c] = (int8_t)(int32_t)(v + z);
+            }
+        else
+            _Pragma("GCC ivdep")
+            for (int64_t c = 0; c < cols; c++) {
+                float v = nearbyintf(xr[c] * inv);
+                v = v < cmin ? cmin : v;
+                v = v > cmax ? cmax : v;
+                qr[c] = (int8_t)(int32_t)(v + z);
+            }
     }
     return bad;
 }

@@ -139,7 +139,8 @@ def test_int8_kernel_quantizes_tokens_bit_for_bit_as_quant_quantize(toy, passes)
         assert lin.int_kernel
         x = torch.cat([data[1], (torch.arange(32.0) - 15.5).repeat(3, 1) * torch.tensor([[1.0], [0.25], [3.0]]),
                        torch.tensor([[-2.5], [0.75], [1e-30], [0.0]]).expand(4, 32),  # constant rows
-                       torch.rand(3, 32) * 5 + torch.tensor([[1.0], [-7.0], [0.0]])])  # one-signed rows
+                       torch.rand(3, 32) * 5 + torch.tensor([[1.0], [-7.0], [0.0]]),  # one-signed rows
+                       torch.tensor([-0.0, 2.0, -1e-38, 3e-39]).repeat(8).reshape(1, 32)])  # signed zero, subnormals
         xq, sx, zx = (None if t is None else t.clone() for t in lin._quantize_tokens(x))
         xs = (x * lin.input_scale if lin.input_scale is not None else x).numpy()
         qp = calibrate(xs, spec)
