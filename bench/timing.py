@@ -57,9 +57,12 @@ def benchmark_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as Markdown: one table per ``part`` (one table when rows have none), a column per key
-    that some row of the table fills (in first-seen order), numbers to 4 significant digits."""
+    that some row of the table fills (in first-seen order), numbers to 4 significant digits, except values
+    just below 1 (cosines), which keep two significant digits of their distance to 1."""
     def cell(v: object) -> str:
         if isinstance(v, float):
+            if 0.99 < abs(v) < 1:  # 0.99897 must not read as 0.999
+                return f"{v:.6g}" if abs(v) > 0.9999 else f"{v:.5f}"
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "" if v is None else str(v).replace("|", "\\|")
 

@@ -128,3 +128,10 @@ def test_deploy_child_measures_each_loader_against_the_dense_reference(tmp_path,
     assert 0.99 < ours["cosine"] <= 1 and 0.99 < theirs["cosine"] <= 1
     assert ours["state_mib_run"] < theirs["state_mib_run"] == pytest.approx(dense["state_mib_run"], rel=0.01)
     assert all(v > 0 for v in (ours["latency_ms"], ours["peak_rss_mib_run"], ours["load_s"]))
+
+
+def test_markdown_keeps_cosines_distance_to_one_visible():
+    from bench.timing import markdown
+
+    table = markdown([{"cosine": 0.99897}, {"cosine": 0.999961}, {"cosine": 0.95}, {"cosine": 1.0}])
+    assert "| 0.99897 |" in table and "| 0.999961 |" in table and "| 0.95 |" in table and "| 1 |" in table
