@@ -81,18 +81,23 @@ def quantize_tokens(x: torch.Tensor, smooth: torch.Tensor | None, half_range: fl
     then defines the result.
     """
     lib = library()
-    if x.dim() != 2:
+    if lib is None or not _token_buffers_fit(x, smooth, codes, scales):
         return False
     rows, cols = x.shape
-    # every size is checked here: the C pass writes rows x cols codes and rows scales, trusting them
-    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or (cols > 1 and x.stride(1) != 1)
-            or (rows > 1 and x.stride(0) < cols)
-            or not _usable(smooth, cols) or not codes.is_contiguous() or codes.dtype != torch.int8
-            or codes.device.type != "cpu" or codes.numel() != rows * cols or not _usable(scales, rows)):
-        return False
     bad = lib.lowbit_quantize_tokens(x.data_ptr(), rows, cols, x.stride(0) if rows > 1 else cols, _ptr(smooth),
                                      half_range, eps, qmin, qmax, codes.data_ptr(), scales.data_ptr(), threads())
     return bad == 0
+
+
+def _token_buffers_fit(x: torch.Tensor, smooth: torch.Tensor | None, codes: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Every size and layout the token passes trust: they write rows x cols codes and rows scales."""
+    if x.dim() != 2:
+        return False
+    rows, cols = x.shape
+    return not (x.device.type != "cpu" or x.dtype != torch.float32 or (cols > 1 and x.stride(1) != 1)
+                or (rows > 1 and x.stride(0) < cols)
+                or not _usable(smooth, cols) or not codes.is_contiguous() or codes.dtype != torch.int8
+                or codes.device.type != "cpu" or codes.numel() != rows * cols or not _usable(scales, rows))
 
 
 def quantize_tokens_affine(x: torch.Tensor, smooth: torch.Tensor | None, eps: float, qmin: int, qmax: int,
@@ -102,15 +107,9 @@ def quantize_tokens_affine(x: torch.Tensor, smooth: torch.Tensor | None, eps: fl
     and :func:`quant.quantize` for an affine per-row spec, bit for bit. The other arguments and the
     False answer are those of :func:`quantize_tokens`."""
     lib = library()
-    if x.dim() != 2:
+    if lib is None or not _token_buffers_fit(x, smooth, codes, scales) or not _int32s(zero_points, x.shape[0]):
         return False
     rows, cols = x.shape
-    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or (cols > 1 and x.stride(1) != 1)
-            or (rows > 1 and x.stride(0) < cols)
-            or not _usable(smooth, cols) or not codes.is_contiguous() or codes.dtype != torch.int8
-            or codes.device.type != "cpu" or codes.numel() != rows * cols or not _usable(scales, rows)
-            or not _int32s(zero_points, rows)):
-        return False
     bad = lib.lowbit_quantize_tokens_affine(x.data_ptr(), rows, cols, x.stride(0) if rows > 1 else cols,
                                             _ptr(smooth), eps, qmin, qmax, codes.data_ptr(), scales.data_ptr(),
                                             zero_points.data_ptr(), threads())
