@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from .arrays import as_numpy, real_array, require_finite
-from .codec import check_modes, decode, decode_table, encode
+from .codec import check_modes, decode, decode_table, encode, encode_row_scaled
 from .formats import FloatFormat, FormatLike, get_format, known_formats
 from .methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 from .metrics import MetricsAccumulator, decode_measure_c
@@ -84,8 +84,11 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
     scale = np.where(up, np.nextafter(scale, np.float32(np.inf)), scale)
     scale = np.where(amax > 0, np.maximum(scale, np.float32(np.finfo(np.float32).smallest_subnormal)),
                      np.float32(1.0)).astype(np.float32)
-    codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed,
-                   subnormals=subnormals)
+    codes = encode_row_scaled(a, scale, fmt, rounding, overflow, subnormals) \
+        if scale.size == 1 or (scaling == "channel" and ax == 0) else None
+    if codes is None:
+        codes = encode(a / scale.astype(a.dtype), fmt, rounding=rounding, overflow=overflow, seed=seed,
+                       subnormals=subnormals)
     return Cast(np.asarray(codes), scale, fmt, scaling, axis)
 
 

@@ -78,6 +78,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lowbit_encode_f32_byte.argtypes = [p, i64, p, p, i32]
     lib.lowbit_encode_f32_byte.restype = i64
+    lib.lowbit_encode_f32_byte_scaled.argtypes = [p, i64, i64, p, p, p, i32]
+    lib.lowbit_encode_f32_byte_scaled.restype = None
     lib.lowbit_encode_f32_ieee8.argtypes = [p, i64, i32, i32, i32, ctypes.c_uint32, i32, i32, p, i32]
     lib.lowbit_encode_f32_ieee8.restype = None
     lib.lowbit_decode_table.argtypes = [p, i32, i64, p, i64, p, i32]
@@ -319,6 +321,27 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     if fmt.nan_code is None and marked and np.isnan(a).any():
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
     return out.reshape(a.shape)
+
+
+def encode_row_scaled(a: np.ndarray, scale: np.ndarray, fmt: FloatFormat, rounding: str, overflow: str,
+                      subnormals: str) -> np.ndarray | None:
+    """``encode(a / scale, ...)`` for finite float32 ``a`` and float32 ``scale`` of one value per row of
+    ``a`` viewed as (len(scale), -1) (per-tensor: one value), in one C pass that divides as it encodes
+    (the same IEEE float32 division, so the same codes, with no quotient array); None where that pass
+    does not apply (the caller then divides and encodes)."""
+    lib = _KERNELS.get()
+    if lib is None or a.dtype != np.float32 or scale.dtype != np.float32 or not a.flags.c_contiguous \
+            or a.size == 0 or a.size % max(scale.size, 1) or not (fmt.bits <= 8 and fmt.mantissa_bits <= 6) \
+            or rounding == "stochastic":
+        return None
+    check_modes(rounding, overflow, subnormals)
+    table = _byte_table(fmt, rounding, overflow)
+    rows = scale.size
+    s = np.ascontiguousarray(scale.reshape(-1))
+    out = np.empty(a.shape, np.uint8)
+    lib.lowbit_encode_f32_byte_scaled(a.ctypes.data, rows, a.size // rows, s.ctypes.data, table.ctypes.data,
+                                      out.ctypes.data, threads())
+    return flush_subnormals(out, fmt) if subnormals == "flush" else out
 
 
 def _encode_f32_top(a: np.ndarray, fmt: FloatFormat, rounding: str) -> np.ndarray:

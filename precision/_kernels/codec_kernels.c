@@ -114,6 +114,61 @@ int64_t lowbit_encode_f32_byte(const uint32_t *x, int64_t n, const uint8_t *tabl
     return run_blocks(n, 1, out, nthreads, encode_block, &a);
 }
 
+/* ---- the same encode of x / scale[row] (x: rows x cols float32, one float32 scale per row), the
+ * division done here as one IEEE float32 division per element (what numpy's a / scale does), so a
+ * scaled cast needs no float32 temporary of the whole tensor. */
+struct encode_scaled_args {
+    const float *x;
+    const float *scale;
+    int64_t cols;
+    const uint8_t *table;
+    uint8_t *out;
+};
+
+static inline uint8_t encode_one(uint32_t c, const uint8_t *table)
+{
+    const uint32_t v0 = c & 0x7fffffffu;
+    return table[(v0 >> 16) + ((v0 + 0xffffu) >> 16) + ((c >> 15) & 0x10000u)];
+}
+
+static int64_t encode_scaled_block(const void *args, int64_t lo, int64_t hi)
+{
+    const struct encode_scaled_args *a = args;
+    const uint8_t *table = a->table;
+    int64_t i = lo;
+    while (i < hi) {
+        const int64_t row = i / a->cols, end = (row + 1) * a->cols < hi ? (row + 1) * a->cols : hi;
+        const float s = a->scale[row];
+#ifdef __AVX512F__
+        const __m512i mag = _mm512_set1_epi32(0x7fffffff), ffff = _mm512_set1_epi32(0xffff);
+        const __m512i sbit = _mm512_set1_epi32(0x10000), ff = _mm512_set1_epi32(0xff);
+        const __m512 sv = _mm512_set1_ps(s);
+        for (; i + 16 <= end; i += 16) {
+            const __m512i c = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(a->x + i), sv));
+            const __m512i v0 = _mm512_and_si512(c, mag);
+            __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(v0, 16), _mm512_srli_epi32(_mm512_add_epi32(v0, ffff), 16));
+            idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), sbit));
+            const __m512i v = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), ff);
+            _mm_storeu_si128((__m128i *)(a->out + i), _mm512_cvtepi32_epi8(v));
+        }
+#endif
+        for (; i < end; i++) {
+            const float q = a->x[i] / s;
+            uint32_t c;
+            memcpy(&c, &q, sizeof c);
+            a->out[i] = encode_one(c, table);
+        }
+    }
+    return 0;
+}
+
+void lowbit_encode_f32_byte_scaled(const float *x, int64_t rows, int64_t cols, const float *scale, const uint8_t *table,
+                                   uint8_t *out, int nthreads)
+{
+    const struct encode_scaled_args a = {x, scale, cols, table, out};
+    run_blocks(rows * cols, 1, out, nthreads, encode_scaled_block, &a);
+}
+
 /* ---- float32 -> an 8-bit-or-narrower IEEE-like format (ieee specials: inf and NaN at the top
  * exponent), nearest-even, ieee overflow, by integer arithmetic on the float32 bits instead of a table
  * gather: normal results re-bias the exponent and round the dropped bits to nearest even in one add;

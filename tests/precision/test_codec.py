@@ -349,3 +349,42 @@ def test_flushing_changes_only_subnormal_results_and_keeps_the_sign():
     np.testing.assert_array_equal(encode(x[3:5], e8m0, subnormals="flush"), encode(x[3:5], e8m0))
     with pytest.raises(ValueError, match="subnormals must be one of"):
         encode(x, fmt, subnormals="zero")
+
+
+@pytest.mark.needs_codec_c
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fnuz", "fp6_e2m3fn", "fp6_e3m2fn", "fp4_e2m1fn"])
+@pytest.mark.parametrize("rounding,overflow,subnormals", [("nearest_even", "ieee", "keep"),
+                                                          ("nearest_even", "saturate", "keep"),
+                                                          ("toward_zero", "saturate", "flush")])
+def test_row_scaled_encode_equals_dividing_then_encoding(fmt, rounding, overflow, subnormals):
+    # the fused pass divides each element by its row's scale as numpy does (one float32 division), so
+    # its codes are encode(a / scale)'s; odd row lengths exercise the vector loop's tail, a per-tensor
+    # scale the one-row case, and scales that overflow some quotients the overflow mode
+    from precision.codec import encode_row_scaled
+    from precision.formats import get_format
+
+    f = get_format(fmt)
+    g = np.random.default_rng(7)
+    a = (g.standard_normal((37, 129)) * np.logspace(-6, 3, 129)).astype(np.float32)
+    a[3] = 0.0
+    a[5, ::2] = -0.0
+    for scale in ((np.abs(a).max(axis=1, keepdims=True) / np.float32(f.max_finite) * np.float32(0.7))
+                  .astype(np.float32), np.float32(np.abs(a).max() / f.max_finite).reshape(())):
+        scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        got = encode_row_scaled(a, scale, f, rounding, overflow, subnormals)
+        want = encode(a / scale, f, rounding=rounding, overflow=overflow, subnormals=subnormals)
+        assert got is not None and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.needs_codec_c
+def test_row_scaled_encode_splits_rows_across_threads_alike():
+    # above the parallel threshold the pass runs in 2 MiB blocks that start mid-row
+    from precision.codec import encode_row_scaled
+    from precision.formats import get_format
+
+    f = get_format("fp8_e4m3fn")
+    a = np.random.default_rng(8).standard_normal((1500, 1001)).astype(np.float32)
+    scale = (np.abs(a).max(axis=1, keepdims=True) / np.float32(448)).astype(np.float32)
+    np.testing.assert_array_equal(encode_row_scaled(a, scale, f, "nearest_even", "ieee", "keep"),
+                                  encode(a / scale, f))
