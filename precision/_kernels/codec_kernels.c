@@ -76,6 +76,25 @@ struct encode_args {
     uint8_t *out;
 };
 
+static inline uint8_t encode_one(uint32_t c, const uint8_t *table)
+{
+    const uint32_t v0 = c & 0x7fffffffu;
+    return table[(v0 >> 16) + ((v0 + 0xffffu) >> 16) + ((c >> 15) & 0x10000u)];
+}
+
+#ifdef __AVX512F__
+/* encode_one on 16 lanes: the same index, a dword gather at byte offsets (the table carries 3 bytes
+ * of padding so the last entry's dword read stays inside it), the low byte kept (as dwords) */
+static inline __m512i encode16(__m512i c, const uint8_t *table)
+{
+    const __m512i v0 = _mm512_and_si512(c, _mm512_set1_epi32(0x7fffffff));
+    __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(v0, 16),
+                                   _mm512_srli_epi32(_mm512_add_epi32(v0, _mm512_set1_epi32(0xffff)), 16));
+    idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), _mm512_set1_epi32(0x10000)));
+    return _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), _mm512_set1_epi32(0xff));
+}
+#endif
+
 static int64_t encode_block(const void *args, int64_t lo, int64_t hi)
 {
     const struct encode_args *a = args;
@@ -84,24 +103,15 @@ static int64_t encode_block(const void *args, int64_t lo, int64_t hi)
     uint8_t *out = a->out;
     int64_t m = 0, i = lo;
 #ifdef __AVX512F__
-    /* 16 lanes: the same index, a dword gather at byte offsets (the table carries 3 bytes of
-     * padding so the last entry's dword read stays inside it), the low byte kept */
-    const __m512i mag = _mm512_set1_epi32(0x7fffffff), ffff = _mm512_set1_epi32(0xffff);
-    const __m512i sbit = _mm512_set1_epi32(0x10000), ff = _mm512_set1_epi32(0xff);
+    const __m512i ff = _mm512_set1_epi32(0xff);
     for (; i + 16 <= hi; i += 16) {
-        const __m512i c = _mm512_loadu_si512((const void *)(x + i));
-        const __m512i v0 = _mm512_and_si512(c, mag);
-        __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(v0, 16), _mm512_srli_epi32(_mm512_add_epi32(v0, ffff), 16));
-        idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), sbit));
-        const __m512i v = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), ff);
+        const __m512i v = encode16(_mm512_loadu_si512((const void *)(x + i)), table);
         _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(v));
         m += __builtin_popcount(_mm512_cmpeq_epi32_mask(v, ff));
     }
 #endif
     for (; i < hi; i++) {
-        const uint32_t c = x[i], v0 = c & 0x7fffffffu;
-        const uint32_t idx = (v0 >> 16) + ((v0 + 0xffffu) >> 16) + ((c >> 15) & 0x10000u);
-        const uint8_t v = table[idx];
+        const uint8_t v = encode_one(x[i], table);
         out[i] = v;
         m += v == 0xff;
     }
@@ -125,12 +135,6 @@ struct encode_scaled_args {
     uint8_t *out;
 };
 
-static inline uint8_t encode_one(uint32_t c, const uint8_t *table)
-{
-    const uint32_t v0 = c & 0x7fffffffu;
-    return table[(v0 >> 16) + ((v0 + 0xffffu) >> 16) + ((c >> 15) & 0x10000u)];
-}
-
 static int64_t encode_scaled_block(const void *args, int64_t lo, int64_t hi)
 {
     const struct encode_scaled_args *a = args;
@@ -140,16 +144,10 @@ static int64_t encode_scaled_block(const void *args, int64_t lo, int64_t hi)
         const int64_t row = i / a->cols, end = (row + 1) * a->cols < hi ? (row + 1) * a->cols : hi;
         const float s = a->scale[row];
 #ifdef __AVX512F__
-        const __m512i mag = _mm512_set1_epi32(0x7fffffff), ffff = _mm512_set1_epi32(0xffff);
-        const __m512i sbit = _mm512_set1_epi32(0x10000), ff = _mm512_set1_epi32(0xff);
         const __m512 sv = _mm512_set1_ps(s);
         for (; i + 16 <= end; i += 16) {
             const __m512i c = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(a->x + i), sv));
-            const __m512i v0 = _mm512_and_si512(c, mag);
-            __m512i idx = _mm512_add_epi32(_mm512_srli_epi32(v0, 16), _mm512_srli_epi32(_mm512_add_epi32(v0, ffff), 16));
-            idx = _mm512_add_epi32(idx, _mm512_and_si512(_mm512_srli_epi32(c, 15), sbit));
-            const __m512i v = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 1), ff);
-            _mm_storeu_si128((__m128i *)(a->out + i), _mm512_cvtepi32_epi8(v));
+            _mm_storeu_si128((__m128i *)(a->out + i), _mm512_cvtepi32_epi8(encode16(c, table)));
         }
 #endif
         for (; i < end; i++) {
