@@ -51,6 +51,8 @@ class FloatFormat:
     bias: int = None  # type: ignore[assignment]  # None asks for the IEEE bias, set in __post_init__
     specials: str = "ieee"
     name: str = field(default="", compare=False)
+    # max_finite, min_normal, min_subnormal, eps as floats, set by __post_init__ (not a constructor argument)
+    _limits: dict[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         e, m = self.exponent_bits, self.mantissa_bits
@@ -80,6 +82,14 @@ class FloatFormat:
                 f"{self.name}: range 2^{self.min_exponent - m}..2^{self.max_exponent} does not fit float32; "
                 "choose a bias so that every value is a float32"
             )
+        # the float-valued limits, computed once from the exact values: code that torch.compile traces
+        # reads them as constants (Dynamo before torch 2.13 cannot trace float() of a Fraction)
+        two = Fraction(2)
+        object.__setattr__(self, "_limits", {
+            "max_finite": float(self.exact_value(self.max_finite_code)),
+            "min_normal": float(two ** self.min_exponent),
+            "min_subnormal": float(two ** (self.min_exponent - (m if self.has_subnormals else 0))),
+            "eps": float(two ** -m)})
 
     # -- layout --------------------------------------------------------------
     @property
@@ -163,22 +173,22 @@ class FloatFormat:
     @property
     def max_finite(self) -> float:
         """Largest finite value."""
-        return float(self.exact_value(self.max_finite_code))
+        return self._limits["max_finite"]
 
     @property
     def min_normal(self) -> float:
         """Smallest positive normal value, ``2**min_exponent``."""
-        return float(Fraction(2) ** self.min_exponent)
+        return self._limits["min_normal"]
 
     @property
     def min_subnormal(self) -> float:
         """Smallest positive value (equals ``min_normal`` without subnormals)."""
-        return float(Fraction(2) ** (self.min_exponent - (self.mantissa_bits if self.has_subnormals else 0)))
+        return self._limits["min_subnormal"]
 
     @property
     def eps(self) -> float:
         """Distance from 1.0 to the next larger value, ``2**-mantissa_bits``."""
-        return float(Fraction(2) ** -self.mantissa_bits)
+        return self._limits["eps"]
 
     @property
     def num_codes(self) -> int:
