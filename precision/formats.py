@@ -83,7 +83,7 @@ class FloatFormat:
                 "choose a bias so that every value is a float32"
             )
         # the float-valued limits, computed once from the exact values: code that torch.compile traces
-        # reads them as constants (Dynamo before torch 2.13 cannot trace float() of a Fraction)
+        # reads them as constants (torch 2.11's Dynamo cannot trace float() of a Fraction)
         two = Fraction(2)
         object.__setattr__(self, "_limits", {
             "max_finite": float(self.exact_value(self.max_finite_code)),
