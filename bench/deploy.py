@@ -118,15 +118,13 @@ def _sentence_outputs(model: Any, model_dir: str) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from .models import sentences
+    from .models import pooled, sentences
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = tok(sentences()[1::2], padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.inference_mode():
         h = model(**enc)[0].float()
-    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-    emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-    return {"token_cosine": h, "sentence_cosine": emb, "mask": enc["attention_mask"].bool()}
+    return {"token_cosine": h, "sentence_cosine": pooled(h, enc["attention_mask"]), "mask": enc["attention_mask"].bool()}
 
 
 def _spawn(loader: str, model_dir: Path, reference: Path, repeat: int, dtype: str | None = None) -> dict[str, Any]:

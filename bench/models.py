@@ -95,7 +95,14 @@ def mean_pooled(model, tokenizer, texts: list[str] | None = None, batch_size: in
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1).float())
+            out.append(pooled(model(**enc).last_hidden_state, enc["attention_mask"]).float())
     return torch.cat(out)
+
+
+def pooled(h, attention_mask):
+    """all-MiniLM-L6-v2's sentence embeddings from token outputs ``h`` (batch, tokens, hidden) and the
+    tokenizer's ``attention_mask``: the mean over the non-padding tokens, then L2 normalisation."""
+    import torch
+
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
