@@ -211,7 +211,9 @@ class FloatCast(ValueMethod):
         if acc is None:
             return EncodedValues(c.codes, side, scheme, c.values().astype(np.float32, copy=False) if values
                                  else np.empty(0, np.float32))
-        fused = decode_measure_c(c.codes, decode_table(c.fmt), x, c.scale, values=values) \
+        # bfloat16 decodes by a shift, which the pass does without a table of 2^16 values
+        table = None if c.fmt == get_format("bf16") else decode_table(c.fmt)
+        fused = decode_measure_c(c.codes, table, x, c.scale, values=values) \
             if c.fmt.bits <= 16 and x.dtype == np.float32 else None
         if fused is None:
             v = c.values().astype(np.float32, copy=False)

@@ -59,18 +59,20 @@ def all_finite_c(a: np.ndarray) -> bool | None:
     return None if lib is None else bool(lib.lowbit_all_finite_f32(a.ctypes.data, a.size, threads()))
 
 
-def decode_measure_c(codes: np.ndarray, table: np.ndarray, x: np.ndarray, scale: np.ndarray | None, *,
+def decode_measure_c(codes: np.ndarray, table: np.ndarray | None, x: np.ndarray, scale: np.ndarray | None, *,
                      values: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray] | None:
-    """Decode ``codes`` (uint8 or uint16, ``x``'s shape) through ``table`` (float32, one value per code),
-    times ``scale`` (None, one float32, or one per index of axis 0), and measure the result against
-    the float32 array ``x`` in one C pass. Returns (values or None, sums, counts) for
-    :meth:`MetricsAccumulator.add_sums`; None when the kernel is unavailable or an argument does not
-    fit (a code outside the table included)."""
+    """Decode ``codes`` (uint8 or uint16, ``x``'s shape) through ``table`` (float32, one value per code;
+    None for bfloat16 bits in uint16 codes, decoded exactly by a 16-bit shift), times ``scale`` (None,
+    one float32, or one per index of axis 0), and measure the result against the float32 array ``x`` in
+    one C pass. Returns (values or None, sums, counts) for :meth:`MetricsAccumulator.add_sums`; None when
+    the kernel is unavailable or an argument does not fit (a code outside the table included)."""
     lib = KERNELS.get()
     if (lib is None or codes.dtype not in (np.uint8, np.uint16) or x.dtype != np.float32 or codes.shape != x.shape
-            or table.dtype != np.float32 or x.size == 0):
+            or (table is None and codes.dtype != np.uint16) or (table is not None and table.dtype != np.float32)
+            or x.size == 0):
         return None
-    codes, x, table = contiguous(codes), contiguous(x), contiguous(table)
+    codes, x = contiguous(codes), contiguous(x)
+    table = None if table is None else contiguous(table)
     if scale is None:
         s, nscale, cols = None, 0, min(x.size, _BLOCK)
     else:
@@ -83,7 +85,8 @@ def decode_measure_c(codes: np.ndarray, table: np.ndarray, x: np.ndarray, scale:
             return None
     vals = np.empty(x.shape, np.float32) if values else None
     sums, counts = np.zeros(5), np.zeros(2, np.int64)
-    rc = lib.lowbit_decode_measure(codes.ctypes.data, codes.itemsize, table.ctypes.data, table.size, x.ctypes.data,
+    rc = lib.lowbit_decode_measure(codes.ctypes.data, codes.itemsize, None if table is None else table.ctypes.data,
+                                   0 if table is None else table.size, x.ctypes.data,
                                    x.size, cols, None if s is None else s.ctypes.data, nscale,
                                    None if vals is None else vals.ctypes.data, sums.ctypes.data, counts.ctypes.data,
                                    threads())

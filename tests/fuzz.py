@@ -177,7 +177,7 @@ def _mutate_scheme(rng: random.Random, scheme: dict) -> None:
 
 def _lowbit_case(rng: random.Random, path: Path, d: Path) -> Path:
     from lowbit.checkpoint import Checkpoint, SafetensorsWriter
-    from lowbit.checkpoint.chain import parts_digest, scheme_digest
+    from lowbit.checkpoint.chain import parts_digest, seal
 
     # lowbit's own reader and writer: safetensors' numpy API has no float8 or bfloat16 dtypes
     ck = Checkpoint(path)
@@ -191,7 +191,10 @@ def _lowbit_case(rng: random.Random, path: Path, d: Path) -> Path:
     if isinstance(scheme, dict) and rng.random() < 0.7:  # recompute the checksum, as an attacker can
         parts = {k[len(name) + 2:]: v for k, v in tensors.items() if k.startswith(name + "::")}
         try:
-            scheme["sha256"] = parts_digest(parts) if scheme.get("version") == 1 else scheme_digest(parts, scheme)
+            if scheme.get("version") == 1:
+                scheme["sha256"] = parts_digest(parts)
+            else:
+                seal(parts, scheme)
         except (TypeError, ValueError):
             pass
     if rng.random() < 0.2:  # a part with another shape or dtype

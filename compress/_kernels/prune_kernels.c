@@ -27,6 +27,18 @@
 #define CHUNK (1 << 16) /* elements per chunk: a multiple of 8 */
 #define RUN 1024
 
+/* REVERSED[b]: b with its 8 bits in reverse order (a vector compare's mask has element 0 in bit 0, the
+ * stored mask has it in bit 7) */
+static const uint8_t REVERSED[256] = {
+#define R2(n) n, n + 2 * 64, n + 1 * 64, n + 3 * 64
+#define R4(n) R2(n), R2(n + 2 * 16), R2(n + 1 * 16), R2(n + 3 * 16)
+#define R6(n) R4(n), R4(n + 2 * 4), R4(n + 1 * 4), R4(n + 3 * 4)
+    R6(0), R6(2), R6(1), R6(3)
+#undef R2
+#undef R4
+#undef R6
+};
+
 static inline uint32_t mag_bits(const float *x, int64_t i)
 {
     uint32_t u;
@@ -122,29 +134,51 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
             const int64_t m = hi - r < RUN ? hi - r : RUN; /* a multiple of 8 except at the very end */
             const float *xr = x + r;
             float *y = dense ? dense + r : buf;
-            int any_tie = 0;
-            for (int64_t i = 0; i < m; i++) { /* vectorized: compares and a select */
-                const uint32_t u = mag_bits(xr, i);
-                keep[i] = u > thr;
-                any_tie |= u == thr;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            /* sixteen at a time while no element ties the threshold and the kept values stay within
+             * this chunk's share; the scalar body below takes over from the first vector that does not */
+            const __m512i vthr = _mm512_set1_epi32((int)thr), absm = _mm512_set1_epi32(0x7fffffff);
+            for (; i + 16 <= m; i += 16) {
+                const __m512 v = _mm512_loadu_ps(xr + i);
+                const __m512i u = _mm512_and_si512(_mm512_castps_si512(v), absm);
+                if (_mm512_cmpeq_epi32_mask(u, vthr)) break;
+                const __mmask16 k = _mm512_cmpgt_epu32_mask(u, vthr);
+                const int cnt = __builtin_popcount((unsigned)k);
+                if (out + cnt > end) break;
+                _mm512_storeu_ps(y + i, _mm512_maskz_mov_ps(k, v));
+                _mm512_mask_storeu_ps(values + out, (__mmask16)((1u << cnt) - 1), _mm512_maskz_compress_ps(k, v));
+                out += cnt;
+                mask[(r + i) / 8] = REVERSED[k & 0xff];
+                mask[(r + i) / 8 + 1] = REVERSED[k >> 8];
             }
-            if (any_tie) /* ties are pruned lowest index first until `need` of them are */
-                for (int64_t i = 0; i < m; i++)
-                    if (mag_bits(xr, i) == thr) keep[i] = tie++ >= need;
-            for (int64_t i = 0; i < m; i++)
-                y[i] = keep[i] ? xr[i] : 0.0f;
-            for (int64_t i = 0; i < m; i += 8) {
-                const int64_t m8 = m - i < 8 ? m - i : 8;
-                uint8_t byte = 0;
-                for (int64_t j = 0; j < m8; j++)
-                    byte |= (uint8_t)(keep[i + j] << (7 - j));
-                mask[(r + i) / 8] = byte;
-            }
-            /* branch-free compaction: every value is written and the position advances when kept;
-             * a write past this chunk's share would race the next chunk, so it goes to a sink */
-            for (int64_t i = 0; i < m; i++) {
-                *(out < end ? values + out : &sink) = xr[i];
-                out += keep[i];
+#endif
+            if (i < m) {
+                const int64_t i0 = i;
+                int any_tie = 0;
+                for (; i < m; i++) { /* vectorized: compares and a select */
+                    const uint32_t u = mag_bits(xr, i);
+                    keep[i] = u > thr;
+                    any_tie |= u == thr;
+                }
+                if (any_tie) /* ties are pruned lowest index first until `need` of them are */
+                    for (i = i0; i < m; i++)
+                        if (mag_bits(xr, i) == thr) keep[i] = tie++ >= need;
+                for (i = i0; i < m; i++)
+                    y[i] = keep[i] ? xr[i] : 0.0f;
+                for (i = i0; i < m; i += 8) {
+                    const int64_t m8 = m - i < 8 ? m - i : 8;
+                    uint8_t byte = 0;
+                    for (int64_t j = 0; j < m8; j++)
+                        byte |= (uint8_t)(keep[i + j] << (7 - j));
+                    mask[(r + i) / 8] = byte;
+                }
+                /* branch-free compaction: every value is written and the position advances when kept;
+                 * a write past this chunk's share would race the next chunk, so it goes to a sink */
+                for (i = i0; i < m; i++) {
+                    *(out < end ? values + out : &sink) = xr[i];
+                    out += keep[i];
+                }
             }
             if (part) {
                 Sums sm;

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint, load
-from lowbit.checkpoint.chain import parts_digest, scheme_digest
+from lowbit.checkpoint.chain import SCHEME_VERSION, checksum_field, parts_digest, seal
 from quant import QuantSpec
 from quant.storage import IntQuant
 
@@ -31,7 +31,7 @@ def _lowbit_file(tmp_path: Path, method) -> Path:
     return out
 
 
-def _rewrite(path: Path, edit, version: int = 2) -> Path:
+def _rewrite(path: Path, edit, version: int = SCHEME_VERSION) -> Path:
     """Apply ``edit(scheme)`` to tensor w's scheme and recompute its checksum, as an attacker can."""
     with safe_open(str(path), "np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -41,7 +41,11 @@ def _rewrite(path: Path, edit, version: int = 2) -> Path:
     edit(scheme)
     parts = {k[len("w::"):]: v for k, v in tensors.items() if k.startswith("w::")}
     scheme["version"] = version
-    scheme["sha256"] = scheme_digest(parts, scheme) if version == 2 else parts_digest(parts)
+    scheme.pop(checksum_field(SCHEME_VERSION), None)
+    if version == 1:
+        scheme["sha256"] = parts_digest(parts)
+    else:
+        seal(parts, scheme)
     meta["lowbit"] = json.dumps(lb)
     out = path.with_name("hostile.safetensors")
     save_file(tensors, str(out), metadata=meta)
@@ -69,7 +73,7 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_rewritten_shape_is_refused_before_anything_is_allocated(tmp_path, method, version):
     path = _rewrite(_lowbit_file(tmp_path, METHODS[method]), lambda s: s.update(shape=[BIG, BIG]), version)
@@ -114,6 +118,32 @@ def test_the_checksum_covers_the_scheme(tmp_path):
     save_file(tensors, str(tmp_path / "c.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load(tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_files_of_the_sha256_versions_still_read_bit_for_bit(tmp_path, version):
+    path = _lowbit_file(tmp_path, IntQuant())
+    want = load(path, as_numpy=True)["w"]
+    old = _rewrite(path, lambda s: None, version)
+    with safe_open(str(old), "np") as f:
+        scheme = json.loads(f.metadata()["lowbit"])["tensors"]["w"]
+    assert "blake3" not in scheme and len(scheme["sha256"]) == 64
+    np.testing.assert_array_equal(load(old, as_numpy=True)["w"], want)
+
+
+def test_the_current_checksum_is_blake3_of_the_scheme_and_the_parts(tmp_path):
+    import blake3
+
+    path = _lowbit_file(tmp_path, IntQuant())
+    with safe_open(str(path), "np") as f:
+        tensors, scheme = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lowbit"])["tensors"]["w"]
+    parts = {k[len("w::"):]: v for k, v in tensors.items() if k.startswith("w::")}
+    inner = blake3.blake3()
+    for k in sorted(parts):  # names, dtypes, shapes and bytes, in name order
+        inner.update(k.encode() + str(parts[k].dtype).encode() + str(parts[k].shape).encode() + parts[k].tobytes())
+    body = json.dumps({k: v for k, v in scheme.items() if k != "blake3"}, sort_keys=True, separators=(",", ":"))
+    assert scheme["version"] == 3 and "sha256" not in scheme
+    assert scheme["blake3"] == blake3.blake3(body.encode() + inner.hexdigest().encode()).hexdigest()
 
 
 def _peak_rss_of_reading(path: Path, tmp_path: Path) -> tuple[str, int]:
