@@ -180,8 +180,10 @@ def _load_checked(dir_path: str, dir_fd: int | None, name: str) -> ctypes.CDLL |
         os.close(fd)
 
 
-def _compile(cc: str, source: Path, out: Path, openmp: bool) -> None:
-    cmd = [cc, *_flags(), *(["-fopenmp"] if openmp else []), str(source), "-o", str(out)]
+def _compile(cc: str, source: Path, out: Path, openmp: bool, extra: tuple[str, ...] = ()) -> None:
+    """Build ``source`` into the shared library ``out``; ``extra`` flags come last (the tests build
+    the kernels without AVX-512 that way, to compare the scalar bodies with the vector ones)."""
+    cmd = [cc, *_flags(), *(["-fopenmp"] if openmp else []), *extra, str(source), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise OSError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")

@@ -40,7 +40,7 @@ int lowbit_all_finite_f32(const float *x, int64_t n, int nthreads)
 }
 
 /* y[j] = table[code j] for m codes of `width` bytes from `codes` (bfloat16 bits shifted into float32
- * bits when table is NULL), times s when scaled; returns how many codes were not below table_size
+ * bits when table is NULL, NaN made the table's quiet NaN of the same sign), times s when scaled; returns how many codes were not below table_size
  * (their y is table[0]). */
 static inline int64_t decode_run(const void *codes, int width, const float *table, int64_t table_size, int64_t m,
                                  int scaled, float s, float *y)
@@ -70,7 +70,11 @@ static inline int64_t decode_run(const void *codes, int width, const float *tabl
                                          _mm512_permutex2var_ps(reg[2 * g], c, reg[2 * g + 1]));
         } else if (!table) {
             const __m256i c = _mm256_loadu_si256((const __m256i *)((const uint16_t *)codes + j));
-            v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16));
+            const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16);
+            const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                          _mm512_set1_epi32(0x7f800000));
+            v = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, nan, _mm512_or_si512(
+                    _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)), _mm512_set1_epi32(0x7fc00000))));
         } else {
             const __m512i c = width == 1 ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)codes + j)))
                                          : _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)codes + j)));
@@ -85,7 +89,8 @@ static inline int64_t decode_run(const void *codes, int width, const float *tabl
         const int64_t code = width == 1 ? ((const uint8_t *)codes)[j] : ((const uint16_t *)codes)[j];
         float v;
         if (!table) {
-            const uint32_t u = (uint32_t)code << 16;
+            uint32_t u = (uint32_t)code << 16;
+            if ((u & 0x7fffffffu) > 0x7f800000u) u = (u & 0x80000000u) | 0x7fc00000u; /* the table's NaN */
             memcpy(&v, &u, 4);
         } else {
             const int ok = code < table_size;

@@ -118,3 +118,72 @@ def test_numpy_metrics_do_not_depend_on_the_blas_thread_count():
         with threadpool_limits(t, "blas"):
             got.append(error_metrics(x64, y64))
     assert got[0] == got[1]
+
+
+def _scalar_build(tmp_path):
+    """metrics_kernels.c built without AVX-512 (its scalar bodies), or a skip where that cannot be done."""
+    import ctypes
+    import shutil
+
+    from precision import _native
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or "avx512f" not in _native._cpu_identity():
+        pytest.skip("needs a C compiler and an AVX-512 CPU (else the two builds are the same)")
+    out = tmp_path / "scalar.so"
+    _native._compile(cc, pm.KERNELS.source, out, openmp=True, extra=("-mno-avx512f",))
+    lib = ctypes.CDLL(str(out))
+    pm._bind(lib)
+    return lib
+
+
+def _same_bits(a, b):
+    """The same bits, but for which NaN a sum holds (the operand order of an add picks among NaN inputs)."""
+    np.testing.assert_array_equal(a, b)
+    assert a[~np.isnan(a)].tobytes() == b[~np.isnan(b)].tobytes()
+
+
+def test_the_avx512_and_scalar_bodies_give_the_same_bits(tmp_path):
+    from precision.codec import decode_table
+
+    scalar, vector = _scalar_build(tmp_path), pm.KERNELS.get()
+    for n in (1000, 65536 * 3 + 17, 1 << 20):
+        x, y = _data(n, n, specials=n == 1000)
+        got = []
+        for lib in (scalar, vector):
+            sums, counts = np.zeros(5), np.zeros(2, np.int64)
+            assert lib.lowbit_metrics_f32(x.ctypes.data, y.ctypes.data, n, sums.ctypes.data, counts.ctypes.data, 2) == 0
+            got.append((sums, counts.tolist()))
+        _same_bits(got[0][0], got[1][0])
+        assert got[0][1] == got[1][1]
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((37, 999)) * 50).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 37).astype(np.float32)
+    for codes, table in ((rng.integers(0, 256, x.shape).astype(np.uint8), decode_table("fp8_e4m3fn")),
+                         (rng.integers(0, 64, x.shape).astype(np.uint8), decode_table("fp6_e3m2fn")),
+                         (rng.integers(0, 1 << 16, x.shape).astype(np.uint16), decode_table("fp16")),
+                         (rng.integers(0, 1 << 16, x.shape).astype(np.uint16), None)):
+        got = []
+        for lib in (scalar, vector):
+            old = pm.KERNELS._lib
+            pm.KERNELS._lib = lib
+            try:
+                vals, sums, counts = pm.decode_measure_c(codes, table, x, scale, values=True)
+            finally:
+                pm.KERNELS._lib = old
+            got.append((vals, sums, counts.tolist()))
+        np.testing.assert_array_equal(got[0][0].view(np.uint32), got[1][0].view(np.uint32))
+        _same_bits(got[0][1], got[1][1])
+        assert got[0][2] == got[1][2]
+
+
+def test_bfloat16_decoded_by_shift_equals_the_table_for_every_code():
+    from precision.codec import decode_table
+
+    codes = np.arange(1 << 16, dtype=np.uint16).reshape(64, 1024)
+    x = np.random.default_rng(1).standard_normal(codes.shape).astype(np.float32)
+    for scale in (None, np.float32(3.0), np.linspace(0.5, 2, 64, dtype=np.float32)):
+        by_table = pm.decode_measure_c(codes, decode_table("bf16"), x, scale, values=True)
+        by_shift = pm.decode_measure_c(codes, None, x, scale, values=True)
+        np.testing.assert_array_equal(by_shift[0].view(np.uint32), by_table[0].view(np.uint32))
+        assert by_shift[1].tobytes() == by_table[1].tobytes() and by_shift[2].tolist() == by_table[2].tolist()
