@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from .arrays import as_numpy, real_array, require_finite
-from .codec import check_modes, decode, decode_table, encode, encode_row_scaled
+from .codec import check_modes, decode, decode_table, encode, encode_row_scaled, row_absmax
 from .formats import FloatFormat, FormatLike, get_format, known_formats
 from .methods import EncodedValues, Solution, ValueMethod, register_method, stored_part
 from .metrics import MetricsAccumulator, decode_measure_c
@@ -62,17 +62,23 @@ def cast(x: Any, fmt: FormatLike, *, scaling: str = "none", axis: int = 0, round
         return Cast(np.asarray(encode(a, fmt, rounding=rounding, overflow=overflow, seed=seed, subnormals=subnormals)),
                     None, fmt, scaling, axis)
     a = a.astype(np.float32, copy=False) if a.dtype != np.float64 else a
-    require_finite(a, "x", "a scaled cast")
-    if scaling == "channel":
-        if a.ndim < 1:
-            raise ValueError("scaling='channel' needs at least a 1-D tensor")
-        ax = axis % a.ndim
-        red = tuple(i for i in range(a.ndim) if i != ax)
-        # max |a| as max(max a, -min a): two reductions, no |a| temporary (the sign of a zero amax is unused)
-        amax = np.maximum(np.max(a, axis=red, keepdims=True), -np.min(a, axis=red, keepdims=True)) if a.size \
-            else np.zeros([1] * a.ndim)
+    if scaling == "channel" and a.ndim < 1:
+        raise ValueError("scaling='channel' needs at least a 1-D tensor")
+    ax = axis % a.ndim if scaling == "channel" else 0
+    # one C pass checks finiteness and finds max |a| where the scale is per tensor or per index of axis 0;
+    # it gives None for NaN or inf, and require_finite then names the problem
+    fast = row_absmax(a, a.shape[0] if scaling == "channel" else 1) if ax == 0 else None
+    if fast is not None:
+        amax = fast.reshape([-1] + [1] * (a.ndim - 1)) if scaling == "channel" else fast.reshape(())
     else:
-        amax = np.asarray(max(np.max(a), -np.min(a)) if a.size else 0.0).reshape(())
+        require_finite(a, "x", "a scaled cast")
+        if scaling == "channel":
+            red = tuple(i for i in range(a.ndim) if i != ax)
+            # max |a| as max(max a, -min a): two reductions, no |a| temporary (the sign of a zero amax is unused)
+            amax = np.maximum(np.max(a, axis=red, keepdims=True), -np.min(a, axis=red, keepdims=True)) if a.size \
+                else np.zeros([1] * a.ndim)
+        else:
+            amax = np.asarray(max(np.max(a), -np.min(a)) if a.size else 0.0).reshape(())
     ideal = amax.astype(np.float64) / fmt.max_finite
     if not np.all(ideal <= np.finfo(np.float32).max):
         raise ValueError(f"x: values up to {float(np.max(amax)):.4g} need a scale beyond float32 to fit "

@@ -85,6 +85,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.lowbit_decode_table.argtypes = [p, i32, i64, p, i64, p, i32]
     lib.lowbit_decode_table.restype = None
     lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
+    lib.lowbit_row_absmax.argtypes = [p, i64, i64, p, i32]
+    lib.lowbit_row_absmax.restype = i32
     lib.lowbit_decode_top16.restype = None
 
 
@@ -321,6 +323,17 @@ def _encode_f32_byte(a: np.ndarray, fmt: FloatFormat, rounding: str, overflow: s
     if fmt.nan_code is None and marked and np.isnan(a).any():
         raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
     return out.reshape(a.shape)
+
+
+def row_absmax(a: np.ndarray, rows: int) -> np.ndarray | None:
+    """``max(max(row), -min(row))`` of each row of the float32 array ``a`` viewed as (rows, -1), in one
+    C pass (the values the two numpy reductions give; a zero keeps no sign); None where that pass does
+    not apply, and None too when ``a`` holds NaN or inf (the caller's checks then raise their error)."""
+    lib = _KERNELS.get()
+    if lib is None or a.dtype != np.float32 or not a.flags.c_contiguous or a.size == 0 or rows < 1 or a.size % rows:
+        return None
+    out = np.empty(rows, np.float32)
+    return out if lib.lowbit_row_absmax(a.ctypes.data, rows, a.size // rows, out.ctypes.data, threads()) == 1 else None
 
 
 def encode_row_scaled(a: np.ndarray, scale: np.ndarray, fmt: FloatFormat, rounding: str, overflow: str,

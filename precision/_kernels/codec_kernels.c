@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,6 +19,8 @@ static inline void spin_pause(void) { _mm_pause(); }
 #else
 static inline void spin_pause(void) {}
 #endif
+
+#include "block_range.h"
 
 #define BLOCK_BYTES (2 << 20) /* of output: one huge page */
 #define PARALLEL_MIN (1 << 20)
@@ -282,4 +285,39 @@ void lowbit_decode_top16(const uint16_t *codes, int64_t n, int shift, uint32_t *
 {
     const struct shift_args a = {codes, shift, out};
     run_blocks(n, 4, out, nthreads, shift_block, &a);
+}
+
+/* amax[r] = max(max of row r, -min of row r) for the rows x cols float32 matrix x: what the scaled
+ * casts' numpy path computes (precision/cast.py), in one read. Rows are cut into blocks of RANGE_BLOCK
+ * values spread over the threads; a minimum or maximum is exact in any order, so the result does not
+ * depend on the thread count. Returns 1, 0 when a value is NaN or inf (amax unspecified), -1 without
+ * memory. */
+#define RANGE_BLOCK 65536
+int lowbit_row_absmax(const float *x, int64_t rows, int64_t cols, float *amax, int nthreads)
+{
+    if (rows <= 0 || cols <= 0) return 1;
+    const int64_t per = (cols + RANGE_BLOCK - 1) / RANGE_BLOCK, nb = rows * per;
+    float *lo = malloc(sizeof(float) * (size_t)nb), *hi = malloc(sizeof(float) * (size_t)nb);
+    if (!lo || !hi) {
+        free(lo);
+        free(hi);
+        return -1;
+    }
+    int finite = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(& : finite) if (nb > 1 && rows * cols >= PARALLEL_MIN)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t r = b / per, c0 = (b % per) * RANGE_BLOCK, len = cols - c0 < RANGE_BLOCK ? cols - c0 : RANGE_BLOCK;
+        finite &= block_range(x + r * cols + c0, len, lo + b, hi + b);
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float a = lo[r * per], b = hi[r * per];
+        for (int64_t k = 1; k < per; k++) {
+            a = lo[r * per + k] < a ? lo[r * per + k] : a;
+            b = hi[r * per + k] > b ? hi[r * per + k] : b;
+        }
+        amax[r] = b > -a ? b : -a;
+    }
+    free(lo);
+    free(hi);
+    return finite;
 }

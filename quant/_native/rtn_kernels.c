@@ -21,44 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../../precision/_kernels/block_range.h"
 #include "../../precision/_kernels/metrics_sums.h"
 
-#define LANES 16
 #define CHUNK 65536 /* elements per metrics chunk (at least one block) */
 #define RUN 1024    /* elements quantized into a local buffer before their metrics are added */
-
-/* The block's minimum and maximum; returns 0 when it holds NaN or inf (v * 0 is NaN exactly then,
- * a float test that vectorizes with the comparisons). */
-static int block_range(const float *x, int64_t n, float *lo_out, float *hi_out)
-{
-    float lo[LANES], hi[LANES], special[LANES];
-    for (int l = 0; l < LANES; l++) {
-        lo[l] = hi[l] = x[0];
-        special[l] = 0.0f;
-    }
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            const float v = x[i + l];
-            special[l] += v * 0.0f;
-            lo[l] = v < lo[l] ? v : lo[l];
-            hi[l] = v > hi[l] ? v : hi[l];
-        }
-    for (; i < n; i++) {
-        special[0] += x[i] * 0.0f;
-        lo[0] = x[i] < lo[0] ? x[i] : lo[0];
-        hi[0] = x[i] > hi[0] ? x[i] : hi[0];
-    }
-    float a = lo[0], b = hi[0], nan = special[0];
-    for (int l = 1; l < LANES; l++) {
-        a = lo[l] < a ? lo[l] : a;
-        b = hi[l] > b ? hi[l] : b;
-        nan += special[l];
-    }
-    *lo_out = a;
-    *hi_out = b;
-    return nan == 0.0f;
-}
 
 /* The block's scale and zero point; returns 0 when the scale is not finite. */
 static int block_params(float lo, float hi, int32_t qmin, int32_t qmax, int symmetric, int32_t sym_zp,

@@ -82,3 +82,35 @@ def test_bf16_like_decode_equals_the_numpy_pass(fmt, monkeypatch):
 def test_the_codec_kernels_report_their_state():
     status = codec._KERNELS.status()
     assert status == "fused C passes" or status.startswith("numpy passes (")
+
+
+@pytest.mark.needs_codec_c
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 200_001), (4096, 33), (2, 3, 4)])
+def test_row_absmax_equals_the_two_numpy_reductions(shape):
+    import torch
+
+    rng = np.random.default_rng(sum(shape))
+    a = (rng.standard_normal(shape) * np.exp(rng.uniform(-30, 30, shape))).astype(np.float32)
+    a[0] = -np.abs(a[0])  # a row of one sign: its max |a| comes from the minimum
+    rows = a.reshape(shape[0], -1)
+    want = np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    before = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            np.testing.assert_array_equal(codec.row_absmax(a, shape[0]), want)
+            np.testing.assert_array_equal(codec.row_absmax(a, 1), [max(a.max(), -a.min())])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.needs_codec_c
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_row_absmax_gives_none_for_non_finite_values_and_the_cast_names_them(bad):
+    from precision.cast import cast
+
+    a = np.ones((5, 70_000), np.float32)
+    a[3, 69_999] = bad
+    assert codec.row_absmax(a, 5) is None
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cast(a, "fp8_e4m3fn", scaling="channel")
