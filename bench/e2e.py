@@ -111,6 +111,9 @@ def run_throughput(size_gib: float, tensor_mib: int, workers: list[int], repeat:
         out.parent.mkdir()
         for cache in ("warm", "cold"):
             def prepare() -> None:
+                # the last run's output goes first, untimed: a job normally writes a new file, and
+                # deleting a large one costs the file system time that is not the job's
+                out.unlink(missing_ok=True)
                 for f in shards:
                     evict(f) if cache == "cold" else read_speed(f, repeat=1)
 
