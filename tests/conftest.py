@@ -88,3 +88,26 @@ def tiny_bert() -> Any:
 def token_batches() -> list[dict]:
     """Three batches (4 x 16 tokens, some padded) of model inputs for ``tiny_bert``."""
     return _token_batches()
+
+
+@pytest.fixture
+def scalar_build(tmp_path: Any) -> Any:
+    """``scalar_build(library)``: the ``precision._native.Library``'s C source built again without AVX-512
+    (its scalar bodies) and bound like the library, to compare with the vector bodies the library runs
+    here; skips where that cannot be done or would build the same code (no AVX-512 CPU)."""
+    import ctypes
+    import shutil
+
+    from precision import _native
+
+    def build(library: Any) -> Any:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None or library.get() is None or "avx512f" not in _native._cpu_identity():
+            pytest.skip("needs a C compiler and an AVX-512 CPU (else the two builds are the same)")
+        out = tmp_path / f"{library.source.stem}-scalar.so"
+        _native._compile(cc, library.source, out, openmp=True, extra=("-mno-avx512f",))
+        lib = ctypes.CDLL(str(out))
+        library._bind(lib)
+        return lib
+
+    return build

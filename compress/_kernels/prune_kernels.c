@@ -119,6 +119,64 @@ int lowbit_magnitude_histogram(const float *x, int64_t n, int high, uint32_t bin
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* block_sums(x, y, m) for y = x where `mask` (packed bits, element 0 in the highest bit of byte 0) keeps
+ * an element and +0 where it prunes it, without y: the same lanes and the same operations on each, so
+ * the same bits (a kept element's error is +0, a pruned one's is -x; x * +0 and +0 add nothing). */
+static inline void pruned_sums(const float *x, const uint8_t *mask, int64_t m, Sums *out)
+{
+    double sxx[SUM_LANES] = {0}, syy[SUM_LANES] = {0}, sxy[SUM_LANES] = {0}, see[SUM_LANES] = {0},
+           mx[SUM_LANES] = {0};
+    int64_t zeroed = 0, i = 0;
+    __m512d vxx[2], vyy[2], vee[2], vmx[2];
+    for (int h = 0; h < 2; h++)
+        vxx[h] = vyy[h] = vee[h] = vmx[h] = _mm512_setzero_pd();
+    const __m512d sign = _mm512_castsi512_pd(_mm512_set1_epi64(0x7fffffffffffffffLL)), nan = _mm512_set1_pd(NAN);
+    const __m512i expo = _mm512_set1_epi32(0x7f800000);
+    for (; i + SUM_LANES <= m; i += SUM_LANES) {
+        const __mmask16 keep = (__mmask16)(REVERSED[mask[i / 8]] | (REVERSED[mask[i / 8 + 1]] << 8));
+        const __m512 xs = _mm512_loadu_ps(x + i);
+        zeroed += __builtin_popcount((unsigned)(~keep & _mm512_cmp_ps_mask(xs, _mm512_setzero_ps(), _CMP_NEQ_UQ) & 0xffffu));
+        /* a kept inf or NaN has the error x - x = NaN, as block_sums finds */
+        const __mmask16 bad = keep & _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(xs), expo), expo);
+        for (int h = 0; h < 2; h++) {
+            const __mmask8 kh = (__mmask8)(keep >> (8 * h));
+            const __m512d a = _mm512_cvtps_pd(half(xs, h)), sq = _mm512_mul_pd(a, a);
+            vxx[h] = _mm512_add_pd(vxx[h], sq);
+            vyy[h] = _mm512_add_pd(vyy[h], _mm512_maskz_mov_pd(kh, sq));
+            vee[h] = _mm512_add_pd(vee[h], _mm512_mask_mov_pd(_mm512_maskz_mov_pd((__mmask8)~kh, sq),
+                                                              (__mmask8)(bad >> (8 * h)), nan));
+            vmx[h] = _mm512_max_pd(_mm512_maskz_mov_pd((__mmask8)~kh, _mm512_and_pd(a, sign)), vmx[h]);
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        _mm512_storeu_pd(sxx + 8 * h, vxx[h]);
+        _mm512_storeu_pd(syy + 8 * h, vyy[h]);
+        _mm512_storeu_pd(sxy + 8 * h, vyy[h]); /* x * y = x * x where kept, and adds nothing elsewhere */
+        _mm512_storeu_pd(see + 8 * h, vee[h]);
+        _mm512_storeu_pd(mx + 8 * h, vmx[h]);
+    }
+    for (; i < m; i++) { /* the tail exactly as block_sums takes it */
+        const double a = x[i], b = (mask[i / 8] >> (7 - i % 8)) & 1 ? a : 0.0, e = b - a, ae = fabs(e);
+        sxx[0] += a * a;
+        syy[0] += b * b;
+        sxy[0] += a * b;
+        see[0] += e * e;
+        mx[0] = ae > mx[0] ? ae : mx[0];
+        zeroed += (b == 0.0) & (a != 0.0);
+    }
+    Sums t = {0, 0, 0, 0, 0, 0, zeroed};
+    for (int l = 0; l < SUM_LANES; l++) {
+        t.sxx += sxx[l];
+        t.syy += syy[l];
+        t.sxy += sxy[l];
+        t.see += see[l];
+        t.mx = mx[l] > t.mx ? mx[l] : t.mx;
+    }
+    *out = t;
+}
+#endif
+
 /* mask: (n + 7) / 8 bytes; values: room for `capacity` floats; dense: n floats or NULL; sums (5) and
  * counts (2) or NULL. `thr` is the threshold's magnitude bits, `need` how many elements equal to it
  * are pruned (in index order). Returns the number of kept elements, -1 without memory, or -2 (nothing
@@ -183,7 +241,7 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
                 const __mmask16 k = _mm512_cmpgt_epu32_mask(u, vthr);
                 const int cnt = __builtin_popcount((unsigned)k);
                 if (out + cnt > end) break;
-                _mm512_storeu_ps(y + i, _mm512_maskz_mov_ps(k, v));
+                if (dense) _mm512_storeu_ps(y + i, _mm512_maskz_mov_ps(k, v));
                 _mm512_mask_storeu_ps(values + out, (__mmask16)((1u << cnt) - 1), _mm512_maskz_compress_ps(k, v));
                 out += cnt;
                 mask[(r + i) / 8] = REVERSED[k & 0xff];
@@ -219,7 +277,11 @@ int64_t lowbit_magnitude_apply(const float *x, int64_t n, uint32_t thr, int64_t 
             }
             if (part) {
                 Sums sm;
+#if defined(__AVX512F__)
+                pruned_sums(xr, mask + r / 8, m, &sm);
+#else
                 block_sums(xr, y, m, &sm);
+#endif
                 sums_add(part + c, &sm);
             }
         }

@@ -88,3 +88,27 @@ def test_checkpoint_tensor_from_the_c_pass_equals_the_numpy_path(monkeypatch, sp
     for f in ("mse", "sqnr_db", "max_abs_error", "cosine"):
         assert getattr(fast.row, f) == pytest.approx(getattr(slow.row, f), rel=1e-12)
         assert getattr(lean.row, f) == getattr(fast.row, f)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
+def test_the_avx512_and_scalar_bodies_prune_and_measure_the_same_bits(scalar_build, kind):
+    scalar, vector = scalar_build(_native.KERNELS), _native.KERNELS.get()
+    n = 65536 * 3 + 1021  # several chunks, runs of 1024, a tail of 13
+    x = _data(n, 5, kind)
+    x[[17, 40_000]] = [np.inf, -np.inf]  # kept: their error is inf - inf = NaN in both bodies
+    for k in (n // 3, n // 2, n - 5):
+        got = []
+        for lib in (scalar, vector):
+            thr, need = _native.magnitude_threshold(lib, x, k)
+            mask, values = np.empty((n + 7) // 8, np.uint8), np.empty(n - k, np.float32)
+            dense, sums, counts = np.empty(n, np.float32), np.zeros(5), np.zeros(2, np.int64)
+            for d in (dense, None):
+                assert lib.lowbit_magnitude_apply(x.ctypes.data, n, thr, need, mask.ctypes.data, values.ctypes.data,
+                                                  values.size, None if d is None else d.ctypes.data,
+                                                  sums.ctypes.data, counts.ctypes.data, 2) == n - k
+            got.append((mask.copy(), values.view(np.uint32).copy(), dense.view(np.uint32).copy(), sums, counts))
+        for a, b in zip(got[0][:3], got[1][:3]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(got[0][3], got[1][3])  # NaN where NaN, and every other bit the same
+        assert got[0][3][~np.isnan(got[0][3])].tobytes() == got[1][3][~np.isnan(got[1][3])].tobytes()
+        assert got[0][4].tolist() == got[1][4].tolist()

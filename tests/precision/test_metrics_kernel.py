@@ -120,33 +120,16 @@ def test_numpy_metrics_do_not_depend_on_the_blas_thread_count():
     assert got[0] == got[1]
 
 
-def _scalar_build(tmp_path):
-    """metrics_kernels.c built without AVX-512 (its scalar bodies), or a skip where that cannot be done."""
-    import ctypes
-    import shutil
-
-    from precision import _native
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None or "avx512f" not in _native._cpu_identity():
-        pytest.skip("needs a C compiler and an AVX-512 CPU (else the two builds are the same)")
-    out = tmp_path / "scalar.so"
-    _native._compile(cc, pm.KERNELS.source, out, openmp=True, extra=("-mno-avx512f",))
-    lib = ctypes.CDLL(str(out))
-    pm._bind(lib)
-    return lib
-
-
 def _same_bits(a, b):
     """The same bits, but for which NaN a sum holds (the operand order of an add picks among NaN inputs)."""
     np.testing.assert_array_equal(a, b)
     assert a[~np.isnan(a)].tobytes() == b[~np.isnan(b)].tobytes()
 
 
-def test_the_avx512_and_scalar_bodies_give_the_same_bits(tmp_path):
+def test_the_avx512_and_scalar_bodies_give_the_same_bits(scalar_build):
     from precision.codec import decode_table
 
-    scalar, vector = _scalar_build(tmp_path), pm.KERNELS.get()
+    scalar, vector = scalar_build(pm.KERNELS), pm.KERNELS.get()
     for n in (1000, 65536 * 3 + 17, 1 << 20):
         x, y = _data(n, n, specials=n == 1000)
         got = []
