@@ -85,9 +85,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.lowbit_decode_table.argtypes = [p, i32, i64, p, i64, p, i32]
     lib.lowbit_decode_table.restype = None
     lib.lowbit_decode_top16.argtypes = [p, i64, i32, p, i32]
+    lib.lowbit_decode_top16.restype = None
     lib.lowbit_row_absmax.argtypes = [p, i64, i64, p, i32]
     lib.lowbit_row_absmax.restype = i32
-    lib.lowbit_decode_top16.restype = None
 
 
 _KERNELS = Library(Path(__file__).with_name("_kernels") / "codec_kernels.c", _bind, fallback="numpy")

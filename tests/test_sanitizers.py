@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 KERNEL_TESTS = ["tests/quant/test_attention.py", "tests/quant/test_native.py", "tests/quant/test_hardening.py",
-                "tests/precision/test_codec.py", "tests/quant/test_ptq.py", "tests/precision/test_blocks.py"]
+                "tests/precision/test_codec.py", "tests/quant/test_ptq.py", "tests/precision/test_blocks.py",
+                "tests/precision/test_native_codec.py", "tests/precision/test_metrics_kernel.py",
+                "tests/compress/test_prune_kernel.py"]
 
 
 def _runtime(name: str) -> str | None:

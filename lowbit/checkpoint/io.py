@@ -20,12 +20,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import sys
 import re
 import secrets
 import shutil
 import stat
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
