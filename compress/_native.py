@@ -3,8 +3,9 @@
 The numpy path takes a pass each for ``|x|``, the finite check, the bracketing
 counts and gathers of the selection, the mask, its negation, the pruned copy,
 the bit packing, the gather of the kept values, the dense result and the error
-metrics. The kernel finds the same threshold by an exact radix select on the
-magnitude bits (two histogram passes) and does the rest in two passes, with
+metrics. The kernel finds the same threshold exactly in one pass where a sample
+of the magnitudes brackets it, else by a radix select on the magnitude bits (two
+histogram passes), and does the rest in two passes, with
 ties pruned in index order as :func:`compress.prune.smallest_k` does; the
 tests compare the stored parts with the numpy path's bit for bit.
 """
@@ -26,6 +27,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.lowbit_magnitude_histogram.restype = c_int
     lib.lowbit_magnitude_apply.argtypes = [p, i64, u32, i64, p, p, i64, p, p, p, c_int]
     lib.lowbit_magnitude_apply.restype = i64
+    lib.lowbit_magnitude_select.argtypes = [p, i64, i64, p, p, c_int]
+    lib.lowbit_magnitude_select.restype = c_int
 
 
 KERNELS = Library(Path(__file__).with_name("_kernels") / "prune_kernels.c", _bind, fallback="numpy")
@@ -46,10 +49,22 @@ class Pruned:
 
 
 def magnitude_threshold(lib: ctypes.CDLL, x: np.ndarray, k: int) -> tuple[int, int] | None:
-    """(magnitude bits of the k-th smallest |x|, how many elements equal to it are pruned) by radix
-    select; (0, 0) for k = 0 (nothing pruned). None without memory."""
+    """(magnitude bits of the k-th smallest |x|, how many elements equal to it are pruned); (0, 0) for
+    k = 0 (nothing pruned). None without memory. One pass when a sample of the magnitudes brackets the
+    k-th smallest, else two radix-select histogram passes: the same exact answer either way."""
     if k <= 0:
         return 0, 0
+    thr, need = ctypes.c_uint32(), ctypes.c_int64()
+    found = lib.lowbit_magnitude_select(x.ctypes.data, x.size, k, ctypes.byref(thr), ctypes.byref(need), threads())
+    if found == 1:
+        return thr.value, need.value
+    if found < 0:
+        return None
+    return magnitude_threshold_by_histograms(lib, x, k)
+
+
+def magnitude_threshold_by_histograms(lib: ctypes.CDLL, x: np.ndarray, k: int) -> tuple[int, int] | None:
+    """:func:`magnitude_threshold` by two full histogram passes, whatever a sample says (1 <= k <= x.size)."""
     hist = np.empty(_BINS, np.int64)
     if lib.lowbit_magnitude_histogram(x.ctypes.data, x.size, 1, 0, hist.ctypes.data, threads()) != 0:
         return None

@@ -91,7 +91,7 @@ def test_checkpoint_tensor_from_the_c_pass_equals_the_numpy_path(monkeypatch, sp
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
-def test_the_avx512_and_scalar_bodies_prune_and_measure_the_same_bits(scalar_build, kind):
+def test_the_avx512_and_scalar_bodies_on_one_or_two_threads_prune_and_measure_the_same_bits(scalar_build, kind):
     scalar, vector = scalar_build(_native.KERNELS), _native.KERNELS.get()
     n = 65536 * 3 + 1021  # several chunks, runs of 1024, a tail of 13
     x = _data(n, 5, kind)
@@ -99,16 +99,63 @@ def test_the_avx512_and_scalar_bodies_prune_and_measure_the_same_bits(scalar_bui
     for k in (n // 3, n // 2, n - 5):
         got = []
         for lib in (scalar, vector):
-            thr, need = _native.magnitude_threshold(lib, x, k)
-            mask, values = np.empty((n + 7) // 8, np.uint8), np.empty(n - k, np.float32)
-            dense, sums, counts = np.empty(n, np.float32), np.zeros(5), np.zeros(2, np.int64)
-            for d in (dense, None):
-                assert lib.lowbit_magnitude_apply(x.ctypes.data, n, thr, need, mask.ctypes.data, values.ctypes.data,
-                                                  values.size, None if d is None else d.ctypes.data,
-                                                  sums.ctypes.data, counts.ctypes.data, 2) == n - k
-            got.append((mask.copy(), values.view(np.uint32).copy(), dense.view(np.uint32).copy(), sums, counts))
-        for a, b in zip(got[0][:3], got[1][:3]):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(got[0][3], got[1][3])  # NaN where NaN, and every other bit the same
-        assert got[0][3][~np.isnan(got[0][3])].tobytes() == got[1][3][~np.isnan(got[1][3])].tobytes()
-        assert got[0][4].tolist() == got[1][4].tolist()
+            for threads in (1, 2):  # chunks in order on one thread, placed by a counting pass on two
+                thr, need = _native.magnitude_threshold(lib, x, k)
+                mask, values = np.empty((n + 7) // 8, np.uint8), np.empty(n - k, np.float32)
+                dense, sums, counts = np.empty(n, np.float32), np.zeros(5), np.zeros(2, np.int64)
+                for d in (dense, None):
+                    assert lib.lowbit_magnitude_apply(x.ctypes.data, n, thr, need, mask.ctypes.data,
+                                                      values.ctypes.data, values.size,
+                                                      None if d is None else d.ctypes.data, sums.ctypes.data,
+                                                      counts.ctypes.data, threads) == n - k
+                got.append((mask, values.view(np.uint32), dense.view(np.uint32), sums, counts))
+        for other in got[1:]:
+            for a, b in zip(got[0][:3], other[:3]):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(got[0][3], other[3])  # NaN where NaN, and every other bit the same
+            assert got[0][3][~np.isnan(got[0][3])].tobytes() == other[3][~np.isnan(other[3])].tobytes()
+            assert got[0][4].tolist() == other[4].tolist()
+
+
+def _select(lib, x, k):
+    import ctypes
+
+    thr, need = ctypes.c_uint32(), ctypes.c_int64()
+    rc = lib.lowbit_magnitude_select(x.ctypes.data, x.size, k, ctypes.byref(thr), ctypes.byref(need), 2)
+    return rc, (thr.value, need.value)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide", "strided"])
+def test_the_sampled_selection_finds_the_histograms_threshold_or_declines(kind):
+    lib = _native.KERNELS.get()
+    n = (1 << 21) + 77
+    if kind == "strided":  # every element the sample reads is huge: its bounds miss the true quantile
+        x = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+        x[(np.arange(65536) * n) // 65536] = 1e30
+    else:
+        x = _data(n, 9, kind)
+    answers = set()
+    for k in (1, 2, n // 1000, n // 3, n // 2, n - 1000, n - 1, n):
+        rc, got = _select(lib, x, k)
+        want = _native.magnitude_threshold_by_histograms(lib, x, k)
+        answers.add(rc)
+        assert rc in (0, 1)
+        if rc == 1:
+            assert got == want, k
+        assert _native.magnitude_threshold(lib, x, k) == want  # whichever path answers
+    # the sample brackets smooth data; it declines where its bounds miss, and where a ninth of the
+    # elements share one magnitude (more between the bounds than it makes room for)
+    assert answers == ({1} if kind in ("normal", "wide") else {0})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_capacity_that_does_not_add_up_is_refused_without_writing_past_it(threads):
+    lib = _native.KERNELS.get()
+    n, k = 65536 * 2 + 40, 1000
+    x = _data(n, 4, "normal")
+    thr, need = _native.magnitude_threshold(lib, x, k)
+    mask = np.empty((n + 7) // 8, np.uint8)
+    room = np.zeros(n - k + 64, np.float32)  # one value short of what is kept, then a guard
+    assert lib.lowbit_magnitude_apply(x.ctypes.data, n, thr, need, mask.ctypes.data, room.ctypes.data, n - k - 1,
+                                      None, None, None, threads) == -2
+    assert not room[n - k - 1:].any()
