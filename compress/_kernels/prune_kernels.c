@@ -301,15 +301,7 @@ static inline void pruned_sums(const float *x, const uint8_t *mask, int64_t m, S
         mx[0] = ae > mx[0] ? ae : mx[0];
         zeroed += (b == 0.0) & (a != 0.0);
     }
-    Sums t = {0, 0, 0, 0, 0, 0, zeroed};
-    for (int l = 0; l < SUM_LANES; l++) {
-        t.sxx += sxx[l];
-        t.syy += syy[l];
-        t.sxy += sxy[l];
-        t.see += see[l];
-        t.mx = mx[l] > t.mx ? mx[l] : t.mx;
-    }
-    *out = t;
+    lanes_store(sxx, syy, sxy, see, mx, 0, zeroed, out);
 }
 #endif
 

@@ -32,6 +32,21 @@ static inline __m256 half(__m512 v, int h)
 }
 #endif
 
+/* *out = the lanes added in order (the one reduction every body of the sums ends with) */
+static inline void lanes_store(const double *sxx, const double *syy, const double *sxy, const double *see,
+                               const double *mx, int64_t nonfinite, int64_t zeroed, Sums *out)
+{
+    Sums s = {0, 0, 0, 0, 0, nonfinite, zeroed};
+    for (int l = 0; l < SUM_LANES; l++) {
+        s.sxx += sxx[l];
+        s.syy += syy[l];
+        s.sxy += sxy[l];
+        s.see += see[l];
+        s.mx = mx[l] > s.mx ? mx[l] : s.mx;
+    }
+    *out = s;
+}
+
 static inline void block_sums(const float *x, const float *y, int64_t n, Sums *out)
 {
     double sxx[SUM_LANES] = {0}, syy[SUM_LANES] = {0}, sxy[SUM_LANES] = {0}, see[SUM_LANES] = {0},
@@ -96,15 +111,7 @@ static inline void block_sums(const float *x, const float *y, int64_t n, Sums *o
         nonfinite += (!isfinite(b)) & (isfinite(a) != 0);
         zeroed += (b == 0.0) & (a != 0.0);
     }
-    Sums s = {0, 0, 0, 0, 0, nonfinite, zeroed};
-    for (int l = 0; l < SUM_LANES; l++) {
-        s.sxx += sxx[l];
-        s.syy += syy[l];
-        s.sxy += sxy[l];
-        s.see += see[l];
-        s.mx = mx[l] > s.mx ? mx[l] : s.mx;
-    }
-    *out = s;
+    lanes_store(sxx, syy, sxy, see, mx, nonfinite, zeroed, out);
 }
 
 /* t += s */
