@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import re
 import secrets
@@ -26,6 +27,8 @@ import shutil
 import stat
 import struct
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -498,6 +501,150 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+DIRECT_BLOCK = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this (any block size up to a page)
+_DIRECT_CHUNK = 8 << 20
+_HUGE_PAGE = 2 << 20
+
+
+def direct_io_enabled() -> bool:
+    """False when ``LOWBIT_DIRECT_IO`` is set to 0 / false / no / off, or where the system has no O_DIRECT."""
+    return (hasattr(os, "O_DIRECT")
+            and os.environ.get("LOWBIT_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off"))
+
+
+class DirectAppend:
+    """Bytes appended to a file from a block-aligned offset with ``O_DIRECT``, past the page cache,
+    by a background thread.
+
+    Why: a buffered write copies every byte into page-cache pages that the kernel must allocate
+    (and, on a virtual machine that hands free pages back to its host, fault in from the host),
+    and the fsync at commit writes them out anyway. Here :meth:`write` queues the array and
+    returns; one thread (waiting on the disk most of the time) writes the queue in order: an
+    array whose address and file offset are block-aligned goes to the device straight from its
+    memory, the rest through a reused, page-aligned 8 MiB buffer. Arrays up to ``max_queued``
+    bytes in all (or one larger array) wait in the queue, so a tensor's bytes go to the disk while
+    the next is compressed; the caller must not change a queued array. :meth:`close` writes the
+    last partial block padded with zeros, waits for the device and truncates the file to the bytes
+    appended. Opening writes one zero block where the data starts (the data overwrites it), so a
+    file system without direct I/O for this file refuses at once with ``OSError`` and the caller
+    writes buffered instead. The error of a background write is raised by the next
+    :meth:`write` or by :meth:`close`.
+    """
+
+    def __init__(self, path: Path, offset: int, max_queued: int = 64 << 20) -> None:
+        if offset % DIRECT_BLOCK:
+            raise ValueError(f"offset {offset} is not a multiple of {DIRECT_BLOCK}")
+        self._fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        self._thread: threading.Thread | None = None
+        try:
+            # the staging buffer on a huge-page boundary (fewer page faults)
+            self._map = mmap.mmap(-1, _DIRECT_CHUNK + _HUGE_PAGE)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            base = -ctypes.addressof(ctypes.c_char.from_buffer(self._map)) % _HUGE_PAGE
+            self._buf = memoryview(self._map)[base:base + _DIRECT_CHUNK]
+            os.pwrite(self._fd, self._buf[:DIRECT_BLOCK], offset)  # the probe: EINVAL without direct I/O
+        except BaseException:
+            self.discard()
+            raise
+        self._fill = 0
+        self._offset = offset  # where the staged bytes go
+        self._max_queued = max_queued
+        self._queue: deque[np.ndarray | None] = deque()  # None: stop
+        self._queued = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="lowbit-direct-write", daemon=True)
+        self._thread.start()
+
+    def write(self, data: np.ndarray) -> None:
+        """Queue the bytes of ``data`` (a contiguous array, left unchanged until written)."""
+        b = data.reshape(-1).view(np.uint8)
+        with self._cond:
+            while self._error is None and self._queued and self._queued + b.size > self._max_queued:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            self._queue.append(b)
+            self._queued += b.size
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                b = self._queue[0]
+            if b is None:
+                return
+            try:
+                if self._error is None:
+                    self._write_array(b)
+            except BaseException as e:  # kept for the caller; the queue still drains
+                self._error = e
+            with self._cond:
+                self._queue.popleft()
+                self._queued -= b.size
+                self._cond.notify_all()
+
+    def _write_array(self, b: np.ndarray) -> None:
+        i, n = 0, b.size
+        if not self._fill and not b.ctypes.data % DIRECT_BLOCK:
+            i = n - n % DIRECT_BLOCK  # straight from the array's memory: no copy
+            self._pwrite(memoryview(b[:i]))  # type: ignore[arg-type]  # numpy arrays are buffers
+        while i < n:
+            k = min(n - i, _DIRECT_CHUNK - self._fill)
+            self._buf[self._fill:self._fill + k] = memoryview(b[i:i + k])  # type: ignore[arg-type]
+            self._fill += k
+            i += k
+            if self._fill == _DIRECT_CHUNK:
+                self._pwrite(self._buf)
+                self._fill = 0
+
+    def _pwrite(self, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(self._fd, buf[done:], self._offset + done)
+        self._offset += len(buf)
+
+    def close(self) -> int:
+        """Write what is queued, wait for the device and close; returns the file size (the offset
+        after the last byte appended). Raises the error of any write."""
+        try:
+            self._stop()
+            if self._error is not None:
+                raise self._error
+            end = self._offset + self._fill
+            if self._fill:
+                padded = self._fill + (-self._fill % DIRECT_BLOCK)
+                self._buf[self._fill:padded] = bytes(padded - self._fill)
+                self._pwrite(self._buf[:padded])
+            os.ftruncate(self._fd, end)
+            return end
+        finally:
+            self.discard()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._queue.append(None)
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
+
+    def discard(self) -> None:
+        """Close without writing what is staged (after the writes already queued end)."""
+        if self._fd < 0:
+            return
+        self._stop()
+        os.close(self._fd)
+        self._fd = -1
+        if hasattr(self, "_buf"):
+            self._buf.release()
+        if hasattr(self, "_map"):
+            self._map.close()
+
+
 class TemporaryOutput:
     """An output file written through a temporary file beside it: ``path`` follows
     :func:`check_output`'s rules, temporaries a killed run left in that directory are removed,
@@ -542,15 +689,30 @@ class SafetensorsWriter(TemporaryOutput):
     needs free space for itself only. A header larger than the reserve is the one case where the
     data is copied behind it. Without ``force`` an output that appears meanwhile is never replaced.
     Temporaries left by a killed run in the same directory are removed when the next writer starts.
+
+    The reserve is rounded up to a multiple of 4096 bytes, so the data starts on a block boundary.
+    Where the file system allows it (and ``LOWBIT_DIRECT_IO`` is not 0), the data is written with
+    direct I/O from a background thread (:class:`DirectAppend`): ``add`` queues a copy of the array,
+    or the array itself with ``zero_copy=True``, a promise that the caller leaves it unchanged.
+    Errors of those writes surface in a later ``add`` or in ``commit``. Elsewhere ``add`` writes
+    through the page cache and asks the kernel to start writing it out at once.
     """
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
-                 header_reserve: int = 1 << 16) -> None:
+                 header_reserve: int = 1 << 16, zero_copy: bool = False) -> None:
         super().__init__(path, force=force, inputs=inputs)
-        self._reserve = max(16, header_reserve + (-header_reserve % 8))
+        self._zero_copy = zero_copy
+        # the data starts on a block boundary, for direct I/O; always, so the bytes never depend on it
+        self._reserve = max(DIRECT_BLOCK, header_reserve + (-header_reserve % DIRECT_BLOCK))
         self._data.seek(self._reserve)  # a seek past the end only moves the position
         self._header: dict[str, Any] = {}
         self._offset = 0
+        self._direct: DirectAppend | None = None
+        if direct_io_enabled():
+            try:
+                self._direct = DirectAppend(self._tmp, self._reserve)
+            except OSError:  # no direct I/O on this file system: buffered writes
+                pass
 
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self._header:
@@ -561,8 +723,7 @@ class SafetensorsWriter(TemporaryOutput):
             raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
         b = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # the bytes in place: no copy
         try:
-            self._data.write(b)
-            start_writeback(self._data.fileno(), self._reserve + self._offset, len(b))
+            self._append(a, b)
         except OSError as e:
             self.abort()
             raise CheckpointError(f"{self.path}: writing tensor {name!r} failed: {e.strerror or e}") from None
@@ -575,6 +736,9 @@ class SafetensorsWriter(TemporaryOutput):
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         try:
+            if self._direct is not None:
+                direct, self._direct = self._direct, None
+                direct.close()
             if 8 + len(raw) <= self._reserve:
                 raw += b" " * (self._reserve - 8 - len(raw))
                 self._data.seek(0)
@@ -593,6 +757,20 @@ class SafetensorsWriter(TemporaryOutput):
             self._tmp.unlink(missing_ok=True)
             self._closed = True
         return self.path
+
+    def _append(self, a: np.ndarray, b: memoryview) -> None:
+        if self._direct is not None:
+            # queued and written later: a copy, unless the caller promised to leave the array alone
+            self._direct.write(a if self._zero_copy else a.copy())
+            return
+        self._data.write(b)
+        start_writeback(self._data.fileno(), self._reserve + self._offset, len(b))
+
+    def abort(self) -> None:
+        if self._direct is not None:
+            self._direct.discard()
+            self._direct = None
+        super().abort()
 
     def _copy_behind(self, raw: bytes) -> None:
         raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors does

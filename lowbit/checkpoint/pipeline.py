@@ -21,6 +21,7 @@ from precision.dtypes import ST_TO_NP
 from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
+from . import array_pool
 from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
 from .compressed_tensors import (CompressedTensors, CompressedTensorsWriter, ct_tensors, is_compressed_tensors,
                                  linear_modules, load_dense, weight_args)
@@ -270,7 +271,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         elif format == "onnx-qdq":
             writer = OnnxQDQWriter(output, force=force, inputs=ckpt.inputs, graph=onnx_graph)
         else:
-            writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve)
+            # the parts are fresh arrays nothing changes after they are handed over: written from their memory
+            writer = SafetensorsWriter(output, force=force, inputs=ckpt.inputs, header_reserve=reserve, zero_copy=True)
     report = Report(title=f"{path} -> {' + '.join(chain.describe())}")
     schemes: dict[str, Any] = {}
     bar = _progress(len(names), progress)
@@ -279,7 +281,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     slots = threading.BoundedSemaphore(workers)
 
     def process(name: str) -> Result:
-        with slots:
+        with slots, array_pool.active():
             return process_tensor(ckpt, name, reasons[name], chains[name], keep_approx, metrics, solved.get(name))
 
     def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
@@ -326,11 +328,14 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             from .distributed import ray_in_order
 
             results = ray_in_order(path, names, reasons, chains, keep_approx, metrics, session)
+            for name, res in results:
+                with slots:
+                    handle(name, *res)
         else:
-            results = _in_order(names, process, workers)
-        for name, res in results:
-            with slots:
-                handle(name, *res)
+            with array_pool.job(_pool_limit(ckpt, names, workers)):
+                for name, res in _in_order(names, process, workers):
+                    with slots:
+                        handle(name, *res)
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
                           {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
@@ -401,6 +406,16 @@ def match_solutions(solutions: Mapping[str, Solution], names: list[str], path: P
             raise CheckpointError(f"{path}: two solutions match tensor {hits[0]!r}")
         out[hits[0]] = sol
     return out
+
+
+def _pool_limit(ckpt: Checkpoint, names: list[str], workers: int) -> int:
+    """Free bytes the array pool may keep during the job: enough for the next tensors' reads and codes
+    (``workers`` of the largest tensors), little against the job's own peak of ``workers + 1`` in flight."""
+    sizes = []
+    for n in names:
+        dt, shape = ckpt.info(n)
+        sizes.append(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+    return workers * max(sizes, default=0)
 
 
 def _in_order(names: list[str], fn: Any, workers: int) -> Iterator[tuple[str, Any]]:
