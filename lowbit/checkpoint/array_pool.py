@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import os
 import threading
 from pathlib import Path
@@ -62,16 +63,17 @@ class _Hook:
         api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
         api.PyCapsule_IsValid.restype = ctypes.c_int
         try:
-            from numpy._core import _multiarray_umath as umath  # numpy 2
+            umath: Any = importlib.import_module("numpy._core._multiarray_umath")  # numpy 2
         except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+            umath = importlib.import_module("numpy.core._multiarray_umath")
         table_capsule = umath._ARRAY_API
         table = api.PyCapsule_GetPointer(table_capsule, api.PyCapsule_GetName(table_capsule))
         slots = (ctypes.c_void_p * (_NUMPY_GET_HANDLER + 1)).from_address(table)
-        if ctypes.CFUNCTYPE(ctypes.c_uint)(slots[_NUMPY_FEATURE_VERSION])() < _NUMPY_1_22_API:
+        version, set_, get_ = (slots[i] for i in (_NUMPY_FEATURE_VERSION, _NUMPY_SET_HANDLER, _NUMPY_GET_HANDLER))
+        if not (version and set_ and get_) or ctypes.CFUNCTYPE(ctypes.c_uint)(version)() < _NUMPY_1_22_API:
             raise OSError("numpy has no data-allocation hook (NEP 49)")
-        self.set = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(slots[_NUMPY_SET_HANDLER])
-        get = ctypes.PYFUNCTYPE(ctypes.py_object)(slots[_NUMPY_GET_HANDLER])
+        self.set = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(set_)
+        get = ctypes.PYFUNCTYPE(ctypes.py_object)(get_)
         current = get()
         # the slots must be what this module expects: a handler capsule whose name numpy reports
         if not api.PyCapsule_IsValid(current, b"mem_handler"):

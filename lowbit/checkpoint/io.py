@@ -639,10 +639,13 @@ class DirectAppend:
         self._stop()
         os.close(self._fd)
         self._fd = -1
-        if hasattr(self, "_buf"):
-            self._buf.release()
-        if hasattr(self, "_map"):
-            self._map.close()
+        try:
+            if hasattr(self, "_buf"):
+                self._buf.release()
+            if hasattr(self, "_map"):
+                self._map.close()
+        except BufferError:  # a slice still alive (say, in a traceback): unmapped when it goes
+            pass
 
 
 class TemporaryOutput:
