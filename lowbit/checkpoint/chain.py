@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import blake3
 import numpy as np
@@ -226,35 +226,61 @@ def _header(a: np.ndarray, chain: Chain) -> dict[str, Any]:
     return {"version": SCHEME_VERSION, "shape": list(a.shape), "dtype": NP_TO_ST[a.dtype], "chain": chain.describe()}
 
 
-def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics: bool) -> Compressed:
+def rows_streamable(chain: Chain, shape: tuple[int, ...]) -> bool:
+    """Whether ``chain`` encodes a tensor of ``shape`` row block by row block (a row-independent
+    value method, no structure, two dimensions): what :func:`compress_row_blocks` takes."""
+    values = chain.values
+    return (chain.structure is None and values is not None and getattr(values, "rows_independent", False)
+            and len(shape) == 2 and shape[0] > 0 and shape[1] > 0)
+
+
+def compress_row_blocks(name: str, shape: tuple[int, ...], dtype: np.dtype,
+                        blocks: Iterable[tuple[int, int, np.ndarray]], chain: Chain, *, keep_approx: bool = False,
+                        metrics: bool = True) -> Compressed | None:
+    """:func:`compress_tensor` of a finite tensor given as its rows in order (``(first row, end
+    row, rows)``, each block used only until the next is asked for, as
+    :meth:`~lowbit.checkpoint.io.Checkpoint.row_blocks` reads them): the same codes, scales and
+    scheme, without the whole tensor in memory. For chains where :func:`rows_streamable`; None
+    where the chain's form would not be smaller than the tensor (``compress_tensor`` then stores
+    it dense, from the whole tensor)."""
+    ref = np.broadcast_to(np.zeros((), dtype), shape)  # the tensor's name, shape and bytes for the report
+    c = _by_rows(name, ref, chain, keep_approx, metrics, blocks)
+    return c if c.row.bytes_after < ref.nbytes else None
+
+
+def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics: bool,
+             blocks: Iterable[tuple[int, int, np.ndarray]] | None = None) -> Compressed:
     """A row-independent value method on blocks of rows: the same codes and scales as the
-    whole-tensor path, with memory near the source tensor plus its codes."""
+    whole-tensor path, with memory near the source tensor plus its codes. ``blocks``: the rows
+    of ``a`` (then only its shape and dtype are used), else slices of ``a``."""
     method = chain.values
     assert method is not None
     store = ValueStore(method, a.dtype)
-    rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
+    if blocks is None:
+        rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
+        blocks = ((r0, min(r0 + rows_per, a.shape[0]), a[r0:r0 + rows_per]) for r0 in range(0, a.shape[0], rows_per))
     codes: list[np.ndarray] = []
     side: dict[str, list[np.ndarray]] = {}
     acc = MetricsAccumulator()
     approx = np.empty(a.shape, a.dtype) if keep_approx else None
     scheme: dict[str, Any] = {}
-    for r0 in range(0, a.shape[0], rows_per):
-        r1 = min(r0 + rows_per, a.shape[0])
+    for r0, r1, block in blocks:
         if a.dtype == np.float32:  # measured against the source itself: the method may do both in one pass
-            enc = method.encode_measured(a[r0:r1], acc if metrics else None, name, values=approx is not None)
+            enc = method.encode_measured(block, acc if metrics else None, name, values=approx is not None)
             if approx is not None:
                 approx[r0:r1] = enc.values
         else:
-            enc = store.encode(a[r0:r1].astype(np.float32), name)
+            enc = store.encode(block.astype(np.float32), name)
             deq = enc.values.astype(a.dtype, copy=False)
             if metrics:
-                acc.add(a[r0:r1], deq)
+                acc.add(block, deq)
             if approx is not None:
                 approx[r0:r1] = deq
         codes.append(enc.codes)
         for k, v in enc.side.items():
             side.setdefault(k, []).append(v)
         scheme = enc.scheme
+
     def joined(pieces: list[np.ndarray]) -> np.ndarray:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -285,7 +311,7 @@ def compress_tensor(name: str, a: np.ndarray, chain: Chain, *, keep_approx: bool
     if solution is not None:
         return _compress_solved(name, a, chain, solution, keep_approx, metrics)
     values = chain.values
-    if chain.structure is None and values is not None and getattr(values, "rows_independent", False) and a.ndim == 2:
+    if rows_streamable(chain, a.shape):
         c = _by_rows(name, a, chain, keep_approx, metrics)
         if c.row.bytes_after < a.nbytes:
             return c

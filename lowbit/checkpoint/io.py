@@ -206,6 +206,30 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file ended after {got} of {e - b} bytes")
         return out.view(dt).reshape(shape)
 
+    def row_blocks(self, name: str, block_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(first row, end row, rows)`` of a tensor of at least one dimension, in blocks of
+        about ``block_bytes`` (at least one row) along its first axis, read from the file one
+        block at a time into one reused buffer: a block is valid until the next is read."""
+        dt, shape, b, e = self.entries[name]
+        rows = shape[0]
+        if not rows or e == b:
+            return
+        row_bytes = (e - b) // rows
+        per = max(1, block_bytes // row_bytes)
+        buf = np.empty(min(rows, per) * row_bytes, np.uint8)
+        try:
+            with open_regular(self.path) as f:
+                for r0 in range(0, rows, per):
+                    r1 = min(rows, r0 + per)
+                    n = (r1 - r0) * row_bytes
+                    f.seek(self.data_start + b + r0 * row_bytes)
+                    got = f.readinto(memoryview(buf[:n]))  # type: ignore[arg-type]  # numpy arrays are buffers
+                    if got != n:
+                        raise CheckpointError(f"{self.path}: tensor {name!r}: file ended within rows {r0}..{r1}")
+                    yield r0, r1, buf[:n].view(dt).reshape((r1 - r0, *shape[1:]))
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read ({err.strerror or err})") from None
+
 
 class Checkpoint:
     """A read-only view of a checkpoint: ``names()``, ``info(name)`` and ``read(name)`` (numpy)."""
@@ -365,6 +389,20 @@ class Checkpoint:
             t = self._pickle[name]
             return _tensor_to_numpy(t.contiguous(), f"{self.files[0]}: tensor {name!r}").copy()
         return self._where[name].read(name)
+
+    def row_blocks(self, name: str, block_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The tensor's rows in blocks of about ``block_bytes`` (see :meth:`SafetensorsFile.row_blocks`):
+        read block by block from a safetensors file, sliced from the loaded tensor otherwise."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if self._pickle is None:
+            yield from self._where[name].row_blocks(name, block_bytes)
+            return
+        a = self.read(name)
+        if a.ndim and a.size:
+            per = max(1, block_bytes // (a.nbytes // a.shape[0]))
+            for r0 in range(0, a.shape[0], per):
+                yield r0, min(a.shape[0], r0 + per), a[r0:r0 + per]
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for n in self.names():

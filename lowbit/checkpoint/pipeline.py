@@ -11,7 +11,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Generator, Iterator, Mapping
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
 from . import array_pool
-from .chain import Chain, Compressed, NotApplied, compress_tensor, restore
+from .chain import Chain, Compressed, NotApplied, compress_row_blocks, compress_tensor, restore, rows_streamable
 from .compressed_tensors import (CompressedTensors, CompressedTensorsWriter, ct_tensors, is_compressed_tensors,
                                  linear_modules, load_dense, weight_args)
 from .gguf import GGUFWriter, gguf_type_of_chain
@@ -365,13 +365,46 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
 
 
 Result = tuple[np.ndarray | None, Compressed | None, str | None]
+# float32 bytes of one block of rows read and encoded while it is in the cache (see process_tensor)
+STREAM_BLOCK_BYTES = 4 << 20
+
+
+class _NotFinite(Exception):
+    """A block of rows holds NaN or inf: the tensor is read whole and kept as it is."""
+
+
+def _finite_blocks(blocks: Iterator[tuple[int, int, np.ndarray]]) -> Generator[tuple[int, int, np.ndarray], None, None]:
+    for r0, r1, b in blocks:
+        if not all_finite(b if b.dtype.kind == "f" else b.astype(np.float32)):
+            raise _NotFinite
+        yield r0, r1, b
 
 
 def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain, keep_approx: bool,
-                   metrics: bool, solution: Solution | None = None) -> tuple[np.ndarray, Compressed | None, str | None]:
-    """One tensor of the job: (the source array, its compressed form or None, why it is kept as it
-    is or None). The same call runs in this process or in a Ray task. A tensor not compressed but
-    given a ``solution`` comes back with the solution's values in its own dtype."""
+                   metrics: bool, solution: Solution | None = None) -> Result:
+    """One tensor of the job: (the source array, or None when it is compressed; its compressed form
+    or None; why it is kept as it is or None). The same call runs in this process or in a Ray task.
+    A tensor not compressed but given a ``solution`` comes back with the solution's values in its
+    own dtype.
+
+    Where the chain encodes rows independently (:func:`~lowbit.checkpoint.chain.rows_streamable`),
+    the tensor is read and encoded a block of rows at a time, so each block is encoded while the
+    read left it in the CPU cache, instead of going out to memory and back (the same codes and
+    scheme as from the whole tensor); a tensor that turns out not finite, or whose compressed
+    form would not be smaller, is then read again whole."""
+    dtype, shape = ckpt.info(name)
+    if reason is None and solution is None and not keep_approx and rows_streamable(chain, shape):
+        blocks = _finite_blocks(ckpt.row_blocks(name, STREAM_BLOCK_BYTES))
+        try:
+            c = compress_row_blocks(name, shape, dtype, blocks, chain, metrics=metrics)
+        except _NotFinite:
+            c = None
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
+        finally:
+            blocks.close()  # the file, where a block was not finite
+        if c is not None:
+            return None, c, None
     arr = ckpt.read(name)
     if reason is not None:
         if solution is not None:

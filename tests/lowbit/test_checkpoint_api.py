@@ -185,15 +185,18 @@ def test_a_two_worker_run_on_two_cores_uses_one_thread_per_tensor(tmp_path, sour
 
     import lowbit.checkpoint.pipeline as pipeline
 
-    seen, real = [], pipeline.compress_tensor
+    seen = []
 
-    def spy(*a, **k):
-        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-        seen.append((threading.current_thread().name, torch.get_num_threads(), max(blas, default=1)))
-        return real(*a, **k)
+    def spy(real):
+        def run(*a, **k):
+            blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+            seen.append((threading.current_thread().name, torch.get_num_threads(), max(blas, default=1)))
+            return real(*a, **k)
+        return run
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(pipeline, "compress_tensor", spy)
+    for f in ("compress_tensor", "compress_row_blocks"):  # whole tensors, and tensors read by blocks of rows
+        monkeypatch.setattr(pipeline, f, spy(getattr(pipeline, f)))
     rep = compress_checkpoint(source, tmp_path / "o.safetensors", "int8", workers=2, threads=2, progress=False)
     assert seen and all(t == 1 and b == 1 for _, t, b in seen)
     assert len({name for name, _, _ in seen}) <= 2  # at most two tensors in flight
