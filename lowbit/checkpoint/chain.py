@@ -259,7 +259,7 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
     if blocks is None:
         rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
         blocks = ((r0, min(r0 + rows_per, a.shape[0]), a[r0:r0 + rows_per]) for r0 in range(0, a.shape[0], rows_per))
-    codes: list[np.ndarray] = []
+    codes: np.ndarray | None = None  # the whole tensor's, each block's copied in while it is in the cache
     side: dict[str, list[np.ndarray]] = {}
     acc = MetricsAccumulator()
     approx = np.empty(a.shape, a.dtype) if keep_approx else None
@@ -276,7 +276,13 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
                 acc.add(block, deq)
             if approx is not None:
                 approx[r0:r1] = deq
-        codes.append(enc.codes)
+        if enc.codes.shape[:1] != (r1 - r0,):
+            raise AssertionError(f"{method.describe()} is row-independent but gave codes of shape "
+                                 f"{list(enc.codes.shape)} for {r1 - r0} rows")
+        if codes is None:
+            codes = enc.codes if r1 == a.shape[0] else np.empty((a.shape[0], *enc.codes.shape[1:]), enc.codes.dtype)
+        if codes is not enc.codes:
+            codes[r0:r1] = enc.codes
         for k, v in enc.side.items():
             side.setdefault(k, []).append(v)
         scheme = enc.scheme
@@ -284,7 +290,8 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
     def joined(pieces: list[np.ndarray]) -> np.ndarray:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    whole = EncodedValues(joined(codes), {k: joined(v) for k, v in side.items()}, scheme, np.empty(0, np.float32))
+    assert codes is not None  # a 2-D tensor with rows gives at least one block
+    whole = EncodedValues(codes, {k: joined(v) for k, v in side.items()}, scheme, np.empty(0, np.float32))
     parts, fields_ = store.store(whole)
     out = {**_header(a, chain), "structure": {"kind": "none"}, **fields_}
     seal(parts, out)

@@ -799,6 +799,11 @@ class SafetensorsWriter(TemporaryOutput):
             self._closed = True
         return self.path
 
+    @property
+    def direct(self) -> bool:
+        """Whether ``add`` queues the data for the direct-I/O thread (else it writes it through the page cache)."""
+        return self._direct is not None
+
     def _append(self, a: np.ndarray, b: memoryview) -> None:
         if self._direct is not None:
             # queued and written later: a copy, unless the caller promised to leave the array alone

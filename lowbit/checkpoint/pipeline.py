@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -332,9 +333,12 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                 with slots:
                     handle(name, *res)
         else:
+            # handing a tensor to a direct-I/O writer queues it (its thread waits on the disk): no
+            # slot; any other writer copies or transforms it here, on a core, so it takes one
+            queued = isinstance(writer, SafetensorsWriter) and writer.direct
             with array_pool.job(_pool_limit(ckpt, names, workers)):
                 for name, res in _in_order(names, process, workers):
-                    with slots:
+                    with contextlib.nullcontext() if queued else slots:
                         handle(name, *res)
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),

@@ -6,7 +6,7 @@
  * machine that reports free pages to its host, each fault is also a round trip to the host.
  * Blocks kept here are mapped once per job and reused while the job runs.
  *
- * Blocks of POOLED_MIN bytes or more are mappings of whole 2 MiB pages (hinted to be huge pages),
+ * Blocks of POOLED_MIN bytes or more are mappings that start on a 2 MiB boundary (hinted to be huge pages),
  * kept on a free list when freed, up to `limit` bytes; a request takes the smallest free block it
  * fits in that is at most twice its size. A request that finds none evicts free blocks, oldest
  * first, until the free bytes plus the new mapping fit the limit, so memory held by the pool is at
@@ -77,8 +77,9 @@ static void unmap_chain(block *b) {
 
 static void *map_block(size_t size) {
     if (size > SIZE_MAX - PAGE_OFFSET - 2 * HUGE_PAGE) return NULL;
-    size_t mapped = (size + PAGE_OFFSET + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-    /* map one huge page more and trim, so the block starts on a huge-page boundary */
+    size_t mapped = (size + PAGE_OFFSET + PAGE_OFFSET - 1) / PAGE_OFFSET * PAGE_OFFSET;
+    /* map one huge page more and trim, so the block starts on a huge-page boundary (whole huge
+     * pages, then small pages for the rest) */
     char *raw = mmap(NULL, mapped + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return NULL;
     char *p = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
@@ -106,7 +107,7 @@ static void *take(size_t size, int *fresh) {
         unlink_block(best);
         stat_hits++;
     } else {
-        size_t need = (size + PAGE_OFFSET + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+        size_t need = (size + PAGE_OFFSET + PAGE_OFFSET - 1) / PAGE_OFFSET * PAGE_OFFSET;
         evicted = evict_locked(limit > need ? limit - need : 0);
     }
     pthread_mutex_unlock(&lock);
