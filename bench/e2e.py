@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .timing import benchmark_parser, Table, write_rows
 
 AO_SCRIPT = r"""
@@ -66,6 +68,26 @@ def read_speed(path: Path, repeat: int = 3) -> float:
                 pass
         best = min(best, time.perf_counter() - t)
     return path.stat().st_size / best / 1e9
+
+
+def write_speed(d: Path, mib: int = 256, repeat: int = 3) -> float:
+    """GB/s of lowbit's durable output path: one ``mib`` MiB tensor through :class:`SafetensorsWriter`
+    (direct I/O where the file system allows it), committed (fsynced and renamed): the pace at which
+    any job's output can reach the disk here."""
+    from lowbit.checkpoint import SafetensorsWriter
+
+    a = np.ones(mib << 20, np.uint8)
+    best = float("inf")
+    for _ in range(repeat):
+        out = d / "write-speed.safetensors"
+        out.unlink(missing_ok=True)
+        t = time.perf_counter()
+        w = SafetensorsWriter(out)
+        w.add("x", a)
+        w.commit()
+        best = min(best, time.perf_counter() - t)
+    out.unlink(missing_ok=True)
+    return a.nbytes / best / 1e9
 
 
 def evict(path: Path) -> None:
@@ -139,8 +161,11 @@ def run_throughput(size_gib: float, tensor_mib: int, workers: list[int], repeat:
                 rows.append(table.row(dict(part="throughput", cache=cache, method=label, workers=w, seconds=t,
                                            gbps=size / t / 1e9, read_gbps=read_gbps,
                                            pct_of_read=100 * size / t / 1e9 / read_gbps)))
+        write_gbps = write_speed(d)
+        rows.append(dict(part="write", program="SafetensorsWriter, 256 MiB, committed", gbps=write_gbps))
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    print(f"durable write of the output (256 MiB through lowbit's writer, fsynced): {write_gbps:.2f} GB/s")
     print(f"checkpoint: {size / 2**30:.2f} GiB of float32 in {tensor_mib} MiB tensors; GB/s: checkpoint bytes over "
           "compress_checkpoint's time (read, compress, measure, write, fsync); read GB/s: reading the same shards")
     return rows
