@@ -16,6 +16,7 @@ KERNEL_TESTS = ["tests/quant/test_attention.py", "tests/quant/test_native.py", "
                 "tests/precision/test_codec.py", "tests/quant/test_ptq.py", "tests/precision/test_blocks.py",
                 "tests/precision/test_native_codec.py", "tests/precision/test_metrics_kernel.py",
                 "tests/compress/test_prune_kernel.py"]
+POOL_TESTS = ["tests/lowbit/test_array_pool.py", "tests/lowbit/test_row_blocks.py"]
 
 
 def _runtime(name: str) -> str | None:
@@ -51,3 +52,13 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
     built = subprocess.run(["nm", "-D", str(next((tmp_path / "cache").glob("int8_kernels-*.so")))],
                            capture_output=True, text=True).stdout if shutil.which("nm") else "__asan"
     assert "__asan" in built
+    # the array pool is off in sanitized runs (so ASan sees every array's own allocation) but for its own
+    # tests and the jobs that use it, run here with it on: its headers, small blocks and realloc under ASan
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                        *POOL_TESTS], env={**env, "LOWBIT_ARRAY_POOL": "1"}, capture_output=True, text=True,
+                       timeout=1200, cwd=Path(__file__).resolve().parents[1])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "ERROR: AddressSanitizer" not in out and "runtime error:" not in out, out[-3000:]
+    probe = subprocess.run([sys.executable, "-c", "from lowbit.checkpoint import array_pool; print(array_pool.status())"],
+                           env={**env, "LOWBIT_ARRAY_POOL": "1"}, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.strip() == "pooled large arrays", probe.stdout + probe.stderr[-2000:]

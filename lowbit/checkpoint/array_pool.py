@@ -14,10 +14,11 @@ It works through numpy's data-allocation hook (NEP 49): within
 :func:`active`, arrays that numpy allocates on this thread come from the pool;
 an array remembers its allocator, so one freed after the job still goes back
 to the pool, which then unmaps it at once. Where the hook or the C compiler is
-not available (``LOWBIT_NATIVE=0``, an unexpected numpy ABI) both context
-managers do nothing and numpy allocates as usual. Builds for the sanitizer job
-(``LOWBIT_SANITIZE=1``) leave the pool off, so AddressSanitizer sees every
-array's own allocation.
+not available (``LOWBIT_NATIVE=0``, an unexpected numpy ABI), or with
+``LOWBIT_ARRAY_POOL=0``, both context managers do nothing and numpy allocates
+as usual. Builds for the sanitizer job (``LOWBIT_SANITIZE=1``) leave the pool
+off, so AddressSanitizer sees every array's own allocation, unless
+``LOWBIT_ARRAY_POOL=1`` asks for it (the job's run of the pool's own tests).
 """
 
 from __future__ import annotations
@@ -92,16 +93,24 @@ _hook_reason: str | None = None
 _limits: list[int] = []  # the limit of each job running now; the pool keeps up to their sum
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value in ("1", "true", "yes", "on")
+
+
 def _get_hook() -> _Hook | None:
     global _hook, _hook_reason
     if _hook is not None or _hook_reason is not None:
         return _hook
     with _hook_lock:
         if _hook is None and _hook_reason is None:
-            lib = None if os.environ.get("LOWBIT_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on") \
-                else KERNELS.get()
+            sanitized = _flag("LOWBIT_SANITIZE", False)
+            wanted = _flag("LOWBIT_ARRAY_POOL", not sanitized)
+            lib = KERNELS.get() if wanted else None
             if lib is None:
-                _hook_reason = KERNELS.reason or "off in sanitizer builds"
+                _hook_reason = KERNELS.reason if wanted else \
+                    "off in sanitizer builds" if sanitized and os.environ.get("LOWBIT_ARRAY_POOL") is None \
+                    else "turned off by LOWBIT_ARRAY_POOL=0"
             else:
                 try:
                     _hook = _Hook(lib)
