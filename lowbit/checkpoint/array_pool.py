@@ -80,8 +80,7 @@ class _Hook:
         if not api.PyCapsule_IsValid(current, b"mem_handler"):
             raise OSError("numpy's C API table is not laid out as expected")
         name = ctypes.string_at(api.PyCapsule_GetPointer(current, b"mem_handler"))
-        from numpy._core.multiarray import get_handler_name
-        if name.decode() != get_handler_name():
+        if name.decode() != umath.get_handler_name():
             raise OSError("numpy's C API table is not laid out as expected")
         handler = ctypes.addressof(ctypes.c_char.in_dll(lib, "lowbit_array_pool_handler"))
         self.capsule = api.PyCapsule_New(handler, ctypes.addressof(_CAPSULE_NAME), None)

@@ -591,6 +591,7 @@ class DirectAppend:
         self._queue: deque[np.ndarray | None] = deque()  # None: stop
         self._queued = 0
         self._error: BaseException | None = None
+        self._abandoned = False  # discarded: what is still queued is dropped, not written
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lowbit-direct-write", daemon=True)
         self._thread.start()
@@ -616,7 +617,7 @@ class DirectAppend:
             if b is None:
                 return
             try:
-                if self._error is None:
+                if self._error is None and not self._abandoned:
                     self._write_array(b)
             except BaseException as e:  # kept for the caller; the queue still drains
                 self._error = e
@@ -671,9 +672,10 @@ class DirectAppend:
             self._thread = None
 
     def discard(self) -> None:
-        """Close without writing what is staged (after the writes already queued end)."""
+        """Close without writing what is queued or staged (a write under way finishes first)."""
         if self._fd < 0:
             return
+        self._abandoned = True
         self._stop()
         os.close(self._fd)
         self._fd = -1
