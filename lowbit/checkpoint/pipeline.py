@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -403,6 +404,8 @@ def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain
             c = compress_row_blocks(name, shape, dtype, blocks, chain, metrics=metrics)
         except _NotFinite:
             c = None
+        except CheckpointError:
+            raise
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
         finally:
@@ -451,7 +454,7 @@ def _pool_limit(ckpt: Checkpoint, names: list[str], workers: int) -> int:
     sizes = []
     for n in names:
         dt, shape = ckpt.info(n)
-        sizes.append(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+        sizes.append(math.prod(shape) * dt.itemsize)
     return workers * max(sizes, default=0)
 
 
