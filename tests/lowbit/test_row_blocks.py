@@ -74,3 +74,17 @@ def test_row_blocks_of_a_file_cut_short_name_the_tensor(tmp_path):
         f.truncate(f.seek(0, 2) - 100)
     with pytest.raises(CheckpointError, match="'t'.*file ended"):
         list(ck.row_blocks("t", 1 << 10))
+
+
+def test_a_read_error_in_a_row_block_reaches_the_caller_as_it_was_raised(tmp_path, monkeypatch):
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "m.safetensors"))
+
+    def cut_short(self, name, block_bytes):
+        raise CheckpointError(f"{self.path}: tensor {name!r}: file ended within rows 0..64")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(Checkpoint, "row_blocks", cut_short)
+    with pytest.raises(CheckpointError) as e:
+        compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "o.safetensors", "int8", progress=False)
+    assert str(e.value).count("tensor 'w'") == 1 and "file ended" in str(e.value)
+    assert not list(tmp_path.glob("o.safetensors*")) and not list(tmp_path.glob(".o.safetensors*"))
