@@ -52,14 +52,20 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC"
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """The environment switch ``name``: True for 1 / true / yes / on, False for 0 / false / no / off
+    (any case), ``default`` when unset or anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "true", "yes", "on") else False if value in ("0", "false", "no", "off") else default
+
+
 def _flags() -> list[str]:
-    sanitize = os.environ.get("LOWBIT_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
-    return FLAGS + (SANITIZE_FLAGS if sanitize else [])
+    return FLAGS + (SANITIZE_FLAGS if env_flag("LOWBIT_SANITIZE", False) else [])
 
 
 def enabled() -> bool:
     """False when ``LOWBIT_NATIVE`` is set to 0 / false / no / off."""
-    return os.environ.get("LOWBIT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("LOWBIT_NATIVE", True)
 
 
 def threads() -> int:

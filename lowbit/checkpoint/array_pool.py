@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
-import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from precision._native import Library
+from precision._native import Library, env_flag
 
 _NUMPY_SET_HANDLER, _NUMPY_GET_HANDLER, _NUMPY_FEATURE_VERSION = 304, 305, 211  # slots of numpy's C API table
 _NUMPY_1_22_API = 0x0F  # the C API version that brought the allocation hook
@@ -92,24 +91,18 @@ _hook_reason: str | None = None
 _limits: list[int] = []  # the limit of each job running now; the pool keeps up to their sum
 
 
-def _flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    return default if not value else value in ("1", "true", "yes", "on")
-
-
 def _get_hook() -> _Hook | None:
     global _hook, _hook_reason
     if _hook is not None or _hook_reason is not None:
         return _hook
     with _hook_lock:
         if _hook is None and _hook_reason is None:
-            sanitized = _flag("LOWBIT_SANITIZE", False)
-            wanted = _flag("LOWBIT_ARRAY_POOL", not sanitized)
-            lib = KERNELS.get() if wanted else None
-            if lib is None:
-                _hook_reason = KERNELS.reason if wanted else \
-                    "off in sanitizer builds" if sanitized and os.environ.get("LOWBIT_ARRAY_POOL") is None \
-                    else "turned off by LOWBIT_ARRAY_POOL=0"
+            sanitized = env_flag("LOWBIT_SANITIZE", False)
+            if not env_flag("LOWBIT_ARRAY_POOL", not sanitized):
+                _hook_reason = "off in sanitizer builds (LOWBIT_ARRAY_POOL=1 turns it on)" \
+                    if env_flag("LOWBIT_ARRAY_POOL", True) else "turned off by LOWBIT_ARRAY_POOL=0"
+            elif (lib := KERNELS.get()) is None:
+                _hook_reason = KERNELS.reason
             else:
                 try:
                     _hook = _Hook(lib)

@@ -42,6 +42,8 @@ from compress.storage import LowRankSVD, MagnitudePrune
 from quant.spec import PerChannel, PerGroup, QuantSpec
 from quant.storage import IntQuant
 
+from .io import row_spans
+
 SCHEME_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 ROW_BLOCK_BYTES = 256 << 20  # float32 bytes of one row block when rows can be encoded independently
@@ -257,8 +259,7 @@ def _by_rows(name: str, a: np.ndarray, chain: Chain, keep_approx: bool, metrics:
     assert method is not None
     store = ValueStore(method, a.dtype)
     if blocks is None:
-        rows_per = max(1, ROW_BLOCK_BYTES // (a.shape[1] * 4))
-        blocks = ((r0, min(r0 + rows_per, a.shape[0]), a[r0:r0 + rows_per]) for r0 in range(0, a.shape[0], rows_per))
+        blocks = ((r0, r1, a[r0:r1]) for r0, r1 in row_spans(a.shape[0], a.shape[1] * 4, ROW_BLOCK_BYTES))
     codes: np.ndarray | None = None  # the whole tensor's, each block's copied in while it is in the cache
     side: dict[str, list[np.ndarray]] = {}
     acc = MetricsAccumulator()

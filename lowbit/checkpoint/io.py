@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from precision._native import env_flag
 from precision.arrays import contiguous
 from precision.dtypes import NP_TO_ST, ST_TO_NP
 from precision.methods import MAX_DIMS
@@ -112,6 +113,13 @@ def _no_duplicates(pairs: list) -> dict:
             raise _Duplicate(k)
         d[k] = v
     return d
+
+
+def row_spans(rows: int, row_bytes: int, block_bytes: int) -> list[tuple[int, int]]:
+    """``(first row, end row)`` of consecutive blocks of ``rows`` rows of ``row_bytes`` bytes, each
+    of about ``block_bytes`` bytes and at least one row; the last may be shorter."""
+    per = max(1, block_bytes // max(1, row_bytes))
+    return [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
 
 
 class SafetensorsFile:
@@ -215,12 +223,11 @@ class SafetensorsFile:
         if not rows or e == b:
             return
         row_bytes = (e - b) // rows
-        per = max(1, block_bytes // row_bytes)
-        buf = np.empty(min(rows, per) * row_bytes, np.uint8)
+        spans = row_spans(rows, row_bytes, block_bytes)
+        buf = np.empty((spans[0][1] - spans[0][0]) * row_bytes, np.uint8)  # the first block is the largest
         try:
             with open_regular(self.path) as f:
-                for r0 in range(0, rows, per):
-                    r1 = min(rows, r0 + per)
+                for r0, r1 in spans:
                     n = (r1 - r0) * row_bytes
                     f.seek(self.data_start + b + r0 * row_bytes)
                     got = f.readinto(memoryview(buf[:n]))  # type: ignore[arg-type]  # numpy arrays are buffers
@@ -400,9 +407,7 @@ class Checkpoint:
             return
         a = self.read(name)
         if a.ndim and a.size:
-            per = max(1, block_bytes // (a.nbytes // a.shape[0]))
-            for r0 in range(0, a.shape[0], per):
-                yield r0, min(a.shape[0], r0 + per), a[r0:r0 + per]
+            yield from ((r0, r1, a[r0:r1]) for r0, r1 in row_spans(a.shape[0], a.nbytes // a.shape[0], block_bytes))
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for n in self.names():
@@ -546,8 +551,7 @@ _HUGE_PAGE = 2 << 20
 
 def direct_io_enabled() -> bool:
     """False when ``LOWBIT_DIRECT_IO`` is set to 0 / false / no / off, or where the system has no O_DIRECT."""
-    return (hasattr(os, "O_DIRECT")
-            and os.environ.get("LOWBIT_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off"))
+    return hasattr(os, "O_DIRECT") and env_flag("LOWBIT_DIRECT_IO", True)
 
 
 class DirectAppend:
@@ -764,14 +768,13 @@ class SafetensorsWriter(TemporaryOutput):
         dt = NP_TO_ST.get(a.dtype)
         if dt is None:
             raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        b = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # the bytes in place: no copy
         try:
-            self._append(a, b)
+            self._append(a)
         except OSError as e:
             self.abort()
             raise CheckpointError(f"{self.path}: writing tensor {name!r} failed: {e.strerror or e}") from None
-        self._header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [self._offset, self._offset + len(b)]}
-        self._offset += len(b)
+        self._header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [self._offset, self._offset + a.nbytes]}
+        self._offset += a.nbytes
 
     def commit(self, metadata: dict[str, str] | None = None) -> Path:
         header = dict(self._header)
@@ -806,13 +809,13 @@ class SafetensorsWriter(TemporaryOutput):
         """Whether ``add`` queues the data for the direct-I/O thread (else it writes it through the page cache)."""
         return self._direct is not None
 
-    def _append(self, a: np.ndarray, b: memoryview) -> None:
+    def _append(self, a: np.ndarray) -> None:
         if self._direct is not None:
             # queued and written later: a copy, unless the caller promised to leave the array alone
             self._direct.write(a if self._zero_copy else a.copy())
             return
-        self._data.write(b)
-        start_writeback(self._data.fileno(), self._reserve + self._offset, len(b))
+        self._data.write(memoryview(a.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # the bytes in place
+        start_writeback(self._data.fileno(), self._reserve + self._offset, a.nbytes)
 
     def abort(self) -> None:
         if self._direct is not None:

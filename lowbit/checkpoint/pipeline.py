@@ -330,17 +330,17 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             from .distributed import ray_in_order
 
             results = ray_in_order(path, names, reasons, chains, keep_approx, metrics, session)
-            for name, res in results:
-                with slots:
-                    handle(name, *res)
+            memory: contextlib.AbstractContextManager = contextlib.nullcontext()
         else:
-            # handing a tensor to a direct-I/O writer queues it (its thread waits on the disk): no
-            # slot; any other writer copies or transforms it here, on a core, so it takes one
-            queued = isinstance(writer, SafetensorsWriter) and writer.direct
-            with array_pool.job(_pool_limit(ckpt, names, workers)):
-                for name, res in _in_order(names, process, workers):
-                    with contextlib.nullcontext() if queued else slots:
-                        handle(name, *res)
+            results = _in_order(names, process, workers)
+            memory = array_pool.job(_pool_limit(ckpt, names, workers))
+        # handing a tensor to a direct-I/O writer queues it (its thread waits on the disk): no
+        # slot; any other writer copies or transforms it here, on a core, so it takes one
+        queued = isinstance(writer, SafetensorsWriter) and writer.direct
+        with memory:
+            for name, res in results:
+                with contextlib.nullcontext() if queued else slots:
+                    handle(name, *res)
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
                           {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
