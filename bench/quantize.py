@@ -36,7 +36,7 @@ from lowbit.checkpoint.compressed_tensors import CompressedTensors, weight_args
 from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.onnx_qdq import check_chain as check_onnx_chain
 from lowbit.checkpoint.io import check_output, write_text_file
-from lowbit.checkpoint.pipeline import check_pattern
+from lowbit.checkpoint.pipeline import NothingToCompress, check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
 from precision.arrays import contiguous
 from precision.blocks import BlockCast
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report, inputs = run(a)
         write_reports(report, a.report, force=a.force, inputs=inputs)
-    except UsageError as e:
+    except (UsageError, NothingToCompress) as e:
         print(f"{PROG}: usage error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError, TypeError, OSError, RuntimeError) as e:

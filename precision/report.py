@@ -210,6 +210,15 @@ class Report:
 
     def _total_lines(self) -> list[str]:
         t, u = self.totals, self._unit
+        lines = [f"compressed tensors: 0  kept unchanged: {t['kept']}",  # no ratio over zero bytes
+                 f"checkpoint bytes: {human_bytes(t['checkpoint_bytes_before'], u)} (nothing compressed)"]
+        if t["tensors"]:
+            lines = self._compressed_lines()
+        lines += self._meta_lines()
+        return lines
+
+    def _compressed_lines(self) -> list[str]:
+        t, u = self.totals, self._unit
         saved = t["percent_saved"]
         lines = [
             f"compressed tensors: {t['tensors']}  kept unchanged: {t['kept']}",
@@ -232,6 +241,11 @@ class Report:
             n = sum(math.prod(r.shape) for r in self.tensors)
             lines.append(f"weights read back as 0: {t['zeroed']} of {n} ({100 * t['zeroed'] / max(n, 1):.2f}%): "
                          "pruned, or smaller than half a quantization step (expected for tiny weights)")
+        return lines
+
+    def _meta_lines(self) -> list[str]:
+        u = self._unit
+        lines = []
         for k, v in self.meta.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith("_bytes"):
                 lines.append(f"{k}: {human_bytes(v, u)}")

@@ -39,6 +39,7 @@ import torch
 from .calibrate import METHODS, calibrate
 from .quantize import QParams
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .storage import IntQuant, round_scales_up
 
 
 @dataclass(frozen=True)
@@ -150,11 +151,12 @@ class IntGrid(Grid):
 
     lazy = True
 
-    def __init__(self, spec: QuantSpec, calibration: str, shape: tuple[int, int], percentile: float | None = None) -> None:
+    def __init__(self, spec: QuantSpec, calibration: str, shape: tuple[int, int], percentile: float | None = None,
+                 scale_dtype: str = "float32") -> None:
         if calibration not in METHODS or calibration in ("moving_average", "entropy"):
             raise ValueError(f"GPTQ: calibration must be minmax, percentile or mse, got {calibration!r}")
         rows, cols = shape
-        self.spec, self.calibration, self.shape = spec, calibration, shape
+        self.spec, self.calibration, self.shape, self.scale_dtype = spec, calibration, shape, scale_dtype
         self.percentile = 99.99 if percentile is None else percentile  # calibrate's own default
         self.group = _group_size(spec, cols)
         n = cols // self.group
@@ -162,7 +164,9 @@ class IntGrid(Grid):
         self.lo, self.hi = torch.zeros(n, rows), torch.zeros(n, rows)  # qmin - z, qmax - z: the clamp of v = q - z
 
     def _set(self, g: slice | int, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        self.scale[g], self.zero[g] = scale, zero
+        # the sweep rounds to the scales that will be stored (IntQuant.scale_dtype rounds them up)
+        self.scale[g] = torch.from_numpy(round_scales_up(scale.numpy(), self.scale_dtype))
+        self.zero[g] = zero
         self.inv[g] = 1.0 / self.scale[g]  # float32, as quant.quantize computes it
         self.lo[g], self.hi[g] = self.spec.qmin - self.zero[g], self.spec.qmax - self.zero[g]
 
@@ -278,12 +282,10 @@ def grid_for(method: Any, shape: tuple[int, int]) -> Grid:
     from precision.blocks import BlockCast
     from precision.cast import FloatCast
 
-    from .storage import IntQuant
-
     if isinstance(method, QuantSpec):
         return IntGrid(method, "minmax", shape)
     if isinstance(method, IntQuant):
-        return IntGrid(method.spec, method.calibration, shape, method.percentile)
+        return IntGrid(method.spec, method.calibration, shape, method.percentile, method.scale_dtype)
     if isinstance(method, FloatCast):
         return FloatGrid(method, shape)
     if isinstance(method, BlockCast):

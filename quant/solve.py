@@ -111,6 +111,7 @@ def round_to_nearest(w: torch.Tensor, quantizer: Any) -> tuple[torch.Tensor, Any
     if isinstance(quantizer, IntQuant):
         qp = calibrate(a, quantizer.spec, quantizer.calibration) if quantizer.percentile is None else \
             calibrate(a, quantizer.spec, quantizer.calibration, percentile=quantizer.percentile)
+        qp = quantizer.stored_params(qp)  # the scales that will be stored
         return torch.from_numpy(np.asarray(dequantize(quantize(a, qp), qp), np.float32)), qp
     grid = grid_for(quantizer, (a.shape[0], a.shape[1]))
     grid.fit_all(w)

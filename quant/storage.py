@@ -123,7 +123,7 @@ class IntQuant(ValueMethod):
         return f"{self.spec.describe()} {self.calibration}" + (
             "" if self.scale_dtype == "float32" else f" {self.scale_dtype} scales")
 
-    def _rounded(self, qp: QParams) -> QParams:
+    def stored_params(self, qp: QParams) -> QParams:
         """``qp`` with its scales rounded up to ``scale_dtype`` (unchanged for float32)."""
         if self.scale_dtype == "float32":
             return qp
@@ -145,7 +145,7 @@ class IntQuant(ValueMethod):
             qp = calibrate(x, self.spec, self.calibration, name=name)
         else:
             qp = calibrate(x, self.spec, self.calibration, percentile=self.percentile, name=name)
-        qp = self._rounded(qp)
+        qp = self.stored_params(qp)
         return self._encoded(np.asarray(quantize(x, qp, name=name)), qp)
 
     def _encoded(self, codes: np.ndarray, qp: QParams) -> EncodedValues:
@@ -165,8 +165,9 @@ class IntQuant(ValueMethod):
         if not isinstance(qp, QParams) or qp.spec != self.spec:
             raise ValueError(f"{name}: the solver's params are not QParams of {self.spec.describe()}")
         if not np.array_equal(round_scales_up(qp.scale, self.scale_dtype), qp.scale):
-            raise ValueError(f"{name}: the solver chose float32 scales that {self.scale_dtype} does not hold; "
-                             "use scale_dtype='float32' with a calibrated solver")
+            # a scale the solver moved after its sweep (AWQ divides a row's scales when it folds): rounded up
+            # to the stored dtype, and the solved values' codes taken under it
+            qp = self.stored_params(qp)
         return self._encoded(np.asarray(quantize(np.ascontiguousarray(solution.values, np.float32), qp, name=name)), qp)
 
     def encode_measured(self, x: np.ndarray, acc: MetricsAccumulator | None, name: str = "x", *,

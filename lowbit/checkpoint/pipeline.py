@@ -259,6 +259,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                 chains[n].check_shape(shape, n)
             except ValueError as e:
                 raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+    if not any(r is None for r in reasons.values()):
+        raise NothingToCompress(_nothing_selected(path, reasons, format))
     keep_approx = collect is not None
     # room for the header: each tensor's parts and scheme take well under 2 KiB of JSON
     reserve = (1 << 16) + 2048 * len(names)
@@ -341,6 +343,9 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             for name, res in results:
                 with contextlib.nullcontext() if queued else slots:
                     handle(name, *res)
+        if not report.tensors:  # every selected tensor was kept (not finite, or not made smaller)
+            raise NothingToCompress(f"{path}: no tensor was compressed: "
+                                    + _reason_summary({k.name: k.reason for k in report.kept}))
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
                           {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
@@ -367,6 +372,25 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if ct is not None:
             report.meta["format"] = "compressed-tensors" + (f" with {ct.activations} activations" if ct.activations else "")
     return report
+
+
+class NothingToCompress(ValueError):
+    """The job would compress no tensor: nothing is written (a usage error, not a success)."""
+
+
+def _reason_summary(reasons: Mapping[str, str | None]) -> str:
+    counts: dict[str, int] = {}
+    for r in reasons.values():
+        counts[r or "selected"] = counts.get(r or "selected", 0) + 1
+    return "; ".join(f"{n} kept ({r})" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _nothing_selected(path: Path, reasons: Mapping[str, str | None], format: Any) -> str:
+    if isinstance(format, CompressedTensors) and any(r and r.startswith("not a Linear") for r in reasons.values()):
+        return (f"{path}: compressed-tensors carries nn.Linear weights only and this model has none selected "
+                f"({_reason_summary(reasons)}); transformers' Conv1D layers (GPT-2) store their weights (in, out): "
+                f"write format lowbit, gguf or onnx-qdq instead")
+    return f"{path}: no tensor is selected for compression ({_reason_summary(reasons)})"
 
 
 Result = tuple[np.ndarray | None, Compressed | None, str | None]

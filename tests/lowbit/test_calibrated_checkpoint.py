@@ -149,3 +149,25 @@ def test_the_cli_asks_for_calibration_text_and_a_model(model_dir, tmp_path, caps
     assert cli([str(model_dir / "model.safetensors"), "--method", "int8", "--calibration-data", "x.txt"]) == 2
     assert cli([str(model_dir), "--method", "int8", "--gptq", "--executor", "ray"]) == 2
 
+
+
+@pytest.mark.parametrize("solver", ["--gptq", "--awq"])
+def test_bf16_checkpoint_to_compressed_tensors_solves_with_the_stored_bf16_scales(solver, model_dir, tmp_path):
+    """The default --scale-dtype auto stores bfloat16 scales for a bfloat16 checkpoint: the solver rounds to
+    those scales, and the stored layer is exactly its codes times its bfloat16 scales."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    src = tmp_path / "bf16"
+    AutoModel.from_pretrained(str(model_dir)).to(torch.bfloat16).save_pretrained(str(src))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(model_dir / f, src / f)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"sentence number {i} about the weather and the sea." for i in range(20)),
+                    encoding="utf-8")
+    out = tmp_path / "ct"
+    assert cli([str(src), "--method", "int8", solver, "--calibration-data", str(text), "--format",
+                "compressed-tensors", "--out", str(out), "--quiet", "--rows", "0"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        scale = f.get_tensor("encoder.layer.0.attention.self.query.weight_scale")
+    assert scale.dtype == torch.bfloat16 and bool((scale > 0).all())

@@ -71,3 +71,30 @@ def test_tied_tensors_are_stored_and_counted_once_and_come_back_tied(tmp_path):
     back = load(out)
     assert back["lm_head.weight"] is back["transformer.wte.weight"]
     assert set(back) == set(sd)
+
+
+def test_gpt2_to_compressed_tensors_is_refused_before_writing_with_the_formats_that_can(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert cli([str(gpt2_dir), "--format", "compressed-tensors", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr()
+    assert "Conv1D" in err.err and "lowbit, gguf or onnx-qdq" in err.err and len(err.err.strip().splitlines()) == 1
+    assert "infx" not in err.out and not out.exists()
+
+
+def test_a_job_that_compresses_nothing_is_refused_and_writes_nothing(gpt2_dir, tmp_path):
+    from lowbit.checkpoint.pipeline import NothingToCompress
+
+    out = tmp_path / "q.safetensors"
+    with pytest.raises(NothingToCompress, match="no tensor is selected.*excluded"):
+        compress_checkpoint(gpt2_dir / "model.safetensors", out, "int8", include="^nothing$", progress=False)
+    assert not out.exists()
+    assert cli([str(gpt2_dir), "--include", "^nothing$", "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()
+
+
+def test_the_report_of_no_compressed_tensor_prints_no_ratio_and_no_metrics_claim():
+    from precision.report import KeptTensor, Report
+
+    text = Report([], [KeptTensor("w", (4,), "float32", 16, "1-D")], "t").to_table()
+    assert "compressed tensors: 0" in text and "x smaller" not in text and "inf" not in text
+    assert "--no-metrics" not in text
