@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'lowbit[ray]'; same output bytes)")
     g.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (e.g. "
                    "ray://head:10001, or auto); default: a local cluster of --threads CPUs started for the job")
+    g.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                   help="with --executor ray --address: give up joining the cluster after S seconds (default 30)")
     g.add_argument("--rows", type=int, default=40, help="tensor rows shown on the terminal (default 40)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -213,8 +216,10 @@ def calibrated_of(a: argparse.Namespace) -> Calibrated | None:
         raise UsageError(str(e)) from None
 
 
-def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated, path: Path) -> dict[str, Any]:
-    """Load the model of the checkpoint ``path``, tokenize the calibration text, and solve."""
+def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated, path: Path,
+                     phases: dict[str, float]) -> dict[str, Any]:
+    """Load the model of the checkpoint ``path``, tokenize the calibration text, and solve; the time of
+    each goes into ``phases`` (``time_load_model_s``, ``time_solve_s``)."""
     if a.executor != "local":
         raise UsageError("the calibrated methods run with --executor local")
     if a.calibration_samples < 1:
@@ -228,15 +233,21 @@ def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated
         texts = sentences()[::2][:a.calibration_samples]  # the odd ones stay held out
     else:
         raise UsageError(f"{calibrated.describe()} needs calibration text: give --calibration-data FILE")
+    t = time.perf_counter()
     try:
         model, tok = load_model(minilm_dir() if a.checkpoint is None else d)
     except Exception as e:  # noqa: BLE001 - transformers and sentence-transformers raise many kinds
         raise CheckpointError(f"{d}: the calibrated methods need a model directory that sentence-transformers or "
                               f"transformers loads ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    phases["time_load_model_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     try:
-        return solve(model, chain, calibrated, text_batches(tok, texts), include=a.include, exclude=a.exclude)
+        return solve(model, chain, calibrated, text_batches(tok, texts), include=a.include, exclude=a.exclude,
+                     tensor_names=Checkpoint(path).names())
     except ValueError as e:
         raise CheckpointError(f"{d}: {e}") from None
+    finally:
+        phases["time_solve_s"] = time.perf_counter() - t
 
 
 def build_chain(a: argparse.Namespace) -> Chain:
@@ -264,7 +275,9 @@ def scale_dtype_of(a: argparse.Namespace, path: Path) -> str:
 
 
 def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
-    """Carry out one CLI invocation (parsed arguments); return the report and the input's files."""
+    """Carry out one CLI invocation (parsed arguments); return the report and the input's files. The
+    report's ``wall_time_s`` is the whole run; ``time_*_s`` its phases."""
+    t0 = time.perf_counter()
     if a.checkpoint is None:
         from .models import minilm_checkpoint
 
@@ -277,6 +290,8 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
         raise UsageError(f"--workers must be at least 1, got {a.workers}")
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
+    if not 0 < a.connect_timeout < float("inf"):
+        raise UsageError(f"--connect-timeout must be a positive number of seconds, got {a.connect_timeout}")
     if a.address is not None and a.executor != "ray":
         raise UsageError("--address applies to --executor ray only")
     if a.format == "gguf":
@@ -320,16 +335,24 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             raise UsageError(str(e)) from None
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
-    solutions = solve_calibrated(a, chain, calibrated, path) if calibrated is not None else None
+    phases: dict[str, float] = {}
+    solutions = solve_calibrated(a, chain, calibrated, path, phases) if calibrated is not None else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
-                                 address=a.address, format=fmt, solutions=solutions,
+                                 address=a.address, connect_timeout=a.connect_timeout, format=fmt, solutions=solutions,
                                  channel_axis=parse_channel_axes(a.channel_axis), onnx_graph=a.onnx_graph)
     if calibrated is not None:
         report.meta["calibrated"] = calibrated.describe()
     if ref_model is not None and approx is not None:
+        t = time.perf_counter()
         report.meta.update(evaluate(ref_model, approx))
+        phases["time_eval_s"] = time.perf_counter() - t
+    wall = report.meta.pop("wall_time_s")
+    report.meta.update(phases)
+    total = time.perf_counter() - t0
+    report.meta["time_other_s"] = total - wall - sum(phases.values())  # checks, reading headers, the eval model
+    report.meta["wall_time_s"] = total
     return report, inputs
 
 

@@ -31,7 +31,7 @@ from quant.awq import AWQ
 from quant.gptq import GPTQ, Pruning, grid_for
 from quant.solve import QUANTIZERS, Solver, solve_layers
 
-from .chain import Chain
+from .chain import Chain, names_matching
 
 PRUNERS = ("wanda", "sparsegpt")
 
@@ -107,19 +107,31 @@ def solver_for(chain: Chain, calibrated: Calibrated) -> Solver:
 
 @torch.no_grad()
 def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated, batches: Iterable[Any], *,
-          include: str | None = None, exclude: str | None = None) -> dict[str, Solution]:
+          include: str | None = None, exclude: str | None = None,
+          tensor_names: Iterable[str] | None = None) -> dict[str, Solution]:
     """Solve every ``nn.Linear`` weight of ``model`` (on a copy; ``model`` is untouched) whose
-    parameter name matches ``include`` and not ``exclude`` (regular expressions), in forward order
+    name matches ``include`` and not ``exclude`` (regular expressions), in forward order
     on ``batches`` (model inputs, as ``ptq`` takes them). Returns ``{parameter name: Solution}`` for
     :func:`~lowbit.checkpoint.compress_checkpoint` (``solutions=``): the solved weights, and every
     other parameter whose values changed (the LayerNorm or value-projection an AWQ scale was folded
-    into)."""
+    into).
+
+    The name the patterns match is the checkpoint's tensor name where ``tensor_names`` (the checkpoint's)
+    is given, as :func:`~lowbit.checkpoint.compress_checkpoint` matches them: a parameter stands for the
+    tensor of the same name or one that ends with it after a ``.`` (sentence-transformers prefixes its
+    modules with ``0.auto_model.``); without ``tensor_names``, the model's own parameter name."""
     chain = Chain.of(method)
     solver = solver_for(chain, calibrated)
     work = copy.deepcopy(model).eval()
+    names = None if tensor_names is None else list(tensor_names)
+
+    def name_of(param: str) -> str:
+        hits = [] if names is None else names_matching(param, names)
+        return hits[0] if len(hits) == 1 else param
+
     layers = [(n, m) for n, m in work.named_modules() if type(m) is nn.Linear
-              and (include is None or re.search(include, n + ".weight"))
-              and not (exclude and re.search(exclude, n + ".weight"))]
+              and (include is None or re.search(include, name_of(n + ".weight")))
+              and not (exclude and re.search(exclude, name_of(n + ".weight")))]
     if not layers:
         raise ValueError("solve: no nn.Linear layer of the model is selected")
     data = list(batches)

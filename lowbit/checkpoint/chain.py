@@ -397,3 +397,14 @@ def restore(name: str, scheme: dict[str, Any], parts: dict[str, np.ndarray]) -> 
     if out.shape != shape:
         raise ValueError(f"{name}: the stored parts rebuild shape {list(out.shape)}, not {list(shape)}")
     return out.astype(src, copy=False)
+
+
+def names_matching(key: str, names: Iterable[str]) -> list[str]:
+    """The checkpoint tensor names that a model's parameter name ``key`` stands for: the same name, or else
+    each name that ends with ``key`` (or that ``key`` ends with) after a ``.`` (a wrapper's prefix such as
+    sentence-transformers' ``0.auto_model.``, or a head's ``model.``)."""
+    names = list(names)
+    if key in names:
+        return [key]
+    return [n for n in names if key.endswith("." + n) or n.endswith("." + key)]
+

@@ -17,6 +17,8 @@ A Ray session the caller started already is used as it is and left running.
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections import deque
 from functools import lru_cache
@@ -55,17 +57,65 @@ def _require_ray() -> Any:
     return ray
 
 
+CONNECT_TIMEOUT_S = 30.0  # default wait for a Ray cluster given by address
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address (``ray://host:port`` or ``host:port``); None for ``auto`` and
+    forms Ray resolves itself."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _connect(ray: Any, address: str, timeout: float, **kwargs: Any) -> None:
+    """``ray.init(address=...)`` that gives up after ``timeout`` seconds: the address must accept a TCP
+    connection first, and the join itself runs in a helper thread (Ray's own connection waits retry for
+    many minutes and hold signals), so the caller gets one error naming the address instead of a hang."""
+    hp = _host_port(address)
+    if hp is not None:
+        try:
+            socket.create_connection(hp, timeout=timeout).close()
+        except OSError as e:
+            raise ConnectionError(f"Ray cluster at {address}: not reachable ({e.strerror or type(e).__name__}); "
+                                  "check the address and that the cluster is up") from None
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(e)
+
+    t = threading.Thread(target=join, name="lowbit-ray-connect", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"Ray cluster at {address}: no answer within {timeout:g} s; check the address, or wait "
+                           "longer (connect_timeout=, --connect-timeout)")
+    if failure:
+        e = failure[0]
+        raise ConnectionError(f"Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+            from None
+
+
 class RaySession:
     """Ray for one job: joins ``address`` (or starts a local cluster of ``cpus`` CPUs), and on exit
-    stops only what it started."""
+    stops only what it started. Joining gives up after ``connect_timeout`` seconds with a
+    ``ConnectionError`` or ``TimeoutError`` naming the address."""
 
-    def __init__(self, address: str | None, cpus: int) -> None:
+    def __init__(self, address: str | None, cpus: int, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        if not (isinstance(connect_timeout, (int, float)) and not isinstance(connect_timeout, bool)
+                and 0 < connect_timeout < float("inf")):
+            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
         self.ray = _require_ray()
         self.started = False
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address:
-                self.ray.init(address=address, **kwargs)
+                _connect(self.ray, address, float(connect_timeout), **kwargs)
             else:
                 self.ray.init(num_cpus=cpus, **kwargs)
             self.started = True

@@ -24,7 +24,8 @@ from precision.methods import Method, Solution, ValueStore
 from precision.report import KeptTensor, Report
 
 from . import array_pool
-from .chain import Chain, Compressed, NotApplied, compress_row_blocks, compress_tensor, restore, rows_streamable
+from .chain import (Chain, Compressed, NotApplied, compress_row_blocks, compress_tensor, names_matching, restore,
+                    rows_streamable)
 from .compressed_tensors import (CompressedTensors, CompressedTensorsWriter, ct_tensors, is_compressed_tensors,
                                  linear_modules, load_dense, weight_args)
 from .gguf import GGUFWriter, gguf_type_of_chain
@@ -111,7 +112,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
                         collect: dict[str, np.ndarray] | None = None, metrics: bool = True,
                         threads: int | None = None, executor: str = "local", address: str | None = None,
                         format: "str | CompressedTensors" = "lowbit", solutions: Mapping[str, Solution] | None = None,
-                        channel_axis: Mapping[str, int] | None = None, onnx_graph: Source | None = None) -> Report:
+                        channel_axis: Mapping[str, int] | None = None, onnx_graph: Source | None = None,
+                        connect_timeout: float = 30.0) -> Report:
     """Compress every selected tensor of the checkpoint ``source`` with ``method`` and write the
     result to ``output`` (a lowbit safetensors file; ``None`` measures only).
 
@@ -139,7 +141,8 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     ``executor="ray"`` compresses each tensor in a Ray task of one CPU instead (needs
     ``lowbit[ray]``; see :mod:`lowbit.checkpoint.distributed`): on the cluster at ``address``,
     or without one on a local cluster of ``threads`` CPUs (default: the available cores) started
-    for the job. ``source`` must then be a path every node can read. The output and the report's
+    for the job; joining a cluster gives up after ``connect_timeout`` seconds with one error naming the
+    address. ``source`` must then be a path every node can read. The output and the report's
     rows are byte-identical to a local run's; ``workers`` does not apply.
 
     ``format``: ``"lowbit"`` (safetensors with lowbit's stored parts and schemes, read back by
@@ -200,7 +203,7 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     if executor == "ray":
         from .distributed import RaySession
 
-        with RaySession(address, threads or available_cores()) as session:
+        with RaySession(address, threads or available_cores(), connect_timeout) as session:
             report = _compress(source, output, chain, include, exclude, 1, progress, force, min_ndim, collect,
                                metrics, session, format, None, rules, onnx_graph=onnx_graph)
             report.meta["threads"] = f"Ray: {session.cpus()} CPU(s), one thread per task"
@@ -288,7 +291,18 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         with slots, array_pool.active():
             return process_tensor(ckpt, name, reasons[name], chains[name], keep_approx, metrics, solved.get(name))
 
+    write_s = [0.0]  # time this thread spends handing tensors to the writer (the write phase)
+
     def handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
+        t = time.perf_counter()
+        try:
+            _handle(name, arr, c, reason)
+        finally:
+            write_s[0] += time.perf_counter() - t
+        if bar:
+            bar.update(1)
+
+    def _handle(name: str, arr: np.ndarray | None, c: Compressed | None, reason: str | None) -> None:
         if c is not None:
             c.row.details["channel_axis"] = axes[name]
             report.add(c.row)
@@ -324,8 +338,6 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                 writer.add_kept(name, arr)
             elif writer:
                 writer.add(name, arr)
-        if bar:
-            bar.update(1)
 
     try:
         if session is not None:
@@ -346,6 +358,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         if not report.tensors:  # every selected tensor was kept (not finite, or not made smaller)
             raise NothingToCompress(f"{path}: no tensor was compressed: "
                                     + _reason_summary({k.name: k.reason for k in report.kept}))
+        t_commit = time.perf_counter()
         if isinstance(writer, CompressedTensorsWriter):
             writer.commit(json.loads((ct_dir / "config.json").read_text(encoding="utf-8")),
                           {"lowbit.source": str(path), "lowbit.method": " + ".join(chain.describe())})
@@ -354,6 +367,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         elif writer:
             writer.commit({"lowbit": json.dumps({"version": 1, "source": str(path), "tensors": schemes,
                                                  "kept": [k.name for k in report.kept], "tied": ties})})
+        write_s[0] += time.perf_counter() - t_commit
     except BaseException:
         if writer:
             writer.abort()
@@ -363,7 +377,12 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             bar.close()
     if ties:
         report.meta["tied"] = ties
-    report.meta["wall_time_s"] = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    # the phases of this call: reading and compressing tensors, and handing them to the writer and
+    # committing (the CLI adds loading the model and solving, and makes wall_time_s the whole run)
+    report.meta["time_compress_s"] = wall - write_s[0]
+    report.meta["time_write_s"] = write_s[0]
+    report.meta["wall_time_s"] = wall
     report.meta["checkpoint_file_bytes"] = ckpt.nbytes
     if output is not None:
         report.meta["output"] = str(output)
@@ -456,13 +475,9 @@ def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain
 def match_solutions(solutions: Mapping[str, Solution], names: list[str], path: Path) -> dict[str, Solution]:
     """Solutions keyed by checkpoint tensor name: a model parameter name matches the tensor of the same
     name or one that ends with it (or that it ends with) after a ``.``; exactly one must match."""
-    exact = set(names)
     out: dict[str, Solution] = {}
     for key, sol in solutions.items():
-        if key in exact:
-            hits = [key]
-        else:
-            hits = [n for n in names if key.endswith("." + n) or n.endswith("." + key)]
+        hits = names_matching(key, names)
         if len(hits) != 1:
             raise CheckpointError(f"{path}: the solution for {key!r} matches {len(hits)} tensors of the checkpoint"
                                   + (f" ({', '.join(hits[:3])})" if hits else "") + "; it must match exactly one")

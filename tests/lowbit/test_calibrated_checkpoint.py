@@ -171,3 +171,35 @@ def test_bf16_checkpoint_to_compressed_tensors_solves_with_the_stored_bf16_scale
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         scale = f.get_tensor("encoder.layer.0.attention.self.query.weight_scale")
     assert scale.dtype == torch.bfloat16 and bool((scale > 0).all())
+
+
+def test_include_and_exclude_mean_the_checkpoints_tensor_names_with_calibrated_methods(tmp_path):
+    """The bundled MiniLM is a sentence-transformers model whose modules are named ``0.auto_model.encoder...``;
+    its checkpoint's tensors ``encoder...``: the patterns select the same tensors with and without --gptq."""
+    out = tmp_path / "q.safetensors"
+    inc = r"^encoder\.layer\.0\.attention\.self\.(query|key)\.weight$"
+    assert cli(["--method", "int8", "--gptq", "--calibration-samples", "8", "--include", inc,
+                "--exclude", "key", "--out", str(out), "--quiet", "--rows", "0"]) == 0
+    from lowbit.checkpoint import Checkpoint
+
+    stored = {n.split("::")[0] for n in Checkpoint(out).names() if "::" in n}
+    assert stored == {"encoder.layer.0.attention.self.query.weight"}
+
+
+def test_the_reports_wall_time_is_the_whole_run_and_its_phases_add_up(model_dir, tmp_path):
+    import json
+    import time
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"sentence number {i} about the weather and the sea." for i in range(20)),
+                    encoding="utf-8")
+    t0 = time.perf_counter()
+    assert cli([str(model_dir), "--method", "int8", "--gptq", "--calibration-data", str(text), "--report",
+                str(tmp_path / "r.json"), "--quiet", "--rows", "0"]) == 0
+    elapsed = time.perf_counter() - t0
+    meta = json.loads((tmp_path / "r.json").read_text())["meta"]
+    phases = [k for k in meta if k.startswith("time_") and k.endswith("_s")]
+    assert {"time_load_model_s", "time_solve_s", "time_compress_s", "time_write_s"} <= set(phases)
+    assert meta["time_solve_s"] > 0 and meta["wall_time_s"] <= elapsed
+    assert sum(meta[k] for k in phases) == pytest.approx(meta["wall_time_s"], rel=1e-6)
+    assert meta["wall_time_s"] > 0.8 * elapsed  # everything but argument parsing and the report's own writing
