@@ -531,6 +531,26 @@ def _round_blocks_tensor(x: "torch.Tensor", fmt: BlockFormat, rounding: str) -> 
     return out.reshape(x.shape)
 
 
+def _round_nvfp4_tensor(x: "torch.Tensor", fmt: BlockFormat, rounding: str) -> "torch.Tensor":
+    """NVFP4 blocks of a torch tensor in torch alone (float32 values; compiles): the numpy path's
+    arithmetic step for step (:func:`_float_scaled_encode`): the float32 tensor scale from the largest
+    block amax, each block's float32 scale rounded to e4m3 with saturation, each element the float64
+    quotient by (block scale x tensor scale) rounded once to e2m1 with saturation, the value that
+    quotient's code times the float64 product of the scales, in float32."""
+    from .codec import _round_tensor
+
+    v = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // fmt.block, fmt.block)
+    amax = v.abs().amax(dim=-1)
+    top = amax.amax() if amax.numel() else torch.zeros((), device=x.device)
+    t32 = torch.where(top > 0, top / 2688.0, torch.ones_like(top))  # 448 x 6, in float32
+    scaled = ((amax / 6.0) / t32).clamp(NVFP4_EPS, 448.0)
+    s = _round_tensor(scaled, get_format("fp8_e4m3fn"), "nearest_even", "saturate", "keep")
+    divisor = s.to(torch.float64) * t32.to(torch.float64)
+    y = v.to(torch.float64) / divisor[..., None]
+    el = _round_tensor(y, fmt.element_format, rounding, "saturate", "keep")
+    return (el * divisor[..., None]).to(torch.float32).reshape(x.shape)
+
+
 if torch is not None:
 
     class _BlockSTE(torch.autograd.Function):
@@ -546,6 +566,19 @@ if torch is not None:
                     raise ValueError(f"round_to_block: the last axis ({x.shape[-1] if x.ndim else 'none'}) must be a "
                                      f"multiple of the block size {f.block}")
                 return _round_blocks_tensor(x.detach(), f, rounding).to(x.dtype)
+            if f.scale_rule == "nvfp4" and x.dtype != torch.float64:
+                if x.ndim == 0 or x.shape[-1] % f.block:
+                    raise ValueError(f"round_to_block: the last axis ({x.shape[-1] if x.ndim else 'none'}) must be a "
+                                     f"multiple of the block size {f.block}")
+                if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+                    bad = int((~torch.isfinite(x)).sum())  # the numpy path's wording (require_finite)
+                    raise ValueError(f"x: {bad} of {x.numel()} values are NaN or inf; {f.describe()} quantization "
+                                     "needs finite values")
+                return _round_nvfp4_tensor(x.detach(), f, rounding).to(x.dtype)
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"round_to_block: {f.describe()} is encoded in numpy on the CPU, which torch.compile "
+                                   "cannot trace; call it outside the compiled function (the MX formats and nvfp4 "
+                                   "compile)")
             v = block_decode(block_encode(x.detach(), fmt, rounding=rounding))
             return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
 

@@ -717,8 +717,57 @@ def _round_values(a: np.ndarray, fmt: FloatFormat, rounding, overflow, rng, subn
     return decode(codes, fmt)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: "torch.Tensor") -> "torch.Tensor":
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values below 2**32, in
+    int64 arithmetic that never overflows (each multiplier is below 2**31), so every device computes
+    the same bits, in eager mode and compiled."""
+    for mult in (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39):
+        h = h ^ (h >> 16)
+        h = (h * mult) & _M32
+    return h ^ (h >> 16)
+
+
+def _seed_key(seed: int) -> int:
+    """The 32-bit key of a seed (any Python int, folded 32 bits at a time), computed in Python."""
+    key = 0x9E3779B9
+    for part in (seed & _M32, (seed >> 32) & _M32, (seed >> 64) & _M32):
+        key ^= part
+        for mult in (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39):
+            key ^= key >> 16
+            key = (key * mult) & _M32
+        key ^= key >> 16
+    return key
+
+
+def _counter_bits(shape: "torch.Size", seed: int, device: Any, nbits: int) -> "torch.Tensor":
+    """Uniform random integers in ``[0, 2**nbits)`` (``nbits`` <= 62), int64, one per element of
+    ``shape``: a hash of (the seed, the element's index, a word counter). Reproducible from the seed
+    alone, the same on every device, and made of tensor ops that ``torch.compile`` traces."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    lo, hi = idx & _M32, idx >> 32
+    key = _seed_key(seed)
+    out = torch.zeros(n, device=device, dtype=torch.int64)
+    for word in range((nbits + 31) // 32):
+        h = _mix32(_mix32(lo ^ ((key + 0x632BE5AB * word) & _M32)) ^ hi)
+        out = (out << 32) | h
+    return (out & ((1 << nbits) - 1)).reshape(shape)
+
+
+def _random_increment(bits: "torch.Tensor", nbits: int, generator: "torch.Generator | None",
+                      seed: int | None) -> "torch.Tensor":
+    if seed is not None:
+        return _counter_bits(bits.shape, seed, bits.device, nbits).to(bits.dtype)
+    return torch.randint(0, 1 << nbits, bits.shape, generator=generator, device=bits.device, dtype=bits.dtype)
+
+
 def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: str, subnormals: str,
-                  generator: "torch.Generator | None" = None) -> "torch.Tensor":
+                  generator: "torch.Generator | None" = None, seed: int | None = None) -> "torch.Tensor":
     """``x`` rounded to ``fmt`` in torch alone (on ``x``'s device; compiles): the value ``round_to`` gives,
     in float32 (float64 for float64 input, so each value is rounded once), before the cast back.
 
@@ -728,7 +777,8 @@ def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: 
     as an integer (``bf16``, whose range is float32's, rounds float32's subnormals by the bit pattern
     too). Then subnormal flushing, overflow (inf, NaN or saturation as the format and mode say), the
     sign (negative zero only where the format has one) and NaN. NaN input gives NaN, also for formats
-    with no NaN code (the numpy path raises there)."""
+    with no NaN code (:func:`round_to` refuses those before it calls this). Stochastic rounding draws
+    from ``generator`` (a ``torch.Generator``) or, with ``seed``, from :func:`_counter_bits`."""
     wide = x.dtype == torch.float64
     ft, it, mant = (torch.float64, torch.int64, 52) if wide else (torch.float32, torch.int32, 23)
     v = x.to(ft)
@@ -742,7 +792,7 @@ def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: 
     elif rounding == "toward_zero":
         inc = torch.zeros_like(bits)
     else:  # stochastic: a uniform increment below one unit in the last kept place
-        inc = torch.randint(0, 1 << drop, bits.shape, generator=generator, device=bits.device, dtype=it)
+        inc = _random_increment(bits, drop, generator, seed)
     r = ((bits + inc) & ~((1 << drop) - 1)).view(ft)
     min_normal = 2.0 ** fmt.min_exponent
     quantum_exp = fmt.min_exponent - fmt.mantissa_bits
@@ -755,7 +805,8 @@ def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: 
         elif rounding == "toward_zero":
             q = torch.trunc(t)
         else:
-            q = torch.floor(t + torch.rand(t.shape, generator=generator, device=t.device, dtype=ft))
+            u = _random_increment(bits, mant + 1, generator, None if seed is None else seed ^ 0x5DEECE66D)
+            q = torch.floor(t + u.to(ft) * 2.0 ** -(mant + 1))  # u uniform on [0, 1), exact in ft
         r = torch.where(a < min_normal, q * 2.0 ** quantum_exp, r)
     if subnormals == "flush":
         r = torch.where(r < min_normal, torch.zeros_like(r), r)
@@ -778,12 +829,12 @@ if torch is not None:
         (straight-through) backward."""
 
         @staticmethod
-        def forward(ctx, x, fmt, rounding, overflow, generator, subnormals="keep"):  # noqa: D401
-            return _round_tensor(x, fmt, rounding, overflow, subnormals, generator).to(x.dtype)
+        def forward(ctx, x, fmt, rounding, overflow, generator, subnormals="keep", seed=None):  # noqa: D401
+            return _round_tensor(x, fmt, rounding, overflow, subnormals, generator, seed).to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
 
 
 def round_to(
@@ -793,7 +844,7 @@ def round_to(
     rounding: str = "nearest_even",
     overflow: str = "ieee",
     seed: int | None = None,
-    generator: np.random.Generator | None = None,
+    generator: "np.random.Generator | torch.Generator | None" = None,
     subnormals: str = "keep",
 ) -> Any:
     """``decode(encode(x))``: ``x`` as stored in ``fmt``, in ``x``'s own type and dtype.
@@ -805,15 +856,25 @@ def round_to(
     gradient (d round_to / dx = 1), for simulating low precision in training,
     and computed in torch on the tensor's device (:func:`_round_tensor`; it
     compiles with ``torch.compile(fullgraph=True)``), with the numpy path's
-    values; stochastic rounding there draws from a torch generator seeded from
-    ``seed``/``generator`` (reproducible, but not the numpy stream's bits).
+    values.
+
+    Stochastic rounding on a tensor stays in torch on its device: with ``seed`` (an int; e.g. a base seed
+    plus the training step) the random bits are a hash of the seed and each element's index, the same
+    on CPU and CUDA and under ``torch.compile(fullgraph=True)``; with ``generator`` a ``torch.Generator``
+    on the tensor's device (eager). Neither gives the numpy stream's bits.
+
+    NaN into a format with no NaN code (fp6, fp4) raises ValueError on arrays and tensors alike; a
+    compiled graph cannot raise on data, so there (and only there) such a NaN comes back as NaN.
     """
     fmt = get_format(fmt)
     check_modes(rounding, overflow, subnormals)
-    rng = _rng(rounding, seed, generator)
     if is_torch(x):
         if x.is_complex() or x.dtype == torch.bool:
             real_array(x)  # the one wording for an unsupported dtype
+        if isinstance(generator, torch.Generator) or (seed is not None and generator is None and rounding == "stochastic"
+                                                      and x.is_floating_point() and fmt.specials != "fnu"):
+            return _round_tensor_seeded(x, fmt, rounding, overflow, subnormals, seed, generator)
+        rng = _rng(rounding, seed, generator)
         if not x.is_floating_point() or fmt.specials == "fnu":
             # integers round exactly and come back float32 (bf16/fp8 values fit); exponent-only formats
             # take the numpy path (CPU)
@@ -821,16 +882,41 @@ def round_to(
             return torch.from_numpy(np.asarray(v)).to(device=x.device, dtype=x.dtype if x.is_floating_point()
                                                        else torch.float32)
         gen = None
-        if rng is not None:  # stochastic: a torch stream seeded from the numpy one (same seed, same bits)
+        if rng is not None:  # stochastic from a numpy generator: a torch stream seeded from it (eager)
             gen = torch.Generator(device=x.device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _RoundSTE.apply(x, fmt, rounding, overflow, gen, subnormals)
-        return _round_tensor(x, fmt, rounding, overflow, subnormals, gen).to(x.dtype)
+        return _round_tensor_checked(x, fmt, rounding, overflow, subnormals, gen, None)
+    rng = _rng(rounding, seed, generator)
     a = real_array(x)
     v = np.asarray(_round_values(a, fmt, rounding, overflow, rng, subnormals))
     src = as_numpy(x).dtype
     out_dtype = src if (src.kind == "f" or src in SMALL_FLOAT_DTYPES) else np.dtype(np.float64)
     return like(v.astype(out_dtype), x)
+
+
+def _round_tensor_seeded(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: str, subnormals: str,
+                         seed: int | None, generator: "torch.Generator | None") -> "torch.Tensor":
+    """round_to of a floating tensor given a torch generator or a seed for stochastic rounding."""
+    if rounding != "stochastic":
+        raise ValueError("seed/generator only apply to rounding='stochastic'")
+    if generator is not None and seed is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if not x.is_floating_point() or fmt.specials == "fnu":
+        raise ValueError(f"a torch.Generator applies to floating tensors and {fmt.name}'s sign-magnitude codes; "
+                         "give seed=<int> instead")
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"the generator is on {generator.device}, the tensor on {x.device}: use one on the tensor's device")
+    return _round_tensor_checked(x, fmt, rounding, overflow, subnormals, generator, seed)
+
+
+def _round_tensor_checked(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: str, subnormals: str,
+                          generator: "torch.Generator | None", seed: int | None) -> "torch.Tensor":
+    if fmt.specials == "finite" and not torch.compiler.is_compiling() and bool(torch.isnan(x).any()):
+        raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RoundSTE.apply(x, fmt, rounding, overflow, generator, subnormals, seed)
+    return _round_tensor(x, fmt, rounding, overflow, subnormals, generator, seed).to(x.dtype)
 
 
 def fields(x: Any, fmt: FormatLike) -> tuple[Any, Any, Any]:
