@@ -82,8 +82,10 @@ def magnitude_prune(w: Any, sparsity: float | None = None, *, count: int | None 
     k = amount_to_count(a.size, sparsity, count)
     mag = np.abs(a)
     require_finite(a, name, "pruning", mag)
-    keep = ~smallest_k(mag, k)
-    pruned = a * keep  # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); cheaper than np.where
+    keep = np.asarray(~smallest_k(mag, k))
+    # as torch's weight_orig * mask (-0.0 where a negative weight is pruned); cheaper than np.where; asarray: a
+    # 0-d product is a numpy scalar, and a 0-d input is one element like any other
+    pruned = np.asarray(a * keep)
     return PruneResult(like(out_dtype_like(w, pruned), w), mask=like(keep, w),
                        make_storage=lambda: Bitmask.from_dense(pruned),
                        make_report=_single(f"magnitude pruning {k}/{a.size}", name, a,
@@ -117,8 +119,8 @@ def global_magnitude_prune(tensors: Mapping[str, Any], sparsity: float | None = 
     for n, a in arrays.items():
         p = prune[off:off + a.size].reshape(a.shape)
         off += a.size
-        keep = ~p
-        pruned = a * keep
+        keep = np.asarray(~p)
+        pruned = np.asarray(a * keep)  # 0-d: an array, not a numpy scalar
         src = tensors[n]
         r = PruneResult(like(out_dtype_like(src, pruned), src), mask=like(keep, src),
                         make_storage=functools.partial(Bitmask.from_dense, pruned),
@@ -174,7 +176,7 @@ def nm_prune(w: Any, n: int = 2, m: int = 4, *, name: str = "w") -> PruneResult:
     """Keep the ``n`` largest |w| in every group of ``m`` consecutive elements along the last
     (input) axis — semi-structured N:M sparsity (2:4 by default). Ties: lower index kept.
     Memory: kept values plus their packed in-group positions."""
-    a = _finite_weight(w, name)
+    a = _finite_weight(w, name, min_ndim=1)
     if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))) or n < 0 or m < 1:
         raise ValueError(f"n and m must be integers with 0 <= n <= m and m >= 1, got n={n!r}, m={m!r}")
     if n > m:

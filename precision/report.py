@@ -171,7 +171,15 @@ class Report:
             "clipped": sum(r.clipped for r in self.tensors),
             "nonfinite": sum(r.nonfinite for r in self.tensors),
             "zeroed": sum(r.zeroed for r in self.tensors),
+            **self._file_totals(),
         }
+
+    def _file_totals(self) -> dict[str, Any]:
+        """The saving of the files as written (headers and padding included), where the job wrote one."""
+        fin, fout = self.meta.get("checkpoint_file_bytes"), self.meta.get("output_file_bytes")
+        if not (isinstance(fin, int) and isinstance(fout, int) and fin > 0):
+            return {}
+        return {"file_bytes_before": fin, "file_bytes_after": fout, "file_percent_saved": 100.0 * (1 - fout / fin)}
 
     # ---------------------------------------------------------- renderers
     def to_dict(self) -> dict[str, Any]:
@@ -228,11 +236,16 @@ class Report:
             f"({1 / t['ratio']:.3g}x larger)",
             f"checkpoint bytes: {human_bytes(t['checkpoint_bytes_before'], u)} -> "
             f"{human_bytes(t['checkpoint_bytes_after'], u)} "
-            + (f"({saved:.1f}% saved)" if saved >= 0 else f"({-saved:.1f}% more)"),
+            + (f"({saved:.1f}% saved)" if saved >= 0 else f"({-saved:.1f}% more)")
+            + (" in tensor data" if "file_percent_saved" in t else ""),
             f"SQNR dB: mean {t['mean_sqnr_db']:.2f} (tensors with nonzero error), worst {t['worst_sqnr_db']:.2f}; "
             f"mean rel. error {t['mean_rel_error']:.4g}" if t["measured"] else
             "error metrics: not measured (metrics=False, --no-metrics)",
         ]
+        if "file_percent_saved" in t:
+            fs = t["file_percent_saved"]
+            lines.insert(3, f"file bytes: {human_bytes(t['file_bytes_before'], u)} -> {human_bytes(t['file_bytes_after'], u)} "
+                         + (f"({fs:.1f}% saved)" if fs >= 0 else f"({-fs:.1f}% more)") + " as written, headers included")
         if 0 < t["measured"] < t["tensors"]:
             lines.append(f"error metrics measured on {t['measured']} of {t['tensors']} tensors")
         if t["clipped"] or t["nonfinite"]:

@@ -727,14 +727,19 @@ class TemporaryOutput:
         return False
 
 
+COMPACT_MIN_UNUSED = 4096  # header padding worth removing at commit ...
+COMPACT_RATIO = 64  # ... when it exceeds 1/64 of the data (the data is then copied once behind the header)
+
+
 class SafetensorsWriter(TemporaryOutput):
     """Write a safetensors file one tensor at a time, atomically, in one temporary file.
 
     The data goes into a temporary file beside the output, after room reserved for the header
     (``header_reserve`` bytes; the header is padded with spaces to fill it, as safetensors allows).
     ``commit`` writes the header in front, fsyncs and moves the file into place, so the output
-    needs free space for itself only. A header larger than the reserve is the one case where the
-    data is copied behind it. Without ``force`` an output that appears meanwhile is never replaced.
+    needs free space for itself only. A header larger than the reserve, or one that leaves most of
+    a reserve empty in front of little data (the padding would be a large part of the file), has
+    the data copied behind it instead. Without ``force`` an output that appears meanwhile is never replaced.
     Temporaries left by a killed run in the same directory are removed when the next writer starts.
 
     The reserve is rounded up to a multiple of 4096 bytes, so the data starts on a block boundary.
@@ -785,8 +790,11 @@ class SafetensorsWriter(TemporaryOutput):
             if self._direct is not None:
                 direct, self._direct = self._direct, None
                 direct.close()
-            if 8 + len(raw) <= self._reserve:
-                raw += b" " * (self._reserve - 8 - len(raw))
+            unused = self._reserve - 8 - len(raw)
+            # a reserve the header leaves mostly empty is dropped when the data is small enough that copying
+            # it behind the header costs little (a small checkpoint would otherwise be mostly padding)
+            if 0 <= unused and not (unused >= COMPACT_MIN_UNUSED and unused * COMPACT_RATIO > self._offset):
+                raw += b" " * unused
                 self._data.seek(0)
                 self._data.write(struct.pack("<Q", len(raw)) + raw)
                 self._data.flush()

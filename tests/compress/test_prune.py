@@ -112,3 +112,17 @@ def test_fp16_and_bf16_weights_are_accepted():
         w = torch.randn(16, 16).to(dt)
         r = magnitude_prune(w, 0.5)
         assert r.weight.dtype in (dt, torch.float32) and r.mask.sum() == 128
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_0d_weight_is_one_element_for_magnitude_pruning_and_refused_by_nm(kind):
+    import torch
+
+    x = np.array(-3.0, np.float32) if kind == "numpy" else torch.tensor(-3.0)
+    everything, nothing = magnitude_prune(x, 1.0), magnitude_prune(x, 0.0)
+    assert float(everything.weight) == 0.0 and not bool(everything.mask) and float(nothing.weight) == -3.0
+    assert type(everything.weight) is type(x) and tuple(everything.weight.shape) == ()
+    glob = global_magnitude_prune({"a": x, "b": np.ones(3, np.float32)}, count=1)
+    assert float(glob.weights["a"]) == -3.0 and type(glob.weights["a"]) is type(x)
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        nm_prune(x, 2, 4)

@@ -88,7 +88,8 @@ def test_publish_replaces_only_with_force(tmp_path):
 
 def test_the_output_is_written_in_one_temporary_file_without_a_copy(tmp_path, monkeypatch):
     src = tmp_path / "m.safetensors"
-    save_file({f"w{i}": np.random.default_rng(i).standard_normal((32, 32)).astype(np.float32) for i in range(4)},
+    # large enough (8 MiB of codes) that the header's reserve is kept, not compacted away
+    save_file({f"w{i}": np.random.default_rng(i).standard_normal((2048, 1024)).astype(np.float32) for i in range(4)},
               str(src))
     seen = set()
     real_open = open
@@ -165,3 +166,17 @@ def test_a_tensor_name_the_terminal_cannot_encode_prints_and_reports(tmp_path):
     assert "Traceback" not in r.stderr and "\\udc80" in r.stdout
     assert (tmp_path / "r.md").exists() and json.loads((tmp_path / "r.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_small_checkpoint_is_not_padded_and_the_report_gives_the_files_saving(tmp_path):
+    src = tmp_path / "small.safetensors"
+    save_file({"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}, str(src))  # 16 KiB
+    out = tmp_path / "q.safetensors"
+    rep = compress_checkpoint(src, out, "int8", progress=False)
+    size = out.stat().st_size
+    assert size < 64 * 64 + 64 * 4 + 4096  # the codes, the scales and a header: no 64 KiB reserve
+    t = rep.totals
+    assert t["file_bytes_before"] == src.stat().st_size and t["file_bytes_after"] == size
+    assert t["file_percent_saved"] == pytest.approx(100 * (1 - size / src.stat().st_size))
+    assert f"({t['file_percent_saved']:.1f}% saved) as written" in rep.to_table()
+    assert np.array_equal(load(out, as_numpy=True)["w"].shape, (64, 64))
