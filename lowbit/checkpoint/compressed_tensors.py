@@ -258,14 +258,37 @@ def _is_linear(m: Any) -> bool:
     return isinstance(m, nn.Linear)
 
 
-def _model_class(config: Any) -> Any:
+def _model_class(config: Any, model_dir: Path | None = None) -> Any:
+    """The transformers model class ``config.architectures`` names (else ``AutoModel``). Only subclasses
+    of ``PreTrainedModel`` are accepted: a config names a class, never any other callable of the namespace."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, (list, tuple)):
+        raise CheckpointError(f"{model_dir}/config.json: architectures must be a list of class names, got {archs!r:.80}")
+    for arch in archs:
+        if not isinstance(arch, str) or not arch.isidentifier():
+            raise CheckpointError(f"{model_dir}/config.json: architectures holds {arch!r:.80}, not a class name")
         cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise CheckpointError(f"{model_dir}/config.json: architectures names {arch!r}, which is not a transformers "
+                                  "model class")
+        return cls
     return transformers.AutoModel
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers", "num_encoder_layers")
+
+
+def _check_declared_sizes(model_dir: Path, config: Any, stored: int) -> None:
+    """A config may not declare more layers than the checkpoint stores tensors (each layer stores at
+    least one): bounds the modules built before anything else is checked."""
+    for key in LAYER_COUNT_KEYS:
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= max(stored, 1):
+            raise CheckpointError(f"{model_dir}/config.json: {key} is {v}, but the checkpoint stores {stored} tensors")
 
 
 def _meta_model(model_dir: Path) -> Any:
@@ -273,8 +296,9 @@ def _meta_model(model_dir: Path) -> Any:
     import torch
 
     config = _config(model_dir)
+    _check_declared_sizes(model_dir, config, len(Checkpoint(model_dir).names()))
     with torch.device("meta"):
-        return _from_config(_model_class(config), config)
+        return _from_config(_model_class(config, model_dir), config)
 
 
 def _from_config(cls: Any, config: Any) -> Any:
@@ -528,9 +552,13 @@ def _groups(model_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if q.get("quantization_status", "compressed") != "compressed":
         raise CheckpointError(f"{model_dir}: quantization_status is {q.get('quantization_status')!r}; "
                               "only compressed checkpoints store codes")
-    if (q.get("sparsity_config") or {}).get("format") not in (None, "dense"):
+    sparsity = q.get("sparsity_config")
+    if sparsity is not None and not isinstance(sparsity, dict):
+        raise CheckpointError(f"{model_dir}/config.json: quantization_config.sparsity_config must be an object, got "
+                              f"{sparsity!r:.80}")
+    if (sparsity or {}).get("format") not in (None, "dense"):
         raise CheckpointError(f"{model_dir}: sparse compressed-tensors checkpoints "
-                              f"({q['sparsity_config'].get('format')}) are not supported")
+                              f"({sparsity.get('format')!r:.80}) are not supported")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise CheckpointError(f"{model_dir}: quantization_config has no config_groups")
@@ -584,6 +612,8 @@ def _activations(group: dict[str, Any], where: str) -> str | None:
     a = group.get("input_activations")
     if a is None:
         return None
+    if not isinstance(a, dict):
+        raise CheckpointError(f"{where}: its config group's input_activations must be an object, got {a!r:.80}")
     if group.get("output_activations") is None and a.get("type", "int") == "int" and a.get("num_bits") == 8 \
             and a.get("strategy") == "token" and a.get("dynamic") is True:
         return "int8" if a.get("symmetric", True) else "int8_affine"
@@ -801,14 +831,16 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
 
     d = Path(model_dir)
     config = _config(d)
-    cls = model_class or _model_class(config)
+    ck = Checkpoint(d)
+    names = ck.names()
+    _check_declared_sizes(d, config, len(names))
+    cls = model_class or _model_class(config, d)
+    _check_buffers_fit(d, cls, config, ck)
     with _parameters_on_meta():
         model = _from_config(cls, config)
     modules = dict(model.named_modules())
     linear = {n for n, m in modules.items() if _is_linear(m)}
     prefix = getattr(model, "base_model_prefix", "") or ""
-    ck = Checkpoint(d)
-    names = ck.names()
     ckpt_linear = {m for m in (n.rpartition(".")[0] for n in names) if _model_name(m, linear, prefix) in linear}
     layers = read_layers(d, ckpt_linear)
     used: set[str] = set()
@@ -816,7 +848,18 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         target = _model_name(m, linear, prefix)
         if target is None:
             raise CheckpointError(f"{d}: quantized layer {m!r} is not a Linear layer of {type(model).__name__}")
+        lin = modules[target]
+        want = (int(lin.out_features), int(lin.in_features))
+        if tuple(qw.codes.shape) != want:
+            raise CheckpointError(f"{d}: quantized layer {m!r} stores a {list(qw.codes.shape)} weight; "
+                                  f"{type(model).__name__}'s {target} is {list(want)} (out, in)")
         bias = ck.read(f"{m}.bias") if f"{m}.bias" in names else None
+        if bias is not None and (tuple(bias.shape) != (want[0],) or bias.dtype.kind not in "fV"):
+            raise CheckpointError(f"{d}: tensor '{m}.bias' is {bias.dtype} {list(bias.shape)}; {target} needs "
+                                  f"{want[0]} floats")
+        if (bias is None) != (lin.bias is None):
+            raise CheckpointError(f"{d}: quantized layer {m!r} " + ("lacks its bias" if bias is None else
+                                  f"stores a bias that {type(model).__name__}'s {target} does not have"))
         b = None if bias is None else torch.from_numpy(bias.copy())
         if qw.block is not None:
             assert qw.scale is not None
@@ -836,11 +879,26 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         if n in used:
             continue
         mod, _, leaf = n.rpartition(".")
+        if leaf in QUANTIZED_LEAVES:
+            raise CheckpointError(f"{d}: tensor {n!r} is part of a quantized layer that no config group of "
+                                  "quantization_config targets")
         target = _model_name(mod, set(modules), prefix) if mod else None
         key = f"{target}.{leaf}" if target else n
         if key in params or key in buffers:
+            want_shape = tuple((params.get(key) if key in params else buffers[key]).shape)
+            if tuple(ck.info(n)[1]) != want_shape:
+                raise CheckpointError(f"{d}: tensor {n!r} has shape {list(ck.info(n)[1])}; {type(model).__name__} "
+                                      f"expects {list(want_shape)}")
+            want_float = (params.get(key) if key in params else buffers[key]).is_floating_point()
+            if want_float and ck.info(n)[0].kind not in "fV":
+                raise CheckpointError(f"{d}: tensor {n!r} is {ck.info(n)[0]}, but {type(model).__name__}'s {key} holds "
+                                      "floats (a quantized layer that no config group targets?)")
             state[key] = like(ck.read(n), torch.empty(0))
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{d}: the stored tensors do not fit {type(model).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -859,6 +917,41 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         use_int8_attention(model)
     refuse_save_pretrained(model)
     return model
+
+
+QUANTIZED_LEAVES = ("weight_scale", "weight_packed", "weight_shape", "weight_zero_point", "weight_global_scale")
+
+
+def _check_buffers_fit(d: Path, cls: Any, config: Any, ck: Checkpoint) -> None:
+    """Build the model once wholly on the meta device (nothing allocated) and refuse a config whose
+    parameters the checkpoint does not hold in those shapes, or whose computed buffers (position ids,
+    rotary tables) would take more memory than the checkpoint's files: the sizes a config declares
+    are bounded by what is stored before anything is materialised."""
+    import torch
+
+    with torch.device("meta"):
+        skeleton = _from_config(cls, config)
+    stored = {n: tuple(ck.info(n)[1]) for n in ck.names()}
+    budget = max(ck.nbytes, 1 << 20)
+    total = 0
+    for n, b in skeleton.named_buffers():
+        total += b.numel() * b.element_size()
+        if total > budget:
+            raise CheckpointError(f"{d}/config.json declares sizes that need a {list(b.shape)} buffer {n!r} "
+                                  f"({b.numel() * b.element_size()} bytes); the checkpoint's files hold {ck.nbytes} bytes")
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    unstored = 0  # float bytes of parameters stored in another form (a quantized layer's codes), bounded below
+    for n, p in skeleton.named_parameters():
+        key = next((k for k in (n, f"{prefix}.{n}", n.removeprefix(prefix + ".")) if k in stored), None)
+        if key is not None:
+            if stored[key] != tuple(p.shape):
+                raise CheckpointError(f"{d}: tensor {key!r} has shape {list(stored[key])}; the model config.json "
+                                      f"describes expects {list(p.shape)}")
+            continue
+        unstored += p.numel() * p.element_size()
+        if unstored > 32 * budget:  # float32 of 2-bit codes is 16 x their bytes: more is not in the files
+            raise CheckpointError(f"{d}/config.json declares parameters (up to {n!r}, {list(p.shape)}) far larger than "
+                                  f"the checkpoint's files ({ck.nbytes} bytes) hold")
 
 
 def _layer_scheme(name: str, m: Any) -> tuple[dict[str, Any], str, str | None, dict[str, np.ndarray]]:

@@ -484,3 +484,55 @@ def test_cli_refuses_affine_activations_without_w8a8(tmp_path: Path) -> None:
     assert main(["--method", "int8", "--affine-activations", "--format", "compressed-tensors",
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def _group0(c: dict) -> dict:
+    return c["quantization_config"]["config_groups"]["group_0"]
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: c["quantization_config"].update(sparsity_config="x"), "sparsity_config"),
+    (lambda c: _group0(c).update(input_activations="int8"), "input_activations"),
+    (lambda c: _group0(c).update(weights="int8"), "weights"),
+    (lambda c: _group0(c).update(targets=["re:^nothing_matches$"]), "no config group targets"),
+    (lambda c: c.update(max_position_embeddings=150_000_000), "150000000|position"),
+    (lambda c: c.update(num_hidden_layers=100_000), "num_hidden_layers"),
+    (lambda c: c.update(intermediate_size=96), r"intermediate|\[96|96\]"),
+    (lambda c: c.update(architectures=["pipeline"]), "not a transformers model class"),
+    (lambda c: c.update(architectures=["os.system"]), "not a class name"),
+], ids=["sparsity", "input_acts", "weights", "targets", "max_pos", "layers", "linear_shape", "callable", "dotted"])
+def test_a_hostile_config_is_one_checkpoint_error_before_any_large_allocation(damage: Any, match: str,
+                                                                             model_dirs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    out = tmp_path / "ct"
+    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    damage(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize("tensor,change", [
+    ("encoder.layer.0.attention.self.query.weight", lambda a: a[:-1]),
+    ("encoder.layer.0.intermediate.dense.weight", lambda a: np.ascontiguousarray(a.T)),
+    ("encoder.layer.0.attention.self.query.weight_scale", lambda a: a[:-1]),
+    ("encoder.layer.0.attention.self.query.bias", lambda a: a[:-2]),
+    ("embeddings.word_embeddings.weight", lambda a: a[:, :-1]),
+    ("encoder.layer.0.intermediate.dense.weight_shape", lambda a: np.array([np.iinfo(np.int64).max, 64], np.int64)),
+], ids=["short_rows", "transposed", "short_scale", "short_bias", "kept_shape", "absurd_weight_shape"])
+def test_stored_tensors_that_do_not_fit_the_models_layers_are_refused_at_load(tensor: str, change: Any,
+                                                                           model_dirs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "ct"
+    src = model_dirs["bert"]
+    method = IntQuant(QuantSpec(bits=4, granularity=PerChannel(0))) if "weight_shape" in tensor else "int8"
+    compress_checkpoint(src, out, method, format="compressed-tensors", progress=False)
+    st = load_file(str(out / "model.safetensors"))
+    assert tensor in st
+    st[tensor] = change(st[tensor])
+    save_file(st, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError):
+        load_quantized(out)
