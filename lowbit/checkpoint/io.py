@@ -47,6 +47,19 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read or written; the message names the file and tensor."""
 
 
+MAX_DIM = 1 << 62  # bound on a dimension, an offset and a tensor's indexed extent in bytes
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages about hostile values (an integer of
+    thousands of digits cannot even be formatted)."""
+    try:
+        r = repr(v)
+    except ValueError:
+        return f"<{type(v).__name__} too large to print>"
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def _torch():
     import torch
 
@@ -165,11 +178,17 @@ class SafetensorsFile:
                 raise CheckpointError(f"{where}: unsupported dtype {ent['dtype']!r}")
             shape, off = ent["shape"], ent["data_offsets"]
             if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-                raise CheckpointError(f"{where}: bad shape {shape!r}")
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_DIM for s in shape)):
+                raise CheckpointError(f"{where}: bad shape {_short(shape)}")
+            extent = dt.itemsize
+            for d in shape:  # what numpy must index, zero dimensions aside (np.zeros refuses more)
+                extent *= max(d, 1)
+            if extent >= MAX_DIM:
+                raise CheckpointError(f"{where}: shape {shape} is too large for an array")
             if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
-                                                                      for o in off) or not 0 <= off[0] <= off[1]):
-                raise CheckpointError(f"{where}: bad data_offsets {off!r}")
+                                                                      and 0 <= o < MAX_DIM for o in off)
+                    or not off[0] <= off[1]):
+                raise CheckpointError(f"{where}: bad data_offsets {_short(off)}")
             if off[1] > data_len:
                 raise CheckpointError(f"{where}: data_offsets {off} run past the end of the file "
                                       f"({data_len} data bytes; truncated?)")
@@ -319,11 +338,16 @@ class Checkpoint:
             raise CheckpointError(f"{p}: not a valid shard index with a 'weight_map' ({type(e).__name__})") from None
         shards: dict[str, SafetensorsFile] = {}
         for tensor, shard in wm.items():
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-                raise CheckpointError(f"{p}: tensor {tensor!r} names a bad shard file {shard!r}")
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", "..") \
+                    or len(shard.encode("utf-8", "surrogatepass")) > 255 or "\0" in shard:
+                raise CheckpointError(f"{p}: tensor {_short(tensor)} names a bad shard file {_short(shard)}")
             sp = p.parent / shard
             if shard not in shards:
-                if not sp.is_file():
+                try:
+                    exists = sp.is_file()
+                except OSError as e:
+                    raise CheckpointError(f"{p}: shard {_short(shard)}: {e.strerror or type(e).__name__}") from None
+                if not exists:
                     raise CheckpointError(f"{p}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
                 f = SafetensorsFile(sp)
                 shards[shard] = f

@@ -189,3 +189,30 @@ def test_pickled_tensors_that_are_not_plain_dense_are_refused(tmp_path, make, wh
         assert what in str(e) or "refused" in str(e)
     else:
         pytest.fail("a non-dense tensor was accepted")
+
+
+def _raw_safetensors(path: Path, header: str, data: bytes = b"") -> Path:
+    raw = header.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header", [
+    '{"w": {"dtype": "F32", "shape": [0, 100000000000000000000], "data_offsets": [0, 0]}}',
+    '{"w": {"dtype": "F32", "shape": [0, 4611686018427387903, 4], "data_offsets": [0, 0]}}',
+    '{"w": {"dtype": "F32", "shape": [%s], "data_offsets": [0, 0]}}' % ("9" * 4300),
+    '{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, %s]}}' % ("9" * 4300),
+    '{"w": {"dtype": "F32", "shape": [%s, 0], "data_offsets": [0, 0]}}' % ("1" + "0" * 30),
+], ids=["zero_by_huge", "zero_by_extent", "4300_digit_dim", "4300_digit_offset", "huge_by_zero"])
+def test_absurd_shapes_and_offsets_are_checkpoint_errors(tmp_path, header):
+    p = _raw_safetensors(tmp_path / "h.safetensors", header)
+    with pytest.raises(CheckpointError, match="h.safetensors"):
+        load(p)
+
+
+def test_a_shard_name_too_long_for_the_file_system_is_a_checkpoint_error(tmp_path):
+    save_file({"w": np.ones(4, np.float32)}, str(tmp_path / "a.safetensors"))
+    idx = tmp_path / "m.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": {"w": "x" * 300 + ".safetensors"}}))
+    with pytest.raises(CheckpointError, match="bad shard file"):
+        Checkpoint(idx)
