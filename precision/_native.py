@@ -250,6 +250,14 @@ def _build(source: Path) -> ctypes.CDLL:
             shutil.rmtree(private, ignore_errors=True)
 
 
+LIBRARIES: list["Library"] = []  # every kernel library of lowbit, in the order its module was imported
+
+
+def libraries() -> list["Library"]:
+    """Every C kernel library lowbit's imported modules declare (see :class:`Library`)."""
+    return list(LIBRARIES)
+
+
 class Library:
     """One C source file of kernels, built and loaded on the first :meth:`get`.
 
@@ -258,6 +266,7 @@ class Library:
     """
 
     def __init__(self, source: Path, bind: Callable[[ctypes.CDLL], None], fallback: str) -> None:
+        LIBRARIES.append(self)
         self.source = source
         self.fallback = fallback
         self._bind = bind
@@ -281,6 +290,11 @@ class Library:
                     except (OSError, AttributeError, subprocess.SubprocessError) as e:
                         self._reason = f"not built: {e}"
         return self._lib
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a call has built and loaded the library (without trying to)."""
+        return self._lib is not None
 
     @property
     def reason(self) -> str | None:
