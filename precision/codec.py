@@ -542,7 +542,7 @@ def encode(
     """
     fmt = get_format(fmt)
     check_modes(rounding, overflow, subnormals)
-    rng = _rng(rounding, seed, generator)
+    rng = _rng(rounding, seed, generator)  # type: ignore[arg-type]  # _rng refuses a torch.Generator here
     a = real_array(x)
     if a.dtype == np.float32 and rounding != "stochastic":
         a = contiguous(a)
@@ -874,7 +874,7 @@ def round_to(
         if isinstance(generator, torch.Generator) or (seed is not None and generator is None and rounding == "stochastic"
                                                       and x.is_floating_point() and fmt.specials != "fnu"):
             return _round_tensor_seeded(x, fmt, rounding, overflow, subnormals, seed, generator)
-        rng = _rng(rounding, seed, generator)
+        rng = _rng(rounding, seed, generator)  # type: ignore[arg-type]  # a torch.Generator returned above
         if not x.is_floating_point() or fmt.specials == "fnu":
             # integers round exactly and come back float32 (bf16/fp8 values fit); exponent-only formats
             # take the numpy path (CPU)
@@ -885,7 +885,7 @@ def round_to(
         if rng is not None:  # stochastic from a numpy generator: a torch stream seeded from it (eager)
             gen = torch.Generator(device=x.device).manual_seed(int(rng.integers(0, 2**63 - 1)))
         return _round_tensor_checked(x, fmt, rounding, overflow, subnormals, gen, None)
-    rng = _rng(rounding, seed, generator)
+    rng = _rng(rounding, seed, generator)  # type: ignore[arg-type]  # _rng refuses a torch.Generator here
     a = real_array(x)
     v = np.asarray(_round_values(a, fmt, rounding, overflow, rng, subnormals))
     src = as_numpy(x).dtype

@@ -31,6 +31,7 @@ from quant.awq import AWQ
 from quant.gptq import GPTQ, Pruning, grid_for
 from quant.solve import QUANTIZERS, Solver, solve_layers
 
+from . import hf
 from .chain import Chain, names_matching
 
 PRUNERS = ("wanda", "sparsegpt")
@@ -159,14 +160,14 @@ def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if (d / "modules.json").is_file():
-        from sentence_transformers import SentenceTransformer
-
-        m = SentenceTransformer(str(d), device="cpu")
+        st = hf.sentence_transformers()
+        with hf.quiet_imports():
+            m = st.SentenceTransformer(str(d), device="cpu")
         return m, m
-    from transformers import AutoModel, AutoTokenizer
-
-    return AutoModel.from_pretrained(str(d), local_files_only=True).eval(), \
-        AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    tf = hf.transformers()
+    with hf.quiet_imports():
+        return tf.AutoModel.from_pretrained(str(d), local_files_only=True).eval(), \
+            tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
 def read_texts(path: str | os.PathLike, samples: int | None = None) -> list[str]:

@@ -71,6 +71,7 @@ from quant.quantize import QParams
 from quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from quant.storage import IntQuant, pack_nibbles, unpack_nibbles
 
+from . import hf
 from .chain import Chain, Compressed
 from .io import Checkpoint, CheckpointError, SafetensorsWriter, _fsync_dir
 
@@ -261,8 +262,7 @@ def _is_linear(m: Any) -> bool:
 def _model_class(config: Any, model_dir: Path | None = None) -> Any:
     """The transformers model class ``config.architectures`` names (else ``AutoModel``). Only subclasses
     of ``PreTrainedModel`` are accepted: a config names a class, never any other callable of the namespace."""
-    import transformers
-
+    transformers = hf.transformers()
     archs = getattr(config, "architectures", None) or []
     if not isinstance(archs, (list, tuple)):
         raise CheckpointError(f"{model_dir}/config.json: architectures must be a list of class names, got {archs!r:.80}")
@@ -306,11 +306,7 @@ def _from_config(cls: Any, config: Any) -> Any:
 
 
 def _config(model_dir: Path) -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers import AutoConfig
-    except ImportError:
-        raise CheckpointError("the compressed-tensors format needs transformers (pip install 'lowbit[models]')") from None
+    AutoConfig = hf.transformers().AutoConfig
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as e:
@@ -556,9 +552,9 @@ def _groups(model_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if sparsity is not None and not isinstance(sparsity, dict):
         raise CheckpointError(f"{model_dir}/config.json: quantization_config.sparsity_config must be an object, got "
                               f"{sparsity!r:.80}")
-    if (sparsity or {}).get("format") not in (None, "dense"):
-        raise CheckpointError(f"{model_dir}: sparse compressed-tensors checkpoints "
-                              f"({sparsity.get('format')!r:.80}) are not supported")
+    sparse_format = (sparsity or {}).get("format")
+    if sparse_format not in (None, "dense"):
+        raise CheckpointError(f"{model_dir}: sparse compressed-tensors checkpoints ({sparse_format!r:.80}) are not supported")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise CheckpointError(f"{model_dir}: quantization_config has no config_groups")
@@ -885,11 +881,12 @@ def load_quantized(model_dir: str | os.PathLike, *, int8_attention: bool = False
         target = _model_name(mod, set(modules), prefix) if mod else None
         key = f"{target}.{leaf}" if target else n
         if key in params or key in buffers:
-            want_shape = tuple((params.get(key) if key in params else buffers[key]).shape)
+            target_t = params[key] if key in params else buffers[key]
+            want_shape = tuple(target_t.shape)
             if tuple(ck.info(n)[1]) != want_shape:
                 raise CheckpointError(f"{d}: tensor {n!r} has shape {list(ck.info(n)[1])}; {type(model).__name__} "
                                       f"expects {list(want_shape)}")
-            want_float = (params.get(key) if key in params else buffers[key]).is_floating_point()
+            want_float = target_t.is_floating_point()
             if want_float and ck.info(n)[0].kind not in "fV":
                 raise CheckpointError(f"{d}: tensor {n!r} is {ck.info(n)[0]}, but {type(model).__name__}'s {key} holds "
                                       "floats (a quantized layer that no config group targets?)")

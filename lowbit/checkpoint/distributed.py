@@ -96,9 +96,9 @@ def _connect(ray: Any, address: str, timeout: float, **kwargs: Any) -> None:
         raise TimeoutError(f"Ray cluster at {address}: no answer within {timeout:g} s; check the address, or wait "
                            "longer (connect_timeout=, --connect-timeout)")
     if failure:
-        e = failure[0]
-        raise ConnectionError(f"Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
-            from None
+        err = failure[0]
+        raise ConnectionError(f"Ray cluster at {address}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 class RaySession:

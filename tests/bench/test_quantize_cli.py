@@ -212,3 +212,13 @@ def test_workers_give_the_same_bytes_as_one_worker(tmp_path):
     assert main([str(src), "--method", "prune,int8", "--out", str(b), "--quiet", "--workers", "3"]) == 0
     assert a.read_bytes() == b.read_bytes()
     assert main([str(src), "--workers", "0", "--quiet"]) == 2
+
+
+def test_a_run_that_loads_models_prints_lowbits_output_only(tmp_path):
+    """--eval loads MiniLM through sentence-transformers (which imports torchao where it is installed): no
+    import-time warnings, no progress bars of other packages on the terminal."""
+    r = subprocess.run([sys.executable, "-m", "bench.quantize", "--eval", "--rows", "0", "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == "", r.stderr[-2000:]
+    assert "eval_mean_cosine" in r.stdout
