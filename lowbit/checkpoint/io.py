@@ -731,7 +731,8 @@ class TemporaryOutput:
         try:
             self._data = open(self._tmp, "xb")
         except OSError as e:
-            raise CheckpointError(f"{d}: cannot write there: {e.strerror or e}") from None
+            raise CheckpointError(f"{self.path}: cannot create the output in {d} ({e.strerror or type(e).__name__}); "
+                                  "write it to a directory you can write to") from None
         self._closed = False
 
     def abort(self) -> None:

@@ -261,7 +261,7 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
             try:
                 chains[n].check_shape(shape, n)
             except ValueError as e:
-                raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+                raise CheckpointError(f"{path}: tensor {n!r}: {_unnamed(e, n)}") from None
     if not any(r is None for r in reasons.values()):
         raise NothingToCompress(_nothing_selected(path, reasons, format))
     keep_approx = collect is not None
@@ -393,6 +393,13 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     return report
 
 
+def _unnamed(e: BaseException, name: str) -> str:
+    """The message of ``e`` without the tensor name a method's own check starts it with (the pipeline
+    names the file and the tensor once, in front)."""
+    msg = str(e)
+    return msg[len(name) + 2:] if msg.startswith(name + ": ") else msg
+
+
 class NothingToCompress(ValueError):
     """The job would compress no tensor: nothing is written (a usage error, not a success)."""
 
@@ -450,7 +457,7 @@ def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain
         except CheckpointError:
             raise
         except ValueError as e:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {_unnamed(e, name)}") from None
         finally:
             blocks.close()  # the file, where a block was not finite
         if c is not None:
@@ -469,7 +476,7 @@ def process_tensor(ckpt: Checkpoint, name: str, reason: str | None, chain: Chain
     except NotApplied as e:
         return arr, None, str(e)
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {e}") from None
+        raise CheckpointError(f"{ckpt.path}: tensor {name!r}: {_unnamed(e, name)}") from None
 
 
 def match_solutions(solutions: Mapping[str, Solution], names: list[str], path: Path) -> dict[str, Solution]:
@@ -565,7 +572,7 @@ def load(path: Source, *, as_numpy: bool = False) -> dict[str, Any]:
             try:
                 out[n] = restore(n, scheme, parts)
             except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as e:
-                raise CheckpointError(f"{path}: tensor {n!r}: {e}") from None
+                raise CheckpointError(f"{path}: tensor {n!r}: {_unnamed(e, n)}") from None
         for n, first in tied.items():  # the same tensor under a second name, as the source had it
             if first not in out or n in out:
                 raise CheckpointError(f"{path}: tied tensor {n!r} names {first!r}, which is not stored, or is stored twice")

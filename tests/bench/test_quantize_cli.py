@@ -222,3 +222,17 @@ def test_a_run_that_loads_models_prints_lowbits_output_only(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr == "", r.stderr[-2000:]
     assert "eval_mean_cosine" in r.stdout
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--method", "nvfp4"], "tensor 'a.weight': nvfp4 needs"),
+    (["--method", "int4", "--granularity", "group", "--group-size", "4"], "tensor 'a.weight': PerGroup"),
+    (["--out", "/proc/x.safetensors"], "/proc/x.safetensors: cannot create the output in /proc"),
+])
+def test_error_lines_name_the_file_and_tensor_once_and_say_what_to_do(tmp_path, capsys, extra, needle):
+    src = tmp_path / "m.safetensors"
+    save_file({"a.weight": np.ones((4, 6), np.float32)}, str(src))
+    assert main([str(src), *extra, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert err.count("a.weight") <= 1

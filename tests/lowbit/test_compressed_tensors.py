@@ -536,3 +536,26 @@ def test_stored_tensors_that_do_not_fit_the_models_layers_are_refused_at_load(te
     save_file(st, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError):
         load_quantized(out)
+
+
+@pytest.mark.parametrize("key,value", [("max_position_embeddings", 150_000_000), ("max_position_embeddings", 10**13),
+                                       ("vocab_size", 10**12), ("num_hidden_layers", 100_000)])
+def test_load_quantized_never_allocates_what_the_files_do_not_hold(key: str, value: int, model_dirs: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """The README's promise, on load_quantized: a config.json that declares huge sizes is refused in a
+    process whose peak memory stays that of importing torch and transformers."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ct"
+    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[key] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    code = ("import resource, sys\nfrom lowbit.checkpoint import CheckpointError, load_quantized\n"
+            f"try:\n    load_quantized({str(out)!r})\nexcept CheckpointError as e:\n    print('refused:', e)\n"
+            "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert "refused:" in r.stdout, r.stdout + r.stderr[-2000:]
+    peak_mib = int(r.stdout.split("peak_kib")[1]) / 1024
+    assert peak_mib < 1000, peak_mib
