@@ -37,7 +37,7 @@ from lowbit.checkpoint.compressed_tensors import CompressedTensors, weight_args
 from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.onnx_qdq import check_chain as check_onnx_chain
 from lowbit.checkpoint.io import check_output, write_text_file
-from lowbit.checkpoint.pipeline import NothingToCompress, check_pattern
+from lowbit.checkpoint.pipeline import NothingToCompress, causal_lm_dir, check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
 from precision.arrays import contiguous
 from precision.blocks import BlockCast
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gptq", action="store_true", help="solve the integer step with GPTQ (same stored form as RTN)")
     g.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian "
                    "diagonal (default 0.01)")
-    g.add_argument("--no-act-order", action="store_true", help="GPTQ in storage order instead of act-order")
+    g.add_argument("--no-act-order", action="store_true", help="GPTQ in storage order instead of act-order "
+                   "(always so for N:M pruning, whose groups follow the storage order)")
     g.add_argument("--awq", action="store_true", help="AWQ input scales, folded into the preceding LayerNorm or "
                    "Linear where that keeps the model's output")
     g.add_argument("--calibration-data", metavar="FILE", help="UTF-8 text, one sample per line (default for the "
@@ -209,8 +210,11 @@ def calibrated_of(a: argparse.Namespace) -> Calibrated | None:
         if a.calibration_data is not None:
             raise UsageError("--calibration-data applies to --gptq, --awq and --prune wanda/sparsegpt")
         return None
+    # N:M groups run in storage order, which act-order would permute: joint N:M + GPTQ sweeps in order
+    nm = pruning is not None and len(a.prune.split(":")) == 3
     try:
-        return Calibrated(pruning=pruning, gptq=GPTQ(damp=a.gptq_damp, act_order=not a.no_act_order) if a.gptq else None,
+        return Calibrated(pruning=pruning, gptq=GPTQ(damp=a.gptq_damp, act_order=not (a.no_act_order or nm))
+                          if a.gptq else None,
                           awq=AWQ() if a.awq else None)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
@@ -243,7 +247,7 @@ def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated
     t = time.perf_counter()
     try:
         return solve(model, chain, calibrated, text_batches(tok, texts), include=a.include, exclude=a.exclude,
-                     tensor_names=Checkpoint(path).names())
+                     tensor_names=Checkpoint(path).names(), blocks_only=a.include is None and causal_lm_dir(path))
     except ValueError as e:
         raise CheckpointError(f"{d}: {e}") from None
     finally:

@@ -21,8 +21,9 @@ from .metrics import MetricsAccumulator, error_metrics
 def run_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one batch: a tuple/list is unpacked; a dict (or a tokenizer's
     ``BatchEncoding``) is passed as keyword arguments when every key names a parameter of the
-    model's ``forward`` (a transformers model), else as one argument (sentence-transformers
-    features); anything else is passed as is."""
+    model's ``forward`` (a transformers model; a tokenizer's keys it does not take, such as a BERT
+    tokenizer's ``token_type_ids`` for a decoder, are left out), else as one argument
+    (sentence-transformers features); anything else is passed as is."""
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     if isinstance(batch, Mapping):
@@ -32,6 +33,8 @@ def run_model(model: nn.Module, batch: Any) -> Any:
             params = {}  # type: ignore[assignment]
         if batch and all(isinstance(k, str) and k in params for k in batch):
             return model(**batch)
+        if "input_ids" in batch and "input_ids" in params:  # a tokenizer's extras this model does not take
+            return model(**{k: v for k, v in batch.items() if k in params})
         return model(copy.copy(batch))  # sentence-transformers adds outputs to its feature dict: keep ours clean
     return model(batch)
 

@@ -22,6 +22,7 @@ batch's ``attention_mask`` is 0) are left out of the statistics.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -97,6 +98,38 @@ def repeated_blocks(model: nn.Module, names: Sequence[str]) -> list[str] | None:
     return best[1] if best else None
 
 
+CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "layer_past")  # a decoder block's KV cache, by name
+
+
+def _is_cache(v: Any) -> bool:
+    """A transformers KV cache (``DynamicCache`` and the like): a block call would append to it."""
+    return "Cache" in type(v).__name__ and callable(getattr(v, "update", None))
+
+
+def without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A decoder block's captured call with its KV cache taken out: replaying the block for each group
+    would otherwise append the same tokens to the cache again and attend over them twice."""
+    a = tuple(None if _is_cache(v) else v for v in args)
+    k = {n: (None if (n in CACHE_ARGUMENTS or _is_cache(v)) else v) for n, v in kwargs.items()}
+    if "use_cache" in k:
+        k["use_cache"] = False
+    return a, k
+
+
+def uncached(model: nn.Module, batch: Any) -> Any:
+    """``batch`` with ``use_cache=False`` where ``model`` is a transformers model that takes it (causal LMs
+    build a KV cache by default, which calibration never reads)."""
+    if not isinstance(batch, Mapping) or "use_cache" in batch:
+        return batch
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return batch
+    if "use_cache" in params and "input_ids" in batch and "input_ids" in params:
+        return {**{k: v for k, v in batch.items() if k in params}, "use_cache": False}
+    return batch
+
+
 def _block_index(name: str, blocks: list[str]) -> int | None:
     for i, c in enumerate(blocks):
         if name.startswith(c + "."):
@@ -153,7 +186,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
     groups = shared_inputs(model, layers, batches[0])
     reached = {n for g in groups for n in g}
     masks = [batch_mask(b) for b in batches]
-    whole: list[Run] = [(functools.partial(run_model, model, b), m) for b, m in zip(batches, masks)]
+    whole: list[Run] = [(functools.partial(run_model, model, uncached(model, b)), m) for b, m in zip(batches, masks)]
 
     def do(group: list[str], runs: list[Run]) -> None:
         inputs = LayerInputs(getattr(mods[group[0]], "weight").shape[1], hessian)
@@ -180,6 +213,7 @@ def calibrate_in_order(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]
         raise _Reached
 
     _until_reached(first_block.register_forward_pre_hook(keep, with_kwargs=True), [c for c, _ in whole])
+    cached = [without_cache(a, k) for a, k in cached]
     for bi, child in enumerate(blocks):
         block = model.get_submodule(child)
         runs: list[Run] = [(functools.partial(block, *a, **k), m) for (a, k), m in zip(cached, masks)]

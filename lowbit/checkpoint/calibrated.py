@@ -33,6 +33,7 @@ from quant.solve import QUANTIZERS, Solver, solve_layers
 
 from . import hf
 from .chain import Chain, names_matching
+from .pipeline import IN_BLOCK, causal_lm_dir
 
 PRUNERS = ("wanda", "sparsegpt")
 
@@ -109,7 +110,7 @@ def solver_for(chain: Chain, calibrated: Calibrated) -> Solver:
 @torch.no_grad()
 def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated, batches: Iterable[Any], *,
           include: str | None = None, exclude: str | None = None,
-          tensor_names: Iterable[str] | None = None) -> dict[str, Solution]:
+          tensor_names: Iterable[str] | None = None, blocks_only: bool = False) -> dict[str, Solution]:
     """Solve every ``nn.Linear`` weight of ``model`` (on a copy; ``model`` is untouched) whose
     name matches ``include`` and not ``exclude`` (regular expressions), in forward order
     on ``batches`` (model inputs, as ``ptq`` takes them). Returns ``{parameter name: Solution}`` for
@@ -120,7 +121,10 @@ def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated
     The name the patterns match is the checkpoint's tensor name where ``tensor_names`` (the checkpoint's)
     is given, as :func:`~lowbit.checkpoint.compress_checkpoint` matches them: a parameter stands for the
     tensor of the same name or one that ends with it after a ``.`` (sentence-transformers prefixes its
-    modules with ``0.auto_model.``); without ``tensor_names``, the model's own parameter name."""
+    modules with ``0.auto_model.``); without ``tensor_names``, the model's own parameter name. With
+    ``tensor_names``, a layer whose weight has no tensor of its own (a head tied to the embedding) is not
+    solved. ``blocks_only``: only layers inside the repeated blocks (``...layers.3...``), as
+    :func:`~lowbit.checkpoint.compress_checkpoint` selects on a causal LM by default."""
     chain = Chain.of(method)
     solver = solver_for(chain, calibrated)
     work = copy.deepcopy(model).eval()
@@ -130,9 +134,13 @@ def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated
         hits = [] if names is None else names_matching(param, names)
         return hits[0] if len(hits) == 1 else param
 
-    layers = [(n, m) for n, m in work.named_modules() if type(m) is nn.Linear
+    def stored(param: str) -> bool:  # a head tied to the embedding has no tensor of its own to store
+        return names is None or len(names_matching(param, names)) == 1
+
+    layers = [(n, m) for n, m in work.named_modules() if type(m) is nn.Linear and stored(n + ".weight")
               and (include is None or re.search(include, name_of(n + ".weight")))
-              and not (exclude and re.search(exclude, name_of(n + ".weight")))]
+              and not (exclude and re.search(exclude, name_of(n + ".weight")))
+              and not (blocks_only and not IN_BLOCK.search(name_of(n + ".weight")))]
     if not layers:
         raise ValueError("solve: no nn.Linear layer of the model is selected")
     data = list(batches)
@@ -166,8 +174,12 @@ def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
         return m, m
     tf = hf.transformers()
     with hf.quiet_imports():
-        return tf.AutoModel.from_pretrained(str(d), local_files_only=True).eval(), \
+        auto = tf.AutoModelForCausalLM if causal_lm_dir(d) else tf.AutoModel
+        return auto.from_pretrained(str(d), local_files_only=True, dtype=torch.float32).eval(), \
             tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+
+
+
 
 
 def read_texts(path: str | os.PathLike, samples: int | None = None) -> list[str]:

@@ -51,6 +51,24 @@ def _selected(name: str, dtype: np.dtype, shape: tuple[int, ...], include: str |
     return None
 
 
+# a tensor inside a transformer's repeated blocks (model.layers.3.mlp..., transformer.h.0.attn...)
+IN_BLOCK = re.compile(r"\.\d+\.")
+OUTSIDE_BLOCKS = ("outside the repeated blocks of a causal LM (embedding, head, final norm: kept by default, "
+                  "include= or --include selects them)")
+
+
+def causal_lm_dir(source: Source) -> bool:
+    """Whether ``source`` (a file or a model directory) sits beside a ``config.json`` that names a causal
+    language model (``...ForCausalLM``)."""
+    p = Path(source)
+    try:
+        cfg = json.loads(((p if p.is_dir() else p.parent) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    return isinstance(archs, list) and any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+
+
 # architectures whose checkpoints store some 2-D weights (in, out): transformers' Conv1D layers
 TRANSPOSED_WEIGHTS: dict[str, str] = {
     "gpt2": r"(^|\.)(c_attn|c_proj|c_fc)\.weight$",
@@ -246,6 +264,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
                                   f"{list(sol.values.shape)}")
     ct = format if isinstance(format, CompressedTensors) else None
     ct_dir = path if path.is_dir() else path.parent
+    # the field's convention on a decoder LLM: its blocks' weights are compressed, the rest kept unless asked
+    blocks_only = include is None and causal_lm_dir(path)
     modules = linear_modules(ct_dir, names) if ct is not None else {}
     reasons = {}
     axes: dict[str, int] = {}
@@ -253,6 +273,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
     for n in names:
         dtype, shape = ckpt.info(n)
         reasons[n] = _selected(n, dtype, shape, include, exclude, min_ndim)
+        if reasons[n] is None and blocks_only and not IN_BLOCK.search(n):
+            reasons[n] = OUTSIDE_BLOCKS
         if ct is not None and reasons[n] is None and n not in modules:
             reasons[n] = "not a Linear layer's weight (compressed-tensors quantizes Linear layers only)"
         axes[n] = axis_of(n, tuple(shape), rules or [])
