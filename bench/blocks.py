@@ -101,7 +101,7 @@ def run_accuracy() -> list[dict]:
     of the 2-D weights as stored (float32: their dense bytes)."""
     from lowbit import compress_checkpoint
 
-    from .models import minilm_checkpoint
+    from .models import minilm_checkpoint, sentences
     from .quantize import evaluate, load_eval_model
 
     table = Table([("method", "method", "<20"), ("bits_per_weight", "bits/weight", "11.3f"),
@@ -111,7 +111,7 @@ def run_accuracy() -> list[dict]:
     for label, spec in ACCURACY.items():
         approx: dict = {}
         rep = compress_checkpoint(minilm_checkpoint(), None, _method(spec), collect=approx, progress=False, metrics=False)
-        res = evaluate(load_eval_model(None), approx)
+        res = evaluate(load_eval_model(None), approx, sentences())
         weights = sum(r.bytes_before for r in rep.tensors) / 4
         stored = sum(r.bytes_after for r in rep.tensors)
         out.append(table.row(dict(part="accuracy", method=label, bits_per_weight=stored * 8 / weights,

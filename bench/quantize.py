@@ -21,6 +21,7 @@ Exit codes: 0 success, 2 usage error, 1 any other failure (one line naming the f
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import os
 import sys
 import time
@@ -28,15 +29,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from compress.lowrank import METHODS as SVD_METHODS
 from compress.storage import LowRankSVD, MagnitudePrune, NMPrune, StructuredPrune
 from lowbit.checkpoint import Chain, Checkpoint, CheckpointError, compress_checkpoint
-from lowbit.checkpoint.calibrated import PRUNERS, Calibrated, load_model, read_texts, solve, solver_for, text_batches
+from lowbit.checkpoint.calibrated import (PRUNERS, Calibrated, calibration_tokens, load_model, packed_batches, read_texts,
+                                          solve, solver_for, text_batches)
 from lowbit.checkpoint.compressed_tensors import CompressedTensors, weight_args
 from lowbit.checkpoint.gguf import gguf_type_of_chain
 from lowbit.checkpoint.onnx_qdq import check_chain as check_onnx_chain
+from lowbit.checkpoint.chain import names_matching
 from lowbit.checkpoint.io import check_output, write_text_file
+from lowbit.eval import causal_lm_quality
 from lowbit.checkpoint.pipeline import NothingToCompress, causal_lm_dir, check_pattern
 from precision import OVERFLOW_MODES, ROUNDING_MODES, SUBNORMAL_MODES
 from precision.arrays import contiguous
@@ -47,6 +52,9 @@ from precision.report import Report
 from quant import AWQ, GPTQ, PerChannel, PerGroup, PerTensor, QuantSpec
 from quant.spec import Granularity
 from quant.storage import SCALE_DTYPES, IntQuant
+
+from .models import (MODELS, embed, embedding_cosine, heldout_path, minilm_checkpoint, minilm_dir, model_path,
+                     sentence_model, sentences, split_sentences)
 
 PROG = "python -m bench.quantize"
 W8A8 = "w8a8"  # int8 weights per channel + dynamic per-token int8 inputs (compressed-tensors' int-quantized)
@@ -67,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a .safetensors file, a shard index (*.safetensors.index.json), "
-                   "a model directory, or a PyTorch .pt/.pth/.bin state dict (read with weights_only=True). "
-                   "Default: the bundled all-MiniLM-L6-v2 checkpoint.")
+                   "a model directory, a PyTorch .pt/.pth/.bin state dict (read with weights_only=True), or a "
+                   "bundled model by name: minilm (all-MiniLM-L6-v2), smollm2 (SmolLM2-135M-Instruct, a Llama "
+                   "causal LM). Default: minilm.")
     p.add_argument("--method", default="int8", help="a method or a comma-separated chain, structure first: "
                    "a float format (fp16, bf16, fp8_e4m3fn, fp8_e5m2 or any precision format name), int2..int8, "
                    "a block format (mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8, nvfp4, q8_0, q4_0), prune, "
@@ -116,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-data", metavar="FILE", help="UTF-8 text, one sample per line (default for the "
                    "bundled MiniLM: the even lines of the project's sentence file)")
     g.add_argument("--calibration-samples", type=int, default=128, metavar="N",
-                   help="use the first N samples of --calibration-data (default 128)")
+                   help="use the first N samples of --calibration-data (default 128): lines, or with "
+                   "--calibration-seqlen packed sequences")
+    g.add_argument("--calibration-seqlen", type=int, default=None, metavar="T",
+                   help="transformers models: the whole --calibration-data text (documents of any length) "
+                   "tokenized and packed into sequences of T tokens, instead of one sample per line")
     g = p.add_argument_group("low rank (svd)")
     g.add_argument("--rank-ratio", type=float, default=None, help="fraction of parameters kept (default 0.5)")
     g.add_argument("--energy", type=float, default=None, help="fraction of squared singular-value energy kept")
@@ -146,8 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the error metrics (same output; the report gives bytes only)")
     g.add_argument("--report", action="append", default=[], metavar="FILE",
                    help="write the report as JSON (.json) or Markdown (.md); may repeat")
-    g.add_argument("--eval", action="store_true", help="sentence-embedding cosine of the compressed model against "
-                   "the original on the project's sentence set (MiniLM or a sentence-transformers directory)")
+    g.add_argument("--eval", action="store_true", help="the compressed model against the original: for a causal "
+                   "LM perplexity, KL divergence of the next-token distributions and top-1 agreement; for a "
+                   "sentence-transformers model (MiniLM) sentence-embedding cosine; on --eval-data")
+    g.add_argument("--eval-data", metavar="FILE", help="UTF-8 text --eval runs on (default: the project's held-out "
+                   "text bench/data/heldout.txt, which shares no source with the default calibration text; for a "
+                   "sentence model, its sentences)")
+    g.add_argument("--eval-window", type=int, default=512, metavar="N",
+                   help="causal LMs: tokens per evaluation window (default 512)")
     g.add_argument("--workers", type=int, default=1, help="compress this many tensors in parallel threads "
                    "(output order and bytes are the same; default 1)")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -228,13 +247,14 @@ def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated
         raise UsageError("the calibrated methods run with --executor local")
     if a.calibration_samples < 1:
         raise UsageError(f"--calibration-samples must be at least 1, got {a.calibration_samples}")
-    from .models import minilm_dir, sentences
-
+    if a.calibration_seqlen is not None and a.calibration_seqlen < 2:
+        raise UsageError(f"--calibration-seqlen must be at least 2 tokens, got {a.calibration_seqlen}")
     d = path if path.is_dir() else path.parent
+    bundled = a.checkpoint is None or (a.checkpoint in MODELS and not Path(a.checkpoint).exists())
     if a.calibration_data is not None:
-        texts = read_texts(a.calibration_data, a.calibration_samples)
-    elif a.checkpoint is None:
-        texts = sentences()[::2][:a.calibration_samples]  # the odd ones stay held out
+        texts = read_texts(a.calibration_data, None if a.calibration_seqlen else a.calibration_samples)
+    elif bundled:
+        texts = sentences()[::2][:a.calibration_samples]  # the project's calibration sentences (even lines)
     else:
         raise UsageError(f"{calibrated.describe()} needs calibration text: give --calibration-data FILE")
     t = time.perf_counter()
@@ -244,14 +264,24 @@ def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated
         raise CheckpointError(f"{d}: the calibrated methods need a model directory that sentence-transformers or "
                               f"transformers loads ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     phases["time_load_model_s"] = time.perf_counter() - t
+    if a.calibration_seqlen is not None:
+        if isinstance(tok, torch.nn.Module):
+            raise UsageError("--calibration-seqlen packs text for a transformers model; sentence-transformers "
+                             "models take one sample per line")
+        batches = packed_batches(tok, "\n\n".join(texts), a.calibration_seqlen, a.calibration_samples)
+    else:
+        batches = text_batches(tok, texts)
+    tokens = calibration_tokens(batches)
     t = time.perf_counter()
     try:
-        return solve(model, chain, calibrated, text_batches(tok, texts), include=a.include, exclude=a.exclude,
-                     tensor_names=Checkpoint(path).names(), blocks_only=a.include is None and causal_lm_dir(path))
+        out = solve(model, chain, calibrated, batches, include=a.include, exclude=a.exclude,
+                    tensor_names=Checkpoint(path).names(), blocks_only=a.include is None and causal_lm_dir(path))
+        phases["calibration_tokens"] = tokens  # reported beside the phases
     except ValueError as e:
         raise CheckpointError(f"{d}: {e}") from None
     finally:
         phases["time_solve_s"] = time.perf_counter() - t
+    return out
 
 
 def build_chain(a: argparse.Namespace) -> Chain:
@@ -282,12 +312,7 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     """Carry out one CLI invocation (parsed arguments); return the report and the input's files. The
     report's ``wall_time_s`` is the whole run; ``time_*_s`` its phases."""
     t0 = time.perf_counter()
-    if a.checkpoint is None:
-        from .models import minilm_checkpoint
-
-        path = minilm_checkpoint()
-    else:
-        path = Path(a.checkpoint)
+    path = minilm_checkpoint() if a.checkpoint is None else model_path(a.checkpoint)
     a.resolved_scale_dtype = scale_dtype_of(a, path)
     chain = build_chain(a)
     if a.workers < 1:
@@ -337,6 +362,11 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
             solver_for(chain, calibrated)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if (a.eval_data is not None or a.eval_window != 512) and not a.eval:
+        raise UsageError("--eval-data and --eval-window apply to --eval")
+    if a.eval_window < 2:
+        raise UsageError(f"--eval-window must be at least 2 tokens, got {a.eval_window}")
+    eval_text = read_eval_text(a.eval_data) if a.eval else None
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     phases: dict[str, float] = {}
@@ -350,12 +380,14 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
         report.meta["calibrated"] = calibrated.describe()
     if ref_model is not None and approx is not None:
         t = time.perf_counter()
-        report.meta.update(evaluate(ref_model, approx))
+        assert eval_text is not None
+        report.meta.update(evaluate(ref_model, approx, eval_text, a.eval_window))
         phases["time_eval_s"] = time.perf_counter() - t
     wall = report.meta.pop("wall_time_s")
     report.meta.update(phases)
     total = time.perf_counter() - t0
-    report.meta["time_other_s"] = total - wall - sum(phases.values())  # checks, reading headers, the eval model
+    # checks, reading headers, the eval model
+    report.meta["time_other_s"] = total - wall - sum(v for k, v in phases.items() if k.startswith("time_"))
     report.meta["wall_time_s"] = total
     return report, inputs
 
@@ -375,36 +407,76 @@ def parse_channel_axes(items: list[str]) -> dict[str, int]:
     return out
 
 
-def load_eval_model(model_path: Path | None) -> Any:
-    """The sentence-transformers model that --eval runs (MiniLM by default), loaded up front."""
-    from .models import sentence_model
+def read_eval_text(path: str | None) -> str:
+    """The text --eval runs on: ``path``'s, or the project's held-out text."""
+    p = Path(path) if path is not None else heldout_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--eval-data {p}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    if not text.strip():
+        raise CheckpointError(f"--eval-data {p}: the file holds no text")
+    return text
 
+
+def load_eval_model(model_path: Path | None) -> Any:
+    """What --eval runs, loaded up front: a causal LM directory's float model and tokenizer
+    (:class:`CausalLM`), else the sentence-transformers model (MiniLM by default)."""
     d = None if model_path is None else (model_path if model_path.is_dir() else model_path.parent)
+    if d is not None and causal_lm_dir(d):
+        try:
+            model, tok = load_model(d)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise CheckpointError(f"{d}: --eval cannot load the causal LM ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        return CausalLM(model, tok)
     try:
         return sentence_model(d)
     except Exception as e:  # noqa: BLE001 - sentence-transformers raises many kinds
-        raise CheckpointError(f"{d}: --eval needs a sentence-transformers model directory ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{d}: --eval needs a sentence-transformers model directory or a causal LM "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def evaluate(ref_model: Any, approx: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Cosine similarity of sentence embeddings: ``ref_model`` as loaded vs with the ``approx`` weights."""
+@dataclass(frozen=True)
+class CausalLM:
+    model: Any
+    tokenizer: Any
+
+
+def _with_weights(model: Any, approx: dict[str, np.ndarray]) -> None:
+    """Load ``approx`` (checkpoint names) into ``model`` in place, each name matched to one parameter."""
     import torch
 
-    from .models import embed, embedding_cosine
-
-    ref = embed(ref_model)
-    sd = ref_model.state_dict()
+    sd = model.state_dict()
     new = {}
     for name, v in approx.items():
-        keys = [k for k in sd if k == name or k.endswith("." + name)]
+        keys = names_matching(name, list(sd))
         if len(keys) != 1:
             raise CheckpointError(f"--eval: tensor {name!r} matches {len(keys)} model parameters")
         new[keys[0]] = torch.from_numpy(contiguous(v.astype(np.float32))).to(sd[keys[0]].dtype)
-    ref_model.load_state_dict(new, strict=False)
-    res = embedding_cosine(ref, embed(ref_model))
-    return {"eval_mean_cosine": res["mean_cosine"], "eval_min_cosine": res["min_cosine"],
-            "eval_sentences": res["sentences"]}
+    model.load_state_dict(new, strict=False)
+
+
+def evaluate(ref: Any, approx: dict[str, np.ndarray], text: str | list[str], window: int = 512) -> dict[str, Any]:
+    """The compressed model (``ref`` with the ``approx`` weights) against ``ref`` on ``text``: perplexity, KL
+    and top-1 for a causal LM; sentence-embedding cosine for a sentence model (over the text's sentences,
+    or the list of sentences given)."""
+    import copy
+
+    import torch
+
+    if isinstance(ref, CausalLM):
+        joined = text if isinstance(text, str) else "\n".join(text)
+        ids = torch.tensor(ref.tokenizer(joined, add_special_tokens=False)["input_ids"])
+        compressed = copy.deepcopy(ref.model)
+        _with_weights(compressed, approx)
+        return causal_lm_quality(ref.model, compressed, ids, window=window).as_meta()
+    texts = split_sentences(text) if isinstance(text, str) else text
+    before = embed(ref, texts)
+    _with_weights(ref, approx)
+    cos = embedding_cosine(before, embed(ref, texts))
+    return {"eval_mean_cosine": cos["mean_cosine"], "eval_min_cosine": cos["min_cosine"],
+            "eval_sentences": cos["sentences"]}
 
 
 def check_reports(a: argparse.Namespace, path: Path) -> list[Path]:

@@ -125,7 +125,8 @@ def _private(st: os.stat_result) -> bool:
     return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """lowbit's cache directory: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit``."""
     base = os.environ.get("LOWBIT_CACHE_DIR")
     return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
 
@@ -135,7 +136,7 @@ def _open_cache() -> int | None:
     another user's, writable by others, or on a system without descriptor paths."""
     if not _FD_PATHS:
         return None
-    d = _cache_dir()
+    d = cache_dir()
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(d, _DIR_FLAGS)

@@ -200,3 +200,31 @@ def text_batches(model: Any, texts: list[str], batch_size: int = 32, max_length:
         out.append(tok(chunk) if tok is not None else
                    dict(model(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")))
     return out
+
+
+def packed_batches(tokenizer: Any, text: str, seqlen: int, samples: int, batch_size: int = 8) -> list[Any]:
+    """``text`` (documents of any length) tokenized as one stream and cut into ``samples`` sequences of
+    ``seqlen`` tokens (fewer where the text runs out; a last partial sequence is dropped unless it is
+    the only one), as decoder LLMs are calibrated: batches of ``batch_size`` sequences, no padding."""
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer of at least 2 tokens, got {seqlen!r}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < 2:
+        raise ValueError("the calibration text holds fewer than 2 tokens")
+    n = min(samples, max(1, ids.numel() // seqlen))
+    seqs = ids[:n * seqlen].reshape(n, -1) if ids.numel() >= seqlen else ids[None]
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in seqs.split(batch_size)]
+
+
+def calibration_tokens(batches: Iterable[Any]) -> int:
+    """The tokens the calibration batches hold (padding left out)."""
+    n = 0
+    for b in batches:
+        if isinstance(b, dict) and "attention_mask" in b:
+            n += int(torch.as_tensor(b["attention_mask"]).sum())
+        elif isinstance(b, dict) and "input_ids" in b:
+            n += int(torch.as_tensor(b["input_ids"]).numel())
+    return n
+
