@@ -18,7 +18,8 @@ Rounding modes
     ``"nearest_even"`` (default): nearest representable value, ties to the
     even significand. ``"nearest_away"``: nearest representable value, ties
     away from zero (the OCP MX reference's default rounding).
-    ``"toward_zero"``: truncate the magnitude.
+    ``"toward_zero"``: truncate the magnitude (as IEEE 754 has it, never an overflow: a finite value beyond
+    the largest finite one gives the largest).
     ``"stochastic"``: round up with probability equal to the distance from the
     lower neighbour over the gap; needs ``seed`` (int) or ``generator``
     (``numpy.random.Generator``) and is reproducible with it.
@@ -188,6 +189,8 @@ def _encode_exact(neg, M, E, kind, fmt: FloatFormat, rounding: str, overflow: st
     if fmt.specials == "fnu":  # field 0 is a normal value 2**emin: no subnormals, no zero
         code = np.maximum(code - 1, 0)
     maxc = fmt.max_finite_code
+    if rounding == "toward_zero":  # IEEE 754: rounding toward zero never overflows; a finite value beyond is max
+        code = np.where((code > maxc) & (kind == _FINITE), maxc, code)
     over = (code > maxc) & (kind == _FINITE)
     # overflow and infinite input go to the same code: max finite (saturate, or a finite-only
     # format), else inf, else NaN (a format with neither inf nor NaN is finite-only)
@@ -811,6 +814,8 @@ def _round_tensor(x: "torch.Tensor", fmt: FloatFormat, rounding: str, overflow: 
     if subnormals == "flush":
         r = torch.where(r < min_normal, torch.zeros_like(r), r)
     top = float(fmt.max_finite)
+    if rounding == "toward_zero":  # IEEE 754: rounding toward zero never overflows; a finite value beyond is max
+        r = torch.where(r > top, torch.full_like(r, top), r)
     over = (r > top) | torch.isinf(a)
     if overflow == "saturate" or fmt.specials == "finite":
         r = torch.where(over, torch.full_like(r, top), r)
