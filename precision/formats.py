@@ -66,6 +66,9 @@ class FloatFormat:
             raise ValueError("specials='fnu' (exponent-only, unsigned) needs mantissa_bits=0")
         if self.specials == "ieee" and e < 2:
             raise ValueError("specials='ieee' needs exponent_bits >= 2 (one exponent is reserved)")
+        if self.specials == "ieee" and m == 0:
+            raise ValueError("specials='ieee' needs mantissa_bits >= 1 (inf and NaN differ in the mantissa); "
+                             "use specials='fn' or 'finite' for an exponent-only format")
         if self.bits > 32:
             raise ValueError(f"formats wider than 32 bits are not supported (got {self.bits})")
         if self.bias is None:

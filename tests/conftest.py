@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["pytester"]  # tests of lowbit's own pytest plugin
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _C_PASSES = {

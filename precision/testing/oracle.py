@@ -32,7 +32,6 @@ ROUNDINGS = ("nearest_even", "nearest_away", "toward_zero")
 OVERFLOWS = ("ieee", "saturate")
 SUBNORMALS = ("keep", "flush")
 
-FormatLike = "FloatFormat | str"
 
 
 def _check(rounding: str, overflow: str, subnormals: str) -> None:
@@ -67,8 +66,10 @@ def _float_table(fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray, float]:
     return np.array([float(v) for v in values]), np.array(odd, bool), float(top)
 
 
-def _scalar(x: Fraction | float, fmt: FloatFormat, rounding: str, overflow: str, subnormals: str) -> float:
-    """The reference for one exact value (a Fraction) or a special float (inf, NaN)."""
+def reference_round_scalar(x: Fraction | float, fmt: FloatFormat, rounding: str = "nearest_even",
+                           overflow: str = "ieee", subnormals: str = "keep") -> float:
+    """The reference for one exact value (a Fraction, any size) or a special float (inf, NaN, -0.0), as a
+    Python float: the scalar path of :func:`reference_round`."""
     if isinstance(x, float) and math.isnan(x):
         if not fmt.has_nan:
             raise ValueError(f"input contains NaN, which {fmt.name} cannot represent (it has no NaN encoding)")
@@ -78,7 +79,7 @@ def _scalar(x: Fraction | float, fmt: FloatFormat, rounding: str, overflow: str,
         return math.nan
     if isinstance(x, float) and math.isinf(x):
         return _overflowed(fmt, overflow, neg)
-    ax = -x if x < 0 else Fraction(x)
+    ax = abs(Fraction(x))
     rounded = _round_abs(ax, fmt, rounding)
     if rounded is None:
         return _overflowed(fmt, overflow, neg)
@@ -121,7 +122,7 @@ def _round_abs(ax: Fraction, fmt: FloatFormat, rounding: str) -> Fraction | None
     return None if i >= len(values) and res == hi else res
 
 
-def round_fraction(x: Fraction, fmt: FormatLike, rounding: str = "nearest_even") -> Fraction:
+def round_fraction(x: Fraction, fmt: "FloatFormat | str", rounding: str = "nearest_even") -> Fraction:
     """An exact finite value rounded to ``fmt`` (saturating), as an exact Fraction: the building block of
     the block and integer references (e.g. a float32 product, correctly rounded)."""
     fmt = get_format(fmt)
@@ -222,7 +223,7 @@ def _out_dtype(src: np.dtype, fmt: FloatFormat) -> np.dtype:
     return src if fits else np.dtype(np.float64)
 
 
-def reference_round(x: Any, fmt: FormatLike, *, rounding: str = "nearest_even", overflow: str = "ieee",
+def reference_round(x: Any, fmt: "FloatFormat | str", *, rounding: str = "nearest_even", overflow: str = "ieee",
                     subnormals: str = "keep") -> Any:
     """``x`` rounded to ``fmt`` exactly, once, from each input's rational value: the answer
     :func:`precision.round_to` (and any correct cast) must give.
@@ -238,7 +239,7 @@ def reference_round(x: Any, fmt: FormatLike, *, rounding: str = "nearest_even", 
     _check(rounding, overflow, subnormals)
     a, big, src = _exact_values(x)
     if big is not None:
-        out = np.array([_scalar(v, fmt, rounding, overflow, subnormals) for v in big]).reshape(np.shape(as_numpy(x)))
+        out = np.array([reference_round_scalar(v, fmt, rounding, overflow, subnormals) for v in big]).reshape(np.shape(as_numpy(x)))
     elif fmt.bits <= 16:
         assert a is not None
         with np.errstate(invalid="ignore"):
@@ -247,8 +248,8 @@ def reference_round(x: Any, fmt: FormatLike, *, rounding: str = "nearest_even", 
         assert a is not None
         flat = [(Fraction(v) if math.isfinite(v) else v) for v in a.reshape(-1).tolist()]
         neg0 = np.signbit(a.reshape(-1))
-        vals = [(_scalar(-0.0, fmt, rounding, overflow, subnormals) if (v == 0 and s) else
-                 _scalar(v, fmt, rounding, overflow, subnormals)) for v, s in zip(flat, neg0)]
+        vals = [(reference_round_scalar(-0.0, fmt, rounding, overflow, subnormals) if (v == 0 and s) else
+                 reference_round_scalar(v, fmt, rounding, overflow, subnormals)) for v, s in zip(flat, neg0)]
         out = np.array(vals, np.float64).reshape(a.shape)
     keep = _out_dtype(np.dtype(src), fmt) == np.dtype(src)
     if is_torch(x):
@@ -258,7 +259,7 @@ def reference_round(x: Any, fmt: FormatLike, *, rounding: str = "nearest_even", 
     return like(res, x) if isinstance(x, np.ndarray) else (res[()] if res.ndim == 0 else res)
 
 
-def neighbours(x: float, fmt: FormatLike) -> tuple[float, float]:
+def neighbours(x: float, fmt: "FloatFormat | str") -> tuple[float, float]:
     """The two values of ``fmt`` around the finite ``x`` (``lo <= |x| <= hi``, signed like ``x``); equal
     when ``x`` is a value of ``fmt``. The pair stochastic rounding must choose from."""
     fmt = get_format(fmt)

@@ -177,8 +177,8 @@ def _nvfp4(v: np.ndarray, f: BlockFormat, rounding: str) -> np.ndarray:
         scaled = min(Fraction(448), max(Fraction(1, 64), _f32(_f32(am / 6) / t)))
         s = round_fraction(scaled, e4m3)
         d = s * t
-        els = [_round_el(Fraction(x) / d, f.element_format, rounding) for x in row.tolist()]
-        out[i] = [float(_f32(e * d)) for e in els]
+        out[i] = [_signed_zero(float(_f32(_round_el(Fraction(x) / d, f.element_format, rounding) * d)), x)
+                  for x in row.tolist()]
     return out
 
 
@@ -198,7 +198,13 @@ def _fit_block(b: np.ndarray, f: BlockFormat, rounding: str) -> np.ndarray:
         s = round_fraction(amax / top, sfmt, "toward_zero")
         if s * top < amax:  # the next scale value up
             s = _next_up(s, sfmt)
-    return np.array([float(_f32(round_fraction(Fraction(x) / s, f.element_format, rounding) * s)) for x in b.tolist()])
+    return np.array([_signed_zero(float(_f32(round_fraction(Fraction(x) / s, f.element_format, rounding) * s)), x)
+                     for x in b.tolist()])
+
+
+def _signed_zero(v: float, x: float) -> float:
+    """A zero result carries the input's sign (the element formats have -0)."""
+    return math.copysign(0.0, x) if v == 0 else v
 
 
 def _next_up(s: Fraction, sfmt: Any) -> Fraction:
@@ -209,20 +215,37 @@ def _next_up(s: Fraction, sfmt: Any) -> Fraction:
 
 
 def _gguf_block(b: np.ndarray, f: BlockFormat) -> np.ndarray:
+    """ggml's reference quantizer and dequantizer for one block, a float32 C operation per step (IEEE:
+    each correctly rounded, overflow to inf), element by element as ggml's loops run."""
     if not np.isfinite(b).all():
         raise ValueError(f"reference_round_block: {f.describe()} quantization needs finite values")
-    x = [_f32(Fraction(float(v))) for v in b.tolist()]
-    if f.scale_rule == "amax":  # quantize_row_q8_0_ref
-        d = _f32(max(abs(v) for v in x) / 127)
-        inv = _f32(1 / d) if d else Fraction(0)
-        q = [_rint(_f32(v * inv), away=True) for v in x]  # roundf: halves away from zero
-    else:  # quantize_row_q4_0_ref: the first element of the largest magnitude, signed
-        mx = x[0]
-        for v in x:
-            if abs(v) > abs(mx):
-                mx = v
-        d = _f32(mx / -8)
-        inv = _f32(1 / d) if d else Fraction(0)
-        q = [min(15, max(0, int(_f32(_f32(v * inv) + Fraction(17, 2))))) - 8 for v in x]  # (int8_t) truncates
-    d16 = round_fraction(d, _F16)
-    return np.array([float(_f32(qi * d16)) for qi in q])
+    f32 = np.float32
+    x = [f32(v) for v in b.tolist()]
+    with np.errstate(all="ignore"):
+        if f.scale_rule == "amax":  # quantize_row_q8_0_ref
+            amax = f32(0)
+            for v in x:
+                amax = max(amax, abs(v))
+            d = amax / f32(127)
+            inv = f32(1) / d if d else f32(0)
+            q = [_roundf(v * inv) for v in x]
+        else:  # quantize_row_q4_0_ref: the first element of the largest magnitude, signed
+            amax, mx = f32(0), f32(0)
+            for v in x:
+                if amax < abs(v):
+                    amax, mx = abs(v), v
+            d = mx / f32(-8)  # -0.0 when every element is zero
+            inv = f32(1) / d if d else f32(0)
+            q = [min(15, _trunc(v * inv + f32(8.5))) - 8 for v in x]
+        d16 = np.float16(d).astype(np.float32)  # ggml's float16 of the scale (inf past its range)
+        return np.array([np.float32(qi) * d16 for qi in q], np.float64)
+
+
+def _roundf(t: np.float32) -> int:
+    """C's roundf: halves away from zero."""
+    return int(math.copysign(math.floor(abs(float(t)) + 0.5), float(t))) if math.isfinite(t) else 0
+
+
+def _trunc(t: np.float32) -> int:
+    """(int8_t) of a float in [0, 16.5] truncates toward zero; a non-finite one gives 0 (x86's conversion)."""
+    return max(0, int(t)) if math.isfinite(t) else 0
