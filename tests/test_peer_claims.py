@@ -89,3 +89,24 @@ def test_both_references_round_nearest_even_on_float32(name):
     th = torch.from_numpy(x).to(fmt.torch_dtype).view(getattr(torch, np.dtype(fmt.storage_dtype).name)).numpy()
     claim(np.array_equal(ours, ml), "ml_dtypes", "nearest_even (default, as ml_dtypes)")
     claim(np.array_equal(ours.view(th.dtype), th), "torch", "nearest_even (default, as torch)")
+
+
+def test_the_conformance_summary_in_the_readme_holds():
+    """README, "Testing your own kernels": ml_dtypes agrees everywhere; torch agrees from float32 (fp8 e4m3fn
+    saturating, the others with IEEE overflow), rounds float64 through float32, and its quantize_per_tensor
+    with a zero point disagrees at ties; lowbit agrees everywhere."""
+    from bench.conformance import run
+
+    rows = run(sample=500)
+    ml = [r for r in rows if r["library"] == "ml_dtypes"]
+    claim(all(r["disagree"] == 0 for r in ml), "ml_dtypes", "ml_dtypes agrees everywhere")
+    th = [r for r in rows if r["library"] == "torch" and r["function"] == ".to()"]
+    f32 = {(r["format"], r["mode"]): r["disagree"] for r in th if r["input"] == "float32"}
+    claim(f32[("fp8_e4m3fn", "saturate")] == 0 and all(v == 0 for (f, m), v in f32.items() if f != "fp8_e4m3fn" and m == "ieee"),
+          "torch", "torch agrees from float32 (fp8 e4m3fn saturates; the others follow IEEE overflow)")
+    claim(all(r["disagree"] > 0 for r in th if r["input"] == "float64" and r["mode"] == "ieee" and r["format"] != "fp8_e4m3fn"),
+          "torch", "torch rounds float64 through float32 first")
+    qpt = [r for r in rows if r["function"] == "quantize_per_tensor"]
+    claim(all((r["disagree"] > 0) == ("zp 0" not in r["format"]) for r in qpt), "torch",
+          "quantize_per_tensor with a nonzero zero point rounds ties after adding the zero point")
+    assert all(r["disagree"] == 0 for r in rows if r["library"] == "lowbit")

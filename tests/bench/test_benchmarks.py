@@ -135,3 +135,20 @@ def test_markdown_keeps_cosines_distance_to_one_visible():
 
     table = markdown([{"cosine": 0.99897}, {"cosine": 0.999961}, {"cosine": 0.95}, {"cosine": 1.0}])
     assert "| 0.99897 |" in table and "| 0.999961 |" in table and "| 0.95 |" in table and "| 1 |" in table
+
+
+def test_conformance_table_lists_ml_dtypes_and_torch_with_their_versions(tmp_path):
+    import importlib.metadata
+    import json
+
+    from bench.conformance import main as conformance
+
+    assert conformance(["--sample", "500", "--json", str(tmp_path / "c.json")]) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())
+    libs = {r["library"]: r["version"] for r in rows}
+    assert libs["ml_dtypes"] == importlib.metadata.version("ml_dtypes") and libs["torch"] == importlib.metadata.version("torch")
+    assert all(r["inputs"] > 0 for r in rows)
+    control = [r for r in rows if r["library"] == "lowbit"]
+    assert control and all(r["disagree"] == 0 for r in control)  # lowbit's own round_to agrees everywhere
+    # torch rounds float64 through float32: the table shows it (whatever the installed version does, it is counted)
+    assert any(r["library"] == "torch" and r["input"] == "float64" for r in rows)
