@@ -9,7 +9,9 @@ each midpoint, where rounding through float32 first lands on the midpoint.
 
 Peers checked where installed: ml_dtypes ``astype`` (every small float it ships), torch ``.to()``
 (bfloat16, float16, the fp8 dtypes), torch's ``fake_quantize_per_tensor_affine`` and
-``quantize_per_tensor`` (int8, against :func:`precision.testing.reference_quantize`), and lowbit's own
+``quantize_per_tensor`` (int8, against :func:`precision.testing.reference_quantize`), torchao's MX
+reference ``to_mx`` (mxfp8 e4m3 and mxfp4, floor rule, against
+:func:`precision.testing.reference_round_block`), and lowbit's own
 ``round_to`` as a control. Versions change behaviour (ml_dtypes 0.7 stopped double-rounding float64 to
 fp8): every row names the version it ran on.
 """
@@ -24,8 +26,9 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from lowbit.checkpoint.hf import quiet_imports
 from precision import get_format, round_to
-from precision.testing import case_class, reference_quantize, reference_round
+from precision.testing import case_class, reference_quantize, reference_round, reference_round_block
 from precision.testing.assertions import _inputs, _same
 from quant import PerTensor, QParams, QuantSpec
 
@@ -108,6 +111,44 @@ def quantize_rows(sample: int) -> list[dict]:
     return rows
 
 
+def torchao_rows(sample: int) -> list[dict]:
+    """torchao's MX reference ``to_mx`` (floor rule, the OCP spec's) against reference_round_block, where
+    torchao imports: blocks of 32 around every element value and tie, at many scales."""
+    try:
+        with warnings.catch_warnings(), quiet_imports():  # torchao's import-time noise on a CPU machine
+            warnings.simplefilter("ignore")
+            from torchao.prototype.mx_formats import kernels
+            from torchao.prototype.mx_formats.config import ScaleCalculationMode
+            from torchao.prototype.mx_formats.mx_tensor import to_mx
+    except Exception:  # noqa: BLE001 - torchao's prototype modules move between releases
+        return []
+    rng = np.random.default_rng(2)
+    rows = []
+    for name, elem in (("mxfp8_e4m3", torch.float8_e4m3fn), ("mxfp4", torch.float4_e2m1fn_x2)):
+        el = get_format("fp8_e4m3fn" if name == "mxfp8_e4m3" else "fp4_e2m1fn")
+        vals = np.unique(np.abs(round_to(np.linspace(0, float(el.max_finite), 4000), el)))
+        pts = np.concatenate([vals, (vals[:-1] + vals[1:]) / 2])
+        n_blocks = max(8, sample // 32)
+        x = rng.choice(pts, (n_blocks, 32)) * rng.choice([-1.0, 1.0], (n_blocks, 32))
+        x[:, 0] = float(el.max_finite) * rng.choice([1.0, 1.5, 1.9], n_blocks)  # amax near a power of two
+        x = (x * np.exp2(rng.integers(-20, 20, (n_blocks, 1)))).astype(np.float32)
+        scale, data = to_mx(torch.from_numpy(x), elem, 32, ScaleCalculationMode.FLOOR)
+        e = scale.view(torch.uint8).numpy().astype(np.int64).reshape(n_blocks, 1) - 127
+        if name == "mxfp4":
+            els = kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data.view(torch.uint8))).numpy()
+        else:
+            els = data.to(torch.float32).numpy()
+        got = els.reshape(x.shape).astype(np.float64) * np.exp2(e.astype(np.float64))
+        want = np.asarray(reference_round_block(x, name), np.float64)
+        bad = np.flatnonzero(~_same(want.reshape(-1), got.reshape(-1), get_format("fp32")))
+        rows.append({"library": "torchao", "version": version("torchao"), "function": "to_mx (floor)", "format": name,
+                     "input": "float32", "mode": "saturate", "inputs": int(x.size), "disagree": int(bad.size),
+                     "classes": "E8M0 code 0 blocks (torchao divides by 2**-126)" if bad.size else "",
+                     "examples": "; ".join(f"{float(x.reshape(-1)[i])!r} -> {float(got.reshape(-1)[i])!r} "
+                                           f"(exact {float(want.reshape(-1)[i])!r})" for i in bad[:3])})
+    return rows
+
+
 def run(sample: int) -> list[dict]:
     table = Table([("library", "library", "<10"), ("version", "version", "<9"), ("function", "function", "<32"),
                    ("format", "format", "<16"), ("input", "input", "<8"), ("mode", "mode", "<9"),
@@ -130,6 +171,8 @@ def run(sample: int) -> list[dict]:
                 add("torch", ".to()", name, src, overflow,
                     lambda x, tdt=tdt: torch.from_numpy(x).to(tdt).double().numpy())
     for r in quantize_rows(sample):
+        rows.append(table.row(r))
+    for r in torchao_rows(sample):
         rows.append(table.row(r))
     for name in ("bf16", "fp8_e4m3fn", "fp4_e2m1fn"):
         add("lowbit", "round_to (control)", name, np.float64, "ieee", lambda x, n=name: round_to(x, n))

@@ -109,4 +109,7 @@ def test_the_conformance_summary_in_the_readme_holds():
     qpt = [r for r in rows if r["function"] == "quantize_per_tensor"]
     claim(all((r["disagree"] > 0) == ("zp 0" not in r["format"]) for r in qpt), "torch",
           "quantize_per_tensor with a nonzero zero point rounds ties after adding the zero point")
+    ao = [r for r in rows if r["library"] == "torchao"]
+    if ao:
+        claim(all(r["disagree"] == 0 for r in ao), "torchao", "torchao's to_mx agrees with reference_round_block")
     assert all(r["disagree"] == 0 for r in rows if r["library"] == "lowbit")

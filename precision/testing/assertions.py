@@ -76,8 +76,9 @@ def _same(want: np.ndarray, got: np.ndarray, fmt: FloatFormat) -> np.ndarray:
 def _inputs(fmt: FloatFormat, dtype: np.dtype) -> tuple[np.ndarray, str]:
     """Every bit pattern of a 16-bit dtype, or for float32/float64 the neighbourhood of every value,
     midpoint and threshold of ``fmt`` plus a fixed sample."""
-    if dtype.itemsize == 2:
-        return np.arange(1 << 16, dtype=np.uint16).view(dtype), f"every {dtype.name} bit pattern"
+    if dtype.itemsize <= 2:  # float16, bfloat16, and 8-bit input formats (ml_dtypes' fp8): every code
+        return (np.arange(1 << (8 * dtype.itemsize), dtype=np.dtype(f"u{dtype.itemsize}")).view(dtype),
+                f"every {dtype.name} bit pattern")
     values, _, top = _float_table(fmt) if fmt.bits <= 16 else (np.array([0.0, fmt.min_normal, fmt.max_finite]), None,
                                                                float(fmt.max_finite) * 2)
     pts = np.concatenate([values, (values[:-1] + values[1:]) / 2, [(values[-1] + top) / 2, top, fmt.min_normal / 2]])
@@ -101,8 +102,8 @@ def assert_rounds_like(fn: Callable[[np.ndarray], Any], fmt: "FloatFormat | str"
     same ``rounding``, ``overflow`` and ``subnormals``): ``fn`` takes a numpy array of ``dtype`` and returns
     the rounded values (any float dtype, or a torch tensor), of the same shape.
 
-    The inputs are exhaustive where the domain is small: every bit pattern of a 16-bit ``dtype``
-    (float16, bfloat16); for float32/float64 every value, midpoint and threshold of ``fmt`` and their
+    The inputs are exhaustive where the domain is small: every bit pattern of a 16-bit or 8-bit ``dtype``
+    (float16, bfloat16, ml_dtypes' fp8 types); for float32/float64 every value, midpoint and threshold of ``fmt`` and their
     neighbours two ulps either way, plus a fixed sample of bit patterns. ``inputs`` replaces them. NaN
     inputs are left out for formats that have no NaN (``nan=False`` leaves them out always). Values are
     compared bit for bit (NaN equals NaN; the sign of zero counts where the format has -0).
