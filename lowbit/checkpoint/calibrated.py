@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from compress.storage import MagnitudePrune, NMPrune
 from precision.methods import Method, Solution
 from quant.awq import AWQ
+from quant import QParams
 from quant.gptq import GPTQ, Pruning, grid_for
 from quant.solve import QUANTIZERS, Solver, solve_layers
 
@@ -128,6 +130,11 @@ def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated
     chain = Chain.of(method)
     solver = solver_for(chain, calibrated)
     work = copy.deepcopy(model).eval()
+    conv = conv1d_as_linear(work)  # GPT-2's Conv1D layers, solved as the Linear layers they are
+    if conv and isinstance(chain.structure, NMPrune):
+        raise ValueError(f"N:M sparsity runs along the input axis, which {', '.join(sorted(conv)[:2])}... (Conv1D) "
+                         "store first (in, out); lowbit's N:M storage groups the last axis: prune these "
+                         "unstructured (--sparsity) or exclude them")
     names = None if tensor_names is None else list(tensor_names)
 
     def name_of(param: str) -> str:
@@ -151,13 +158,49 @@ def solve(model: nn.Module, method: Chain | Method | str, calibrated: Calibrated
         raise ValueError(f"solve: the calibration data never reaches {', '.join(unreached[:5])}")
     out: dict[str, Solution] = {}
     for n, sol in solved.items():
-        out[n + ".weight"] = Solution(sol.values.numpy(), None if sol.keep is None else sol.keep.numpy(),
-                                      sol.qparams, sol.reference.numpy())
+        s = Solution(sol.values.numpy(), None if sol.keep is None else sol.keep.numpy(), sol.qparams,
+                     sol.reference.numpy())
+        out[n + ".weight"] = _stored_as_conv1d(s, chain) if n in conv else s
     before = dict(model.named_parameters())
     for n, p in work.named_parameters():
-        if n not in out and not torch.equal(p, before[n]):
+        if n not in out and n.rpartition(".")[0] in conv and n.endswith(".weight"):
+            if not torch.equal(p.T, before[n]):  # an AWQ scale folded into a Conv1D that is not solved
+                out[n] = Solution(p.detach().float().T.numpy().copy())
+        elif n not in out and not torch.equal(p, before[n]):
             out[n] = Solution(p.detach().float().numpy().copy())
     return out
+
+
+def conv1d_as_linear(model: nn.Module) -> set[str]:
+    """Replace every transformers ``Conv1D`` of ``model`` (GPT-2's: ``x @ W + b`` with ``W`` stored
+    (in, out)) by the ``nn.Linear`` that computes the same (``weight = W.T``), in place; returns their names."""
+    names = set()
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.ndim == 2:
+            w = m.weight.detach()
+            lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w.T)
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias.detach())
+            model.set_submodule(name, lin)
+            names.add(name)
+    return names
+
+
+def _stored_as_conv1d(s: Solution, chain: Chain) -> Solution:
+    """A solution found on the (out, in) Linear, as the Conv1D's (in, out) tensor stores it: values, mask
+    and reference transposed, integer params transposed under the chain's spec for output channels on
+    axis 1 (:meth:`Chain.for_channel_axis`)."""
+    qp = s.qparams
+    if qp is not None:
+        spec = getattr(chain.for_channel_axis(1).values, "spec", None)
+        if not isinstance(qp, QParams) or spec is None:
+            raise ValueError("solve: GPT-2's Conv1D weights take integer value methods (int2-int8) with the "
+                             "calibrated solvers; float and block formats are not carried for them")
+        qp = QParams(np.ascontiguousarray(qp.scale.T), np.ascontiguousarray(qp.zero_point.T), spec, tuple(qp.shape[::-1]))
+    return Solution(np.ascontiguousarray(s.values.T), None if s.keep is None else np.ascontiguousarray(s.keep.T), qp,
+                    None if s.reference is None else np.ascontiguousarray(s.reference.T))
 
 
 # ------------------------------------------------------------------ models and text for the CLI

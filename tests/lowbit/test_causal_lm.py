@@ -1,5 +1,5 @@
 """Decoder LLMs as transformers saves them (``use_cache: true``): every calibrated method through the CLI
-on random-init Llama, Mistral, Qwen2, Gemma and Phi-3 configurations."""
+on random-init Llama, Mistral, Qwen2, Gemma, Phi-3 and GPT-2 (Conv1D) configurations."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**SMALL),
     "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16),
     "phi3": lambda: transformers.Phi3Config(**SMALL, pad_token_id=0),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=30522, n_embd=64, n_layer=2, n_head=4, n_positions=128),
 }
 
 
@@ -66,10 +67,19 @@ METHODS = {
 def test_calibrated_methods_run_on_causal_lms_saved_with_use_cache(arch, method, tmp_path, calib):
     d = causal_lm_dir(tmp_path, arch)
     out = tmp_path / "q.safetensors"
+    if arch == "gpt2" and method == "sparsegpt":  # N:M along the input axis of an (in, out) Conv1D: refused
+        assert cli([str(d), *METHODS[method], "--calibration-data", str(calib), "--out", str(out), "--quiet"]) == 1
+        assert not out.exists()
+        return
     assert cli([str(d), *METHODS[method], "--calibration-data", str(calib), "--calibration-samples", "8",
                 "--out", str(out), "--quiet", "--rows", "0"]) == 0
     back = load(out, as_numpy=True)
-    w = back["model.layers.0.self_attn.o_proj.weight"]  # every architecture here has it (Phi-3 fuses q, k, v)
+    # every decoder here has o_proj (Phi-3 fuses q, k, v); GPT-2's Conv1D c_proj is stored (in, out)
+    w = back["transformer.h.0.attn.c_proj.weight" if arch == "gpt2" else "model.layers.0.self_attn.o_proj.weight"]
     assert w.shape == (64, 64) and np.isfinite(w).all()
+    if arch == "gpt2":  # the MLP's Conv1D (64 in, 256 out): solved on its transpose, stored as it was
+        assert back["transformer.h.0.mlp.c_fc.weight"].shape == (64, 256)
+        assert back["transformer.h.0.mlp.c_fc.weight"].tolist() != load(d / "model.safetensors", as_numpy=True)[
+            "transformer.h.0.mlp.c_fc.weight"].tolist()
     if method in ("wanda", "sparsegpt"):
         assert float((w == 0).mean()) >= 0.5
