@@ -83,3 +83,27 @@ def test_calibrated_methods_run_on_causal_lms_saved_with_use_cache(arch, method,
             "transformer.h.0.mlp.c_fc.weight"].tolist()
     if method in ("wanda", "sparsegpt"):
         assert float((w == 0).mean()) >= 0.5
+
+
+def test_calibration_documents_are_packed_into_sequences_and_the_tokens_counted(tmp_path):
+    import json
+
+    from lowbit.checkpoint.calibrated import calibration_tokens, packed_batches
+    from transformers import AutoTokenizer
+
+    d = causal_lm_dir(tmp_path, "llama")
+    doc = tmp_path / "doc.txt"
+    doc.write_text(("A long document about harbours, ships and the weather of the northern sea. " * 40 + "\n\n") * 3,
+                   encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    batches = packed_batches(tok, doc.read_text(), 64, 5, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 64), (2, 64), (1, 64)]
+    assert calibration_tokens(batches) == 5 * 64
+    rep = tmp_path / "r.json"
+    assert cli([str(d), "--method", "int4", "--granularity", "group", "--group-size", "32", "--gptq",
+                "--calibration-data", str(doc), "--calibration-seqlen", "64", "--calibration-samples", "5",
+                "--report", str(rep), "--quiet", "--rows", "0"]) == 0
+    assert json.loads(rep.read_text())["meta"]["calibration_tokens"] == 5 * 64
+    with pytest.raises(ValueError, match="at least 2"):
+        packed_batches(tok, "x", 1, 3)
+    assert cli([str(d), "--method", "int8", "--gptq", "--calibration-data", str(doc), "--calibration-seqlen", "1"]) == 2
