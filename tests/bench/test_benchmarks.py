@@ -152,3 +152,22 @@ def test_conformance_table_lists_ml_dtypes_and_torch_with_their_versions(tmp_pat
     assert control and all(r["disagree"] == 0 for r in control)  # lowbit's own round_to agrees everywhere
     # torch rounds float64 through float32: the table shows it (whatever the installed version does, it is counted)
     assert any(r["library"] == "torch" and r["input"] == "float64" for r in rows)
+
+
+def test_llm_benchmark_rows_measure_perplexity_kl_and_memory_on_a_causal_lm(tmp_path):
+    import json
+
+    from bench.llm import main as llm
+    from tests.lowbit.test_causal_lm import causal_lm_dir
+
+    d = causal_lm_dir(tmp_path, "llama")
+    text = tmp_path / "heldout.txt"
+    text.write_text("The harbour lights were reflected in the water of the bay. " * 30, encoding="utf-8")
+    assert llm(["--model", str(d), "--rows", "W8 per-channel RTN", "W4 g64 sym GPTQ", "--seqlen", "32", "--samples",
+                "4", "--eval-data", str(text), "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["method"] for r in rows] == ["W8 per-channel RTN", "W4 g64 sym GPTQ"]
+    for r in rows:
+        assert r["perplexity"] > 0 and r["float_perplexity"] > 0 and r["kl"] >= 0 and 0 <= r["top1"] <= 1
+        assert 0 < r["stored_mib"] < r["float_mib"] and r["peak_rss_mib"] > 0
+    assert rows[0]["calibration_tokens"] is None and rows[1]["calibration_tokens"] == 4 * 32
