@@ -432,6 +432,16 @@ def test_cli_picks_the_checkpoints_dtype_for_scales_and_refuses_it_for_affine(mo
     assert main([str(src), "--method", "int8", "--scale-dtype", "bfloat16", "--affine", "--quiet"]) == 2
 
 
+def _damaged(model_dirs: dict[str, Path], tmp_path: Path, damage: Any) -> Path:
+    """The tiny BERT as an int8 compressed-tensors directory whose config.json ``damage`` edits."""
+    out = tmp_path / "ct"
+    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    damage(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(targets=["re:(unclosed"]), "regular expression"),
     (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(targets="Linear"), "list of strings"),
@@ -440,11 +450,7 @@ def test_cli_picks_the_checkpoints_dtype_for_scales_and_refuses_it_for_affine(mo
 ])
 def test_a_damaged_quantization_config_is_a_checkpoint_error(damage: Any, match: str, model_dirs: dict[str, Path],
                                                              tmp_path: Path) -> None:
-    out = tmp_path / "ct"
-    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
-    cfg = json.loads((out / "config.json").read_text())
-    damage(cfg)
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = _damaged(model_dirs, tmp_path, damage)
     for read in (load_quantized, load):
         with pytest.raises(CheckpointError, match=match):
             read(out)
@@ -504,11 +510,7 @@ def _group0(c: dict) -> dict:
 def test_a_hostile_config_is_one_checkpoint_error_before_any_large_allocation(damage: Any, match: str,
                                                                              model_dirs: dict[str, Path],
                                                                              tmp_path: Path) -> None:
-    out = tmp_path / "ct"
-    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
-    cfg = json.loads((out / "config.json").read_text())
-    damage(cfg)
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = _damaged(model_dirs, tmp_path, damage)
     with pytest.raises(CheckpointError, match=match):
         load_quantized(out)
 
@@ -547,11 +549,7 @@ def test_load_quantized_never_allocates_what_the_files_do_not_hold(key: str, val
     import subprocess
     import sys
 
-    out = tmp_path / "ct"
-    compress_checkpoint(model_dirs["bert"], out, "int8", format="compressed-tensors", progress=False)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg[key] = value
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = _damaged(model_dirs, tmp_path, lambda c: c.update({key: value}))
     # VmHWM: this process image's peak (ru_maxrss would carry the forking test process's peak over exec)
     code = ("from lowbit.checkpoint import CheckpointError, load_quantized\n"
             f"try:\n    load_quantized({str(out)!r})\nexcept CheckpointError as e:\n    print('refused:', e)\n"
