@@ -240,9 +240,10 @@ def calibrated_of(a: argparse.Namespace) -> Calibrated | None:
 
 
 def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated, path: Path,
-                     phases: dict[str, float]) -> dict[str, Any]:
+                     phases: dict[str, float], loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Load the model of the checkpoint ``path``, tokenize the calibration text, and solve; the time of
-    each goes into ``phases`` (``time_load_model_s``, ``time_solve_s``)."""
+    each goes into ``phases`` (``time_load_model_s``, ``time_solve_s``). ``loaded``: the model and tokenizer,
+    already loaded (for --eval), instead of loading them again."""
     if a.executor != "local":
         raise UsageError("the calibrated methods run with --executor local")
     if a.calibration_samples < 1:
@@ -259,7 +260,7 @@ def solve_calibrated(a: argparse.Namespace, chain: Chain, calibrated: Calibrated
         raise UsageError(f"{calibrated.describe()} needs calibration text: give --calibration-data FILE")
     t = time.perf_counter()
     try:
-        model, tok = load_model(minilm_dir() if a.checkpoint is None else d)
+        model, tok = loaded if loaded is not None else load_model(minilm_dir() if a.checkpoint is None else d)
     except Exception as e:  # noqa: BLE001 - transformers and sentence-transformers raise many kinds
         raise CheckpointError(f"{d}: the calibrated methods need a model directory that sentence-transformers or "
                               f"transformers loads ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -370,7 +371,9 @@ def run(a: argparse.Namespace) -> tuple[Report, list[Path]]:
     ref_model = load_eval_model(path if a.checkpoint else None) if a.eval else None  # fail before the work
     approx: dict[str, np.ndarray] | None = {} if a.eval else None
     phases: dict[str, float] = {}
-    solutions = solve_calibrated(a, chain, calibrated, path, phases) if calibrated is not None else None
+    # a causal LM loaded for --eval is the float model the solver needs too: loaded once (the solver copies it)
+    loaded = (ref_model.model, ref_model.tokenizer) if isinstance(ref_model, CausalLM) else None
+    solutions = solve_calibrated(a, chain, calibrated, path, phases, loaded) if calibrated is not None else None
     report = compress_checkpoint(path, a.out, chain, include=a.include, exclude=a.exclude, workers=a.workers,
                                  progress=not a.quiet, force=a.force, min_ndim=a.min_ndim, collect=approx,
                                  metrics=not a.no_metrics, threads=a.threads, executor=a.executor,
