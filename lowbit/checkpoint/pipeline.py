@@ -147,8 +147,9 @@ def compress_checkpoint(source: Source, output: Source | None, method: Chain | M
     ``report.kept``. ``workers`` tensors are compressed at once in threads; the output bytes do
     not depend on it. ``force`` replaces an existing ``output``; the input is never written.
     ``collect``: if a dict is given, it receives the dense values a reader gets back for every
-    compressed tensor (source dtype). ``metrics=False`` skips the error metrics for users who only
-    want the output (the output bytes are the same; the report says the error was not measured).
+    compressed tensor (source dtype), and for every kept tensor a solution rewrote. ``metrics=False``
+    skips the error metrics for users who only want the output (the output bytes are the same; the
+    report says the error was not measured).
     Returns the :class:`~precision.report.Report`: error and bytes per tensor, totals, and ``meta``
     (wall time, file sizes).
 
@@ -356,6 +357,8 @@ def _compress(source: Source, output: Source | None, chain: Chain, include: str 
         else:
             assert arr is not None  # a kept tensor always comes back with its array
             report.kept.append(KeptTensor(name, tuple(arr.shape), str(arr.dtype), int(arr.nbytes), reason or ""))
+            if collect is not None and name in solved:  # kept, but rewritten by the solver (an AWQ scale folded in)
+                collect[name] = arr
             if isinstance(writer, (GGUFWriter, CompressedTensorsWriter, OnnxQDQWriter)):
                 writer.add_kept(name, arr)
             elif writer:

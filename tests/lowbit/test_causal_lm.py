@@ -107,3 +107,45 @@ def test_calibration_documents_are_packed_into_sequences_and_the_tokens_counted(
     with pytest.raises(ValueError, match="at least 2"):
         packed_batches(tok, "x", 1, 3)
     assert cli([str(d), "--method", "int8", "--gptq", "--calibration-data", str(doc), "--calibration-seqlen", "1"]) == 2
+
+
+def test_eval_of_awq_includes_the_norms_its_scales_were_folded_into(tmp_path, calib):
+    """AWQ folds input scales into RMSNorm weights that are kept, not compressed: --eval must run the model
+    with them, or the scaled Linear weights meet unscaled inputs (a perplexity in the hundred thousands)."""
+    import json
+
+    d = causal_lm_dir(tmp_path, "llama")
+    text = tmp_path / "held.txt"
+    text.write_text("the harbour lights were reflected in the water of the bay. " * 40, encoding="utf-8")
+    kl = {}
+    for name, extra in (("rtn", []), ("awq", ["--awq"])):
+        rep = tmp_path / f"{name}.json"
+        cal = ["--calibration-data", str(calib)] if extra else []
+        assert cli([str(d), "--method", "int4", "--granularity", "group", "--group-size", "32", "--affine", *extra,
+                    *cal, "--eval", "--eval-data", str(text), "--report", str(rep),
+                    "--quiet", "--rows", "0"]) == 0
+        report = json.loads(rep.read_text())
+        kl[name] = report["meta"]["eval_kl_divergence"]
+        if name == "awq":
+            rewritten = [k for k in report["kept"] if "rewritten" in k["reason"]]
+            assert rewritten  # some norm took a scale
+    assert kl["awq"] < 2 * kl["rtn"] + 0.01
+
+
+def test_collect_holds_the_kept_tensors_a_solution_rewrote(tmp_path, calib):
+    from lowbit.checkpoint import Chain, compress_checkpoint
+    from lowbit.checkpoint.calibrated import Calibrated, load_model, solve, text_batches
+    from quant import AWQ, PerGroup, QuantSpec
+    from quant.storage import IntQuant
+
+    d = causal_lm_dir(tmp_path, "llama")
+    chain = Chain(None, IntQuant(QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))))
+    model, tok = load_model(d)
+    sols = solve(model, chain, Calibrated(awq=AWQ()), text_batches(tok, calib.read_text().splitlines()[:8]),
+                 blocks_only=True)
+    norms = [n for n in sols if "norm" in n]
+    assert norms  # AWQ folded scales into RMSNorm weights, which are 1-D and kept
+    approx: dict = {}
+    compress_checkpoint(d, None, chain, solutions=sols, collect=approx, progress=False)
+    for n in norms:
+        assert np.array_equal(approx[n], sols[n].values.astype(approx[n].dtype)), n
