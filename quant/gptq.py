@@ -165,7 +165,8 @@ class IntGrid(Grid):
 
     def _set(self, g: slice | int, scale: torch.Tensor, zero: torch.Tensor) -> None:
         # the sweep rounds to the scales that will be stored (IntQuant.scale_dtype rounds them up)
-        self.scale[g] = torch.from_numpy(round_scales_up(scale.numpy(), self.scale_dtype))
+        self.scale[g] = scale if self.scale_dtype == "float32" else \
+            torch.from_numpy(round_scales_up(scale.numpy(), self.scale_dtype))
         self.zero[g] = zero
         self.inv[g] = 1.0 / self.scale[g]  # float32, as quant.quantize computes it
         self.lo[g], self.hi[g] = self.spec.qmin - self.zero[g], self.spec.qmax - self.zero[g]
